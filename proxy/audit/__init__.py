@@ -1,0 +1,1 @@
+"""The audit log: one tamper-evident record per exchange and per admin action."""
