@@ -1,0 +1,309 @@
+"""Redaction of secrets and PII before anything reaches the audit store.
+
+Three groups of rules, applied in this order to every string of a record:
+
+1. **Secrets** (always, in every ``store_content`` mode): the configured
+   upstream key value, private key blocks, JWTs, bearer tokens, provider keys
+   (``sk-...``, including project/service/Anthropic forms), AWS access and
+   secret keys, GitHub, Slack, Google and Stripe tokens, credentials in URLs
+   and ``password=...``-style assignments.
+2. **Custom patterns** (always): ``[audit] redact_patterns`` (name -> regex).
+3. **PII** (only in ``store_content = "redacted"``): the kinds listed in
+   ``[audit] redact_pii`` — ``email``, ``phone``, ``card`` (Luhn-checked),
+   ``ssn``.
+
+A match is replaced by ``[REDACTED:<rule>]``; when a rule has a group named
+``secret`` only that group is replaced (``Bearer [REDACTED:bearer]``).  The
+rules that fired are counted per name; the values are never kept.
+
+Patterns are compiled once.  Each rule has a cheap pre-check (a literal
+substring, a digit, ``@``) so the common string that holds no secret costs a
+few substring tests, not a regex scan per rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy.errors import ConfigError
+
+PLACEHOLDER = "[REDACTED:{}]"
+
+
+def luhn_ok(digits: str) -> bool:
+    """True when the digit string passes the Luhn checksum."""
+    total = 0
+    parity = len(digits) % 2
+    for i, ch in enumerate(digits):
+        d = ord(ch) - 48
+        if i % 2 == parity:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _card_ok(text: str) -> bool:
+    digits = "".join(c for c in text if c.isdigit())
+    return 13 <= len(digits) <= 19 and luhn_ok(digits)
+
+
+def _phone_ok(text: str) -> bool:
+    n = sum(c.isdigit() for c in text)
+    return 8 <= n <= 15
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One redaction rule.
+
+    ``precheck(s, low)`` is a cheap test that must pass before the regex runs;
+    ``on_lower`` runs the regex over the lower-cased text (for
+    case-insensitive keyword rules, much faster than ``re.I``);
+    ``validate`` vets a match (Luhn for cards); ``digits = (lo, hi)`` marks rules
+    that only run inside the digit runs (found by one shared scan) holding
+    between ``lo`` and ``hi`` digits.
+    """
+
+    name: str
+    pattern: re.Pattern[str]
+    precheck: Callable[[str, str], bool]
+    validate: Callable[[str], bool] | None = None
+    on_lower: bool = False
+    digits: tuple[int, int] | None = None
+
+
+def _has(*needles: str) -> Callable[[str, str], bool]:
+    return lambda s, low: any(n in s for n in needles)
+
+
+def _has_lower(*needles: str) -> Callable[[str, str], bool]:
+    return lambda s, low: any(n in low for n in needles)
+
+
+def _has_digit(s: str, low: str = "") -> bool:
+    return any(d in s for d in "0123456789")
+
+
+def _always(s: str, low: str) -> bool:
+    return True
+
+
+def _generic_pre(s: str, low: str) -> bool:
+    return ("=" in s or ":" in s) and any(n in low for n in ("key", "secret", "passw", "pwd", "token"))
+
+
+SECRET_RULES: tuple[Rule, ...] = (
+    Rule(
+        "private_key",
+        re.compile(r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----(?:.*?-----END[A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----|.*\Z)", re.S),
+        _has("PRIVATE KEY"),
+    ),
+    Rule("jwt", re.compile(r"eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"), _has("eyJ")),
+    Rule("bearer", re.compile(r"bearer\s+(?P<secret>[a-z0-9._~+/=-]{8,})"), _has_lower("bearer"), on_lower=True),
+    Rule(
+        "provider_key",
+        re.compile(r"sk-(?<![A-Za-z0-9_]sk-)(?:proj-|svcacct-|admin-|ant-[a-z]{3}\d{2}-|or-v1-)?[A-Za-z0-9_-]{20,}"),
+        _has("sk-"),
+    ),
+    Rule(
+        "aws_access_key",
+        re.compile(r"(?:AKIA|ASIA|ABIA|ACCA|AROA|AIDA)[A-Z0-9]{16}(?![A-Za-z0-9])"),
+        _has("AKIA", "ASIA", "ABIA", "ACCA", "AROA", "AIDA"),
+    ),
+    Rule(
+        "aws_secret_key",
+        re.compile(r"aws_?secret_?(?:access_?)?key[\"']?\s*[:=]\s*[\"']?(?P<secret>[a-z0-9/+=]{40})"),
+        _has_lower("aws"),
+        on_lower=True,
+    ),
+    Rule(
+        "github_token",
+        re.compile(r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})"),
+        _has("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+    ),
+    Rule("slack_token", re.compile(r"xox[abposr]-[A-Za-z0-9-]{10,}"), _has("xox")),
+    Rule("google_api_key", re.compile(r"AIza[0-9A-Za-z_-]{35}"), _has("AIza")),
+    Rule("stripe_key", re.compile(r"[rsp]k_(?:live|test)_[0-9A-Za-z]{16,}"), _has("k_live_", "k_test_")),
+    Rule("url_credentials", re.compile(r"://[^/\s:@\"']+:(?P<secret>[^/\s@\"']+)@"), _has("://")),
+    Rule(
+        "generic_secret",
+        re.compile(
+            r"(?:api[_-]?key|apikey|secret(?:[_-]?key)?|client[_-]?secret|password|passwd|pwd|access[_-]?token|auth[_-]?token|refresh[_-]?token)"
+            r"[\"']?\s*[:=]\s*[\"']?(?P<secret>[^\s\"',;}]{6,})"
+        ),
+        _generic_pre,
+        on_lower=True,
+    ),
+)
+
+# A run of digits and phone/card separators: the digit PII rules only look inside these.
+_DIGIT_RUN = re.compile(r"\d[\d \t().+/-]{6,}\d")
+
+PII_RULES: dict[str, Rule] = {
+    "email": Rule("email", re.compile(r"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), _has("@")),
+    "card": Rule("card", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _always, _card_ok, digits=(13, 19)),
+    "ssn": Rule("ssn", re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])"), _always, digits=(9, 9)),
+    "phone": Rule(
+        "phone",
+        re.compile(
+            r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?|\d{2,4}[\s.-])\d{3,4}[\s.-]?\d{3,4}(?!\w)|(?<![\w+])\+\d{8,15}\b"
+        ),
+        _always,
+        _phone_ok,
+        digits=(8, 15),
+    ),
+}
+_ASCII_LOWER = {c: c + 32 for c in range(65, 91)}
+_EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
+
+
+class Redactor:
+    """Applies the redaction rules to strings and whole JSON-like values.
+
+    ``pii`` selects PII kinds (ignored unless ``apply_pii``); ``patterns`` adds
+    custom rules; ``upstream_key`` is the provider key value, redacted
+    verbatim wherever it appears.
+    """
+
+    def __init__(
+        self,
+        *,
+        patterns: dict[str, str] | None = None,
+        pii: Iterable[str] = (),
+        apply_pii: bool = True,
+        upstream_key: str | None = None,
+    ) -> None:
+        rules: list[Rule] = []
+        if upstream_key and len(upstream_key) >= 8:
+            rules.append(Rule("upstream_key", re.compile(re.escape(upstream_key)), _has(upstream_key[:8])))
+        rules.extend(SECRET_RULES)
+        for name, rx in (patterns or {}).items():
+            try:
+                compiled = re.compile(rx)
+            except re.error as e:
+                raise ConfigError(f"audit.redact_patterns.{name}", f"invalid regex: {e}") from None
+            if compiled.match(""):
+                raise ConfigError(f"audit.redact_patterns.{name}", "pattern matches the empty string")
+            rules.append(Rule(name, compiled, _always))
+        if apply_pii:
+            unknown = [k for k in pii if k not in PII_RULES]
+            if unknown:
+                raise ConfigError("audit.redact_pii", f"unknown PII kind {unknown[0]!r} (known: {', '.join(sorted(PII_RULES))})")
+            wanted = set(pii)
+            rules.extend(r for k, r in PII_RULES.items() if k in wanted and r.digits is None)
+            self.digit_rules: tuple[Rule, ...] = tuple(r for k, r in PII_RULES.items() if k in wanted and r.digits is not None)
+        else:
+            self.digit_rules = ()
+        self.rules: tuple[Rule, ...] = tuple(rules)
+
+    @property
+    def rule_names(self) -> list[str]:
+        """Every rule this redactor applies, in order."""
+        return [r.name for r in (*self.rules, *self.digit_rules)]
+
+    def active(self, blob: str) -> tuple[tuple[Rule, ...], bool]:
+        """The rules whose pre-check passes somewhere in ``blob`` (for example a
+        whole record serialized once), and whether digit rules may fire."""
+        low = blob.lower()
+        rules = tuple(r for r in self.rules if r.precheck(blob, low))
+        return rules, bool(self.digit_rules) and _has_digit(blob)
+
+    def text(self, s: str, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool] | None = None) -> str:
+        """Redact one string; add the rules that fired to ``counts``.
+
+        ``scope`` (from :meth:`active`) limits the rules tried to those that can
+        fire in the enclosing record.
+        """
+        if len(s) < 6:
+            return s
+        rules, digits = scope if scope is not None else (self.rules, bool(self.digit_rules))
+        spans: list[tuple[int, int, str]] = []
+        if rules:
+            low = s.lower()
+            if len(low) != len(s):
+                low = s.translate(_ASCII_LOWER)
+            for rule in rules:
+                if rule.precheck(s, low):
+                    self._collect(rule, low if rule.on_lower else s, s, 0, len(s), spans)
+        if digits and _has_digit(s):
+            n = len(s)
+            for run in _DIGIT_RUN.finditer(s):
+                a, b = run.span()
+                nd = sum(c.isdigit() for c in run.group())
+                if a > 0 and s[a - 1] in "+(":
+                    a -= 1
+                for rule in self.digit_rules:
+                    lo, hi = rule.digits or (0, 0)
+                    if lo <= nd and (rule.name == "card" or nd <= hi):
+                        self._collect(rule, s, s, a, min(b + 1, n), spans)
+        if not spans:
+            return s
+        spans.sort()
+        out: list[str] = []
+        pos = 0
+        for start, end, name in spans:
+            out.append(s[pos:start])
+            out.append(PLACEHOLDER.format(name))
+            counts[name] = counts.get(name, 0) + 1
+            pos = end
+        out.append(s[pos:])
+        return "".join(out)
+
+    @staticmethod
+    def _collect(rule: Rule, hay: str, s: str, pos: int, endpos: int, spans: list[tuple[int, int, str]]) -> None:
+        secret = "secret" in rule.pattern.groupindex
+        email = rule.name == "email"
+        for m in rule.pattern.finditer(hay, pos, endpos):
+            if secret and m.group("secret") is not None:
+                start, end = m.span("secret")
+            else:
+                start, end = m.span()
+            if email:
+                while start > 0 and s[start - 1] in _EMAIL_LOCAL:
+                    start -= 1
+            if rule.validate is not None and not rule.validate(s[start:end]):
+                continue
+            if any(start < e and b < end for b, e, _ in spans):
+                continue
+            spans.append((start, end, rule.name))
+
+    def value(self, v: Any, counts: dict[str, int]) -> Any:
+        """Redact every string inside a JSON-like value, returning plain JSON types.
+
+        The value is serialized once to find which rules can fire at all; the
+        walk then tries only those.  Dicts, lists, tuples and strings are
+        walked; sets become sorted lists, bytes are decoded as UTF-8,
+        dataclasses become dicts, and anything else becomes its ``str()``
+        (redacted too).  Dict keys are kept, as strings.
+        """
+        try:
+            blob = orjson.dumps(v, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        except (TypeError, orjson.JSONEncodeError):
+            blob = None
+        scope = self.active(blob) if blob is not None else None
+        return self._walk(v, counts, scope)
+
+    def _walk(self, v: Any, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool] | None) -> Any:
+        if isinstance(v, str):
+            return self.text(v, counts, scope)
+        if v is None or isinstance(v, (bool, int, float)):
+            return v
+        if isinstance(v, dict):
+            return {k if isinstance(k, str) else str(k): self._walk(x, counts, scope) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [self._walk(x, counts, scope) for x in v]
+        if isinstance(v, (set, frozenset)):
+            return sorted((self._walk(x, counts, scope) for x in v), key=str)
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            return self.text(bytes(v).decode("utf-8", "replace"), counts, None)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return self._walk(dataclasses.asdict(v), counts, None)
+        return self.text(str(v), counts, None)
