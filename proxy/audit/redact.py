@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from ahocorasick_rs import AhoCorasick
 
 from proxy.errors import ConfigError
 
@@ -80,24 +81,78 @@ class Rule:
     digits: tuple[int, int] | None = None
 
 
-def _has(*needles: str) -> Callable[[str, str], bool]:
-    return lambda s, low: any(n in s for n in needles)
+class _Has:
+    """Pre-check: one of ``needles`` occurs (in the lower-cased text if ``lower``).
+
+    ``needles_lower`` feed the record-level Aho-Corasick scan.
+    """
+
+    __slots__ = ("needles", "lower", "needles_lower")
+
+    def __init__(self, *needles: str, lower: bool = False) -> None:
+        self.needles = needles
+        self.lower = lower
+        self.needles_lower = tuple(n.lower() for n in needles)
+
+    def __call__(self, s: str, low: str) -> bool:
+        hay = low if self.lower else s
+        for n in self.needles:
+            if n in hay:
+                return True
+        return False
 
 
-def _has_lower(*needles: str) -> Callable[[str, str], bool]:
-    return lambda s, low: any(n in low for n in needles)
+def _has(*needles: str) -> _Has:
+    return _Has(*needles)
+
+
+def _has_lower(*needles: str) -> _Has:
+    return _Has(*needles, lower=True)
 
 
 def _has_digit(s: str, low: str = "") -> bool:
-    return any(d in s for d in "0123456789")
+    return "0" in s or "1" in s or "2" in s or "3" in s or "4" in s or "5" in s or "6" in s or "7" in s or "8" in s or "9" in s
 
 
 def _always(s: str, low: str) -> bool:
     return True
 
 
-def _generic_pre(s: str, low: str) -> bool:
-    return ("=" in s or ":" in s) and any(n in low for n in ("key", "secret", "passw", "pwd", "token"))
+_TOKEN_WORDS = (
+    "access_token",
+    "access-token",
+    "accesstoken",
+    "auth_token",
+    "auth-token",
+    "authtoken",
+    "refresh_token",
+    "refresh-token",
+    "refreshtoken",
+)
+
+
+def _generic_check(s: str, low: str) -> bool:
+    if "=" not in s and ":" not in s:
+        return False
+    if "secret" in low or "passw" in low or "pwd" in low:
+        return True
+    if "key" in low and ("apikey" in low or "api_key" in low or "api-key" in low):
+        return True
+    if "token" in low:
+        for n in _TOKEN_WORDS:
+            if n in low:
+                return True
+    return False
+
+
+class _Generic(_Has):
+    __slots__ = ()
+
+    def __call__(self, s: str, low: str) -> bool:
+        return _generic_check(s, low)
+
+
+_generic_pre = _Generic("secret", "passw", "pwd", "apikey", "api_key", "api-key", *_TOKEN_WORDS, lower=True)
 
 
 SECRET_RULES: tuple[Rule, ...] = (
@@ -145,7 +200,7 @@ SECRET_RULES: tuple[Rule, ...] = (
 )
 
 # A run of digits and phone/card separators: the digit PII rules only look inside these.
-_DIGIT_RUN = re.compile(r"\d[\d \t().+/-]{6,}\d")
+_DIGIT_RUN = re.compile(r"\d[\d ().+/-]{6,}\d")
 
 PII_RULES: dict[str, Rule] = {
     "email": Rule("email", re.compile(r"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), _has("@")),
@@ -183,7 +238,9 @@ class Redactor:
     ) -> None:
         rules: list[Rule] = []
         if upstream_key and len(upstream_key) >= 8:
-            rules.append(Rule("upstream_key", re.compile(re.escape(upstream_key)), _has(upstream_key[:8])))
+            needle = upstream_key[:8]
+            plain = needle.isprintable() and '"' not in needle and "\\" not in needle
+            rules.append(Rule("upstream_key", re.compile(re.escape(upstream_key)), _has(needle) if plain else _always))
         rules.extend(SECRET_RULES)
         for name, rx in (patterns or {}).items():
             try:
@@ -203,6 +260,17 @@ class Redactor:
         else:
             self.digit_rules = ()
         self.rules: tuple[Rule, ...] = tuple(rules)
+        needles: list[str] = []
+        self._owner: list[int] = []
+        self._always: list[int] = []
+        for i, r in enumerate(self.rules):
+            ns = r.precheck.needles_lower if isinstance(r.precheck, _Has) else ()
+            if not ns:
+                self._always.append(i)
+            for n in ns:
+                needles.append(n)
+                self._owner.append(i)
+        self._ac = AhoCorasick(needles) if needles else None
 
     @property
     def rule_names(self) -> list[str]:
@@ -210,11 +278,19 @@ class Redactor:
         return [r.name for r in (*self.rules, *self.digit_rules)]
 
     def active(self, blob: str) -> tuple[tuple[Rule, ...], bool]:
-        """The rules whose pre-check passes somewhere in ``blob`` (for example a
-        whole record serialized once), and whether digit rules may fire."""
-        low = blob.lower()
-        rules = tuple(r for r in self.rules if r.precheck(blob, low))
-        return rules, bool(self.digit_rules) and _has_digit(blob)
+        """The rules that can fire somewhere in ``blob`` (a whole record
+        serialized once), and whether digit rules may fire.
+
+        One Aho-Corasick pass over the lower-cased blob finds every rule
+        needle; rules without needles (custom patterns) are always in.
+        """
+        found = set(self._always)
+        if self._ac is not None:
+            owner = self._owner
+            for idx, _, _ in self._ac.find_matches_as_indexes(blob.lower(), overlapping=True):
+                found.add(owner[idx])
+        rules = tuple(r for i, r in enumerate(self.rules) if i in found)
+        return rules, bool(self.digit_rules) and _has_digit(blob) and _DIGIT_RUN.search(blob) is not None
 
     def text(self, s: str, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool] | None = None) -> str:
         """Redact one string; add the rules that fired to ``counts``.
@@ -276,34 +352,55 @@ class Redactor:
             spans.append((start, end, rule.name))
 
     def value(self, v: Any, counts: dict[str, int]) -> Any:
-        """Redact every string inside a JSON-like value, returning plain JSON types.
+        """Redact every string inside a JSON-like value.
 
-        The value is serialized once to find which rules can fire at all; the
-        walk then tries only those.  Dicts, lists, tuples and strings are
-        walked; sets become sorted lists, bytes are decoded as UTF-8,
-        dataclasses become dicts, and anything else becomes its ``str()``
-        (redacted too).  Dict keys are kept, as strings.
+        The value is serialized once (as :func:`json_default` would store it)
+        to find which rules can fire at all.  When none can, the value is
+        returned as it is; otherwise the walk tries only those rules on each
+        string and returns plain JSON types (sets become sorted lists, bytes
+        are decoded as UTF-8, dataclasses become dicts, anything else its
+        ``str()``).  Dict keys are kept, as strings.
         """
-        try:
-            blob = orjson.dumps(v, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-        except (TypeError, orjson.JSONEncodeError):
-            blob = None
-        scope = self.active(blob) if blob is not None else None
+        blob = orjson.dumps(v, default=json_default, option=orjson.OPT_NON_STR_KEYS).decode()
+        scope = self.active(blob)
+        if not scope[0] and not scope[1]:
+            return v
         return self._walk(v, counts, scope)
 
-    def _walk(self, v: Any, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool] | None) -> Any:
-        if isinstance(v, str):
-            return self.text(v, counts, scope)
+    def _walk(self, v: Any, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool]) -> Any:
+        t = type(v)
+        if t is str:
+            return v if len(v) < 6 else self.text(v, counts, scope)
+        if t is dict:
+            out: dict[str, Any] = {}
+            for k, x in v.items():
+                tx = type(x)
+                if tx is str:
+                    out[k if type(k) is str else str(k)] = x if len(x) < 6 else self.text(x, counts, scope)
+                elif x is None or tx is int or tx is float or tx is bool:
+                    out[k if type(k) is str else str(k)] = x
+                else:
+                    out[k if type(k) is str else str(k)] = self._walk(x, counts, scope)
+            return out
+        if t is list or t is tuple:
+            return [self._walk(x, counts, scope) for x in v]
         if v is None or isinstance(v, (bool, int, float)):
             return v
+        if isinstance(v, str):
+            return self.text(str(v), counts, scope)
         if isinstance(v, dict):
-            return {k if isinstance(k, str) else str(k): self._walk(x, counts, scope) for k, x in v.items()}
+            return self._walk(dict(v), counts, scope)
         if isinstance(v, (list, tuple)):
             return [self._walk(x, counts, scope) for x in v]
-        if isinstance(v, (set, frozenset)):
-            return sorted((self._walk(x, counts, scope) for x in v), key=str)
-        if isinstance(v, (bytes, bytearray, memoryview)):
-            return self.text(bytes(v).decode("utf-8", "replace"), counts, None)
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return self._walk(dataclasses.asdict(v), counts, None)
-        return self.text(str(v), counts, None)
+        return self._walk(json_default(v), counts, scope)
+
+
+def json_default(v: Any) -> Any:
+    """How values that are not plain JSON are stored (sets sorted, bytes as UTF-8, else ``str``)."""
+    if isinstance(v, (set, frozenset)):
+        return sorted(v, key=str)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).decode("utf-8", "replace")
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return dataclasses.asdict(v)
+    return str(v)

@@ -1,0 +1,378 @@
+"""The audit record: a projection of an :class:`~proxy.exchange.Exchange`.
+
+Nothing is recorded that is not on the exchange.  Content (messages as sent
+upstream, model answers, tool-call arguments, tool results, feedback text) is
+stored per ``[audit] store_content``:
+
+- ``full``: as sent, with secrets and ``redact_patterns`` removed;
+- ``redacted``: as ``full``, and the PII kinds of ``redact_pii`` removed too;
+- ``hashes``: only ``{"sha256", "bytes"}`` of the redacted content.
+
+Metadata (principal, route, model, parameters, decisions, usage, timings) is
+always stored, with secrets removed.  Warden's own durations are integer
+microseconds; every record says which redaction rules fired (names and
+counts, never values).
+
+Record kinds: ``exchange``; admin actions (``mode_change``, ``approval``,
+``ingest``, ``delete``, ``config_reload``, ``retention_prune``, ...) and
+``feedback``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+from proxy.audit.chain import canonical
+from proxy.audit.redact import Redactor
+from proxy.exchange import Exchange
+
+ContentMode = Literal["full", "redacted", "hashes"]
+RECORD_VERSION = 1
+ADMIN_KINDS = frozenset({"mode_change", "approval", "ingest", "delete", "config_reload", "retention_prune", "key_rotation"})
+_KIND = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+_DROP_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key", "openai-api-key"})
+_SAMPLING = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "n",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "parallel_tool_calls",
+    "tool_choice",
+    "response_format",
+    "reasoning_effort",
+    "stream_options",
+    "user",
+    "service_tier",
+)
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A record ready for the chain: its canonical bytes and the indexed columns."""
+
+    kind: str
+    ts_us: int
+    request_id: str | None
+    tenant: str | None
+    subject: str | None
+    tools: str | None
+    call_ids: str | None
+    status: int | None
+    body: bytes
+
+
+class Projector:
+    """Builds records from exchanges and events with one configured redaction policy."""
+
+    def __init__(
+        self,
+        mode: ContentMode,
+        *,
+        patterns: dict[str, str] | None = None,
+        pii: list[str] | None = None,
+        upstream_key: str | None = None,
+        provider: str | None = None,
+        tool_result_max_bytes: int = 16384,
+    ) -> None:
+        self.mode = mode
+        self.provider = provider
+        self.tool_result_max_bytes = tool_result_max_bytes
+        self.meta = Redactor(patterns=patterns, upstream_key=upstream_key, apply_pii=False)
+        self.content = Redactor(patterns=patterns, pii=pii or [], apply_pii=mode != "full", upstream_key=upstream_key)
+
+    # -- content -------------------------------------------------------------
+
+    def _contents(self, items: list[Any], counts: dict[str, int]) -> list[Any]:
+        red = self.content.value(items, counts)
+        if self.mode != "hashes":
+            return list(red)
+        out: list[Any] = []
+        for v in red:
+            if v is None:
+                out.append(None)
+                continue
+            b = v.encode() if isinstance(v, str) else canonical(v) if isinstance(v, dict) else orjson.dumps(v)
+            out.append({"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)})
+        return out
+
+    # -- exchange ------------------------------------------------------------
+
+    def exchange(self, ex: Exchange) -> Prepared:
+        """Project a finished exchange into a prepared record."""
+        counts: dict[str, int] = {}
+        bodies = [_parse(t.body) for t in ex.turns]
+        first = bodies[0] if bodies and isinstance(bodies[0], dict) else (ex.body or {})
+        client = ex.body or {}
+        if ex.body_modified and ex.raw_body:
+            parsed = _parse(ex.raw_body)
+            client = parsed if isinstance(parsed, dict) else client
+        results = ex.tool_results or _tool_results_from(client)
+        last_resp = ex.turns[-1].response if ex.turns else None
+        resp_body = None if ex.response_body is last_resp else ex.response_body
+
+        items: list[Any] = []
+        for t, b in zip(ex.turns, bodies, strict=True):
+            items.append(b)
+            items.append(t.response)
+        for d in ex.tool_decisions:
+            items.append(d.call.arguments)
+        limit = self.tool_result_max_bytes
+        result_meta: list[dict[str, Any]] = []
+        for r in results:
+            content = r.get("content")
+            text = content if isinstance(content, str) else orjson.dumps(content).decode()
+            raw = text.encode()
+            result_meta.append(
+                {
+                    "tool_call_id": r.get("tool_call_id"),
+                    "name": r.get("name"),
+                    "bytes": len(raw),
+                    "truncated": len(raw) > limit,
+                }
+            )
+            items.append(raw[:limit].decode("utf-8", "ignore") if len(raw) > limit else text)
+        items.append(ex.response_text)
+        items.append(resp_body)
+        c = iter(self._contents(items, counts))
+
+        turns = []
+        for t in ex.turns:
+            turns.append(
+                {
+                    "index": t.index,
+                    "reason": t.reason,
+                    "status": t.status,
+                    "duration_us": _us(t.duration_s),
+                    "ttft_us": _us(t.ttft_s),
+                    "error": t.error,
+                    "request": next(c),
+                    "response": next(c),
+                }
+            )
+        calls = []
+        for d in ex.tool_decisions:
+            calls.append(
+                {
+                    "turn": d.turn,
+                    "id": d.call.id,
+                    "name": d.call.name,
+                    "index": d.call.index,
+                    "arguments": next(c),
+                    "parse_error": d.call.parse_error,
+                    "decision": d.decision.kind,
+                    "rule": d.decision.rule,
+                    "reason": d.decision.reason,
+                    "approval_id": d.decision.approval_id,
+                    "details": d.decision.details,
+                }
+            )
+        for m in result_meta:
+            m["content"] = next(c)
+        response = {"text": next(c), "body": next(c), "finish_reasons": list(ex.finish_reasons)}
+
+        p = ex.principal
+        err = ex.error
+        tools_sent = _tool_names(first)
+        meta: dict[str, Any] = {
+            "request_id": ex.request_id,
+            "trace_id": ex.trace_id,
+            "route": ex.route,
+            "method": ex.method,
+            "path": ex.path,
+            "client_ip": ex.client_ip,
+            "principal": p.summary() if p is not None else None,
+            "provider": self.provider,
+            "model": {"requested": ex.model, "reported": ex.response_model},
+            "stream": ex.stream,
+            "params": _params(client, first),
+            "prompt": {
+                "system_sha256": _system_hash(first),
+                "template_sha256": ex.annotations.get("prompt_template_sha256"),
+                "messages": len(first.get("messages") or []) if isinstance(first.get("messages"), list) else None,
+            },
+            "retrieval": ex.retrieval,
+            "retrieved": [_chunk(r) for r in ex.retrieved],
+            "citations": ex.citations,
+            "usage": ex.usage,
+            "latency_us": {
+                "total": _us(ex.latency_s),
+                "upstream": _us(ex.upstream_s) if ex.turns else None,
+                "ttft": _us(ex.turns[0].ttft_s) if ex.turns else None,
+            },
+            "timings_us": {k: _us(v) for k, v in ex.timings.items()},
+            "status": ex.status,
+            "error": (
+                {"status": err.status, "type": err.type, "code": err.code, "rule": err.rule, "message": err.message}
+                if err is not None
+                else None
+            ),
+            "error_detail": ex.error_detail,
+            "client_disconnected": ex.client_disconnected,
+            "request_headers": {k: v for k, v in ex.request_headers.items() if k.lower() not in _DROP_HEADERS},
+            "response_headers": ex.response_headers,
+            "annotations": ex.annotations,
+        }
+        meta = self.meta.value(meta, counts)
+        ts_us = int(ex.wall_time * 1_000_000)
+        record: dict[str, Any] = {
+            "v": RECORD_VERSION,
+            "kind": "exchange",
+            "ts": _iso(ts_us),
+            "ts_us": ts_us,
+            **meta,
+            "tools_sent": tools_sent,
+            "turns": turns,
+            "tool_calls": calls,
+            "tool_results": result_meta,
+            "response": response,
+            "redaction": {"mode": self.mode, "rules": counts},
+        }
+        names = sorted({d.call.name for d in ex.tool_decisions})
+        ids = [d.call.id for d in ex.tool_decisions]
+        return Prepared(
+            kind="exchange",
+            ts_us=ts_us,
+            request_id=ex.request_id,
+            tenant=p.tenant if p else None,
+            subject=p.subject if p else None,
+            tools=f",{','.join(names)}," if names else None,
+            call_ids=f",{','.join(ids)}," if ids else None,
+            status=ex.status,
+            body=canonical(record),
+        )
+
+    # -- events --------------------------------------------------------------
+
+    def event(self, kind: str, actor: dict[str, Any], data: dict[str, Any], *, ts: float) -> Prepared:
+        """Project an admin action or a feedback into a prepared record."""
+        if not _KIND.match(kind) or kind == "exchange":
+            raise ValueError(f"invalid audit record kind {kind!r}")
+        counts: dict[str, int] = {}
+        red_actor = self.meta.value(actor, counts)
+        if kind == "feedback":
+            free = {k: data.get(k) for k in ("comment", "correction")}
+            fixed = {k: v for k, v in data.items() if k not in free}
+            comment, correction = self._contents([free["comment"], free["correction"]], counts)
+            red_data = {**self.meta.value(fixed, counts), "comment": comment, "correction": correction}
+        else:
+            red_data = self.content.value(data, counts)
+        ts_us = int(ts * 1_000_000)
+        record = {
+            "v": RECORD_VERSION,
+            "kind": kind,
+            "ts": _iso(ts_us),
+            "ts_us": ts_us,
+            "actor": red_actor,
+            "data": red_data,
+            "redaction": {"mode": self.mode, "rules": counts},
+        }
+        rid = data.get("request_id")
+        return Prepared(
+            kind=kind,
+            ts_us=ts_us,
+            request_id=rid if isinstance(rid, str) else None,
+            tenant=_str(actor.get("tenant")),
+            subject=_str(actor.get("subject")),
+            tools=None,
+            call_ids=None,
+            status=None,
+            body=canonical(record),
+        )
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _us(seconds: float | None) -> int | None:
+    return None if seconds is None else int(round(seconds * 1_000_000))
+
+
+def _iso(ts_us: int) -> str:
+    return datetime.fromtimestamp(ts_us / 1_000_000, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _parse(body: bytes) -> Any:
+    if not body:
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace")
+
+
+def _tool_names(body: dict[str, Any]) -> list[str]:
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return []
+    out = []
+    for t in tools:
+        if isinstance(t, dict):
+            fn = t.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else t.get("name")
+            if isinstance(name, str):
+                out.append(name)
+    return out
+
+
+def _params(client: dict[str, Any], sent: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: sent[k] for k in _SAMPLING if k in sent}
+    out["tools_offered"] = _tool_names(client)
+    return out
+
+
+def _system_hash(body: dict[str, Any]) -> str | None:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        return None
+    parts: list[str] = []
+    for m in msgs:
+        if isinstance(m, dict) and m.get("role") in ("system", "developer"):
+            c = m.get("content")
+            if isinstance(c, str):
+                parts.append(c)
+            elif isinstance(c, list):
+                parts.extend(p.get("text", "") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
+    if not parts:
+        return None
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _tool_results_from(body: dict[str, Any]) -> list[dict[str, Any]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        return []
+    return [
+        {"tool_call_id": m.get("tool_call_id"), "name": m.get("name"), "content": m.get("content")}
+        for m in msgs
+        if isinstance(m, dict) and m.get("role") == "tool"
+    ]
+
+
+def _chunk(r: Any) -> dict[str, Any]:
+    return {
+        "doc_id": r.doc_id,
+        "chunk_id": r.chunk_id,
+        "score": r.score,
+        "scores": r.scores,
+        "title": r.title,
+        "uri": r.uri,
+        "updated_at": r.updated_at,
+        "injected": r.injected,
+        "citation": r.citation,
+        "excluded_reason": r.excluded_reason,
+    }
