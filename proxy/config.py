@@ -138,7 +138,29 @@ class AdminConfig:
 
 @dataclass
 class AuditConfig:
-    """``[audit]``: the tamper-evident exchange log."""
+    """``[audit]``: the tamper-evident exchange log (see docs/audit.md).
+
+    - ``enabled``: write the log at all.
+    - ``path``: the SQLite database (relative to the config file).
+    - ``durability``: ``sync`` (a response waits for its record's commit; 503
+      when the log cannot be written) or ``batch`` (queued, group-committed,
+      backpressure when full; never dropped).
+    - ``batch_max_records`` / ``batch_max_ms``: the largest group commit, and
+      how long the batch-mode writer waits to fill one.
+    - ``queue_max``: records waiting for a commit before callers wait.
+    - ``store_content``: ``full`` | ``redacted`` (PII removed too) | ``hashes``.
+    - ``signing_key_file`` / ``signing_key_env``: the Ed25519 checkpoint key
+      (PEM PKCS#8 or base64 of the 32-byte seed); when neither is set a key is
+      generated next to the database (``<path>.ed25519``, mode 0600).
+    - ``checkpoint_every``: sign a checkpoint every N records (and at stop).
+    - ``checkpoint_file``: also append each checkpoint note to this file.
+    - ``origin``: the log's name in checkpoints (default: generated once).
+    - ``retention_days``: prune older records to a checkpoint (0 = keep all).
+    - ``tool_result_max_bytes``: tool results are kept up to this size.
+    - ``redact_patterns``: extra name -> regex redactions (always applied).
+    - ``redact_pii``: PII kinds removed in ``redacted`` mode
+      (``email``, ``phone``, ``card``, ``ssn``).
+    """
 
     enabled: bool = True
     path: str = "warden-audit.db"
@@ -151,17 +173,27 @@ class AuditConfig:
     signing_key_env: str = ""
     checkpoint_every: int = 1000
     checkpoint_file: str = ""
+    origin: str = ""
     retention_days: int = 0
     tool_result_max_bytes: int = 16384
     redact_patterns: dict[str, str] = field(default_factory=dict)
     redact_pii: list[str] = field(default_factory=lambda: ["email", "phone", "card"])
 
     def validate(self, key: str) -> None:
-        for name in ("batch_max_records", "queue_max", "checkpoint_every"):
+        for name in ("batch_max_records", "queue_max", "checkpoint_every", "tool_result_max_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}", "must be positive")
+        if self.batch_max_ms < 0:
+            raise ConfigError(f"{key}.batch_max_ms", "must be >= 0")
         if self.retention_days < 0:
             raise ConfigError(f"{key}.retention_days", "must be >= 0")
+        if self.signing_key_file and self.signing_key_env:
+            raise ConfigError(key, "set at most one of signing_key_file, signing_key_env")
+        if self.origin and (not self.origin.isprintable() or "\n" in self.origin or " " in self.origin or "+" in self.origin):
+            raise ConfigError(f"{key}.origin", "must be printable, without spaces or '+'")
+        from proxy.audit.redact import Redactor
+
+        Redactor(patterns=self.redact_patterns, pii=self.redact_pii)
 
 
 @dataclass

@@ -114,7 +114,7 @@ class Projector:
     def exchange(self, ex: Exchange) -> Prepared:
         """Project a finished exchange into a prepared record."""
         counts: dict[str, int] = {}
-        bodies = [_parse(t.body) for t in ex.turns]
+        bodies = [ex.body if (t.body is ex.raw_body and not ex.body_modified and ex.body is not None) else _parse(t.body) for t in ex.turns]
         first = bodies[0] if bodies and isinstance(bodies[0], dict) else (ex.body or {})
         client = ex.body or {}
         if ex.body_modified and ex.raw_body:

@@ -290,7 +290,12 @@ class Redactor:
             for idx, _, _ in self._ac.find_matches_as_indexes(blob.lower(), overlapping=True):
                 found.add(owner[idx])
         rules = tuple(r for i, r in enumerate(self.rules) if i in found)
-        return rules, bool(self.digit_rules) and _has_digit(blob) and _DIGIT_RUN.search(blob) is not None
+        digits = False
+        if self.digit_rules and _has_digit(blob):
+            probe: list[tuple[int, int, str]] = []
+            self._digit_spans(blob, probe)
+            digits = bool(probe)
+        return rules, digits
 
     def text(self, s: str, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool] | None = None) -> str:
         """Redact one string; add the rules that fired to ``counts``.
@@ -310,16 +315,7 @@ class Redactor:
                 if rule.precheck(s, low):
                     self._collect(rule, low if rule.on_lower else s, s, 0, len(s), spans)
         if digits and _has_digit(s):
-            n = len(s)
-            for run in _DIGIT_RUN.finditer(s):
-                a, b = run.span()
-                nd = sum(c.isdigit() for c in run.group())
-                if a > 0 and s[a - 1] in "+(":
-                    a -= 1
-                for rule in self.digit_rules:
-                    lo, hi = rule.digits or (0, 0)
-                    if lo <= nd and (rule.name == "card" or nd <= hi):
-                        self._collect(rule, s, s, a, min(b + 1, n), spans)
+            self._digit_spans(s, spans)
         if not spans:
             return s
         spans.sort()
@@ -332,6 +328,19 @@ class Redactor:
             pos = end
         out.append(s[pos:])
         return "".join(out)
+
+    def _digit_spans(self, s: str, spans: list[tuple[int, int, str]]) -> None:
+        """Run the digit PII rules inside each run of digits and separators."""
+        n = len(s)
+        for run in _DIGIT_RUN.finditer(s):
+            a, b = run.span()
+            nd = sum(c.isdigit() for c in run.group())
+            if a > 0 and s[a - 1] in "+(":
+                a -= 1
+            for rule in self.digit_rules:
+                lo, hi = rule.digits or (0, 0)
+                if lo <= nd and (rule.name == "card" or nd <= hi):
+                    self._collect(rule, s, s, a, min(b + 1, n), spans)
 
     @staticmethod
     def _collect(rule: Rule, hay: str, s: str, pos: int, endpos: int, spans: list[tuple[int, int, str]]) -> None:

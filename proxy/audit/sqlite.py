@@ -1,0 +1,684 @@
+"""The embedded audit store: SQLite (WAL) through aiosqlite.
+
+One writer task owns the write connection and commits records in groups:
+every record queued while a commit runs goes into the next one, so sync
+durability costs one fsync per group, not per request.  Each group is one
+``BEGIN IMMEDIATE`` transaction that reads the chain head, appends, moves the
+head and (every ``checkpoint_every`` records) writes a signed checkpoint — so
+several processes writing one database keep one correct chain.
+
+Durability:
+  - ``sync`` (``synchronous=FULL``): ``record_exchange`` returns after the
+    commit that holds the record; if the commit fails it raises
+    :class:`~proxy.errors.AuditUnavailable` (HTTP 503, rule ``audit.durability``).
+  - ``batch`` (``synchronous=NORMAL``): returns once queued; a full queue makes
+    callers wait (backpressure); a failed commit is retried, never dropped.
+    If the store is down *and* the queue is full, callers get 503.
+
+Admin actions and feedback (``record_event``) always wait for their commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiosqlite
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from proxy.audit.chain import (
+    append_checkpoint_file,
+    genesis_hash,
+    leaf_hash,
+    load_or_create_key,
+    load_private_key,
+    make_checkpoint,
+    repair_checkpoint_file,
+    verifier_key,
+)
+from proxy.audit.record import Prepared, Projector
+from proxy.config import AuditConfig
+from proxy.errors import AuditUnavailable, ConfigError
+from proxy.exchange import Exchange
+
+if TYPE_CHECKING:
+    from proxy.audit.base import AuditSink
+    from proxy.config import Config
+
+log = logging.getLogger("warden.audit")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    ts_us INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    request_id TEXT,
+    tenant TEXT,
+    subject TEXT,
+    tools TEXT,
+    call_ids TEXT,
+    status INTEGER,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_request ON records (request_id);
+CREATE INDEX IF NOT EXISTS records_tenant_ts ON records (tenant, ts_us);
+CREATE INDEX IF NOT EXISTS records_ts ON records (ts_us);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL,
+    note TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, verifier TEXT NOT NULL, added_us INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
+WHEN OLD.seq > COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'pruned_through'), 0)
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only (only retention pruning deletes)'); END;
+CREATE TRIGGER IF NOT EXISTS checkpoints_no_update BEFORE UPDATE ON checkpoints
+BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS checkpoints_no_delete BEFORE DELETE ON checkpoints
+BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+"""
+
+_INSERT = "INSERT INTO records (seq, ts_us, kind, request_id, tenant, subject, tools, call_ids, status, prev_hash, hash, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+_STOP = object()
+_PRUNE_EVERY_S = 3600.0
+
+
+@dataclasses.dataclass(slots=True)
+class _Item:
+    prepared: Prepared
+    future: asyncio.Future[None] | None
+
+
+def _now_us() -> int:
+    return int(time.time() * 1_000_000)
+
+
+class AuditReader:
+    """Read-only queries over an audit database (used by the store and the CLI)."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> AuditReader:
+        """Open ``path`` read-only."""
+        if not await asyncio.to_thread(path.exists):
+            raise FileNotFoundError(f"audit database {path} does not exist")
+        db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
+        await db.execute("PRAGMA busy_timeout = 10000")
+        return cls(db)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def find(self, request_id: str) -> dict[str, Any] | None:
+        """The exchange record of ``request_id`` (with ``_seq``), or ``None``."""
+        async with self.db.execute(
+            "SELECT seq, body FROM records WHERE request_id = ? AND kind = 'exchange' ORDER BY seq DESC LIMIT 1", (request_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        rec: dict[str, Any] = orjson.loads(row[1])
+        rec["_seq"] = row[0]
+        return rec
+
+    async def related(self, request_id: str) -> list[dict[str, Any]]:
+        """Every other record naming ``request_id`` (feedback, approvals, ...)."""
+        async with self.db.execute(
+            "SELECT seq, body FROM records WHERE request_id = ? AND kind != 'exchange' ORDER BY seq", (request_id,)
+        ) as cur:
+            rows = await cur.fetchall()
+        out = []
+        for seq, body in rows:
+            rec = orjson.loads(body)
+            rec["_seq"] = seq
+            out.append(rec)
+        return out
+
+    async def find_call(self, tool_call_id: str) -> dict[str, Any] | None:
+        """The exchange whose model emitted ``tool_call_id`` (a scan; for ``show``)."""
+        async with self.db.execute(
+            "SELECT seq, body FROM records WHERE call_ids LIKE ? ESCAPE '\\' ORDER BY seq DESC LIMIT 1",
+            (f"%,{_like(tool_call_id)},%",),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        rec: dict[str, Any] = orjson.loads(row[1])
+        rec["_seq"] = row[0]
+        return rec
+
+    async def search(
+        self,
+        tenant: str | None = None,
+        user: str | None = None,
+        tool: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 100,
+        kind: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Records matching every given filter, newest first.
+
+        ``since``/``until`` are microseconds since the epoch (inclusive/exclusive).
+        """
+        where, args = [], []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if user is not None:
+            where.append("subject = ?")
+            args.append(user)
+        if tool is not None:
+            where.append("tools LIKE ? ESCAPE '\\'")
+            args.append(f"%,{_like(tool)},%")
+        if since is not None:
+            where.append("ts_us >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("ts_us < ?")
+            args.append(until)
+        if kind is not None:
+            where.append("kind = ?")
+            args.append(kind)
+        sql = "SELECT seq, body FROM records"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(max(1, min(int(limit), 100_000)))
+        async with self.db.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        out = []
+        for seq, body in rows:
+            rec = orjson.loads(body)
+            rec["_seq"] = seq
+            out.append(rec)
+        return out
+
+    async def iter_rows(self, after: int = 0, page: int = 1000) -> AsyncIterator[tuple[int, bytes, bytes, bytes]]:
+        """``(seq, prev_hash, hash, body)`` in chain order, paged."""
+        last = after
+        while True:
+            async with self.db.execute(
+                "SELECT seq, prev_hash, hash, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (last, page)
+            ) as cur:
+                rows = await cur.fetchall()
+            if not rows:
+                return
+            for seq, prev, h, body in rows:
+                yield int(seq), bytes(prev), bytes(h), bytes(body)
+            last = rows[-1][0]
+
+    async def iter_records(self) -> AsyncIterator[dict[str, Any]]:
+        """Every record in chain order as ``{seq, prev_hash, hash, record}`` (hex hashes), for export."""
+        async for seq, prev, h, body in self.iter_rows():
+            yield {"seq": seq, "prev_hash": prev.hex(), "hash": h.hex(), "record": orjson.loads(body)}
+
+
+def _like(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class SQLiteAuditLog:
+    """The SQLite audit store; implements :class:`~proxy.audit.base.AuditSink`.
+
+    Attributes for metrics: ``failures`` (failed commits), ``records_written``,
+    ``queue_depth``, ``healthy`` and the hook ``on_commit(seconds, records)``
+    called after every successful group commit.
+    """
+
+    def __init__(
+        self,
+        cfg: AuditConfig,
+        path: Path,
+        *,
+        upstream_key: str | None = None,
+        provider: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.path = Path(path)
+        self.sync = cfg.durability == "sync"
+        self.projector = Projector(
+            cfg.store_content,
+            patterns=cfg.redact_patterns,
+            pii=cfg.redact_pii,
+            upstream_key=upstream_key,
+            provider=provider,
+            tool_result_max_bytes=cfg.tool_result_max_bytes,
+        )
+        self.failures = 0
+        self.records_written = 0
+        self.on_commit: Callable[[float, int], None] | None = None
+        self.origin = ""
+        self.verifier = ""
+        self.recovery: dict[str, Any] = {}
+        self._healthy = False
+        self._stopping = False
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=cfg.queue_max)
+        self._retry: list[_Item] = []
+        self._db: aiosqlite.Connection | None = None
+        self._reader: AuditReader | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
+        self._key: Ed25519PrivateKey | None = None
+        self._checkpoint_path = Path(cfg.checkpoint_file) if cfg.checkpoint_file else None
+
+    # -- AuditSink -----------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """False while the store cannot be written (or before start / after stop)."""
+        return self._healthy
+
+    @property
+    def queue_depth(self) -> int:
+        """Records waiting for a commit."""
+        return self._queue.qsize() + len(self._retry)
+
+    @property
+    def key_path(self) -> Path:
+        """Where the signing key is generated when none is configured."""
+        return self.path.with_name(self.path.name + ".ed25519")
+
+    async def start(self) -> None:
+        """Open the store, load the key, repair a torn tail, start the writer."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._key = await asyncio.to_thread(self._load_key)
+        db = await aiosqlite.connect(str(self.path), isolation_level=None)
+        self._db = db
+        try:
+            await db.execute("PRAGMA busy_timeout = 10000")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute(f"PRAGMA synchronous = {'FULL' if self.sync else 'NORMAL'}")
+            await self._init_schema()
+            self._reader = AuditReader(await aiosqlite.connect(str(self.path)))
+            await self._reader.db.execute("PRAGMA busy_timeout = 10000")
+            await self._recover()
+            if self.cfg.retention_days:
+                await self.prune()
+        except BaseException:
+            await self._close()
+            raise
+        self._healthy = True
+        self._writer = asyncio.create_task(self._run(), name="audit-writer")
+        if self.cfg.retention_days:
+            self._pruner = asyncio.create_task(self._prune_loop(), name="audit-pruner")
+        log.info("audit: %s (%s, %s content), origin %s, verifier key %s", self.path, self.cfg.durability, self.cfg.store_content, self.origin, self.verifier)
+
+    async def stop(self) -> None:
+        """Flush every queued record, write a final checkpoint, close."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
+        if self._writer is not None:
+            await self._queue.put(_STOP)
+            await self._writer
+        if self._db is not None and self._healthy:
+            try:
+                await self.checkpoint("shutdown")
+            except Exception:
+                log.exception("audit: could not write the shutdown checkpoint")
+        await self._close()
+        self._healthy = False
+
+    async def record_exchange(self, ex: Exchange) -> None:
+        """Record one finished exchange (sync: after its commit; batch: once queued)."""
+        try:
+            prep = self.projector.exchange(ex)
+        except Exception as e:
+            log.exception("audit: could not project exchange %s; recording a minimal record", ex.request_id)
+            prep = self.projector.event(
+                "exchange_unprojectable",
+                ex.principal.summary() if ex.principal else {},
+                {"request_id": ex.request_id, "status": ex.status, "route": ex.route, "error": f"{type(e).__name__}: {e}"},
+                ts=ex.wall_time,
+            )
+        await self._submit(prep, wait=self.sync)
+
+    async def record_event(self, kind: str, actor: dict[str, Any], data: dict[str, Any]) -> None:
+        """Record an admin action or feedback; returns after its commit."""
+        await self._submit(self.projector.event(kind, actor, data, ts=time.time()), wait=True)
+
+    # -- queries (for feedback, the CLI and admin routes) ---------------------
+
+    async def find(self, request_id: str) -> dict[str, Any] | None:
+        """The exchange record of ``request_id``, or ``None``."""
+        return await self._require_reader().find(request_id)
+
+    async def search(
+        self,
+        tenant: str | None = None,
+        user: str | None = None,
+        tool: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Records matching the filters, newest first (see :meth:`AuditReader.search`)."""
+        return await self._require_reader().search(tenant, user, tool, since, until, limit)
+
+    async def iter_records(self) -> AsyncIterator[dict[str, Any]]:
+        """Every record in chain order, for export."""
+        async for r in self._require_reader().iter_records():
+            yield r
+
+    def _require_reader(self) -> AuditReader:
+        if self._reader is None:
+            raise AuditUnavailable("the audit store is not open", rule="audit.durability")
+        return self._reader
+
+    # -- writing -------------------------------------------------------------
+
+    async def _submit(self, prep: Prepared, *, wait: bool) -> None:
+        if self._stopping or self._writer is None:
+            raise AuditUnavailable("the audit log is not accepting records", rule="audit.durability")
+        fut: asyncio.Future[None] | None = asyncio.get_running_loop().create_future() if wait else None
+        item = _Item(prep, fut)
+        if not self._healthy and self._queue.full():
+            self.failures += 1
+            raise AuditUnavailable("the audit log cannot be written and its queue is full", rule="audit.durability")
+        await self._queue.put(item)
+        if fut is not None:
+            await fut
+
+    async def _run(self) -> None:
+        q = self._queue
+        max_n = self.cfg.batch_max_records
+        linger = 0.0 if self.sync else self.cfg.batch_max_ms / 1000.0
+        while True:
+            if self._retry:
+                await self._flush_retry()
+            first = await q.get()
+            stop = first is _STOP
+            batch: list[_Item] = [] if stop else [first]
+            if not stop:
+                if linger and q.qsize() < max_n - 1:
+                    await asyncio.sleep(linger)
+                while len(batch) < max_n:
+                    try:
+                        nxt = q.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                    if nxt is _STOP:
+                        stop = True
+                        break
+                    batch.append(nxt)
+            if batch:
+                await self._commit(batch)
+            if stop:
+                if self._retry:
+                    await self._flush_retry(deadline=time.monotonic() + 5.0)
+                return
+
+    async def _flush_retry(self, deadline: float | None = None) -> None:
+        """Retry records of failed batch commits until they are written."""
+        delay = 0.05
+        while self._retry:
+            if deadline is None and self._stopping:
+                deadline = time.monotonic() + 5.0
+            batch, self._retry = self._retry, []
+            await self._commit(batch)
+            if not self._retry:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                log.error("audit: %d records could not be written before shutdown", len(self._retry))
+                for it in self._retry:
+                    if it.future is not None and not it.future.done():
+                        it.future.set_exception(AuditUnavailable("the audit log cannot be written", rule="audit.durability"))
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _commit(self, batch: list[_Item]) -> None:
+        t0 = time.perf_counter()
+        try:
+            note = await self._append([it.prepared for it in batch])
+        except Exception as e:
+            self.failures += 1
+            if self._healthy:
+                log.error("audit: commit of %d records failed: %s", len(batch), e)
+            self._healthy = False
+            err = AuditUnavailable("the audit log cannot be written", rule="audit.durability")
+            for it in batch:
+                if it.future is not None:
+                    if not it.future.done():
+                        it.future.set_exception(err)
+                else:
+                    self._retry.append(it)
+            return
+        dur = time.perf_counter() - t0
+        if not self._healthy and not self._stopping:
+            log.warning("audit: the store is writable again")
+        self._healthy = True
+        self.records_written += len(batch)
+        for it in batch:
+            if it.future is not None and not it.future.done():
+                it.future.set_result(None)
+        if self.on_commit is not None:
+            try:
+                self.on_commit(dur, len(batch))
+            except Exception:
+                log.exception("audit: on_commit hook failed")
+        if note is not None:
+            await self._export_checkpoint(note)
+
+    async def _append(self, preps: list[Prepared], *, checkpoint_reason: str | None = None) -> str | None:
+        """Append records (and maybe a checkpoint) in one BEGIN IMMEDIATE transaction."""
+        db = self._db
+        assert db is not None and self._key is not None
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            async with db.execute("SELECT seq, hash FROM head WHERE id = 1") as cur:
+                row = await cur.fetchone()
+            assert row is not None
+            seq, h = int(row[0]), bytes(row[1])
+            start = seq
+            rows = []
+            for p in preps:
+                seq += 1
+                prev, h = h, leaf_hash(h, seq, p.body)
+                rows.append((seq, p.ts_us, p.kind, p.request_id, p.tenant, p.subject, p.tools, p.call_ids, p.status, prev, h, p.body))
+            if rows:
+                await db.executemany(_INSERT, rows)
+                await db.execute("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (seq, h))
+            note = None
+            every = self.cfg.checkpoint_every
+            reason = checkpoint_reason or ("periodic" if seq // every > start // every else None)
+            if reason is not None and seq > 0:
+                async with db.execute("SELECT COALESCE(MAX(size), 0) FROM checkpoints") as cur:
+                    last = await cur.fetchone()
+                if last is not None and seq > int(last[0]):
+                    note = make_checkpoint(self.origin, seq, h, int(time.time()), self._key)
+                    await db.execute(
+                        "INSERT INTO checkpoints (size, hash, note, created_us, reason) VALUES (?,?,?,?,?)", (seq, h, note, _now_us(), reason)
+                    )
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
+        return note
+
+    async def checkpoint(self, reason: str = "manual") -> str | None:
+        """Sign the current head now (if it moved since the last checkpoint); returns the note."""
+        note = await self._append([], checkpoint_reason=reason)
+        if note is not None:
+            await self._export_checkpoint(note)
+        return note
+
+    async def _export_checkpoint(self, note: str) -> None:
+        if self._checkpoint_path is None:
+            return
+        try:
+            await asyncio.to_thread(append_checkpoint_file, self._checkpoint_path, note)
+        except OSError as e:
+            log.error("audit: could not append the checkpoint to %s: %s", self._checkpoint_path, e)
+
+    # -- start-up ------------------------------------------------------------
+
+    def _load_key(self) -> Ed25519PrivateKey:
+        cfg = self.cfg
+        if cfg.signing_key_env:
+            text = os.environ.get(cfg.signing_key_env)
+            if not text:
+                raise ConfigError("audit.signing_key_env", f"environment variable {cfg.signing_key_env} is not set")
+            try:
+                return load_private_key(text)
+            except ValueError as e:
+                raise ConfigError("audit.signing_key_env", str(e)) from None
+        if cfg.signing_key_file:
+            try:
+                return load_private_key(Path(cfg.signing_key_file).read_text())
+            except FileNotFoundError:
+                raise ConfigError("audit.signing_key_file", f"{cfg.signing_key_file} does not exist") from None
+            except ValueError as e:
+                raise ConfigError("audit.signing_key_file", str(e)) from None
+        key, created = load_or_create_key(self.key_path)
+        if created:
+            log.warning("audit: generated a signing key at %s (mode 0600); keep it safe and keep its public key elsewhere", self.key_path)
+        return key
+
+    async def _init_schema(self) -> None:
+        db = self._db
+        assert db is not None and self._key is not None
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in SCHEMA.split(";\n"):
+                if stmt.strip():
+                    await db.execute(stmt)
+            async with db.execute("SELECT value FROM meta WHERE key = 'origin'") as cur:
+                row = await cur.fetchone()
+            if row is None:
+                origin = self.cfg.origin or f"warden-audit/{secrets.token_hex(8)}"
+                await db.execute("INSERT INTO meta (key, value) VALUES ('origin', ?), ('created_us', ?), ('schema', '1')", (origin, str(_now_us())))
+                await db.execute("INSERT INTO head (id, seq, hash) VALUES (1, 0, ?)", (genesis_hash(origin),))
+            else:
+                origin = str(row[0])
+                if self.cfg.origin and self.cfg.origin != origin:
+                    raise ConfigError("audit.origin", f"the database was created with origin {origin!r}")
+            self.origin = origin
+            self.verifier = verifier_key(origin, self._key.public_key())
+            kid = self.verifier.split("+")[1]
+            await db.execute("INSERT OR IGNORE INTO keys (key_id, verifier, added_us) VALUES (?,?,?)", (kid, self.verifier, _now_us()))
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
+        if await asyncio.to_thread(self.key_path.exists):
+            pub = self.key_path.with_name(self.key_path.name + ".pub")
+            await asyncio.to_thread(pub.write_text, self.verifier + "\n")
+
+    async def _recover(self) -> None:
+        """Repair what a crash can leave: a torn checkpoint-file note, an unsealed tail."""
+        if self._checkpoint_path is not None:
+            torn = await asyncio.to_thread(repair_checkpoint_file, self._checkpoint_path)
+            if torn is not None:
+                self.recovery["checkpoint_file_torn"] = len(torn)
+        db = self._db
+        assert db is not None
+        async with db.execute("SELECT seq FROM head WHERE id = 1") as cur:
+            head = await cur.fetchone()
+        async with db.execute("SELECT COALESCE(MAX(size), 0) FROM checkpoints") as cur:
+            last = await cur.fetchone()
+        if head is not None and last is not None and int(head[0]) > int(last[0]):
+            self.recovery["unsealed_records"] = int(head[0]) - int(last[0])
+            log.warning("audit: %d records after the last checkpoint (unclean stop); sealing them", self.recovery["unsealed_records"])
+            await self.checkpoint("recovery")
+
+    # -- retention -----------------------------------------------------------
+
+    async def prune(self, now_us: int | None = None) -> int:
+        """Delete records older than ``retention_days``, up to a checkpoint (kept).
+
+        Returns the new pruned-through sequence number (0 when nothing moved).
+        """
+        if not self.cfg.retention_days:
+            return 0
+        db = self._db
+        assert db is not None
+        cutoff = (now_us or _now_us()) - self.cfg.retention_days * 86_400 * 1_000_000
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            async with db.execute("SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'pruned_through'), 0)") as cur:
+                pruned = int((await cur.fetchone() or (0,))[0])
+            async with db.execute("SELECT MIN(seq) FROM records WHERE ts_us >= ?", (cutoff,)) as cur:
+                row = await cur.fetchone()
+            bound = (int(row[0]) - 1) if row is not None and row[0] is not None else None
+            if bound is None:
+                async with db.execute("SELECT seq FROM head WHERE id = 1") as cur:
+                    bound = int((await cur.fetchone() or (0,))[0])
+            async with db.execute(
+                "SELECT MAX(size) FROM checkpoints WHERE size > ? AND size <= ?", (pruned, bound)
+            ) as cur:
+                row = await cur.fetchone()
+            through = int(row[0]) if row is not None and row[0] is not None else 0
+            if not through:
+                await db.execute("COMMIT")
+                return 0
+            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_through', ?)", (str(through),))
+            cur2 = await db.execute("DELETE FROM records WHERE seq <= ?", (through,))
+            deleted = cur2.rowcount
+            await cur2.close()
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
+        log.info("audit: retention pruned %d records through seq %d", deleted, through)
+        if self._writer is not None and not self._stopping:
+            await self.record_event("retention_prune", {"subject": "warden"}, {"through": through, "deleted": deleted, "cutoff_us": cutoff})
+        else:
+            await self._append([self.projector.event("retention_prune", {"subject": "warden"}, {"through": through, "deleted": deleted, "cutoff_us": cutoff}, ts=time.time())])
+        return through
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_PRUNE_EVERY_S)
+            try:
+                await self.prune()
+            except Exception:
+                log.exception("audit: retention pruning failed")
+
+    async def _close(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+
+def build_audit(cfg: Config) -> AuditSink | None:
+    """The configured audit store, or ``None`` when ``[audit] enabled = false``."""
+    a = cfg.audit
+    if not a.enabled:
+        return None
+    resolved = dataclasses.replace(
+        a,
+        signing_key_file=str(cfg.resolve_path(a.signing_key_file)) if a.signing_key_file else "",
+        checkpoint_file=str(cfg.resolve_path(a.checkpoint_file)) if a.checkpoint_file else "",
+    )
+    return SQLiteAuditLog(resolved, cfg.resolve_path(a.path), upstream_key=cfg.upstream.api_key, provider=cfg.upstream.provider_name)
