@@ -321,7 +321,14 @@ class SQLiteAuditLog:
         self._writer = asyncio.create_task(self._run(), name="audit-writer")
         if self.cfg.retention_days:
             self._pruner = asyncio.create_task(self._prune_loop(), name="audit-pruner")
-        log.info("audit: %s (%s, %s content), origin %s, verifier key %s", self.path, self.cfg.durability, self.cfg.store_content, self.origin, self.verifier)
+        log.info(
+            "audit: %s (%s, %s content), origin %s, verifier key %s",
+            self.path,
+            self.cfg.durability,
+            self.cfg.store_content,
+            self.origin,
+            self.verifier,
+        )
 
     async def stop(self) -> None:
         """Flush every queued record, write a final checkpoint, close."""
@@ -512,7 +519,8 @@ class SQLiteAuditLog:
                 if last is not None and seq > int(last[0]):
                     note = make_checkpoint(self.origin, seq, h, int(time.time()), self._key)
                     await db.execute(
-                        "INSERT INTO checkpoints (size, hash, note, created_us, reason) VALUES (?,?,?,?,?)", (seq, h, note, _now_us(), reason)
+                        "INSERT INTO checkpoints (size, hash, note, created_us, reason) VALUES (?,?,?,?,?)",
+                        (seq, h, note, _now_us(), reason),
                     )
             await db.execute("COMMIT")
         except BaseException:
@@ -572,7 +580,9 @@ class SQLiteAuditLog:
                 row = await cur.fetchone()
             if row is None:
                 origin = self.cfg.origin or f"warden-audit/{secrets.token_hex(8)}"
-                await db.execute("INSERT INTO meta (key, value) VALUES ('origin', ?), ('created_us', ?), ('schema', '1')", (origin, str(_now_us())))
+                await db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('origin', ?), ('created_us', ?), ('schema', '1')", (origin, str(_now_us()))
+                )
                 await db.execute("INSERT INTO head (id, seq, hash) VALUES (1, 0, ?)", (genesis_hash(origin),))
             else:
                 origin = str(row[0])
@@ -630,9 +640,7 @@ class SQLiteAuditLog:
             if bound is None:
                 async with db.execute("SELECT seq FROM head WHERE id = 1") as cur:
                     bound = int((await cur.fetchone() or (0,))[0])
-            async with db.execute(
-                "SELECT MAX(size) FROM checkpoints WHERE size > ? AND size <= ?", (pruned, bound)
-            ) as cur:
+            async with db.execute("SELECT MAX(size) FROM checkpoints WHERE size > ? AND size <= ?", (pruned, bound)) as cur:
                 row = await cur.fetchone()
             through = int(row[0]) if row is not None and row[0] is not None else 0
             if not through:
@@ -651,7 +659,16 @@ class SQLiteAuditLog:
         if self._writer is not None and not self._stopping:
             await self.record_event("retention_prune", {"subject": "warden"}, {"through": through, "deleted": deleted, "cutoff_us": cutoff})
         else:
-            await self._append([self.projector.event("retention_prune", {"subject": "warden"}, {"through": through, "deleted": deleted, "cutoff_us": cutoff}, ts=time.time())])
+            await self._append(
+                [
+                    self.projector.event(
+                        "retention_prune",
+                        {"subject": "warden"},
+                        {"through": through, "deleted": deleted, "cutoff_us": cutoff},
+                        ts=time.time(),
+                    )
+                ]
+            )
         return through
 
     async def _prune_loop(self) -> None:
