@@ -48,9 +48,12 @@ async def _watch_config(w: Warden, interval_s: float) -> None:
 
 def build_warden(config: Config) -> Warden:
     """Compose a Warden with the audit store the config asks for."""
-    from proxy.audit.sqlite import build_audit
+    audit = None
+    if config.audit.enabled:
+        from proxy.audit.sqlite import build_audit
 
-    return Warden(config, audit=build_audit(config))
+        audit = build_audit(config)
+    return Warden(config, audit=audit)
 
 
 async def run(config: Config, *, ready_file: str | None = None, watch_interval_s: float = 2.0) -> int:
