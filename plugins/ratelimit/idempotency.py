@@ -251,20 +251,32 @@ def record_headers(headers: dict[str, str], stream: bool) -> dict[str, str]:
     return out
 
 
-def replay_reply(rec: Recorded) -> LocalReply:
-    """The :class:`LocalReply` that replays a recorded answer."""
+def is_replayable_stream(stream: bool, status: int | None, body: Any) -> bool:
+    """A streamed answer is replayed as SSE only if it succeeded and was reassembled."""
+    return stream and status == 200 and isinstance(body, dict) and body.get("object") in ("chat.completion", "text_completion")
+
+
+def replay_reply(rec: Recorded, include_usage: bool = True) -> LocalReply:
+    """The :class:`LocalReply` that replays a recorded answer.
+
+    A stream is replayed as SSE events (the core adds ``[DONE]``); its usage
+    chunk is sent only when the retry asked for ``stream_options.include_usage``.
+    A streamed request whose first attempt ended in an error status is replayed
+    as that JSON error, as it was first answered.
+    """
     headers = dict(rec.headers)
     headers[REPLAY_HEADER] = "true"
     if rec.stream:
-        return LocalReply(rec.status, b"", headers, sse_events=completion_to_sse(rec.body))
+        return LocalReply(rec.status, b"", headers, sse_events=completion_to_sse(rec.body, include_usage))
     return LocalReply(rec.status, orjson.dumps(rec.body), headers)
 
 
-def completion_to_sse(body: Any) -> list[bytes]:
+def completion_to_sse(body: Any, include_usage: bool = True) -> list[bytes]:
     """Re-chunk a reassembled ``chat.completion`` (or ``text_completion``) as stream events.
 
     One chunk per choice carries the whole content and tool calls, a second its
-    ``finish_reason``; a last chunk with empty ``choices`` carries ``usage``.
+    ``finish_reason``; a last chunk with empty ``choices`` carries ``usage``
+    (when ``include_usage``).
     """
     if not isinstance(body, dict):
         return []
@@ -298,7 +310,7 @@ def completion_to_sse(body: Any) -> list[bytes]:
             last = {"index": idx, "text": "", "finish_reason": choice.get("finish_reason")}
         events.append(orjson.dumps({**base, "choices": [first]}))
         events.append(orjson.dumps({**base, "choices": [last]}))
-    if body.get("usage") is not None:
+    if include_usage and body.get("usage") is not None:
         events.append(orjson.dumps({**base, "choices": [], "usage": body["usage"]}))
     return events
 

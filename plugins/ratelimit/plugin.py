@@ -44,6 +44,7 @@ from plugins.ratelimit.idempotency import (
     Waiters,
     hash_body,
     hash_key,
+    is_replayable_stream,
     record_headers,
     recordable,
     replay_reply,
@@ -275,7 +276,8 @@ class LimitsPlugin(Plugin):
                 return False
             if c.kind == "done" and c.record is not None:
                 self.replays += 1
-                ex.local_reply = replay_reply(c.record)
+                opts = ex.body.get("stream_options") if isinstance(ex.body, dict) else None
+                ex.local_reply = replay_reply(c.record, include_usage=isinstance(opts, dict) and opts.get("include_usage") is True)
                 ex.annotations["limits.idempotency"] = "replay after wait" if waited else "replay"
                 return True
             remaining = deadline - time.monotonic()
@@ -297,7 +299,8 @@ class LimitsPlugin(Plugin):
         s = self.section
         try:
             if not failed and recordable(ex.status, ex.error, ex.client_disconnected, ex.response_body):
-                rec = Recorded(int(ex.status or 0), record_headers(ex.response_headers, ex.stream), ex.response_body, ex.stream)
+                stream = is_replayable_stream(ex.stream, ex.status, ex.response_body)
+                rec = Recorded(int(ex.status or 0), record_headers(ex.response_headers, stream), ex.response_body, stream)
                 size = len(orjson.dumps(rec.body))
                 if size <= s.idempotency_max_bytes:
                     await self.idem.complete(tenant, kh, owner, bh, rec, s.idempotency_ttl_s)

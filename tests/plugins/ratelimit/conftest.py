@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from limits_helpers import REDIS_URL, MakePlugin, RedisServer
 
 from plugins.ratelimit.config import LimitsConfig
 from plugins.ratelimit.plugin import LimitsPlugin
 from proxy.config import Config
 from proxy.confload import load_dataclass
 from proxy.plugin import PluginContext
+from tests.plugins.ratelimit.limits_helpers import REDIS_URL, MakePlugin, RedisServer
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ import asyncio
 
 import orjson
 import pytest
-from limits_helpers import MakePlugin, Upstream, completion, drive, make_exchange
 
 from plugins.ratelimit.idempotency import REPLAY_HEADER, completion_to_sse
 from plugins.ratelimit.plugin import LimitsPlugin
 from proxy.errors import BadRequest, Conflict
+from tests.plugins.ratelimit.limits_helpers import MakePlugin, Upstream, completion, drive, make_exchange
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -40,8 +40,9 @@ async def test_retry_replays_the_recorded_answer(plugin: LimitsPlugin) -> None:
 async def test_streamed_answer_is_replayed_as_sse(plugin: LimitsPlugin) -> None:
     up = Upstream()
     answer = completion("streamed words", prompt_tokens=4, completion_tokens=2)
-    await drive(plugin, make_exchange(headers=KEY, stream=True), up, answer=answer)
-    retry = await drive(plugin, make_exchange(headers=KEY, stream=True), up)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}
+    await drive(plugin, make_exchange(headers=KEY, stream=True, body=body), up, answer=answer)
+    retry = await drive(plugin, make_exchange(headers=KEY, stream=True, body=body), up)
     assert up.calls == 1
     reply = retry.local_reply
     assert reply is not None and reply.sse_events is not None
@@ -52,6 +53,24 @@ async def test_streamed_answer_is_replayed_as_sse(plugin: LimitsPlugin) -> None:
     assert text == "streamed words"
     assert [ch["finish_reason"] for c in chunks for ch in c["choices"]] == [None, "stop"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 6
+
+
+async def test_stream_replay_omits_usage_unless_asked(plugin: LimitsPlugin) -> None:
+    up = Upstream()
+    await drive(plugin, make_exchange(headers=KEY, stream=True), up)
+    retry = await drive(plugin, make_exchange(headers=KEY, stream=True), up)
+    assert retry.local_reply is not None and retry.local_reply.sse_events is not None
+    assert all(orjson.loads(e)["choices"] for e in retry.local_reply.sse_events)
+
+
+async def test_failed_stream_status_is_replayed_as_json(plugin: LimitsPlugin) -> None:
+    up = Upstream()
+    err = {"error": {"message": "unknown model", "type": "invalid_request_error", "code": None, "param": "model"}}
+    await drive(plugin, make_exchange(headers=KEY, stream=True), up, status=404, answer=err)
+    retry = await drive(plugin, make_exchange(headers=KEY, stream=True), up)
+    assert up.calls == 1
+    assert retry.local_reply is not None and retry.local_reply.sse_events is None and retry.local_reply.status == 404
+    assert orjson.loads(retry.local_reply.body) == err
 
 
 async def test_same_key_different_body_is_409(plugin: LimitsPlugin) -> None:

@@ -6,10 +6,10 @@ import asyncio
 import logging
 
 import pytest
-from limits_helpers import MakePlugin, RedisServer, Upstream, drive, make_exchange
 
 from plugins.ratelimit.plugin import LimitsPlugin
 from proxy.errors import RateLimited, ServiceUnavailable
+from tests.plugins.ratelimit.limits_helpers import MakePlugin, RedisServer, Upstream, drive, make_exchange
 
 RULES = [{"scope": "user", "requests": "3/minute"}]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from limits_helpers import MakePlugin, Upstream, completion, drive, make_exchange
 
 from plugins.ratelimit.config import LimitsConfig
 from plugins.ratelimit.plugin import format_duration
 from proxy.confload import load_dataclass
 from proxy.errors import ConfigError, RateLimited, ServiceUnavailable
+from tests.plugins.ratelimit.limits_helpers import MakePlugin, Upstream, completion, drive, make_exchange
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -161,7 +161,7 @@ async def test_default_max_tokens_used_when_absent(make_plugin: MakePlugin) -> N
 
 
 async def test_fail_closed_and_fail_open_when_redis_unreachable(make_plugin: MakePlugin) -> None:
-    from limits_helpers import free_port
+    from tests.plugins.ratelimit.limits_helpers import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0"
     closed = await make_plugin(backend="redis", redis_url=url, rules=[{"scope": "tenant", "requests": "1/minute"}])

@@ -10,10 +10,10 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
-from limits_helpers import REDIS_URL
 
 from plugins.ratelimit.backends import BackendDown, MemoryBackend, RedisBackend, RedisClient
 from plugins.ratelimit.gcra import parse_rate
+from tests.plugins.ratelimit.limits_helpers import REDIS_URL
 
 
 def client(url: str = REDIS_URL, fail_open: bool = False) -> RedisClient:
@@ -139,7 +139,7 @@ async def test_two_processes_sharing_redis_admit_exactly_n(redis_prefix: str) ->
 
 
 async def test_unreachable_redis_raises_backend_down_and_probes_sparingly() -> None:
-    from limits_helpers import free_port
+    from tests.plugins.ratelimit.limits_helpers import free_port
 
     c = client(f"redis://127.0.0.1:{free_port()}/0")
     b = RedisBackend(c)
