@@ -85,19 +85,18 @@ class TokenEstimator:
 
 def completion_allowance(body: dict[str, Any], default: int) -> int:
     """``max_completion_tokens`` / ``max_tokens`` (else ``default``) times ``n``."""
-    mt = body.get("max_completion_tokens")
-    if not _is_count(mt):
-        mt = body.get("max_tokens")
-    limit = mt if _is_count(mt) else default
-    n = body.get("n")
-    choices = n if _is_count(n) and n > 0 else 1
     if "input" in body and "messages" not in body and "prompt" not in body:
         return 0  # embeddings: no completion
-    return int(limit) * int(choices)
+    limit = _count(body.get("max_completion_tokens"))
+    if limit is None:
+        limit = _count(body.get("max_tokens"))
+    n = _count(body.get("n"))
+    return (default if limit is None else limit) * (n if n else 1)
 
 
-def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+def _count(v: Any) -> int | None:
+    """``v`` if it is a non-negative integer (not a bool), else ``None``."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
 def collect_prompt(body: dict[str, Any], image_tokens: int) -> tuple[list[str], int]:
@@ -163,9 +162,9 @@ def reported_tokens(usage: Any) -> int | None:
     """Total tokens from an OpenAI ``usage`` object, or ``None`` if absent."""
     if not isinstance(usage, dict):
         return None
-    total = usage.get("total_tokens")
-    if _is_count(total):
-        return int(total)
-    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")]
-    counted = [int(p) for p in parts if _is_count(p)]
+    total = _count(usage.get("total_tokens"))
+    if total is not None:
+        return total
+    parts = [_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")]
+    counted = [p for p in parts if p is not None]
     return sum(counted) if counted else None
