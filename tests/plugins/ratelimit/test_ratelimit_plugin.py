@@ -242,3 +242,44 @@ def test_config_errors_name_the_key(section: dict[str, object], key: str, needle
 def test_config_defaults() -> None:
     cfg = load_dataclass(LimitsConfig, {}, "limits")
     assert (cfg.backend, cfg.fail_open, cfg.rules, cfg.upstream_concurrency) == ("memory", False, [], 0)
+
+
+def test_documented_config_section_loads() -> None:
+    import tomllib
+    from pathlib import Path
+
+    text = (Path(__file__).parents[3] / "docs" / "limits.config.toml").read_text()
+    cfg = load_dataclass(LimitsConfig, tomllib.loads(text)["limits"], "limits")
+    assert cfg == LimitsConfig()
+    head, _, example = text.partition("# [[limits.rules]]")
+    uncommented = head + "[[limits.rules]]" + "\n".join(line[2:] if line.startswith("# ") else "" for line in example.splitlines())
+    rules = load_dataclass(LimitsConfig, tomllib.loads(uncommented)["limits"], "limits").rules
+    assert [r.scope for r in rules] == ["tenant", "user"] and rules[1].match.groups == ["trial"]
+
+
+async def test_reload_applies_rules_live_and_refuses_backend_changes(make_plugin: MakePlugin) -> None:
+    def section(rate: str, name: str, **kw: str) -> LimitsConfig:
+        data = {"idempotency_db": p.section.idempotency_db, "rules": [{"scope": "tenant", "requests": rate, "name": name}], **kw}
+        return load_dataclass(LimitsConfig, data, "limits")
+
+    p = await make_plugin(rules=[{"scope": "tenant", "requests": "2/minute", "name": "t"}])
+    assert (await drive(p, make_exchange())).error is None
+    await p.reload(section("1/minute", "t"))
+    # the bucket is kept: the request already taken counts against the tighter rate
+    ex = await drive(p, make_exchange())
+    assert ex.error is not None and ex.error.rule == "limits.rules[0:t] (tenant requests 1/minute)"
+    await p.reload(section("1/minute", "fresh"))
+    assert (await drive(p, make_exchange())).error is None  # a new rule id is a new bucket
+    with pytest.raises(ConfigError) as err:
+        await p.reload(section("1/minute", "fresh", backend="redis"))
+    assert err.value.key == "limits.backend"
+    assert p.rules[0].rule_id == "fresh"
+
+
+async def test_check_keys_for_other_plugins(make_plugin: MakePlugin, backend: dict[str, str]) -> None:
+    from plugins.ratelimit.gcra import parse_rate
+
+    p = await make_plugin(**backend)
+    rate = parse_rate("2/minute")
+    results = [await p.check_keys([("tool:acme:search", rate, 1)], rule="tools.search.rate_limit") for _ in range(3)]
+    assert [r[0].allowed for r in results if r is not None] == [True, True, False]
