@@ -103,9 +103,9 @@ class Warden:
         there is reported, not applied.
         """
         source = path or self.config.path
-        if source is None:
-            raise ConfigError("<file>", "this server was not started from a config file")
         try:
+            if source is None:
+                raise ConfigError("<file>", "this server was not started from a config file")
             new = load_config(source, self.plugin_classes)
             if new.plugins.enabled != self.config.plugins.enabled:
                 raise ConfigError("plugins.enabled", "changing the plugin list needs a restart")
