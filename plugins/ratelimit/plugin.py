@@ -120,7 +120,7 @@ class LimitsPlugin(Plugin):
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.replays = 0
         self.conflicts = 0
-        self._states: dict[str, _State] = {}
+        self._states: dict[int, _State] = {}  # by id(ex): request ids come from clients and may repeat
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._provider = "default"
         self._sweeper: asyncio.Task[None] | None = None
@@ -218,7 +218,7 @@ class LimitsPlugin(Plugin):
     async def on_request(self, ex: Exchange) -> None:
         """Replay/claim the Idempotency-Key, decide all matching budgets at once, take an upstream slot."""
         st = _State()
-        self._states[ex.request_id] = st
+        self._states[id(ex)] = st
         try:
             s = self.section
             if s.idempotency and self.idem is not None:
@@ -438,7 +438,7 @@ class LimitsPlugin(Plugin):
     # -- end of exchange -------------------------------------------------
 
     async def _finish(self, ex: Exchange, failed: bool) -> None:
-        st = self._states.pop(ex.request_id, None)
+        st = self._states.pop(id(ex), None)
         if st is None:
             return
         if st.slot is not None:

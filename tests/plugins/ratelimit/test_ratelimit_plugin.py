@@ -283,3 +283,15 @@ async def test_check_keys_for_other_plugins(make_plugin: MakePlugin, backend: di
     rate = parse_rate("2/minute")
     results = [await p.check_keys([("tool:acme:search", rate, 1)], rule="tools.search.rate_limit") for _ in range(3)]
     assert [r[0].allowed for r in results if r is not None] == [True, True, False]
+
+
+async def test_repeated_client_request_ids_do_not_mix_state(make_plugin: MakePlugin) -> None:
+    p = await make_plugin(upstream_concurrency=2, rules=[{"scope": "tenant", "tokens": "10000/minute"}])
+    a, b = make_exchange(), make_exchange()
+    b.request_id = a.request_id  # x-request-id is client-controlled
+    await p.on_request(a)
+    await p.on_request(b)
+    for ex in (a, b):
+        await Upstream()(ex)
+        await p.on_complete(ex)
+    assert p._slots["openai"]._value == 2 and not p._states
