@@ -197,13 +197,15 @@ def scan_history(messages: Any, is_write: Callable[[str], bool], result_max_byte
     calls: dict[str, tuple[str, Any]] = {}
     last_round = -1
     for i, msg in enumerate(messages):
+        if isinstance(msg, dict) and msg.get("role") == "assistant" and (msg.get("tool_calls") or msg.get("function_call")):
+            last_round = i
+    for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             continue
         role = msg.get("role")
         if role == "assistant":
             tcs = msg.get("tool_calls")
-            if isinstance(tcs, list) and tcs:
-                last_round = i
+            if isinstance(tcs, list):
                 for tc in tcs:
                     if not isinstance(tc, dict) or not isinstance(tc.get("id"), str):
                         continue
@@ -212,7 +214,6 @@ def scan_history(messages: Any, is_write: Callable[[str], bool], result_max_byte
                         calls[tc["id"]] = (fn["name"], fn.get("arguments"))
             fc = msg.get("function_call")
             if isinstance(fc, dict) and isinstance(fc.get("name"), str):
-                last_round = i
                 calls["legacy:last"] = (fc["name"], fc.get("arguments"))
         elif role in ("tool", "function"):
             if role == "tool":
