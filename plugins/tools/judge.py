@@ -108,7 +108,7 @@ class ToolJudge:
             if self.policy.unknown_tools == "deny":
                 return Decision.deny(
                     "policy.unknown_tools",
-                    f"Refused: there is no tool named {quote(name)} available to you (rule policy.unknown_tools). "
+                    f"there is no tool named {quote(name)} available to you. "
                     "Do not call it again; use only the tools you were given.",
                 )
         else:
@@ -117,7 +117,7 @@ class ToolJudge:
                 rule, why = denied
                 return Decision.deny(
                     rule,
-                    f"Refused: you may not use tool {quote(name)} for this user: {why} (rule {rule}). "
+                    f"you may not use tool {quote(name)} for this user: {why}. "
                     "Do not call it again; tell the user it is not permitted.",
                 )
         if self.is_write(name):
@@ -125,14 +125,14 @@ class ToolJudge:
             if read_only:
                 return Decision.deny(
                     "policy.read_only",
-                    f"Refused: tool {quote(name)} is a write tool and read-only mode is on {where} (rule policy.read_only). "
+                    f"tool {quote(name)} is a write tool and read-only mode is on {where}. "
                     "Nothing was changed. Do not call it again; tell the user that changes are currently disabled.",
                 )
         args, parse_error = parse_arguments(call)
         if args is None:
             return Decision.repair(
                 "tool_call.json",
-                f"Arguments for {quote(name)} are not a valid JSON object ({_short(parse_error or '', 200)}); "
+                f"arguments for {quote(name)} are not a valid JSON object ({_short(parse_error or '', 200)}); "
                 f"call {quote(name)} again with a single JSON object as its arguments.",
             )
         if tool is not None:
@@ -140,7 +140,7 @@ class ToolJudge:
             if errors:
                 return Decision.repair(
                     f"{tool.key}.schema",
-                    f"Arguments invalid for {quote(name)}: " + "; ".join(errors) + f"; fix and call {quote(name)} again.",
+                    f"arguments invalid for {quote(name)}: " + "; ".join(errors) + f"; fix and call {quote(name)} again.",
                     errors=errors,
                 )
         canonical = canonical_json(args)
@@ -150,16 +150,15 @@ class ToolJudge:
             if done is not None:
                 return Decision.deny(
                     "tools.duplicate",
-                    f"Refused: this exact call {quote(name)} {_short(canonical)} was already executed earlier in this conversation "
-                    f"(call id {done['call_id']}) and returned: {done['result']!r}. Do not repeat it; use that result "
-                    "(rule tools.duplicate).",
+                    f"this exact call {quote(name)} {_short(canonical)} was already executed earlier in this conversation "
+                    f"(call id {done['call_id']}) and returned: {done['result']!r}. Do not repeat it; use that result.",
                     earlier_call_id=done["call_id"],
                 )
             if key in st.turn_allowed:
                 return Decision.deny(
                     "tools.duplicate",
-                    f"Refused: you issued the same call {quote(name)} {_short(canonical)} twice in one response; "
-                    "it may be executed only once (rule tools.duplicate).",
+                    f"you issued the same call {quote(name)} {_short(canonical)} twice in one response; "
+                    "it may be executed only once.",
                 )
         earlier = st.earlier_allowed.get(key)
         if earlier is not None:
@@ -183,8 +182,8 @@ class ToolJudge:
                 rule = f"{tool.key}.rate_limit"
                 return Decision.deny(
                     rule,
-                    f"Refused: tool {quote(name)} may be called at most {tool.rate} by this user and that limit is reached; "
-                    f"it can be called again in {res.retry_after_s:.0f} s (rule {rule}). Tell the user to try again later.",
+                    f"tool {quote(name)} may be called at most {tool.rate} by this user and that limit is reached; "
+                    f"it can be called again in {res.retry_after_s:.0f} s. Tell the user to try again later.",
                     retry_after_s=res.retry_after_s,
                 )
         if tool.needs_approval(args):
@@ -195,7 +194,7 @@ class ToolJudge:
         name = tool.spec.name
         rule = f"{tool.key}.approval_if" if tool.approval_validator is not None else f"{tool.key}.approval"
         if self.store is None:
-            return Decision.deny(rule, f"Refused: tool {quote(name)} needs a human approval and no approval store is running.")
+            return Decision.deny(rule, f"tool {quote(name)} needs a human approval and no approval store is running; it was NOT executed.")
         fp = fingerprint(tenant, subject, name, canonical)
         principal = ex.principal.summary() if ex.principal is not None else {"tenant": tenant, "subject": subject}
         try:
@@ -222,7 +221,7 @@ class ToolJudge:
                         return Decision(
                             "deny",
                             rule,
-                            f"Refused: a human reviewer denied approval {latest.id} for this call{comment}. It was NOT executed. "
+                            f"a human reviewer denied approval {latest.id} for this call{comment}. It was NOT executed. "
                             "Do not retry it; tell the user it was denied.",
                             approval_id=latest.id,
                         )
@@ -241,7 +240,7 @@ class ToolJudge:
             log.exception("approval store failed for tool %s", name)
             return Decision.deny(
                 "tools.approval_store",
-                f"Refused: tool {quote(name)} needs a human approval and the approval could not be recorded. "
+                f"tool {quote(name)} needs a human approval and the approval could not be recorded. "
                 "It was NOT executed; tell the user to try again later.",
             )
         return Decision(

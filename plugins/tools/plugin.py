@@ -25,7 +25,7 @@ from plugins.tools.judge import ExchangeState, ToolJudge
 from plugins.tools.policy import ModeState, permission_failure
 from plugins.tools.request import fence_tools, scan_history
 from plugins.tools.store import ToolStateStore
-from proxy.errors import ServiceUnavailable
+from proxy.errors import ConfigError, ServiceUnavailable
 from proxy.exchange import Decision, Exchange, ToolCall
 from proxy.plugin import Plugin, PluginContext
 
@@ -84,6 +84,7 @@ class ToolsPlugin(Plugin):
         self._states: OrderedDict[str, ExchangeState] = OrderedDict()
         self._ctx: PluginContext | None = None
         self._refresh_task: asyncio.Task[None] | None = None
+        self._tool_calls_metric: Any = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -101,8 +102,23 @@ class ToolsPlugin(Plugin):
         for method, path, handler in ToolsAdmin(self).routes():
             ctx.add_admin_route(method, path, handler)
         ctx.services["tools"] = self
+        self._bind_metrics(ctx.services.get("metrics"))
         if self.policy.mode_refresh_s > 0:
             self._refresh_task = asyncio.create_task(self._refresh_loop(), name="tools-state-refresh")
+
+    def _bind_metrics(self, metrics: Any) -> None:
+        """Count decisions on the core's ``warden_tool_calls_total`` and export pending approvals."""
+        self._tool_calls_metric = getattr(metrics, "tool_calls", None)
+        registry = getattr(metrics, "registry", None)
+        if registry is None:
+            return
+        from prometheus_client import Gauge
+
+        try:
+            gauge = Gauge("warden_tool_approvals_pending", "Tool-call approvals waiting for a reviewer.", registry=registry)
+        except ValueError:
+            return
+        gauge.set_function(lambda: float(self.approvals_pending))
 
     async def stop(self) -> None:
         if self._refresh_task is not None:
@@ -123,8 +139,6 @@ class ToolsPlugin(Plugin):
         """
         registry = ToolRegistry(tools) if tools is not None else self.registry
         if section.state_db != self.policy.state_db and self.store is not None:
-            from proxy.errors import ConfigError
-
             raise ConfigError("policy.state_db", "cannot change on reload; restart Warden to move the state database")
         self.section = section
         self.policy = section
@@ -241,6 +255,8 @@ class ToolsPlugin(Plugin):
         decision = await self.judge.judge(ex, call, self._state(ex))
         label = call.name if call.name in self.registry.tools else "(undeclared)"
         self.decision_counts[(label, decision.kind)] += 1
+        if self._tool_calls_metric is not None:
+            self._tool_calls_metric.labels(tool=label, decision=decision.kind).inc()
         if decision.details is not None and decision.details.get("approval") == "requested":
             self.approvals_pending += 1
         return decision

@@ -105,7 +105,7 @@ async def test_schema_errors_listed_with_paths(plugin: ToolsPlugin) -> None:
     assert any(e.startswith("/reason: ") for e in errors)
     assert any(e.startswith("/: ") and "extra" in e for e in errors)
     assert len(errors) == 4
-    assert d.reason.startswith("Arguments invalid for 'refund': ") and d.reason.endswith("fix and call 'refund' again.")
+    assert d.reason.startswith("arguments invalid for 'refund': ") and d.reason.endswith("fix and call 'refund' again.")
     d = await plugin.on_tool_call(exchange(), call("refund", '{"invoice_id": "i", "amount": "5"}'))
     assert d.kind == "repair"
     assert "/amount: " in d.reason and "reason" in d.reason
