@@ -1,7 +1,7 @@
 """Admin API of the tools plugin (mounted on the admin listener by the core).
 
-The core authenticates the caller and puts the reviewer's ``Principal`` at
-``request["warden.admin"]`` before these handlers run.  Every state change
+The core authenticates the caller and stores the reviewer's ``Principal`` on
+the request (read with ``proxy.admin.admin_principal``) before these handlers run.  Every state change
 is recorded as an admin action in the audit log, with who made it.
 
 - ``GET  /admin/mode`` — the read-only switch (global and per tenant)
@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from plugins.tools.store import LIST_STATUSES
+from proxy.admin import admin_principal
 from proxy.errors import BadRequest, Conflict, NotFound, Unauthorized
 from proxy.exchange import Principal
 
@@ -30,7 +31,11 @@ MAX_COMMENT = 2000
 
 
 def _reviewer(request: web.Request) -> dict[str, Any]:
-    principal = request.get("warden.admin")
+    """The authenticated admin (set by the core's admin middleware), as recorded."""
+    try:
+        principal = admin_principal(request)
+    except KeyError:
+        principal = None
     if not isinstance(principal, Principal):
         raise Unauthorized("admin identity missing", rule="admin.auth")
     return principal.summary()
