@@ -120,7 +120,8 @@ class ToolJudge:
                     f"you may not use tool {quote(name)} for this user: {why}. "
                     "Do not call it again; tell the user it is not permitted.",
                 )
-        if self.is_write(name):
+        writes = tool is None or tool.spec.effect == "write"
+        if writes:
             read_only, where = self.mode.read_only_for(tenant)
             if read_only:
                 return Decision.deny(
@@ -145,7 +146,7 @@ class ToolJudge:
                 )
         canonical = canonical_json(args)
         key = call_key(name, canonical)
-        if self.is_write(name):
+        if writes:
             done = st.executed.get(key)
             if done is not None:
                 return Decision.deny(

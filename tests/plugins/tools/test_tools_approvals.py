@@ -143,3 +143,17 @@ async def test_store_failure_fails_closed(plugin: ToolsPlugin) -> None:
     d = await plugin.on_tool_call(exchange(), call("refund", BIG_REFUND))
     assert (d.kind, d.rule) == ("deny", "tools.approval_store")
     assert "NOT executed" in d.reason
+
+
+async def test_other_process_mode_change_is_picked_up(make_plugin: PluginFactory) -> None:
+    a, _ = await make_plugin(policy={"mode_refresh_s": 0.05})
+    b, _ = await make_plugin(policy={"mode_refresh_s": 0.05})
+    await a.set_mode("acme", True, {"subject": "ops"})
+    held = await a.on_tool_call(exchange(), call("refund", BIG_REFUND))
+    assert held.kind == "deny"
+    for _ in range(40):
+        await asyncio.sleep(0.05)
+        if b.mode.read_only_for("acme")[0]:
+            break
+    assert b.mode.read_only_for("acme") == (True, "for tenant 'acme'")
+    assert (await b.on_tool_call(exchange(), call("note", '{"text": "x"}'))).kind == "deny"
