@@ -19,6 +19,7 @@ from proxy.errors import ConfigError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_ERRORS_REPORTED = 20
+MAX_ERROR_CHARS = 300
 
 
 def _refuse_remote(uri: str) -> Any:
@@ -57,7 +58,8 @@ class CompiledTool:
         out: list[str] = []
         for err in self.validator.iter_errors(args):
             path = "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in err.instance_path)
-            out.append(f"{path}: {err.message}")
+            message = err.message if len(err.message) <= MAX_ERROR_CHARS else err.message[:MAX_ERROR_CHARS] + "..."
+            out.append(f"{path if len(path) <= MAX_ERROR_CHARS else path[:MAX_ERROR_CHARS] + '...'}: {message}")
             if len(out) >= MAX_ERRORS_REPORTED:
                 out.append("(further errors omitted)")
                 break

@@ -131,8 +131,10 @@ class ToolsPlugin(Plugin):
             self.store = None
             self.judge.store = None
 
-    async def reload(self, section: PolicyConfig, tools: list[ToolSpec] | None = None) -> None:
+    async def reload(self, section: PolicyConfig, tools: list[ToolSpec] | None = None, **extra_sections: Any) -> None:
         """Apply a new ``[policy]`` and (when given) ``[[tools]]``; schemas are recompiled.
+
+        The core passes ``tools`` (this plugin's extra section) as a keyword.
 
         Raises ``ConfigError`` (the old configuration stays) when a tool is
         invalid or declared twice.  ``state_db`` cannot change without a restart.

@@ -108,8 +108,8 @@ def _fence_list(
     forced = _choice_name(choice)
     if forced is not None:
         if forced in removed:
-            rule, why = removed[forced]
-            raise Forbidden(f"{choice_key} forces tool {forced!r}, which is not available to this request: {why}", param=choice_key, rule=rule)
+            rule, reason = removed[forced]
+            raise Forbidden(f"{choice_key} forces tool {forced!r}, which is not available to this request: {reason}", param=choice_key, rule=rule)
         if not any(_tool_name(t) == forced for t in kept):
             raise BadRequest(f"{choice_key} forces tool {forced!r}, which is not in '{list_key}'", param=choice_key, rule="tools.request")
     if not changed:
@@ -159,7 +159,7 @@ def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        parts = [str(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
         if len(parts) == len(content):
             return "".join(parts)
     return orjson.dumps(content).decode() if content is not None else ""

@@ -268,3 +268,51 @@ async def test_tool_results_reach_the_audit_record(billing: openai.AsyncOpenAI, 
     (res,) = ex.tool_results
     assert res["tool_call_id"] == "c1" and res["tool"] == "lookup" and res["bytes"] == 20000 and res["truncated"]
     assert len(res["content"]) == 16384
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return orjson.dumps(v).decode()
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return "{ " + ", ".join(f"{orjson.dumps(k).decode()} = {_toml_value(x)}" for k, x in v.items()) + " }"
+
+
+def _toml(data: dict[str, Any]) -> str:
+    out = []
+    for name, section in data.items():
+        if isinstance(section, list):
+            for item in section:
+                out.append(f"[[{name}]]")
+                out += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+        else:
+            out.append(f"[{name}]")
+            out += [f"{k} = {_toml_value(v)}" for k, v in section.items()]
+    return "\n".join(out) + "\n"
+
+
+async def test_server_reload_applies_new_tools_and_refuses_bad(
+    tw: Any, billing: openai.AsyncOpenAI, fake: FakeProvider, base_config: dict[str, Any], tmp_path: Path
+) -> None:
+    from tests.conftest import deep_merge
+
+    policy = {"state_db": str(tmp_path / "state.db"), "read_only": False, "mode_refresh_s": 0}
+    stricter = [dict(t) for t in TOOLS]
+    stricter[0] = {**stricter[0], "schema": {"type": "object", "required": ["customer"], "properties": {"customer": {"type": "string"}}}}
+    path = tmp_path / "warden.toml"
+    path.write_text(_toml(deep_merge(base_config, {"plugins": {"enabled": ["tools", "headers"]}, "policy": policy, "tools": stricter})))
+    result = await tw.warden.reload(str(path))
+    assert result["result"] == "applied", result
+    fake.push(Reply(content=None, tool_calls=[{"id": "c1", "name": "lookup", "arguments": '{"invoice_id": "x"}'}]), Reply(content="ok"))
+    await billing.chat.completions.create(**BODY)
+    assert "customer" in fake.chat_requests()[1].body["messages"][-1]["content"]
+    stricter[0] = {**stricter[0], "schema": {"type": "object", "properties": {"customer": {"type": "strng"}}}}
+    path.write_text(_toml(deep_merge(base_config, {"plugins": {"enabled": ["tools", "headers"]}, "policy": policy, "tools": stricter})))
+    result = await tw.warden.reload(str(path))
+    assert result["result"] == "refused" and "tools[0].schema" in result["error"]
+    plugin = tw.warden.chain.get("tools")
+    assert plugin.registry.get("lookup").spec.schema["required"] == ["customer"]
