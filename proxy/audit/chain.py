@@ -110,7 +110,10 @@ def parse_verifier_key(text: str) -> tuple[str, Ed25519PublicKey]:
         if not isinstance(k, Ed25519PublicKey):
             raise ValueError("not an Ed25519 public key")
         return "", k
-    name, kid, b64 = text.rsplit("+", 2)
+    parts = text.split("+", 2)
+    if len(parts) != 3:
+        raise ValueError("a verifier key reads name+keyid+base64")
+    name, kid, b64 = parts
     raw = base64.b64decode(b64, validate=True)
     if len(raw) != 33 or raw[0] != 1:
         raise ValueError("verifier key is not an Ed25519 (type 0x01) key")

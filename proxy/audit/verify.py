@@ -43,6 +43,7 @@ from proxy.audit.sqlite import AuditReader
 Severity = Literal["fault", "warning", "info"]
 _MAX_FINDINGS = 200
 _REORDER_WINDOW = 100_000
+_MOVE_WINDOW = 64
 
 
 @dataclass(slots=True)
@@ -202,6 +203,7 @@ async def _verify(reader: AuditReader, report: Report, keys: list[str] | None, c
     at: dict[int, bytes] = {}
 
     recent: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+    suspects: list[tuple[Finding | None, bytes, bytes, bytes]] = []
     expected_seq: int | None = None
     expected_prev: bytes | None = None
     async for seq, prev, h, body, cols in _rows(reader):
@@ -228,6 +230,8 @@ async def _verify(reader: AuditReader, report: Report, keys: list[str] | None, c
                 report.add("fault", "reordered", f"the record hashed for position {k + 1} is at position {seq}", seq)
             else:
                 report.add("fault", "edited", "the record's content does not match its hash (edited)", seq)
+                if len(suspects) < _MAX_FINDINGS:
+                    suspects.append((report.findings[-1] if report.findings else None, prev, h, body))
         elif expected_prev is not None and prev != expected_prev:
             k = recent.get(prev)
             if k is not None and k != seq - 1:
@@ -249,6 +253,17 @@ async def _verify(reader: AuditReader, report: Report, keys: list[str] | None, c
         expected_seq = seq + 1
         report.last_seq = seq
 
+    for finding, prev, h, body in suspects:
+        # A record that only looked edited may verify at another position: it was moved.
+        if finding is None or finding.seq is None:
+            continue
+        k = recent.get(prev)
+        near = range(max(1, finding.seq - _MOVE_WINDOW), finding.seq + _MOVE_WINDOW + 1)
+        for cand in ([k + 1] if k is not None else []) + list(near):
+            if cand != finding.seq and leaf_hash(prev, cand, body) == h:
+                finding.kind = "reordered"
+                finding.message = f"the record hashed for position {cand} is at position {finding.seq}"
+                break
     last = report.last_seq or pruned
     if head_seq != last:
         if head_seq > last:

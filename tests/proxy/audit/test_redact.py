@@ -1,0 +1,133 @@
+"""Redaction: every listed secret type, PII with Luhn, custom patterns, rule counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.audit.redact import Redactor, luhn_ok
+from proxy.errors import ConfigError
+
+UPSTREAM = "sk-upstream-secret-0123456789abcdefXYZ"
+
+SECRETS = {
+    "upstream_key": f"the key is {UPSTREAM} ok",
+    "private_key": "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEAx4\nabc\n-----END RSA PRIVATE KEY-----",
+    "jwt": "token eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl here",
+    "bearer": "Authorization: Bearer abcDEF1234567890ghij",
+    "provider_key": "use sk-proj-Abcdefghijklmnopqrstuvwx0123 please",
+    "aws_access_key": "id AKIAIOSFODNN7EXAMPLE",
+    "aws_secret_key": "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "github_token": "ghp_" + "A1b2" * 9,
+    "slack_token": "xoxb-123456789012-abcdefABCDEF",
+    "google_api_key": "AIza" + "SyD-1234567890abcdefghijklmnopqrstu",
+    "stripe_key": "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc",
+    "url_credentials": "postgres://app:hunter2secret@db.internal:5432/main",
+    "generic_secret": 'config password: "Tr0ub4dor&3xyz"',
+}
+
+
+def secret_value(kind: str, text: str) -> str:
+    return {
+        "upstream_key": UPSTREAM,
+        "private_key": "MIIEpAIBAAKCAQEAx4",
+        "jwt": "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl",
+        "bearer": "abcDEF1234567890ghij",
+        "provider_key": "sk-proj-Abcdefghijklmnopqrstuvwx0123",
+        "aws_access_key": "AKIAIOSFODNN7EXAMPLE",
+        "aws_secret_key": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "github_token": "A1b2A1b2A1b2",
+        "slack_token": "123456789012-abcdefABCDEF",
+        "google_api_key": "SyD-1234567890abcdefghijklmnopqrstu",
+        "stripe_key": "4eC39HqLyjWDarjtT1zdp7dc",
+        "url_credentials": "hunter2secret",
+        "generic_secret": "Tr0ub4dor&3xyz",
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", sorted(SECRETS))
+def test_every_secret_type_is_redacted_and_counted(kind: str) -> None:
+    r = Redactor(upstream_key=UPSTREAM, apply_pii=False)
+    counts: dict[str, int] = {}
+    out = r.text(SECRETS[kind], counts)
+    assert secret_value(kind, SECRETS[kind]) not in out
+    assert f"[REDACTED:{kind}]" in out
+    assert counts == {kind: 1}
+
+
+def test_bearer_keeps_the_scheme_word() -> None:
+    out = Redactor().text("Authorization: Bearer abcDEF1234567890ghij", {})
+    assert out == "Authorization: Bearer [REDACTED:bearer]"
+
+
+def test_private_key_cut_without_end_marker_is_redacted_to_the_end() -> None:
+    out = Redactor().text("here: -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC", {})
+    assert out == "here: [REDACTED:private_key]"
+
+
+def test_pii_email_phone_card_ssn() -> None:
+    r = Redactor(pii=["email", "phone", "card", "ssn"])
+    counts: dict[str, int] = {}
+    text = (
+        "Mail bob.smith+tag@example.co.uk, call +1 415 555 2671 or (415) 555-2671, "
+        "card 4111 1111 1111 1111, ssn 123-45-6789."
+    )
+    out = r.text(text, counts)
+    for v in ("bob.smith+tag@example.co.uk", "415 555 2671", "555-2671", "4111 1111 1111 1111", "123-45-6789"):
+        assert v not in out
+    assert counts == {"email": 1, "phone": 2, "card": 1, "ssn": 1}
+
+
+def test_card_needs_a_valid_luhn_and_dates_are_not_phones() -> None:
+    r = Redactor(pii=["phone", "card"])
+    counts: dict[str, int] = {}
+    text = "order 4111111111111112 placed 2024-01-15 10:30 from 192.168.1.100, version 1.2.3, model gpt-4o-2024-08-06"
+    assert r.text(text, counts) == text
+    assert counts == {}
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+
+
+def test_pii_is_kept_when_not_applied() -> None:
+    r = Redactor(pii=["email"], apply_pii=False)
+    assert r.text("write to bob@example.com", {}) == "write to bob@example.com"
+
+
+def test_custom_patterns_and_their_validation() -> None:
+    r = Redactor(patterns={"ticket": r"TICKET-\d{6}"})
+    counts: dict[str, int] = {}
+    assert r.text("see TICKET-123456 and TICKET-654321", counts) == "see [REDACTED:ticket] and [REDACTED:ticket]"
+    assert counts == {"ticket": 2}
+    with pytest.raises(ConfigError, match="redact_patterns.bad"):
+        Redactor(patterns={"bad": "("})
+    with pytest.raises(ConfigError, match="empty string"):
+        Redactor(patterns={"empty": "x*"})
+    with pytest.raises(ConfigError, match="unknown PII kind"):
+        Redactor(pii=["passport"])
+
+
+def test_value_walks_nested_structures_and_keeps_plain_values() -> None:
+    r = Redactor(pii=["email"], upstream_key=UPSTREAM)
+    counts: dict[str, int] = {}
+    value = {
+        "messages": [{"role": "user", "content": f"key {UPSTREAM} mail a@b.example"}],
+        "n": 1,
+        "t": 0.5,
+        "tags": {"x"},
+        "raw": b"Bearer abcdefghijklmnop",
+    }
+    out = r.value(value, counts)
+    assert out["messages"][0]["content"] == "key [REDACTED:upstream_key] mail [REDACTED:email]"
+    assert out["n"] == 1 and out["t"] == 0.5 and out["tags"] == ["x"]
+    assert out["raw"] == "Bearer [REDACTED:bearer]"
+    assert counts == {"upstream_key": 1, "email": 1, "bearer": 1}
+
+
+def test_value_without_anything_to_redact_is_returned_as_is() -> None:
+    r = Redactor(pii=["email", "phone", "card"])
+    value = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 12345678}
+    assert r.value(value, {}) is value
+
+
+def test_non_ascii_text_keeps_positions() -> None:
+    r = Redactor()
+    out = r.text("İstanbul ünïcode password=hunter2hunter2 end", {})
+    assert out == "İstanbul ünïcode password=[REDACTED:generic_secret] end"
