@@ -382,9 +382,10 @@ class SQLiteAuditLog:
         since: int | None = None,
         until: int | None = None,
         limit: int = 100,
+        kind: str | None = None,
     ) -> list[dict[str, Any]]:
         """Records matching the filters, newest first (see :meth:`AuditReader.search`)."""
-        return await self._require_reader().search(tenant, user, tool, since, until, limit)
+        return await self._require_reader().search(tenant, user, tool, since, until, limit, kind)
 
     async def iter_records(self) -> AsyncIterator[dict[str, Any]]:
         """Every record in chain order, for export."""

@@ -1,0 +1,337 @@
+"""The SQLite store: secrets never reach the disk, fail-closed sync, backpressure, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from proxy.audit.sqlite import SQLiteAuditLog, build_audit
+from proxy.audit.verify import verify_db
+from proxy.config import AuditConfig, load_config
+from proxy.errors import AuditUnavailable
+from proxy.exchange import Principal, UpstreamTurn
+from tests.proxy.audit.conftest import LogFactory
+from tests.proxy.audit.helpers import make_exchange
+from tests.proxy.audit.test_redact import SECRETS, UPSTREAM, secret_value
+
+PII = {
+    "email": "carol.jones@example.org",
+    "phone": "+44 20 7946 0958",
+    "card": "5500 0000 0000 0004",
+}
+
+
+def _all_secret_text() -> str:
+    return " | ".join(SECRETS.values()) + " | " + " | ".join(PII.values())
+
+
+def _disk_bytes(path: Path) -> bytes:
+    out = b""
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(path) + suffix)
+        if p.exists():
+            out += p.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["full", "redacted", "hashes"])
+async def test_secrets_never_reach_the_database_files(make_log: LogFactory, tmp_path: Path, mode: str) -> None:
+    log = await make_log(store_content=mode, upstream_key=UPSTREAM)
+    text = _all_secret_text()
+    ex = make_exchange(user_text=text, request_id="req_secret")
+    ex.request_headers["x-debug"] = f"Bearer {UPSTREAM}"
+    ex.error_detail = f"upstream said: invalid key {UPSTREAM}"
+    ex.annotations["note"] = SECRETS["aws_access_key"]
+    ex.tool_results = [{"tool_call_id": "call_prev", "content": SECRETS["private_key"]}]
+    ex.response_text = "your key " + SECRETS["provider_key"]
+    await log.record_exchange(ex)
+    await log.record_event("ingest", {"tenant": "acme", "subject": "ops"}, {"doc": "d1", "note": SECRETS["jwt"]})
+    disk = _disk_bytes(log.path)
+    assert b"req_secret" in disk
+    for kind, sample in SECRETS.items():
+        assert secret_value(kind, sample).encode() not in disk, kind
+    for value in PII.values():
+        if mode == "full":
+            assert value.encode() in disk  # PII is kept in full mode
+        else:
+            assert value.encode() not in disk
+    rec = await log.find("req_secret")
+    assert rec is not None
+    rules = rec["redaction"]["rules"]
+    assert rules.get("upstream_key", 0) >= 3
+    assert set(SECRETS) <= set(rules) | {"upstream_key"}
+    await log.stop()
+    disk = _disk_bytes(log.path)
+    for kind, sample in SECRETS.items():
+        assert secret_value(kind, sample).encode() not in disk, kind
+
+
+async def test_hashes_mode_keeps_no_content(make_log: LogFactory) -> None:
+    log = await make_log(store_content="hashes")
+    await log.record_exchange(make_exchange(user_text="a very particular sentence about zebras", request_id="r1"))
+    assert b"zebras" not in _disk_bytes(log.path)
+    rec = await log.find("r1")
+    assert rec is not None
+    assert set(rec["turns"][0]["request"]) == {"sha256", "bytes"}
+    assert rec["tool_calls"][0]["name"] == "lookup_order" and rec["status"] == 200
+
+
+async def test_record_fields(make_log: LogFactory) -> None:
+    log = await make_log(store_content="full")
+    ex = make_exchange(request_id="r_fields")
+    ex.turns.append(UpstreamTurn(index=1, body=b'{"model":"gpt-4o","messages":[]}', status=200, response={"choices": []}, duration_s=0.002, reason="correction"))
+    await log.record_exchange(ex)
+    rec = await log.find("r_fields")
+    assert rec is not None
+    assert rec["principal"] == {"tenant": "acme", "subject": "alice", "groups": ["support"], "scopes": ["chat"]}
+    assert rec["model"] == {"requested": "gpt-4o", "reported": "gpt-4o-2024-08-06"}
+    assert rec["params"]["temperature"] == 0.2 and rec["params"]["tools_offered"] == ["lookup_order"]
+    assert rec["prompt"]["system_sha256"] and len(rec["prompt"]["system_sha256"]) == 64
+    assert rec["latency_us"]["total"] == 13100 and rec["turns"][0]["duration_us"] == 12345
+    assert [t["reason"] for t in rec["turns"]] == ["initial", "correction"]
+    assert rec["tool_calls"][0]["decision"] == "allow" and rec["tool_calls"][0]["rule"] == "tools.lookup_order"
+    assert rec["tool_results"][0]["tool_call_id"] == "call_prev"
+    assert rec["usage"]["total_tokens"] == 129
+    assert "authorization" not in rec["request_headers"]
+    assert rec["provider"] == "openai" and rec["trace_id"]
+
+
+async def test_sync_mode_fails_closed_when_the_database_cannot_be_written(make_log: LogFactory) -> None:
+    log = await make_log(durability="sync")
+    await log.record_exchange(make_exchange(request_id="before"))
+    assert log._db is not None
+    async with log._db.execute("PRAGMA page_count") as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    # The database file may not grow any more: every insert now fails with SQLITE_FULL.
+    await log._db.execute(f"PRAGMA max_page_count = {row[0]}")
+    failures = log.failures
+    with pytest.raises(AuditUnavailable) as info:
+        for i in range(50):
+            await log.record_exchange(make_exchange(request_id=f"full_{i}", user_text="x" * 5000))
+    assert info.value.status == 503 and info.value.rule == "audit.durability"
+    assert not log.healthy and log.failures > failures
+    await log._db.execute("PRAGMA max_page_count = 1073741823")
+    await log.record_exchange(make_exchange(request_id="after"))
+    assert log.healthy
+    assert await log.find("after") is not None
+    await log.stop()
+    report = await verify_db(log.path)
+    assert report.ok, report.render()
+
+
+async def test_sync_mode_fails_closed_when_the_connection_is_gone(make_log: LogFactory) -> None:
+    log = await make_log(durability="sync")
+    assert log._db is not None
+    await log._db.close()
+    with pytest.raises(AuditUnavailable):
+        await log.record_exchange(make_exchange())
+    assert not log.healthy
+    with pytest.raises(AuditUnavailable):
+        await log.record_event("mode_change", {"subject": "ops"}, {"read_only": True})
+    log._db = None
+
+
+async def test_batch_backpressure_waits_and_drops_nothing(make_log: LogFactory, tmp_path: Path) -> None:
+    log = await make_log(durability="batch", queue_max=4, batch_max_records=2, batch_max_ms=0)
+    blocker = sqlite3.connect(log.path, timeout=10, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock: commits stall
+    n = 40
+    done: list[int] = []
+
+    async def one(i: int) -> None:
+        await log.record_exchange(make_exchange(request_id=f"bp_{i:03d}"))
+        done.append(i)
+
+    tasks = [asyncio.create_task(one(i)) for i in range(n)]
+    try:
+        await asyncio.sleep(0.3)
+        waiting = n - len(done)
+        depth = log.queue_depth
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert waiting >= n - 4 - 2, "callers should be waiting on the full queue"
+    assert depth <= 4
+    await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    await log.stop()
+    db = sqlite3.connect(log.path)
+    ids = {r[0] for r in db.execute("SELECT request_id FROM records WHERE kind = 'exchange'")}
+    db.close()
+    assert ids == {f"bp_{i:03d}" for i in range(n)}
+    assert log.records_written >= n
+
+
+async def test_batch_mode_retries_a_failed_commit_and_never_drops(make_log: LogFactory) -> None:
+    log = await make_log(durability="batch", batch_max_ms=0)
+    assert log._db is not None
+    async with log._db.execute("PRAGMA page_count") as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    await log._db.execute(f"PRAGMA max_page_count = {row[0]}")
+    for i in range(20):
+        await log.record_exchange(make_exchange(request_id=f"retry_{i}", user_text="y" * 4000))
+    for _ in range(100):
+        if not log.healthy:
+            break
+        await asyncio.sleep(0.02)
+    assert not log.healthy and log.queue_depth > 0
+    await log._db.execute("PRAGMA max_page_count = 1073741823")
+    for _ in range(200):
+        if log.queue_depth == 0 and log.healthy:
+            break
+        await asyncio.sleep(0.02)
+    await log.stop()
+    db = sqlite3.connect(log.path)
+    n = db.execute("SELECT COUNT(*) FROM records WHERE request_id LIKE 'retry_%'").fetchone()[0]
+    db.close()
+    assert n == 20
+
+
+async def test_commit_hook_and_counters(make_log: LogFactory) -> None:
+    log = await make_log(durability="sync")
+    seen: list[tuple[float, int]] = []
+    log.on_commit = lambda s, n: seen.append((s, n))
+    await asyncio.gather(*(log.record_exchange(make_exchange()) for _ in range(10)))
+    assert sum(n for _, n in seen) == 10 and log.records_written == 10
+    assert all(s >= 0 for s, _ in seen)
+    assert len(seen) < 10, "concurrent sync records share commits"
+
+
+async def test_triggers_refuse_update_and_delete(make_log: LogFactory) -> None:
+    log = await make_log()
+    await log.record_exchange(make_exchange(request_id="t1"))
+    db = sqlite3.connect(log.path, timeout=5)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("UPDATE records SET status = 500")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("DELETE FROM records")
+    db.close()
+
+
+async def test_two_writers_on_one_database_keep_one_chain(make_log: LogFactory, tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    a = await make_log(path, durability="sync", checkpoint_every=7)
+    b = await make_log(path, durability="batch", checkpoint_every=7, batch_max_ms=1)
+    await asyncio.gather(
+        *(a.record_exchange(make_exchange(request_id=f"a{i}")) for i in range(40)),
+        *(b.record_exchange(make_exchange(request_id=f"b{i}")) for i in range(40)),
+    )
+    await a.stop()
+    await b.stop()
+    report = await verify_db(path)
+    assert report.ok, report.render()
+    assert report.records == 80
+
+
+async def test_retention_prunes_to_a_checkpoint_and_verify_stays_green(make_log: LogFactory, tmp_path: Path) -> None:
+    log = await make_log(durability="sync", checkpoint_every=5, retention_days=30)
+    old = time.time() - 40 * 86400
+    for i in range(12):
+        ex = make_exchange(request_id=f"old_{i}")
+        ex.wall_time = old + i
+        await log.record_exchange(ex)
+    for i in range(4):
+        await log.record_exchange(make_exchange(request_id=f"new_{i}"))
+    through = await log.prune()
+    assert through == 10  # the last checkpoint before the first young record (seq 13)
+    assert await log.find("old_9") is None and await log.find("old_10") is not None
+    await log.record_exchange(make_exchange(request_id="after_prune"))
+    await log.stop()
+    report = await verify_db(log.path)
+    assert report.ok, report.render()
+    assert report.first_seq == 11
+    db = sqlite3.connect(log.path)
+    kinds = [r[0] for r in db.execute("SELECT kind FROM records ORDER BY seq")]
+    assert "retention_prune" in kinds
+    assert db.execute("SELECT COUNT(*) FROM checkpoints WHERE size = 10").fetchone()[0] == 1
+    db.close()
+    # Deleting one more old record by hand is still caught.
+    db = sqlite3.connect(log.path)
+    db.execute("DROP TRIGGER records_no_delete")
+    db.execute("DELETE FROM records WHERE seq = 11")
+    db.commit()
+    db.close()
+    report = await verify_db(log.path)
+    assert not report.ok and report.faults[0].kind == "deleted"
+
+
+async def test_search_find_and_iter(make_log: LogFactory) -> None:
+    log = await make_log()
+    for i in range(5):
+        ex = make_exchange(request_id=f"s{i}", tenant="acme" if i % 2 else "globex", subject=f"u{i}", tool="lookup_order" if i < 3 else "send_mail")
+        await log.record_exchange(ex)
+    await log.record_event("feedback", Principal("acme", "rev").summary(), {"request_id": "s1", "rating": 1, "comment": "ok", "correction": None})
+    assert [r["request_id"] for r in await log.search(tenant="acme", kind="exchange")] == ["s3", "s1"]
+    assert [r["kind"] for r in await log.search(tenant="acme")] == ["feedback", "exchange", "exchange"]
+    assert [r["request_id"] for r in await log.search(tool="send_mail")] == ["s4", "s3"]
+    assert [r["request_id"] for r in await log.search(user="u2")] == ["s2"]
+    assert await log.search(tool="lookup%") == []
+    assert await log.search(since=int(time.time() * 1e6) + 10_000_000) == []
+    rows = [r async for r in log.iter_records()]
+    assert [r["seq"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["record"]["kind"] == "feedback"
+    assert rows[1]["prev_hash"] == rows[0]["hash"]
+    assert (await log.find("missing")) is None
+
+
+async def test_unprojectable_exchange_still_leaves_a_record(make_log: LogFactory) -> None:
+    log = await make_log()
+    ex = make_exchange(request_id="weird")
+    ex.tool_decisions[0].call = None  # type: ignore[assignment]
+    await log.record_exchange(ex)
+    db = sqlite3.connect(log.path)
+    kind, body = db.execute("SELECT kind, body FROM records WHERE request_id = 'weird'").fetchone()
+    db.close()
+    assert kind == "exchange_unprojectable" and "AttributeError" in orjson.loads(body)["data"]["error"]
+
+
+async def test_signing_key_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from proxy.audit.chain import private_pem
+    from proxy.errors import ConfigError
+
+    key = Ed25519PrivateKey.generate()
+    seed = key.private_bytes_raw()
+    monkeypatch.setenv("AUDIT_KEY", base64.b64encode(seed).decode())
+    log = SQLiteAuditLog(AuditConfig(signing_key_env="AUDIT_KEY"), tmp_path / "env.db")
+    await log.start()
+    await log.record_exchange(make_exchange())
+    await log.stop()
+    assert not (tmp_path / "env.db.ed25519").exists()
+    from proxy.audit.chain import verifier_key
+
+    report = await verify_db(tmp_path / "env.db", keys=[verifier_key(log.origin, key.public_key())])
+    assert report.ok, report.render()
+    pem = tmp_path / "k.pem"
+    pem.write_bytes(private_pem(key))
+    log = SQLiteAuditLog(AuditConfig(signing_key_file=str(pem)), tmp_path / "file.db")
+    await log.start()
+    await log.stop()
+    with pytest.raises(ConfigError, match="signing_key_env"):
+        await SQLiteAuditLog(AuditConfig(signing_key_env="NOPE_NOT_SET"), tmp_path / "x.db").start()
+
+
+async def test_generated_key_is_private(make_log: LogFactory) -> None:
+    log = await make_log()
+    assert log.key_path.stat().st_mode & 0o777 == 0o600
+    assert log.key_path.with_name(log.key_path.name + ".pub").read_text().strip() == log.verifier
+
+
+def test_build_audit_resolves_paths(tmp_path: Path) -> None:
+    cfg = load_config({"audit": {"path": "a/audit.db", "checkpoint_file": "cp.txt"}, "plugins": {"enabled": []}}, {})
+    cfg.base_dir = tmp_path
+    sink = build_audit(cfg)
+    assert isinstance(sink, SQLiteAuditLog)
+    assert sink.path == tmp_path / "a" / "audit.db"
+    assert sink.cfg.checkpoint_file == str(tmp_path / "cp.txt")
+    off = load_config({"audit": {"enabled": False}, "plugins": {"enabled": []}}, {})
+    assert build_audit(off) is None
