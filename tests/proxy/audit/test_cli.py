@@ -25,14 +25,18 @@ def _populate(path: Path) -> None:
         log = SQLiteAuditLog(AuditConfig(checkpoint_every=4, checkpoint_file=str(path) + ".cp", store_content="full"), path)
         await log.start()
         first = make_exchange(request_id="req_a", tenant="acme", subject="alice")
-        first.tool_decisions = [ToolDecisionRecord(0, ToolCall("call_77", "lookup_order", '{"id": 7}'), Decision.allow("tools.lookup_order"))]
+        first.tool_decisions = [
+            ToolDecisionRecord(0, ToolCall("call_77", "lookup_order", '{"id": 7}'), Decision.allow("tools.lookup_order"))
+        ]
         await log.record_exchange(first)
         second = make_exchange(request_id="req_b", tenant="acme", subject="bob", tool="refund")
         second.tool_decisions[0].decision = Decision.deny("tools.refund.policy", "refunds need approval")
         second.tool_results = [{"tool_call_id": "call_77", "content": '{"status": "shipped"}'}]
         await log.record_exchange(second)
         await log.record_exchange(make_exchange(request_id="req_c", tenant="globex", subject="carol"))
-        await log.record_event("feedback", {"tenant": "acme", "subject": "rev"}, {"request_id": "req_b", "rating": -1, "comment": "wrong", "correction": None})
+        await log.record_event(
+            "feedback", {"tenant": "acme", "subject": "rev"}, {"request_id": "req_b", "rating": -1, "comment": "wrong", "correction": None}
+        )
         await log.stop()
 
     asyncio.run(run())
@@ -103,10 +107,18 @@ def test_verify_ok_then_fault(db: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_verify_through_the_installed_entry_point(db: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "proxy", "audit", "verify", "--db", str(db)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "proxy", "audit", "verify", "--db", str(db)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     assert "OK: the chain and every checkpoint verify" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "proxy", "audit", "verify", "--db", str(db) + ".missing"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "proxy", "audit", "verify", "--db", str(db) + ".missing"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "does not exist" in res.stderr
 
 

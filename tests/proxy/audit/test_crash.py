@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,11 +18,15 @@ ROOT = Path(__file__).resolve().parents[3]
 
 async def test_sigkill_in_sync_mode_keeps_every_acknowledged_record(tmp_path: Path, make_log: LogFactory) -> None:
     db = tmp_path / "crash.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.proxy.audit.crash_writer", str(db), "8"],
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.proxy.audit.crash_writer",
+        str(db),
+        "8",
         cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     acked: list[str] = []
@@ -30,14 +34,14 @@ async def test_sigkill_in_sync_mode_keeps_every_acknowledged_record(tmp_path: Pa
     deadline = time.monotonic() + 30
     try:
         while len(acked) < 300 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
             if not line:
                 break
             acked.append(line.decode().strip())
     finally:
         proc.send_signal(signal.SIGKILL)
-        rest = proc.stdout.read() if proc.stdout else b""
-        proc.wait()
+        rest = await proc.stdout.read()
+        await proc.wait()
     acked += [x for x in rest.decode().split("\n") if x.startswith("crash_")]
     assert len(acked) >= 300, "the writer did not get going"
 

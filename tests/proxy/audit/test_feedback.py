@@ -19,7 +19,15 @@ async def test_feedback_is_recorded_with_the_reviewer(make_log: LogFactory) -> N
     log = await make_log(store_content="redacted")
     await log.record_exchange(make_exchange(request_id="req_fb", tenant="acme", subject="alice"))
     out = await submit_feedback(
-        log, REVIEWER, {"request_id": "req_fb", "rating": 1, "comment": "mail me at rev@example.com", "accepted_answer": False, "correction": "It shipped today."}
+        log,
+        REVIEWER,
+        {
+            "request_id": "req_fb",
+            "rating": 1,
+            "comment": "mail me at rev@example.com",
+            "accepted_answer": False,
+            "correction": "It shipped today.",
+        },
     )
     assert out["object"] == "feedback" and out["recorded"] is True and out["id"].startswith("fb_")
     rows = await log.search(kind="feedback")
@@ -41,7 +49,9 @@ async def test_feedback_for_another_tenant_or_unknown_request_is_the_same_404(ma
         await submit_feedback(log, REVIEWER, {"request_id": "req_nope", "rating": 1})
     assert other.value.status == unknown.value.status == 404
     assert other.value.rule == unknown.value.rule == "feedback.request"
-    assert other.value.to_dict()["error"]["message"].replace("req_globex", "X") == unknown.value.to_dict()["error"]["message"].replace("req_nope", "X")
+    assert other.value.to_dict()["error"]["message"].replace("req_globex", "X") == unknown.value.to_dict()["error"]["message"].replace(
+        "req_nope", "X"
+    )
     assert await log.search(kind="feedback") == []
 
 

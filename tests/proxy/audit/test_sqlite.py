@@ -84,7 +84,11 @@ async def test_hashes_mode_keeps_no_content(make_log: LogFactory) -> None:
 async def test_record_fields(make_log: LogFactory) -> None:
     log = await make_log(store_content="full")
     ex = make_exchange(request_id="r_fields")
-    ex.turns.append(UpstreamTurn(index=1, body=b'{"model":"gpt-4o","messages":[]}', status=200, response={"choices": []}, duration_s=0.002, reason="correction"))
+    ex.turns.append(
+        UpstreamTurn(
+            index=1, body=b'{"model":"gpt-4o","messages":[]}', status=200, response={"choices": []}, duration_s=0.002, reason="correction"
+        )
+    )
     await log.record_exchange(ex)
     rec = await log.find("r_fields")
     assert rec is not None
@@ -264,9 +268,13 @@ async def test_retention_prunes_to_a_checkpoint_and_verify_stays_green(make_log:
 async def test_search_find_and_iter(make_log: LogFactory) -> None:
     log = await make_log()
     for i in range(5):
-        ex = make_exchange(request_id=f"s{i}", tenant="acme" if i % 2 else "globex", subject=f"u{i}", tool="lookup_order" if i < 3 else "send_mail")
+        ex = make_exchange(
+            request_id=f"s{i}", tenant="acme" if i % 2 else "globex", subject=f"u{i}", tool="lookup_order" if i < 3 else "send_mail"
+        )
         await log.record_exchange(ex)
-    await log.record_event("feedback", Principal("acme", "rev").summary(), {"request_id": "s1", "rating": 1, "comment": "ok", "correction": None})
+    await log.record_event(
+        "feedback", Principal("acme", "rev").summary(), {"request_id": "s1", "rating": 1, "comment": "ok", "correction": None}
+    )
     assert [r["request_id"] for r in await log.search(tenant="acme", kind="exchange")] == ["s3", "s1"]
     assert [r["kind"] for r in await log.search(tenant="acme")] == ["feedback", "exchange", "exchange"]
     assert [r["request_id"] for r in await log.search(tool="send_mail")] == ["s4", "s3"]
