@@ -180,7 +180,8 @@ class AuditReader:
 
         ``since``/``until`` are microseconds since the epoch (inclusive/exclusive).
         """
-        where, args = [], []
+        where: list[str] = []
+        args: list[str | int] = []
         if tenant is not None:
             where.append("tenant = ?")
             args.append(tenant)
@@ -225,7 +226,7 @@ class AuditReader:
                 return
             for seq, prev, h, body in rows:
                 yield int(seq), bytes(prev), bytes(h), bytes(body)
-            last = rows[-1][0]
+                last = int(seq)
 
     async def iter_records(self) -> AsyncIterator[dict[str, Any]]:
         """Every record in chain order as ``{seq, prev_hash, hash, record}`` (hex hashes), for export."""

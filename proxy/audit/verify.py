@@ -321,7 +321,7 @@ async def _rows(reader: AuditReader, page: int = 1000) -> Any:
             return
         for r in rows:
             yield int(r[0]), _b(r[1]), _b(r[2]), _b(r[3]), (r[4], r[5], r[6], r[7])
-        last = rows[-1][0]
+            last = int(r[0])
 
 
 def _b(v: Any) -> bytes:
