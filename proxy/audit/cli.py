@@ -133,7 +133,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 async def _show(path: Path, request_id: str, as_json: bool) -> int:
-    from proxy.audit.sqlite import AuditReader
+    from proxy.audit.reader import AuditReader
 
     try:
         reader = await AuditReader.open(path)
@@ -253,7 +253,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 async def _search(path: Path, args: argparse.Namespace, since: int | None, until: int | None) -> int:
-    from proxy.audit.sqlite import AuditReader
+    from proxy.audit.reader import AuditReader
 
     try:
         reader = await AuditReader.open(path)
@@ -289,7 +289,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 async def _export(path: Path, output: str | None) -> int:
-    from proxy.audit.sqlite import AuditReader
+    from proxy.audit.reader import AuditReader
 
     try:
         reader = await AuditReader.open(path)
@@ -362,7 +362,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     api_key = os.environ.get(key_env) if key_env else None
 
     async def run() -> int:
-        from proxy.audit.sqlite import AuditReader
+        from proxy.audit.reader import AuditReader
 
         try:
             reader = await AuditReader.open(path)

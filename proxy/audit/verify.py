@@ -38,7 +38,7 @@ from proxy.audit.chain import (
     public_bytes,
     read_checkpoint_file,
 )
-from proxy.audit.sqlite import AuditReader
+from proxy.audit.reader import AuditReader
 
 Severity = Literal["fault", "warning", "info"]
 _MAX_FINDINGS = 200

@@ -1,0 +1,139 @@
+"""Read-only queries over an audit database: find, search, export, verify."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+
+class AuditReader:
+    """Read-only queries over an audit database (used by the store and the CLI)."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> AuditReader:
+        """Open ``path`` read-only."""
+        if not await asyncio.to_thread(path.exists):
+            raise FileNotFoundError(f"audit database {path} does not exist")
+        db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
+        await db.execute("PRAGMA busy_timeout = 10000")
+        return cls(db)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def find(self, request_id: str) -> dict[str, Any] | None:
+        """The exchange record of ``request_id`` (with ``_seq``), or ``None``."""
+        async with self.db.execute(
+            "SELECT seq, body FROM records WHERE request_id = ? AND kind = 'exchange' ORDER BY seq DESC LIMIT 1", (request_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        rec: dict[str, Any] = orjson.loads(row[1])
+        rec["_seq"] = row[0]
+        return rec
+
+    async def related(self, request_id: str) -> list[dict[str, Any]]:
+        """Every other record naming ``request_id`` (feedback, approvals, ...)."""
+        async with self.db.execute(
+            "SELECT seq, body FROM records WHERE request_id = ? AND kind != 'exchange' ORDER BY seq", (request_id,)
+        ) as cur:
+            rows = await cur.fetchall()
+        out = []
+        for seq, body in rows:
+            rec = orjson.loads(body)
+            rec["_seq"] = seq
+            out.append(rec)
+        return out
+
+    async def find_call(self, tool_call_id: str) -> dict[str, Any] | None:
+        """The exchange whose model emitted ``tool_call_id`` (a scan; for ``show``)."""
+        async with self.db.execute(
+            "SELECT seq, body FROM records WHERE call_ids LIKE ? ESCAPE '\\' ORDER BY seq DESC LIMIT 1",
+            (f"%,{_like(tool_call_id)},%",),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        rec: dict[str, Any] = orjson.loads(row[1])
+        rec["_seq"] = row[0]
+        return rec
+
+    async def search(
+        self,
+        tenant: str | None = None,
+        user: str | None = None,
+        tool: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 100,
+        kind: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Records matching every given filter, newest first.
+
+        ``since``/``until`` are microseconds since the epoch (inclusive/exclusive).
+        """
+        where: list[str] = []
+        args: list[str | int] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if user is not None:
+            where.append("subject = ?")
+            args.append(user)
+        if tool is not None:
+            where.append("tools LIKE ? ESCAPE '\\'")
+            args.append(f"%,{_like(tool)},%")
+        if since is not None:
+            where.append("ts_us >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("ts_us < ?")
+            args.append(until)
+        if kind is not None:
+            where.append("kind = ?")
+            args.append(kind)
+        sql = "SELECT seq, body FROM records"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(max(1, min(int(limit), 100_000)))
+        async with self.db.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        out = []
+        for seq, body in rows:
+            rec = orjson.loads(body)
+            rec["_seq"] = seq
+            out.append(rec)
+        return out
+
+    async def iter_rows(self, after: int = 0, page: int = 1000) -> AsyncIterator[tuple[int, bytes, bytes, bytes]]:
+        """``(seq, prev_hash, hash, body)`` in chain order, paged."""
+        last = after
+        while True:
+            async with self.db.execute(
+                "SELECT seq, prev_hash, hash, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (last, page)
+            ) as cur:
+                rows = await cur.fetchall()
+            if not rows:
+                return
+            for seq, prev, h, body in rows:
+                yield int(seq), bytes(prev), bytes(h), bytes(body)
+                last = int(seq)
+
+    async def iter_records(self) -> AsyncIterator[dict[str, Any]]:
+        """Every record in chain order as ``{seq, prev_hash, hash, record}`` (hex hashes), for export."""
+        async for seq, prev, h, body in self.iter_rows():
+            yield {"seq": seq, "prev_hash": prev.hex(), "hash": h.hex(), "record": orjson.loads(body)}
+
+
+def _like(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
