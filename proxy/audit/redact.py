@@ -201,6 +201,9 @@ SECRET_RULES: tuple[Rule, ...] = (
 
 # A run of digits and phone/card separators: the digit PII rules only look inside these.
 _DIGIT_RUN = re.compile(r"\d[\d ().+/-]{6,}\d")
+_DIGIT_RUN_BYTES = re.compile(rb"\d[\d ().+/-]{6,}\d")
+_DIGIT_GATE = bytes(0x30 if 0x30 <= i <= 0x39 else 0x78 for i in range(256))
+_SEPARATORS = b" ().+/-"
 
 PII_RULES: dict[str, Rule] = {
     "email": Rule("email", re.compile(r"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), _has("@")),
@@ -290,12 +293,24 @@ class Redactor:
             for idx, _, _ in self._ac.find_matches_as_indexes(blob.lower(), overlapping=True):
                 found.add(owner[idx])
         rules = tuple(r for i, r in enumerate(self.rules) if i in found)
-        digits = False
-        if self.digit_rules and _has_digit(blob):
-            probe: list[tuple[int, int, str]] = []
-            self._digit_spans(blob, probe)
-            digits = bool(probe)
-        return rules, digits
+        return rules, bool(self.digit_rules) and self._digits_possible(blob.encode())
+
+    def _digits_possible(self, raw: bytes) -> bool:
+        """Whether a digit PII rule can match anywhere in ``raw`` (sound: never a false no).
+
+        Gate: with separators deleted, a match needs 8 digits in a row.  Then
+        each run of digits and separators (found on bytes, cheaper than str)
+        is tried with the rules, with one character of context each side.
+        """
+        if b"00000000" not in raw.translate(_DIGIT_GATE, _SEPARATORS):
+            return False
+        probe: list[tuple[int, int, str]] = []
+        for m in _DIGIT_RUN_BYTES.finditer(raw):
+            a, b = m.span()
+            self._digit_spans(raw[max(0, a - 1) : b + 1].decode("utf-8", "replace"), probe)
+            if probe:
+                return True
+        return False
 
     def text(self, s: str, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool] | None = None) -> str:
         """Redact one string; add the rules that fired to ``counts``.
@@ -370,8 +385,8 @@ class Redactor:
         are decoded as UTF-8, dataclasses become dicts, anything else its
         ``str()``).  Dict keys are kept, as strings.
         """
-        blob = orjson.dumps(v, default=json_default, option=orjson.OPT_NON_STR_KEYS).decode()
-        scope = self.active(blob)
+        raw = orjson.dumps(v, default=json_default, option=orjson.OPT_NON_STR_KEYS)
+        scope = self.active(raw.decode())
         if not scope[0] and not scope[1]:
             return v
         return self._walk(v, counts, scope)

@@ -1,0 +1,164 @@
+"""Audit log benchmark: throughput and added latency, side by side in one run.
+
+    python bench/audit.py                         # smoke sizes (a few seconds)
+    python bench/audit.py --records 50000 --requests 3000
+
+Three tables:
+
+1. Per-record CPU on the request path: projection + redaction +
+   canonicalization of one realistic exchange (2 turns' worth of messages,
+   a tool call and a tool result), per ``store_content`` mode.
+2. Sustained throughput (records/s) with many concurrent writers, ``batch``
+   and ``sync``: end to end (``record_exchange``: projection, redaction,
+   queue, group commit) and store only (records prepared beforehand).
+3. Added request latency: each simulated request waits ``--upstream-ms``
+   (the provider) and then records its exchange; p50/p99 of the whole request
+   with audit off, ``batch`` and ``sync``, at concurrency 1 and 16.
+
+The database lives in a temporary directory on the same disk as the repo
+(``--dir`` to choose); ``synchronous=FULL`` in sync mode really fsyncs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from proxy.audit.record import Projector  # noqa: E402
+from proxy.audit.sqlite import SQLiteAuditLog  # noqa: E402
+from proxy.config import AuditConfig  # noqa: E402
+from tests.proxy.audit.helpers import make_exchange  # noqa: E402
+
+UPSTREAM_KEY = "sk-bench-upstream-key-0123456789abcdef"
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def projection_cost(n: int) -> list[tuple[str, float, float, int]]:
+    rows = []
+    ex = make_exchange()
+    for mode in ("full", "redacted", "hashes"):
+        pj = Projector(mode, pii=["email", "phone", "card"], upstream_key=UPSTREAM_KEY, provider="openai")  # type: ignore[arg-type]
+        size = len(pj.exchange(ex).body)
+        samples = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                pj.exchange(ex)
+            samples.append((time.perf_counter() - t0) / n * 1e6)
+        rows.append((mode, min(samples), statistics.median(samples), size))
+    return rows
+
+
+async def throughput(tmp: Path, mode: str, n: int, writers: int, prepared: bool) -> tuple[float, int]:
+    path = tmp / f"tp-{mode}-{prepared}.db"
+    log = SQLiteAuditLog(AuditConfig(durability=mode, checkpoint_every=10_000), path, upstream_key=UPSTREAM_KEY, provider="openai")  # type: ignore[arg-type]
+    await log.start()
+    exs = [make_exchange() for _ in range(n)]
+    preps = [log.projector.exchange(e) for e in exs] if prepared else []
+    it = iter(range(n))
+    commits = 0
+
+    def count(_s: float, _n: int) -> None:
+        nonlocal commits
+        commits += 1
+
+    log.on_commit = count
+
+    async def worker() -> None:
+        for i in it:
+            if prepared:
+                await log._submit(preps[i], wait=mode == "sync")
+            else:
+                await log.record_exchange(exs[i])
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(writers)))
+    await log.stop()
+    dt = time.perf_counter() - t0
+    assert log.records_written == n, (log.records_written, n)
+    return n / dt, commits
+
+
+async def latency(tmp: Path, mode: str | None, n: int, concurrency: int, upstream_s: float) -> list[float]:
+    log = None
+    if mode is not None:
+        log = SQLiteAuditLog(
+            AuditConfig(durability=mode), tmp / f"lat-{mode}-{concurrency}.db", upstream_key=UPSTREAM_KEY, provider="openai"
+        )  # type: ignore[arg-type]
+        await log.start()
+    exs = [make_exchange() for _ in range(n)]
+    it = iter(range(n))
+    out: list[float] = []
+
+    async def worker() -> None:
+        for i in it:
+            t0 = time.perf_counter()
+            await asyncio.sleep(upstream_s)
+            if log is not None:
+                await log.record_exchange(exs[i])
+            out.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    if log is not None:
+        await log.stop()
+    return out
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=5000, help="records per throughput cell")
+    ap.add_argument("--writers", type=int, default=64, help="concurrent writers in the throughput cells")
+    ap.add_argument("--requests", type=int, default=800, help="requests per latency cell")
+    ap.add_argument("--upstream-ms", type=float, default=2.0, help="simulated provider time per request")
+    ap.add_argument("--projections", type=int, default=2000)
+    ap.add_argument("--dir", help="where the databases go (default: a temp dir)")
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+        loop_name = "uvloop"
+    except ImportError:
+        loop_name = "asyncio"
+    tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="warden-audit-bench-"))
+
+    print(f"audit benchmark ({loop_name}, databases in {tmp})\n")
+    print("1. CPU per record on the request path (projection + redaction + canonical JSON)")
+    print(f"   {'store_content':<14}{'best µs':>10}{'median µs':>11}{'bytes':>8}")
+    for mode, best, med, size in projection_cost(args.projections):
+        print(f"   {mode:<14}{best:>10.1f}{med:>11.1f}{size:>8}")
+
+    print(f"\n2. Sustained throughput, {args.records} records, {args.writers} concurrent writers")
+    print(f"   {'durability':<12}{'path':<26}{'records/s':>11}{'commits':>9}{'rec/commit':>12}")
+    for mode in ("batch", "sync"):
+        for prepared in (False, True):
+            rate, commits = await throughput(tmp, mode, args.records, args.writers, prepared)
+            label = "store only (prepared)" if prepared else "record_exchange (e2e)"
+            print(f"   {mode:<12}{label:<26}{rate:>11,.0f}{commits:>9}{args.records / max(commits, 1):>12.1f}")
+
+    print(f"\n3. Request latency with a {args.upstream_ms:g} ms provider, {args.requests} requests per cell")
+    print(f"   {'audit':<8}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'added p50 ms':>14}{'added p99 ms':>14}")
+    for conc in (1, 16):
+        base = await latency(tmp, None, args.requests, conc, args.upstream_ms / 1000)
+        b50, b99 = pct(base, 0.5), pct(base, 0.99)
+        print(f"   {'off':<8}{conc:>5}{b50 * 1e3:>9.3f}{b99 * 1e3:>9.3f}{'-':>14}{'-':>14}")
+        for mode in ("batch", "sync"):
+            xs = await latency(tmp, mode, args.requests, conc, args.upstream_ms / 1000)
+            p50, p99 = pct(xs, 0.5), pct(xs, 0.99)
+            print(f"   {mode:<8}{conc:>5}{p50 * 1e3:>9.3f}{p99 * 1e3:>9.3f}{(p50 - b50) * 1e3:>14.3f}{(p99 - b99) * 1e3:>14.3f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
