@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -153,6 +154,7 @@ class SQLiteAuditLog:
         self._pruner: asyncio.Task[None] | None = None
         self._key: Ed25519PrivateKey | None = None
         self._checkpoint_path = Path(cfg.checkpoint_file) if cfg.checkpoint_file else None
+        self.one_hop = True
 
     # -- AuditSink -----------------------------------------------------------
 
@@ -366,9 +368,19 @@ class SQLiteAuditLog:
             await self._export_checkpoint(note)
 
     async def _append(self, preps: list[Prepared], *, checkpoint_reason: str | None = None) -> str | None:
-        """Append records (and maybe a checkpoint) in one BEGIN IMMEDIATE transaction."""
+        """Append records (and maybe a checkpoint) in one BEGIN IMMEDIATE transaction.
+
+        The whole transaction runs as one call in aiosqlite's connection
+        thread (one hop instead of five: the group commit's fixed cost is the
+        fsync, not the hops).  That uses aiosqlite's ``_execute``; if a future
+        aiosqlite drops it, the statement-by-statement path below is used.
+        """
         db = self._db
         assert db is not None and self._key is not None
+        run = getattr(db, "_execute", None) if self.one_hop else None
+        if run is not None:
+            note: str | None = await run(_append_tx, db._conn, preps, self.origin, self._key, self.cfg.checkpoint_every, checkpoint_reason)
+            return note
         await db.execute("BEGIN IMMEDIATE")
         try:
             async with db.execute("SELECT seq, hash FROM head WHERE id = 1") as cur:
@@ -560,6 +572,40 @@ class SQLiteAuditLog:
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+
+def _append_tx(
+    conn: sqlite3.Connection, preps: list[Prepared], origin: str, key: Ed25519PrivateKey, every: int, reason: str | None
+) -> str | None:
+    """The append transaction, run in the connection's own thread (see ``_append``)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT seq, hash FROM head WHERE id = 1").fetchone()
+        seq, h = int(row[0]), bytes(row[1])
+        start = seq
+        rows = []
+        for p in preps:
+            seq += 1
+            prev, h = h, leaf_hash(h, seq, p.body)
+            rows.append((seq, p.ts_us, p.kind, p.request_id, p.tenant, p.subject, p.tools, p.call_ids, p.status, prev, h, p.body))
+        if rows:
+            conn.executemany(_INSERT, rows)
+            conn.execute("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (seq, h))
+        note = None
+        why = reason or ("periodic" if seq // every > start // every else None)
+        if why is not None and seq > 0:
+            last = conn.execute("SELECT COALESCE(MAX(size), 0) FROM checkpoints").fetchone()
+            if seq > int(last[0]):
+                note = make_checkpoint(origin, seq, h, int(time.time()), key)
+                conn.execute(
+                    "INSERT INTO checkpoints (size, hash, note, created_us, reason) VALUES (?,?,?,?,?)", (seq, h, note, _now_us(), why)
+                )
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.execute("ROLLBACK")
+        raise
+    return note
 
 
 def build_audit(cfg: Config) -> AuditSink | None:

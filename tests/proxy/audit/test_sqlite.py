@@ -343,3 +343,15 @@ def test_build_audit_resolves_paths(tmp_path: Path) -> None:
     assert sink.cfg.checkpoint_file == str(tmp_path / "cp.txt")
     off = load_config({"audit": {"enabled": False}, "plugins": {"enabled": []}}, {})
     assert build_audit(off) is None
+
+
+async def test_statement_by_statement_path_keeps_the_same_chain(make_log: LogFactory, tmp_path: Path) -> None:
+    path = tmp_path / "mixed.db"
+    fast = await make_log(path, durability="sync", checkpoint_every=6)
+    slow = await make_log(path, durability="sync", checkpoint_every=6)
+    slow.one_hop = False
+    await asyncio.gather(*(fast.record_exchange(make_exchange()) for _ in range(15)), *(slow.record_exchange(make_exchange()) for _ in range(15)))
+    await fast.stop()
+    await slow.stop()
+    report = await verify_db(path)
+    assert report.ok and report.records == 30 and report.checkpoints >= 2, report.render()
