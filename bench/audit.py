@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -120,6 +121,24 @@ async def latency(tmp: Path, mode: str | None, n: int, concurrency: int, upstrea
     return out, calls
 
 
+def commit_floor(tmp: Path, n: int, gap_s: float, synchronous: str) -> tuple[float, float]:
+    """One 3 KB insert per transaction on the same disk and pacing: what the disk itself costs."""
+    conn = sqlite3.connect(tmp / f"floor-{synchronous}.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute("CREATE TABLE IF NOT EXISTS t (b BLOB)")
+    xs = []
+    for _ in range(n):
+        time.sleep(gap_s)
+        t0 = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t VALUES (?)", (b"x" * 3000,))
+        conn.execute("COMMIT")
+        xs.append(time.perf_counter() - t0)
+    conn.close()
+    return pct(xs, 0.5), pct(xs, 0.99)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=5000, help="records per throughput cell")
@@ -154,6 +173,9 @@ async def main() -> None:
 
     print(f"\n3. Request latency with a {args.upstream_ms:g} ms provider, {args.requests} requests per cell")
     print("   (call = time inside record_exchange; added = request p50/p99 minus audit off)")
+    for sync in ("NORMAL", "FULL"):
+        f50, f99 = commit_floor(tmp, min(args.requests, 300), args.upstream_ms / 1000, sync)
+        print(f"   floor: one bare SQLite commit, synchronous={sync}: p50 {f50 * 1e3:.3f} ms, p99 {f99 * 1e3:.3f} ms")
     print(f"   {'audit':<8}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'added p99':>11}{'call p50':>10}{'call p99':>10}")
     for conc in (1, 16):
         base, _ = await latency(tmp, None, args.requests, conc, args.upstream_ms / 1000)
