@@ -194,6 +194,7 @@ class SQLiteAuditLog:
             raise
         self._healthy = True
         self._writer = asyncio.create_task(self._run(), name="audit-writer")
+        self._writer.add_done_callback(self._writer_ended)
         if self.cfg.retention_days:
             self._pruner = asyncio.create_task(self._prune_loop(), name="audit-pruner")
         log.info(
@@ -214,9 +215,10 @@ class SQLiteAuditLog:
             self._pruner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pruner
-        if self._writer is not None:
+        if self._writer is not None and not self._writer.done():
             await self._queue.put(_STOP)
-            await self._writer
+            with contextlib.suppress(Exception):
+                await self._writer
         if self._db is not None and self._healthy:
             try:
                 await self.checkpoint("shutdown")
@@ -275,7 +277,7 @@ class SQLiteAuditLog:
     # -- writing -------------------------------------------------------------
 
     async def _submit(self, prep: Prepared, *, wait: bool) -> None:
-        if self._stopping or self._writer is None:
+        if self._stopping or self._writer is None or self._writer.done():
             raise AuditUnavailable("the audit log is not accepting records", rule="audit.durability")
         fut: asyncio.Future[None] | None = asyncio.get_running_loop().create_future() if wait else None
         item = _Item(prep, fut)
@@ -285,6 +287,21 @@ class SQLiteAuditLog:
         await self._queue.put(item)
         if fut is not None:
             await fut
+
+    def _writer_ended(self, task: asyncio.Task[None]) -> None:
+        """A writer that died of a bug must not leave requests waiting forever."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("audit: the writer task died", exc_info=task.exception())
+        self._healthy = False
+        err = AuditUnavailable("the audit log cannot be written", rule="audit.durability")
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if isinstance(item, _Item) and item.future is not None and not item.future.done():
+                item.future.set_exception(err)
 
     async def _run(self) -> None:
         q = self._queue
@@ -309,7 +326,14 @@ class SQLiteAuditLog:
                         break
                     batch.append(nxt)
             if batch:
-                await self._commit(batch)
+                try:
+                    await self._commit(batch)
+                except BaseException:
+                    err = AuditUnavailable("the audit log cannot be written", rule="audit.durability")
+                    for it in batch:
+                        if it.future is not None and not it.future.done():
+                            it.future.set_exception(err)
+                    raise
             if stop:
                 if self._retry:
                     await self._flush_retry(deadline=time.monotonic() + 5.0)

@@ -350,8 +350,24 @@ async def test_statement_by_statement_path_keeps_the_same_chain(make_log: LogFac
     fast = await make_log(path, durability="sync", checkpoint_every=6)
     slow = await make_log(path, durability="sync", checkpoint_every=6)
     slow.one_hop = False
-    await asyncio.gather(*(fast.record_exchange(make_exchange()) for _ in range(15)), *(slow.record_exchange(make_exchange()) for _ in range(15)))
+    await asyncio.gather(
+        *(fast.record_exchange(make_exchange()) for _ in range(15)), *(slow.record_exchange(make_exchange()) for _ in range(15))
+    )
     await fast.stop()
     await slow.stop()
     report = await verify_db(path)
     assert report.ok and report.records == 30 and report.checkpoints >= 2, report.render()
+
+
+async def test_a_dead_writer_fails_requests_instead_of_hanging(make_log: LogFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = await make_log(durability="sync")
+
+    async def boom(batch: object) -> None:
+        raise RuntimeError("bug in the writer")
+
+    monkeypatch.setattr(log, "_commit", boom)
+    with pytest.raises(AuditUnavailable):
+        await asyncio.wait_for(log.record_exchange(make_exchange()), 5)
+    assert not log.healthy
+    with pytest.raises(AuditUnavailable):
+        await log.record_exchange(make_exchange())
