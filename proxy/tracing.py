@@ -220,8 +220,8 @@ class Tracing:
         if self.capture and op == "chat":
             body = ex.body if isinstance(ex.body, dict) else {}
             a["gen_ai.input.messages"] = self._clip(orjson.dumps(_input_messages(body.get("messages"))).decode())
-            if ex.response_text is not None:
-                out = [{"role": "assistant", "parts": [{"type": "text", "content": ex.response_text}], "finish_reason": ex.finish_reasons[0] if ex.finish_reasons else None}]
+            out = _output_messages(ex)
+            if out:
                 a["gen_ai.output.messages"] = self._clip(orjson.dumps(out).decode())
         return a
 
@@ -363,6 +363,23 @@ def _turn_error(turn: UpstreamTurn) -> str | None:
         if needle in e:
             return kind
     return "_OTHER"
+
+
+def _output_messages(ex: Exchange) -> list[dict[str, Any]]:
+    """The answer (every choice, with tool calls) in the GenAI conventions' shape."""
+    rb = ex.response_body
+    choices = rb.get("choices") if isinstance(rb, dict) else None
+    if isinstance(choices, list) and choices:
+        out = []
+        for ch in choices:
+            if isinstance(ch, dict) and isinstance(ch.get("message"), dict):
+                (msg,) = _input_messages([ch["message"]])
+                msg["finish_reason"] = ch.get("finish_reason")
+                out.append(msg)
+        return out
+    if ex.response_text is not None:
+        return [{"role": "assistant", "parts": [{"type": "text", "content": ex.response_text}], "finish_reason": ex.finish_reasons[0] if ex.finish_reasons else None}]
+    return []
 
 
 def _input_messages(messages: Any) -> list[dict[str, Any]]:
