@@ -112,14 +112,20 @@ class _Writer:
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.stream_handler = logging.StreamHandler(stream)
         self.stream_handler.setFormatter(JSONFormatter())
+        self.queue_handler = _QueueHandler(self.queue)
         self.listener = logging.handlers.QueueListener(self.queue, self.stream_handler, respect_handler_level=False)
         self.listener.start()
         self.running = True
         atexit.register(self.stop)
 
     def stop(self) -> None:
+        """Write what is queued, then let later records (interpreter exit) go straight to the stream."""
         if self.running:
             self.running = False
+            root = logging.getLogger()
+            if self.queue_handler in root.handlers:
+                root.removeHandler(self.queue_handler)
+                root.addHandler(self.stream_handler)
             self.listener.stop()
             self.stream_handler.flush()
 
@@ -142,7 +148,7 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None, backgrou
     if background:
         w = _Writer(out)
         _writer.append(w)
-        handler = _QueueHandler(w.queue)
+        handler = w.queue_handler
     else:
         handler = logging.StreamHandler(out)
         handler.setFormatter(JSONFormatter())

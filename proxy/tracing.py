@@ -93,8 +93,12 @@ def _version() -> str:
 class Tracing:
     """The tracer of one Warden: a private TracerProvider (never the global one) and its exporter."""
 
-    def __init__(self, config: Config, exporter: SpanExporter | None = None) -> None:
-        """OTLP/HTTP export on a background thread, or ``exporter`` synchronously (tests)."""
+    def __init__(self, config: Config, exporter: SpanExporter | None = None, *, batch: bool | None = None) -> None:
+        """Export to the configured OTLP/HTTP endpoint, or to ``exporter`` (tests, benchmarks).
+
+        ``batch`` (default: only for OTLP) queues spans and exports them from
+        a background thread; otherwise each span is exported as it ends.
+        """
         cfg = config.tracing
         self.cfg = cfg
         self.capture = cfg.capture_content
@@ -112,9 +116,8 @@ class Tracing:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             exporter = OTLPSpanExporter(endpoint=cfg.endpoint, headers=_headers(cfg.headers_env), timeout=cfg.export_timeout_s)
-            self.provider.add_span_processor(BatchSpanProcessor(exporter))
-        else:
-            self.provider.add_span_processor(SimpleSpanProcessor(exporter))
+            batch = True if batch is None else batch
+        self.provider.add_span_processor(BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer("warden", version)
         self.propagator = TraceContextTextMapPropagator()
 

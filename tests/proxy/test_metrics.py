@@ -460,3 +460,17 @@ def test_alert_rules_fire_when_they_should_with_promtool(tmp_path: Path) -> None
     spec.write_text(yaml.safe_dump(tests))
     r = subprocess.run(["promtool", "test", "rules", str(spec)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_documented_config_sections_are_the_defaults() -> None:
+    import tomllib
+
+    from proxy.config import LoggingConfig, TracingConfig, load_config
+    from proxy.plugin import available_plugins
+
+    data = tomllib.loads((ROOT / "docs/observability.config.toml").read_text())
+    assert set(data) == {"metrics", "tracing", "logging"}
+    cfg = load_config({**data, "auth": {"mode": "none"}}, available_plugins())
+    assert (cfg.metrics, cfg.tracing, cfg.logging) == (MetricsConfig(), TracingConfig(), LoggingConfig())
+    for section, cls in (("metrics", MetricsConfig), ("tracing", TracingConfig), ("logging", LoggingConfig)):
+        assert set(data[section]) == set(cls.__dataclass_fields__), f"[{section}] documents every key"
