@@ -10,7 +10,6 @@ renders as a 502/504 OpenAI error naming the rule ``retrieval.embedder``).
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Protocol
 
 import aiohttp
@@ -102,7 +101,7 @@ class UpstreamEmbedder:
             async with session.post(self.url, data=payload, headers=headers, timeout=self.timeout) as resp:
                 body = await resp.read()
                 status = resp.status
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise EmbeddingTimeout(f"embeddings request to {self.url} timed out", rule="retrieval.embedder") from None
         except aiohttp.ClientError as e:
             raise EmbeddingError(f"embeddings request to {self.url} failed: {e.__class__.__name__}", rule="retrieval.embedder") from None

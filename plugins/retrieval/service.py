@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import orjson
@@ -40,13 +40,16 @@ import orjson
 from plugins.retrieval.acl import Acl, IndexedChunk, Reader
 from plugins.retrieval.chunking import approx_tokens, chunk_text, kind_for, parse_front_matter
 from plugins.retrieval.config import RetrievalConfig
-from plugins.retrieval.embed import Embedder
+from plugins.retrieval.embed import Embedder, UpstreamEmbedder
 from plugins.retrieval.fusion import rrf
-from plugins.retrieval.lexical import LexicalIndex
 from plugins.retrieval.inject import Hit, SearchResult, build_result
+from plugins.retrieval.lexical import LexicalIndex
 from plugins.retrieval.store import ChunkRow, DocumentRow, Store
 from plugins.retrieval.vector import VectorIndex
 from proxy.errors import BadRequest, PayloadTooLarge, ServiceUnavailable
+
+if TYPE_CHECKING:
+    from proxy.config import Config
 
 log = logging.getLogger("warden.retrieval")
 
@@ -548,7 +551,7 @@ class RetrievalService:
         result = build_result(query, self.cfg.mode, hits, top_k, max_tokens, debug)
         if debug:
             t = time.perf_counter()
-            result.excluded.extend(await self._acl_excluded(reader, query, qvec, names, result))
+            result.excluded.extend(await self._acl_excluded(reader, query, qvec, names, result, top_k))
             timings["debug_acl_ms"] = (time.perf_counter() - t) * 1000
         timings["total_ms"] = (time.perf_counter() - t0) * 1000
         result.timings = timings
@@ -578,7 +581,7 @@ class RetrievalService:
             timings["vector_ms"] = (time.perf_counter() - t) * 1000
         return lists, names, qvec
 
-    async def _acl_excluded(self, reader: Reader, query: str, qvec: np.ndarray | None, names: list[str], result: SearchResult) -> list[Hit]:
+    async def _acl_excluded(self, reader: Reader, query: str, qvec: np.ndarray | None, names: list[str], result: SearchResult, top_k: int) -> list[Hit]:
         """Debug only: readable-by-someone chunks that would rank above the cut but this reader may not read.
 
         The engines only search as some reader, so the tenant-wide ranking is
@@ -607,7 +610,7 @@ class RetrievalService:
                 merged[i].update(res)
         lists = [sorted(m.items(), key=lambda kv: (-kv[1], kv[0]))[:k] for m in merged]
         fused = rrf(lists, k, self.cfg.rrf_c) if len(lists) > 1 else [(cid, s, [r]) for r, (cid, s) in enumerate(lists[0] if lists else [], 1)]
-        cut = max((h.rank for h in result.hits), default=0) or self.cfg.top_k
+        cut = max([top_k, *(h.rank for h in result.hits)])
         rows = await self.store.fetch_chunks(reader.tenant, [cid for cid, _, _ in fused])
         out = []
         for rank, (cid, score, ranks) in enumerate(fused, start=1):
@@ -630,3 +633,20 @@ def witness(tenant: str, acl: Acl) -> Reader | None:
     for group in sorted(acl.allow_groups - acl.deny_groups):
         return Reader(tenant, probe, frozenset({group}))
     return None
+
+
+def build_service(cfg: RetrievalConfig, config: Config | None) -> RetrievalService:
+    """A service for ``[retrieval]``: paths relative to the config file, embedder from the upstream settings by default."""
+
+    def resolve(value: str) -> Path:
+        return config.resolve_path(value) if config is not None else Path(value)
+
+    embedder: Embedder | None = None
+    if cfg.embedder == "upstream":
+        base_url = cfg.embedding_base_url or (config.upstream.base_url if config is not None else "")
+        env = cfg.embedding_api_key_env or (config.upstream.api_key_env if config is not None else "")
+        key = os.environ.get(env) if env else None
+        if env and key is None:
+            log.warning("retrieval: the embeddings key variable %s is not set; calling %s without a key", env, base_url)
+        embedder = UpstreamEmbedder(base_url, key, cfg.embedding_model, cfg.embedding_dim or None, cfg.embedding_batch, cfg.embedding_timeout_s)
+    return RetrievalService(cfg, resolve(cfg.db), resolve(cfg.index_dir), embedder)
