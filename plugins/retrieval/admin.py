@@ -21,7 +21,7 @@ from aiohttp import web
 
 from plugins.retrieval.acl import Acl, Reader
 from plugins.retrieval.service import DocumentInput, RetrievalService
-from proxy.errors import BadRequest, NotFound
+from proxy.errors import BadRequest, Forbidden, NotFound
 from proxy.plugin import PluginContext
 
 ADMIN_KEY = "warden.admin"
@@ -58,6 +58,13 @@ def _actor(request: web.Request) -> dict[str, Any]:
     return summary() if callable(summary) else {"subject": "admin"}
 
 
+def _check_tenant(request: web.Request, tenant: str) -> None:
+    """An admin whose token names one tenant manages that tenant only ("*" = every tenant)."""
+    admin_tenant = getattr(request.get(ADMIN_KEY), "tenant", "*")
+    if admin_tenant not in ("*", tenant):
+        raise Forbidden(f"this admin may manage tenant {admin_tenant!r} only", rule="retrieval.admin_tenant")
+
+
 def parse_document(tenant: str, doc_id: str, data: dict[str, Any]) -> DocumentInput:
     """Validate a PUT body into a :class:`DocumentInput` (every refusal names the field)."""
     unknown = set(data) - _DOC_FIELDS
@@ -92,6 +99,7 @@ def register_admin_routes(ctx: PluginContext, svc: RetrievalService) -> None:
 
     async def put_document(request: web.Request) -> web.Response:
         tenant, doc_id = request.match_info["tenant"], request.match_info["doc_id"]
+        _check_tenant(request, tenant)
         doc = parse_document(tenant, doc_id, await _body(request))
         result = await svc.upsert(doc)
         await ctx.record_admin_action("retrieval.ingest", _actor(request), {
@@ -102,6 +110,7 @@ def register_admin_routes(ctx: PluginContext, svc: RetrievalService) -> None:
 
     async def delete_document(request: web.Request) -> web.Response:
         tenant, doc_id = request.match_info["tenant"], request.match_info["doc_id"]
+        _check_tenant(request, tenant)
         deleted = await svc.delete(tenant, doc_id)
         if not deleted:
             raise NotFound(f"no document {doc_id!r} in tenant {tenant!r}", rule="retrieval.documents")
@@ -112,6 +121,7 @@ def register_admin_routes(ctx: PluginContext, svc: RetrievalService) -> None:
         tenant = request.query.get("tenant")
         if not tenant:
             raise BadRequest("the 'tenant' query parameter is required", rule="retrieval.admin", param="tenant")
+        _check_tenant(request, tenant)
         try:
             limit = int(request.query.get("limit", "100"))
         except ValueError:
@@ -132,6 +142,7 @@ def register_admin_routes(ctx: PluginContext, svc: RetrievalService) -> None:
             raise BadRequest("'tenant' and 'user' are required", rule="retrieval.admin", param="tenant" if not tenant else "user")
         if not query.strip():
             raise BadRequest("'query' is required", rule="retrieval.admin", param="query")
+        _check_tenant(request, tenant)
         groups = data.get("groups", [])
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise BadRequest("'groups' must be a list of strings", rule="retrieval.admin", param="groups")
