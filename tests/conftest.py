@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.app import Warden
 from proxy.config import Config, load_config
+from proxy.plugin import available_plugins
 from proxy.testing import RunningWarden
 from tests.fakeprovider import FakeProvider
 
@@ -99,15 +100,16 @@ WardenFactory = Callable[..., Awaitable[RunningWarden]]
 async def warden_factory(base_config: dict[str, Any], tmp_path: Path) -> AsyncIterator[WardenFactory]:
     started: list[RunningWarden] = []
 
-    async def _start(overrides: dict[str, Any] | None = None, *, audit: Any = None, **kw: Any) -> RunningWarden:
+    async def _start(overrides: dict[str, Any] | None = None, *, audit: Any = None, plugin_classes: dict[str, Any] | None = None, **kw: Any) -> RunningWarden:
         data = deep_merge(base_config, overrides or {})
-        cfg: Config = load_config(data)
+        classes = {**available_plugins(), **(plugin_classes or {})}
+        cfg: Config = load_config(data, classes)
         cfg.base_dir = tmp_path
         if audit is None and cfg.audit.enabled:
             from proxy.audit.sqlite import build_audit
 
             audit = build_audit(cfg)
-        rw = await RunningWarden.start(Warden(cfg, audit=audit), **kw)
+        rw = await RunningWarden.start(Warden(cfg, classes, audit=audit), **kw)
         started.append(rw)
         return rw
 
