@@ -21,10 +21,10 @@ from aiohttp import web
 
 from plugins.retrieval.acl import Acl, Reader
 from plugins.retrieval.service import DocumentInput, RetrievalService
+from proxy.admin import admin_principal
 from proxy.errors import BadRequest, Forbidden, NotFound
 from proxy.plugin import PluginContext
 
-ADMIN_KEY = "warden.admin"
 _DOC_FIELDS = {"text", "title", "uri", "source", "updated_at", "labels", "acl", "kind"}
 _KINDS = ("markdown", "python", "source", "text")
 
@@ -53,14 +53,12 @@ def _str(data: dict[str, Any], key: str, default: str = "") -> str:
 
 
 def _actor(request: web.Request) -> dict[str, Any]:
-    admin = request.get(ADMIN_KEY)
-    summary = getattr(admin, "summary", None)
-    return summary() if callable(summary) else {"subject": "admin"}
+    return admin_principal(request).summary()
 
 
 def _check_tenant(request: web.Request, tenant: str) -> None:
     """An admin whose token names one tenant manages that tenant only ("*" = every tenant)."""
-    admin_tenant = getattr(request.get(ADMIN_KEY), "tenant", "*")
+    admin_tenant = admin_principal(request).tenant
     if admin_tenant not in ("*", tenant):
         raise Forbidden(f"this admin may manage tenant {admin_tenant!r} only", rule="retrieval.admin_tenant")
 

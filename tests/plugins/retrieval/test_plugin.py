@@ -40,11 +40,11 @@ def _system_messages(fake: FakeProvider) -> list[str]:
 async def test_context_injected_with_citations_header(rw: RunningWarden, fake: FakeProvider, token: Any) -> None:
     status, out = await _put(rw, "acme", "handbook/vacation.md", {
         "title": "Vacation policy", "text": "# Vacation\n\nEmployees get 25 vacation days per year.", "uri": "https://wiki/vacation",
-        "updated_at": "2026-01-02", "acl": {"allow_groups": ["staff"]},
+        "updated_at": "2026-01-02", "acl": {"allow_groups": ["staff"]}, "kind": "markdown",
     })
     assert status == 201 and out["status"] == "added"
     await _put(rw, "acme", "salaries", {"text": "Salary bands and vacation payouts.", "acl": {"allow_groups": ["hr"]}})
-    fake.push(Reply(content="You get 25 days [1]. See also [7]."))
+    fake.push(Reply(), Reply(content="You get 25 days [1]. See also [7]."))  # the first is taken by the query embedding
     client = _client(rw, token, groups=["staff"])
     raw = await client.chat.completions.with_raw_response.create(
         model="gpt-x", messages=[{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "How many vacation days do I get?"}])
