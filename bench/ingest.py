@@ -52,7 +52,7 @@ async def run(n: int, batch: int) -> None:
             rows.append((label, n, dt, n / dt))
         status = await svc.status()
         await svc.close()
-    print(f"| phase | documents | chunks | seconds | documents/s | goal |\n|---|---|---|---|---|---|")
+    print("| phase | documents | chunks | seconds | documents/s | goal |\n|---|---|---|---|---|---|")
     for label, docs, dt, rate in rows:
         print(f"| {label} | {docs} | {status['chunks']} | {dt:.2f} | {rate:.0f} | >= 200 |")
 

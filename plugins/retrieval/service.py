@@ -30,9 +30,8 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -44,61 +43,19 @@ from plugins.retrieval.embed import Embedder, UpstreamEmbedder
 from plugins.retrieval.fusion import rrf
 from plugins.retrieval.inject import Hit, SearchResult, build_result
 from plugins.retrieval.lexical import LexicalIndex
-from plugins.retrieval.store import ChunkRow, DocumentRow, Store
+from plugins.retrieval.store import ChunkRow, DocKind, DocumentInput, DocumentRow, Store, UpsertResult, check_key, index_text
 from plugins.retrieval.vector import VectorIndex
 from proxy.errors import BadRequest, PayloadTooLarge, ServiceUnavailable
+
+__all__ = ["DocumentInput", "IndexBusy", "RetrievalService", "UpsertResult", "build_service", "check_key", "index_text"]
 
 if TYPE_CHECKING:
     from proxy.config import Config
 
 log = logging.getLogger("warden.retrieval")
 
-DocKind = Literal["markdown", "python", "source", "text"]
-MAX_ID_CHARS = 512
-
-
-@dataclass
-class DocumentInput:
-    """A document to ingest.  ``kind`` picks the chunker (default: from ``uri``'s extension, else text)."""
-
-    tenant: str
-    doc_id: str
-    text: str
-    acl: Acl
-    title: str = ""
-    uri: str = ""
-    source: str = ""
-    updated_at: str | None = None
-    labels: list[str] = field(default_factory=list)
-    kind: DocKind | None = None
-
-
-@dataclass
-class UpsertResult:
-    tenant: str
-    doc_id: str
-    status: Literal["added", "replaced", "unchanged", "acl_updated", "metadata_updated"]
-    chunks: int
-    seq: int = 0
-
-
 class IndexBusy(ServiceUnavailable):
     """Another process owns the engines of this index directory."""
-
-
-def check_key(tenant: str, doc_id: str) -> None:
-    """Validate a (tenant, document id) pair; hostile ids are refused, never stored."""
-    for name, value in (("tenant", tenant), ("id", doc_id)):
-        if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
-            raise BadRequest(f"document {name} must be a non-empty string of at most {MAX_ID_CHARS} characters", rule="retrieval.document", param=name)
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-            raise BadRequest(f"document {name} must not contain control characters", rule="retrieval.document", param=name)
-
-
-def index_text(title: str, heading_path: list[str] | tuple[str, ...], text: str) -> str:
-    """What the engines index and embed for a chunk: title and heading path give the chunk its context."""
-    head = " > ".join([p for p in (title, *heading_path) if p])
-    return f"{head}\n{text}" if head else text
 
 
 class RetrievalService:

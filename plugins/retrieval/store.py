@@ -18,11 +18,14 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 import numpy as np
 import orjson
+
+from plugins.retrieval.acl import Acl
+from proxy.errors import BadRequest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -129,6 +132,50 @@ class Change:
     tenant: str
     doc_id: str
     op: str
+
+
+DocKind = Literal["markdown", "python", "source", "text"]
+MAX_ID_CHARS = 512
+
+
+@dataclass
+class DocumentInput:
+    """A document to ingest.  ``kind`` picks the chunker (default: from ``uri``'s extension, else text)."""
+
+    tenant: str
+    doc_id: str
+    text: str
+    acl: Acl
+    title: str = ""
+    uri: str = ""
+    source: str = ""
+    updated_at: str | None = None
+    labels: list[str] = field(default_factory=list)
+    kind: DocKind | None = None
+
+
+@dataclass
+class UpsertResult:
+    tenant: str
+    doc_id: str
+    status: Literal["added", "replaced", "unchanged", "acl_updated", "metadata_updated"]
+    chunks: int
+    seq: int = 0
+
+
+def check_key(tenant: str, doc_id: str) -> None:
+    """Validate a (tenant, document id) pair; hostile ids are refused, never stored."""
+    for name, value in (("tenant", tenant), ("id", doc_id)):
+        if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+            raise BadRequest(f"document {name} must be a non-empty string of at most {MAX_ID_CHARS} characters", rule="retrieval.document", param=name)
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise BadRequest(f"document {name} must not contain control characters", rule="retrieval.document", param=name)
+
+
+def index_text(title: str, heading_path: list[str] | tuple[str, ...], text: str) -> str:
+    """What the engines index and embed for a chunk: title and heading path give the chunk its context."""
+    head = " > ".join([p for p in (title, *heading_path) if p])
+    return f"{head}\n{text}" if head else text
 
 
 _DOC_COLS = "tenant, doc_id, source, uri, title, updated_at, content_hash, labels, acl, indexed_at, embedding_model, n_chunks, tokens, size"
