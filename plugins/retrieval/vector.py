@@ -329,10 +329,10 @@ class VectorIndex:
         dim: int,
         *,
         exact_max: int = 20_000,
-        graph_min_fraction: float = 0.05,
+        graph_min_fraction: float = 0.1,
         hnsw_m: int = 32,
-        ef_construction: int = 40,
-        ef_search: int = 128,
+        ef_construction: int = 80,
+        ef_search: int = 64,
         oversample: int = 4,
         compact_fraction: float = 0.3,
     ) -> None:
@@ -537,14 +537,13 @@ class VectorIndex:
         return faiss.rev_swig_ptr(storage.get_xb(), n * self.dim).reshape(n, self.dim)
 
     def _exact(self, classes: list[int], q: numpy.ndarray, k: int) -> tuple[numpy.ndarray, numpy.ndarray]:
-        arrays = [self._classes[c].ids_array() for c in classes]
-        ids = arrays[0] if len(arrays) == 1 else numpy.concatenate(arrays)
-        scores = self._matrix()[ids] @ q
-        if len(ids) > k:
-            part = numpy.argpartition(-scores, k - 1)[:k]
-            ids, scores = ids[part], scores[part]
-        order = numpy.argsort(-scores, kind="stable")
-        return ids[order], scores[order]
+        """Exact top-k over the allowed ids: a flat scan of the stored vectors restricted by a bitmap."""
+        params = faiss.SearchParameters()
+        bitmap = self._bitmap(classes)
+        params.sel = faiss.IDSelectorBitmap(len(self._chunk_ids), faiss.swig_ptr(bitmap))
+        scores, ids = faiss.downcast_index(self._graph.storage).search(q.reshape(1, -1), k, params=params)
+        keep = ids[0] >= 0
+        return ids[0][keep], scores[0][keep]
 
     def _bitmap(self, classes: list[int]) -> numpy.ndarray:
         key = frozenset(classes)
@@ -567,7 +566,7 @@ class VectorIndex:
         params.sel = selector
         fetch = min(size, k * self.oversample)
         fraction = size / max(live, 1)
-        params.efSearch = max(fetch, int(self.ef_search / min(1.0, max(fraction, 0.05)) ** 0.5))
+        params.efSearch = max(fetch, int(self.ef_search / min(1.0, max(fraction, 0.01))))
         scores, ids = self._graph.search(q.reshape(1, -1), fetch, params=params)
         keep = ids[0] >= 0
         ids, scores = ids[0][keep][:k], scores[0][keep][:k]
