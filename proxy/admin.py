@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from proxy.app import Warden
 
 log = logging.getLogger("warden.admin")
+# A typed request key (aiohttp warns about plain string keys); handlers read it through admin_principal().
 ADMIN_KEY: web.RequestKey[Principal] = web.RequestKey("warden.admin", Principal)
 
 

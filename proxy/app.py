@@ -112,7 +112,8 @@ class Warden:
             for plugin in self.chain.plugins:
                 sec = type(plugin).config_section
                 if sec is not None:
-                    await plugin.reload(new.plugin_sections.get(sec))
+                    extras = {name: new.plugin_sections.get(name) for name in type(plugin).extra_sections}
+                    await plugin.reload(new.plugin_sections.get(sec), **extras)
         except ConfigError as e:
             self.metrics.config_reloads.labels(result="refused").inc()
             log.error("config reload refused, the running config stays: %s", e)
