@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from deploy_helpers import Rendered, kustomizations, overlay_id, rendered_for
+
+from tests.deploy.deploy_helpers import Rendered, kustomizations, overlay_id, rendered_for
 
 
 @pytest.fixture(params=kustomizations(), ids=overlay_id)

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from deploy_helpers import DEPLOY, REPO, STATE_DIR
+
+from tests.deploy.deploy_helpers import DEPLOY, REPO, STATE_DIR
 
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"

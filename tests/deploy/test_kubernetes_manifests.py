@@ -10,7 +10,9 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
-from deploy_helpers import (
+
+from proxy.config import parse_hostport
+from tests.deploy.deploy_helpers import (
     DEPLOY,
     KUBERNETES,
     STATE_DIR,
@@ -22,8 +24,6 @@ from deploy_helpers import (
     kustomizations,
     rendered_for,
 )
-
-from proxy.config import parse_hostport
 
 # The oldest Kubernetes the manifests support (native sidecars are on by
 # default since 1.29; the preStop sleep action since 1.30) and the newest
