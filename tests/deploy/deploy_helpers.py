@@ -7,11 +7,12 @@ skipped on a developer machine, with the reason printed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +164,93 @@ def container_port(container: dict[str, Any], port: int | str) -> int:
 
 def all_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
     return [*pod.get("initContainers", []), *pod.get("containers", [])]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write a config back as TOML: top-level tables, arrays of tables one level down."""
+    out: list[str] = []
+    for section, table in data.items():
+        scalars = {k: v for k, v in table.items() if not (isinstance(v, list) and v and all(isinstance(x, dict) for x in v))}
+        out.append(f"[{section}]")
+        out += [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in scalars.items()]
+        out.append("")
+        for k, v in table.items():
+            if k not in scalars:
+                for item in v:
+                    out.append(f"[[{section}.{k}]]")
+                    out += [f"{json.dumps(ik)} = {_toml_value(iv)}" for ik, iv in item.items()]
+                    out.append("")
+    return "\n".join(out)
+
+
+@dataclass
+class Instruction:
+    keyword: str
+    args: str
+    line: int
+
+    def exec_form(self) -> list[str]:
+        value = json.loads(self.args)
+        assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"line {self.line}: not exec form"
+        return value
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+
+def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
+    """Instructions of a Dockerfile (line continuations joined, comments dropped)."""
+    logical: list[tuple[int, str]] = []
+    buf, start = "", 0
+    for n, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if not buf and (not stripped or stripped.startswith("#")):
+            continue
+        if buf and stripped.startswith("#"):
+            continue
+        if not buf:
+            start = n
+        if stripped.endswith("\\"):
+            buf += stripped[:-1] + " "
+            continue
+        logical.append((start, buf + stripped))
+        buf = ""
+    assert not buf, "Dockerfile ends inside a line continuation"
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for n, line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword, args = keyword.upper(), args.strip()
+        if keyword == "FROM":
+            parts = [p for p in args.split() if not p.startswith("--")]
+            base = parts[0]
+            name = parts[2] if len(parts) >= 3 and parts[1].lower() == "as" else None
+            stages.append(Stage(base, name))
+        elif not stages:
+            assert keyword == "ARG", f"line {n}: only ARG may come before the first FROM"
+            k, _, v = args.partition("=")
+            global_args[k] = v
+        else:
+            stages[-1].instructions.append(Instruction(keyword, args, n))
+    return global_args, stages

@@ -16,12 +16,11 @@ import subprocess
 import sys
 import tomllib
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.deploy.deploy_helpers import DEPLOY, REPO, STATE_DIR
+from tests.deploy.deploy_helpers import DEPLOY, REPO, STATE_DIR, Stage, parse_dockerfile
 
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
@@ -30,68 +29,9 @@ BUILD_TOOLS = re.compile(
 )
 
 
-@dataclass
-class Instruction:
-    keyword: str
-    args: str
-    line: int
-
-    def exec_form(self) -> list[str]:
-        value = json.loads(self.args)
-        assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"line {self.line}: not exec form"
-        return value
-
-
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    instructions: list[Instruction] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[Instruction]:
-        return [i for i in self.instructions if i.keyword == keyword]
-
-
-def parse(text: str) -> tuple[dict[str, str], list[Stage]]:
-    """Instructions of a Dockerfile (line continuations joined, comments dropped)."""
-    logical: list[tuple[int, str]] = []
-    buf, start = "", 0
-    for n, raw in enumerate(text.splitlines(), 1):
-        stripped = raw.strip()
-        if not buf and (not stripped or stripped.startswith("#")):
-            continue
-        if buf and stripped.startswith("#"):
-            continue
-        if not buf:
-            start = n
-        if stripped.endswith("\\"):
-            buf += stripped[:-1] + " "
-            continue
-        logical.append((start, buf + stripped))
-        buf = ""
-    assert not buf, "Dockerfile ends inside a line continuation"
-    global_args: dict[str, str] = {}
-    stages: list[Stage] = []
-    for n, line in logical:
-        keyword, _, args = line.partition(" ")
-        keyword, args = keyword.upper(), args.strip()
-        if keyword == "FROM":
-            parts = [p for p in args.split() if not p.startswith("--")]
-            base = parts[0]
-            name = parts[2] if len(parts) >= 3 and parts[1].lower() == "as" else None
-            stages.append(Stage(base, name))
-        elif not stages:
-            assert keyword == "ARG", f"line {n}: only ARG may come before the first FROM"
-            k, _, v = args.partition("=")
-            global_args[k] = v
-        else:
-            stages[-1].instructions.append(Instruction(keyword, args, n))
-    return global_args, stages
-
-
 @pytest.fixture(scope="module")
 def dockerfile() -> tuple[dict[str, str], list[Stage]]:
-    return parse(DOCKERFILE.read_text())
+    return parse_dockerfile(DOCKERFILE.read_text())
 
 
 def resolve(image: str, args: dict[str, str]) -> str:
