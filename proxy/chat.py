@@ -107,9 +107,11 @@ async def _non_stream(w: Warden, request: web.Request, ex: Exchange) -> web.Stre
         add_usage(ex, resp.get("usage"))
         if isinstance(resp.get("model"), str):
             ex.response_model = resp["model"]
-        choices = resp.get("choices") if isinstance(resp.get("choices"), list) else []
-        first = choices[0] if choices and isinstance(choices[0], dict) else {}
-        message = first.get("message") if isinstance(first.get("message"), dict) else {}
+        raw_choices = resp.get("choices")
+        choices: list[Any] = raw_choices if isinstance(raw_choices, list) else []
+        first: dict[str, Any] = choices[0] if choices and isinstance(choices[0], dict) else {}
+        raw_message = first.get("message")
+        message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
         calls = tooling.calls_from_message(message) if judging else []
         if calls:
             decisions = await tooling.judge(w.chain, ex, calls, len(ex.turns) - 1)

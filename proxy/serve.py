@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import signal
-from pathlib import Path
 
 from aiohttp import web
 
@@ -56,7 +55,7 @@ def build_warden(config: Config) -> Warden:
     return Warden(config, audit=audit)
 
 
-async def run(config: Config, *, ready_file: str | None = None, watch_interval_s: float = 2.0) -> int:
+async def run(config: Config, *, watch_interval_s: float = 2.0) -> int:
     w = build_warden(config)
     await w.start()
     host, port = parse_hostport(config.server.listen, "server.listen")
@@ -68,8 +67,6 @@ async def run(config: Config, *, ready_file: str | None = None, watch_interval_s
     await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
     await web.TCPSite(data_runner, host, port, reuse_address=True, backlog=1024).start()
     log.info("warden listening", extra={"listen": config.server.listen, "admin_listen": config.server.admin_listen, "upstream": config.upstream.base_url})
-    if ready_file:
-        Path(ready_file).write_text(f"{host}:{port} {ahost}:{aport}\n")
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -124,7 +124,7 @@ class Upstream:
                 if resp.status in RETRY_STATUSES and attempts <= self.cfg.max_retries:
                     resp.release()
                 else:
-                    return UpstreamResponse(resp.status, resp.headers.copy(), resp, attempts)  # type: ignore[arg-type]
+                    return UpstreamResponse(resp.status, resp.headers.copy(), resp, attempts)
             await asyncio.sleep(delay)
             delay *= 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -140,7 +141,7 @@ async def test_cache_never_serves_past_exp(auth: Authenticator, rsa_keys: Keys) 
     token = make_token(rsa_keys, exp_in=1)
     assert (await auth.authenticate(f"Bearer {token}")).subject == "alice"
     assert len(auth._cache) == 1
-    time.sleep(1.1)
+    await asyncio.sleep(1.1)
     await _refused(auth, token, "auth.exp")
 
 
