@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tomllib
@@ -35,13 +36,33 @@ def overlay_id(path: Path) -> str:
     return str(path.relative_to(KUBERNETES))
 
 
+MIN_KUSTOMIZE = (5, 0)
+
+
+def _unavailable(msg: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+_kubectl: str | None = None
+
+
 def kubectl() -> str:
+    """kubectl with kustomize >= 5 (the kustomization syntax used here), checked once."""
+    global _kubectl
+    if _kubectl is not None:
+        return _kubectl
     exe = shutil.which("kubectl")
     if exe is None:
-        msg = "kubectl (with its built-in kustomize) is needed to render deploy/kubernetes; see docs/deploy.md"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        _unavailable("kubectl (with its built-in kustomize >= 5) is needed to render deploy/kubernetes; see docs/deploy.md")
+        raise AssertionError("unreachable")
+    proc = subprocess.run([exe, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=30)
+    version = json.loads(proc.stdout or "{}").get("kustomizeVersion", "") if proc.returncode == 0 else ""
+    digits = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if len(digits) < 2 or digits < MIN_KUSTOMIZE:
+        _unavailable(f"{exe} bundles kustomize {version or 'of unknown version'}; deploy/kubernetes needs kustomize >= 5 (kubectl >= 1.27)")
+    _kubectl = exe
     return exe
 
 
