@@ -28,8 +28,12 @@ STATE_DIR = "/var/lib/warden"
 
 
 def kustomizations() -> list[Path]:
-    """Every directory under deploy/kubernetes that holds a kustomization."""
-    return sorted(p.parent for p in KUBERNETES.rglob("kustomization.yaml"))
+    """Every directory under deploy/kubernetes that holds a buildable kustomization (not a Component)."""
+    found = []
+    for p in KUBERNETES.rglob("kustomization.yaml"):
+        if yaml.safe_load(p.read_text()).get("kind", "Kustomization") == "Kustomization":
+            found.append(p.parent)
+    return sorted(found)
 
 
 def overlay_id(path: Path) -> str:

@@ -39,12 +39,17 @@ WARDEN_SECRETS = {"warden-provider", "warden-jwt", "warden-audit", "warden-admin
 def test_every_overlay_is_covered() -> None:
     names = {str(p.relative_to(KUBERNETES)) for p in kustomizations()}
     assert {"base", "overlays/sidecar", "overlays/scale-out"} <= names
+    assert "components/prometheus-operator" not in names, "a Component is rendered through the overlays that use it"
 
 
 def test_renders_the_expected_objects(rendered: Rendered) -> None:
     kinds = sorted({o["kind"] for o in rendered.objects})
-    for kind in ("ConfigMap", "Deployment", "NetworkPolicy", "Service", "ServiceAccount", "ServiceMonitor"):
+    for kind in ("ConfigMap", "Deployment", "NetworkPolicy", "Service", "ServiceAccount"):
         assert kind in kinds, f"{rendered.name} renders no {kind}"
+    if rendered.name.startswith("overlays/"):
+        assert "ServiceMonitor" in kinds, f"{rendered.name}: the example overlays include the prometheus-operator component"
+    else:
+        assert "ServiceMonitor" not in kinds, "the base must apply on clusters without the Prometheus Operator"
     names = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in rendered.objects]
     assert len(names) == len(set(names)), "duplicate objects"
 
@@ -142,6 +147,9 @@ def _seconds(duration: str) -> int:
 
 
 def test_servicemonitor_is_structurally_valid(rendered: Rendered) -> None:
+    if not rendered.of_kind("ServiceMonitor"):
+        assert rendered.name == "base"
+        return
     sm = rendered.one("ServiceMonitor")
     jsonschema.validate(sm, SERVICEMONITOR_SCHEMA)
     svc = rendered.one("Service", "warden-metrics")
