@@ -135,7 +135,7 @@ def rendered_for(path: Path) -> Rendered:
 # once installed, load_config validates them like everything else.  Any
 # other unknown section or plugin name fails the tests.
 PENDING_PLUGINS: dict[str, tuple[str, ...]] = {
-    "ratelimit": ("limits",),
+    "limits": ("limits",),
     "tools": ("policy", "tools"),
     "retrieval": ("retrieval",),
 }
