@@ -132,9 +132,19 @@ def adapt_deploy_config(root: Path, fake: FakeProvider) -> Adapted:
     (root / "state").mkdir(mode=0o750)
     etc = root / "etc" / "warden"
     etc.mkdir(parents=True)
-    path = etc / "config.toml"
-    path.write_text(dump_toml(data))
-    return Adapted(path, data, port, admin_port, set_aside)
+    configmap_publish(etc, "..2026_01_01_00_00_00.000000001", dump_toml(data))
+    (etc / "config.toml").symlink_to("..data/config.toml")
+    return Adapted(etc / "config.toml", data, port, admin_port, set_aside)
+
+
+def configmap_publish(etc: Path, version: str, text: str) -> None:
+    """Publish config.toml the way the kubelet updates a ConfigMap volume: a new
+    timestamped directory, then an atomic rename of the ``..data`` symlink."""
+    (etc / version).mkdir()
+    (etc / version / "config.toml").write_text(text)
+    tmp = etc / "..data_tmp"
+    tmp.symlink_to(version)
+    os.replace(tmp, etc / "..data")
 
 
 def write_secrets(root: Path, keys: Keys, data: dict[str, Any]) -> None:
@@ -243,7 +253,7 @@ async def test_probes_and_metrics_on_the_admin_port(served: Served, fake: FakePr
 def _written_outside_state(served: Served) -> list[str]:
     etc = served.adapted.path.parent
     secrets_dir = served.state.parent / "secrets"
-    found = [str(p) for p in etc.iterdir() if p.name != "config.toml"]
+    found = [str(p) for p in etc.rglob("*") if p.name not in ("config.toml", "..data") and not p.name.startswith("..2026")]
     found += [str(p) for p in secrets_dir.rglob("*") if p.is_file() and p.name not in ("public.pem", "signing.key")]
     return found
 
@@ -291,6 +301,49 @@ async def test_sigterm_turns_readiness_false_before_exit(served: Served, fake: F
         rest = await resp.content.read()
         assert b"w11" in rest and rest.rstrip().endswith(b"data: [DONE]"), "the open stream finished during the drain"
     assert await asyncio.wait_for(served.proc.wait(), 15) == 0, served.output()
+
+
+async def _metric(session: aiohttp.ClientSession, served: Served, line_prefix: str) -> float:
+    async with session.get(f"{served.admin}/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith(line_prefix):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_configmap_update_reloads_in_place(served: Served, rsa_keys: Keys) -> None:
+    """A ConfigMap update (symlink swap in the read-only config mount) reloads plugin
+    sections without a restart; an invalid update is refused and the old config stays."""
+    etc = served.adapted.path.parent
+    h = {"Authorization": f"Bearer {make_token(rsa_keys)}"}
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}]}
+    applied = 'warden_config_reloads_total{result="applied"}'
+    refused = 'warden_config_reloads_total{result="refused"}'
+
+    async def header(s: aiohttp.ClientSession) -> str | None:
+        async with s.post(f"{served.base}/chat/completions", json=body, headers=h) as r:
+            assert r.status == 200
+            return r.headers.get("x-deploy-config")
+
+    async def wait_for(s: aiohttp.ClientSession, prefix: str, value: float) -> None:
+        for _ in range(100):
+            if await _metric(s, served, prefix) >= value:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{prefix} never reached {value}:\n{served.output()}")
+
+    async with aiohttp.ClientSession() as s:
+        assert await header(s) is None
+        data = {**served.adapted.data, "headers": {"add": {"x-deploy-config": "two"}}}
+        await asyncio.to_thread(configmap_publish, etc, "..2026_01_01_00_00_01.000000001", dump_toml(data))
+        await wait_for(s, applied, 1)
+        assert await header(s) == "two"
+        bad = {**data, "server": {**data["server"], "no_such_key": 1}}
+        await asyncio.to_thread(configmap_publish, etc, "..2026_01_01_00_00_02.000000001", dump_toml(bad))
+        await wait_for(s, refused, 1)
+        assert await header(s) == "two", "the running config stays after a refused update"
+        assert served.proc.returncode is None
+    assert "config reload refused" in served.output() and "no_such_key" in served.output()
 
 
 @pytest.mark.skipif(not READ_ONLY_ROOT, reason="user and mount namespaces (unshare) are not available here")
