@@ -103,9 +103,9 @@ class Warden:
         there is reported, not applied.
         """
         source = path or self.config.path
-        if source is None:
-            raise ConfigError("<file>", "this server was not started from a config file")
         try:
+            if source is None:
+                raise ConfigError("<file>", "this server was not started from a config file")
             new = load_config(source, self.plugin_classes)
             if new.plugins.enabled != self.config.plugins.enabled:
                 raise ConfigError("plugins.enabled", "changing the plugin list needs a restart")
@@ -143,18 +143,19 @@ class Warden:
     # -- per request ---------------------------------------------------------------
 
     def new_exchange(self, request: web.Request, route: str) -> Exchange:
+        rand = os.urandom(36).hex()
         rid = request.headers.get("x-request-id")
         if rid is None or not _REQUEST_ID.match(rid):
-            rid = "req_" + os.urandom(12).hex()
+            rid = "req_" + rand[:24]
         ex = Exchange(request_id=rid, route=route, method=request.method, path=request.path)
         tp = request.headers.get("traceparent")
         m = _TRACEPARENT.match(tp) if tp else None
         if m and m.group(1) != "ff" and m.group(2) != "0" * 32 and m.group(3) != "0" * 16:
             ex.trace_id = m.group(2)
-            ex.traceparent = f"00-{ex.trace_id}-{os.urandom(8).hex()}-{m.group(4)}"
+            ex.traceparent = f"00-{ex.trace_id}-{rand[24:40]}-{m.group(4)}"
         else:
-            ex.trace_id = os.urandom(16).hex()
-            ex.traceparent = f"00-{ex.trace_id}-{os.urandom(8).hex()}-01"
+            ex.trace_id = rand[40:72]
+            ex.traceparent = f"00-{ex.trace_id}-{rand[24:40]}-01"
         ex.client_ip = request.remote
         return ex
 

@@ -154,8 +154,9 @@ def _observe(w: Warden, ex: Exchange, resp: web.StreamResponse | None) -> None:
     total = end - ex.started
     status = ex.status or (resp.status if resp is not None else 500)
     model = m.model_label(ex.model)
-    m.requests.labels(route=ex.route, model=model, status_class=f"{status // 100}xx").inc()
-    m.request_duration.labels(route=ex.route, model=model, stream="true" if ex.stream else "false").observe(total)
+    requests, duration, overhead = m.request_children(ex.route, model, f"{status // 100}xx", ex.stream)
+    requests.inc()
+    duration.observe(total)
     upstream = 0.0
     for t in ex.turns:
         if t.duration_s is not None:
@@ -167,9 +168,9 @@ def _observe(w: Warden, ex: Exchange, resp: web.StreamResponse | None) -> None:
         if ttft is not None:
             m.ttft.labels(model=model).observe(ttft)
             first = ex.turns[0].ttft_s if ex.turns and ex.turns[0].ttft_s is not None else ttft
-            m.overhead.labels(route=ex.route).observe(max(ttft - first, 0.0))
+            overhead.observe(max(ttft - first, 0.0))
     else:
-        m.overhead.labels(route=ex.route).observe(max(total - upstream, 0.0))
+        overhead.observe(max(total - upstream, 0.0))
     if ex.usage:
         for kind, key in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
             v = ex.usage.get(key)

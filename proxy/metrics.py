@@ -7,6 +7,8 @@ list, else ``other``), status class, stream.  Never a user or request id.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from proxy.config import MetricsConfig
@@ -24,6 +26,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._models = frozenset(cfg.models)
         self._seen: set[str] = set()
+        self._children: dict[tuple[str, str, str, bool], tuple[Any, Any, Any]] = {}
         r = self.registry
         self.requests = Counter("warden_requests", "Requests handled, by route, model and status class.", ["route", "model", "status_class"], registry=r)
         self.request_duration = Histogram(
@@ -47,6 +50,19 @@ class Metrics:
         self.audit_records = Counter("warden_audit_records", "Audit records written.", ["kind"], registry=r)
         self.audit_write_failures = Counter("warden_audit_write_failures", "Audit records that could not be written.", registry=r)
         self.config_reloads = Counter("warden_config_reloads", "Configuration reloads, by result.", ["result"], registry=r)
+
+    def request_children(self, route: str, model: str, status_class: str, stream: bool) -> tuple[Any, Any, Any]:
+        """The labelled children for one request shape, cached (``labels()`` is slow on the hot path)."""
+        key = (route, model, status_class, stream)
+        hit = self._children.get(key)
+        if hit is None:
+            hit = (
+                self.requests.labels(route=route, model=model, status_class=status_class),
+                self.request_duration.labels(route=route, model=model, stream="true" if stream else "false"),
+                self.overhead.labels(route=route),
+            )
+            self._children[key] = hit
+        return hit
 
     def model_label(self, model: str | None) -> str:
         """``model`` if configured (or, with no list, among the first 32 seen), else ``other``."""
