@@ -44,7 +44,7 @@ async def test_context_injected_with_citations_header(rw: RunningWarden, fake: F
     })
     assert status == 201 and out["status"] == "added"
     await _put(rw, "acme", "salaries", {"text": "Salary bands and vacation payouts.", "acl": {"allow_groups": ["hr"]}})
-    fake.push(Reply(), Reply(content="You get 25 days [1]. See also [7]."))  # the first is taken by the query embedding
+    fake.push(Reply(content="You get 25 days [1]. See also [7]."))
     client = _client(rw, token, groups=["staff"])
     raw = await client.chat.completions.with_raw_response.create(
         model="gpt-x", messages=[{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "How many vacation days do I get?"}])
@@ -105,7 +105,7 @@ async def test_admin_api_validation_list_status_search_delete(rw: RunningWarden,
 
 async def test_embedder_down_forwards_without_context(rw: RunningWarden, fake: FakeProvider, token: Any) -> None:
     await _put(rw, "acme", "doc", {"text": "The office opens at nine.", "acl": {"public": True}})
-    fake.push(Reply(status=503, error="embeddings down"))
+    fake.push_embedding(Reply(status=503, error="embeddings down"))
     client = _client(rw, token)
     out = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "office hours?"}])
     assert out.choices[0].message.content
