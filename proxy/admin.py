@@ -4,7 +4,7 @@
 are open, so kubelets and Prometheus can reach them.  Everything under
 ``/admin/`` needs an admin: a JWT with the configured admin scope (verified
 like any caller's token), or the bootstrap token from the environment variable
-``[admin] token_env``.  Handlers find the admin at ``request["warden.admin"]``.
+``[admin] token_env``.  Handlers get the admin with :func:`admin_principal`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ if TYPE_CHECKING:
     from proxy.app import Warden
 
 log = logging.getLogger("warden.admin")
-ADMIN_KEY = "warden.admin"
+# A typed request key (aiohttp warns about plain string keys); handlers read it through admin_principal().
+ADMIN_KEY: web.RequestKey[Principal] = web.RequestKey("warden.admin", Principal)
 
 
 def admin_principal(request: web.Request) -> Principal:
     """The authenticated admin of this request."""
-    p: Principal = request[ADMIN_KEY]
-    return p
+    return request[ADMIN_KEY]
 
 
 def json_response(data: object, status: int = 200) -> web.Response:

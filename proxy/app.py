@@ -116,16 +116,17 @@ class Warden:
         there is reported, not applied.
         """
         source = path or self.config.path
-        if source is None:
-            raise ConfigError("<file>", "this server was not started from a config file")
         try:
+            if source is None:
+                raise ConfigError("<file>", "this server was not started from a config file")
             new = load_config(source, self.plugin_classes)
             if new.plugins.enabled != self.config.plugins.enabled:
                 raise ConfigError("plugins.enabled", "changing the plugin list needs a restart")
             for plugin in self.chain.plugins:
                 sec = type(plugin).config_section
                 if sec is not None:
-                    await plugin.reload(new.plugin_sections.get(sec))
+                    extras = {name: new.plugin_sections.get(name) for name in type(plugin).extra_sections}
+                    await plugin.reload(new.plugin_sections.get(sec), **extras)
         except ConfigError as e:
             self.metrics.config_reloads.labels(result="refused").inc()
             log.error("config reload refused, the running config stays: %s", e)
