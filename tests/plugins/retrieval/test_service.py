@@ -273,7 +273,7 @@ async def test_debug_view_names_acl_exclusions_without_text(service_factory: Ser
 
 async def test_embedder_failure_is_a_clear_error(service_factory: ServiceFactory, embed_provider: FakeProvider) -> None:
     svc = await service_factory()
-    embed_provider.push(Reply(status=500, error="overloaded"))
+    embed_provider.push_embedding(Reply(status=500, error="overloaded"))
     with pytest.raises(EmbeddingError, match="HTTP 500: overloaded"):
         await svc.upsert(DocumentInput("acme", "a", "text", PUBLIC))
     assert await svc.store.get_document("acme", "a") is None
