@@ -182,7 +182,7 @@ class RetrievalService:
                 await self._rebuild_engine_locked("vector")
 
     async def _all_doc_keys(self) -> list[tuple[str, str]]:
-        async with self.store.r.execute("SELECT tenant, doc_id FROM documents") as cur:
+        async with self.store.read("SELECT tenant, doc_id FROM documents") as cur:
             return [(r[0], r[1]) for r in await cur.fetchall()]
 
     async def _record_dim(self) -> None:
@@ -340,7 +340,7 @@ class RetrievalService:
         lagging = {name: a for name, a in applied.items() if a < max_seq}
         if not lagging:
             return 0
-        async with self.store.r.execute("SELECT min(seq) FROM changes") as cur:
+        async with self.store.read("SELECT min(seq) FROM changes") as cur:
             row = await cur.fetchone()
         min_logged = row[0] if row and row[0] is not None else max_seq + 1
         applied_count = 0
@@ -547,7 +547,7 @@ class RetrievalService:
         BM25 and inner-product scores do not depend on the reader, so merging
         their lists by score gives the unfiltered ranking.
         """
-        async with self.store.r.execute("SELECT DISTINCT acl FROM documents WHERE tenant = ? LIMIT 64", (reader.tenant,)) as cur:
+        async with self.store.read("SELECT DISTINCT acl FROM documents WHERE tenant = ? LIMIT 64", (reader.tenant,)) as cur:
             acl_rows = [r[0] for r in await cur.fetchall()]
         witnesses: set[Reader] = set()
         for raw in acl_rows:

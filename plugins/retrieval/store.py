@@ -14,6 +14,7 @@ the caller passing the right chunk ids.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -201,6 +202,21 @@ def vector_blob(v: np.ndarray | None) -> bytes | None:
     return None if v is None else np.ascontiguousarray(v, dtype=np.float32).tobytes()
 
 
+class _Rows:
+    """Rows already fetched, with the cursor methods the readers use."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: list[Any]) -> None:
+        self._rows = rows
+
+    async def fetchall(self) -> list[Any]:
+        return self._rows
+
+    async def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+
 class Store:
     """Async access to the retrieval database (open with :meth:`open`)."""
 
@@ -239,10 +255,23 @@ class Store:
             raise RuntimeError("store is not open")
         return self._r
 
+    @contextlib.asynccontextmanager
+    async def read(self, sql: str, params: Iterable[Any] = ()) -> AsyncIterator[_Rows]:
+        """Run one query on the reader connection to completion, in one step.
+
+        A cursor left open between ``execute`` and ``fetch`` keeps a read
+        transaction (an old WAL snapshot) open on the shared reader connection,
+        and every statement interleaved from another task would then miss what
+        the writer committed meanwhile.  Fetching in the same thread call closes
+        that window.
+        """
+        rows = await self.r.execute_fetchall(sql, tuple(params))
+        yield _Rows(list(rows))
+
     # -- reads -----------------------------------------------------------
 
     async def get_document(self, tenant: str, doc_id: str) -> DocumentRow | None:
-        async with self.r.execute(f"SELECT {_DOC_COLS} FROM documents WHERE tenant = ? AND doc_id = ?", (tenant, doc_id)) as cur:
+        async with self.read(f"SELECT {_DOC_COLS} FROM documents WHERE tenant = ? AND doc_id = ?", (tenant, doc_id)) as cur:
             row = await cur.fetchone()
         return None if row is None else _doc(row)
 
@@ -252,7 +281,7 @@ class Store:
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
             q = f"SELECT {_DOC_COLS} FROM documents WHERE tenant = ? AND doc_id IN ({','.join('?' * len(part))})"
-            async with self.r.execute(q, (tenant, *part)) as cur:
+            async with self.read(q, (tenant, *part)) as cur:
                 for row in await cur.fetchall():
                     out[row[1]] = _doc(row)
         return out
@@ -266,7 +295,7 @@ class Store:
             params += [len(source_prefix), source_prefix]
         q += " ORDER BY doc_id LIMIT ?"
         params.append(limit)
-        async with self.r.execute(q, params) as cur:
+        async with self.read(q, params) as cur:
             return [_doc(row) for row in await cur.fetchall()]
 
     async def chunks_of(self, keys: Iterable[tuple[str, str]], with_vector: bool = True) -> dict[tuple[str, str], list[ChunkRow]]:
@@ -275,7 +304,7 @@ class Store:
         vec = ", vector" if with_vector else ", NULL"
         for tenant, doc_id in keys:
             q = f"SELECT {_CHUNK_COLS}{vec} FROM chunks WHERE tenant = ? AND doc_id = ? ORDER BY n"
-            async with self.r.execute(q, (tenant, doc_id)) as cur:
+            async with self.read(q, (tenant, doc_id)) as cur:
                 out[(tenant, doc_id)] = [_chunk(row, with_vector) for row in await cur.fetchall()]
         return out
 
@@ -290,7 +319,7 @@ class Store:
                 f"SELECT {cols}, NULL, {dcols} FROM chunks c JOIN documents d ON d.tenant = c.tenant AND d.doc_id = c.doc_id "
                 f"WHERE c.tenant = ? AND c.chunk_id IN ({','.join('?' * len(part))})"
             )
-            async with self.r.execute(q, (tenant, *part)) as cur:
+            async with self.read(q, (tenant, *part)) as cur:
                 for row in await cur.fetchall():
                     out[row[0]] = (_chunk(row[:12], False), _doc(row[12:]))
         return out
@@ -300,7 +329,7 @@ class Store:
         last = ""
         vec = ", vector" if with_vector else ", NULL"
         while True:
-            async with self.r.execute(f"SELECT {_CHUNK_COLS}{vec} FROM chunks WHERE chunk_id > ? ORDER BY chunk_id LIMIT ?", (last, batch)) as cur:
+            async with self.read(f"SELECT {_CHUNK_COLS}{vec} FROM chunks WHERE chunk_id > ? ORDER BY chunk_id LIMIT ?", (last, batch)) as cur:
                 rows = [_chunk(row, with_vector) for row in await cur.fetchall()]
             if not rows:
                 return
@@ -315,41 +344,41 @@ class Store:
             yield rows, acls
 
     async def changes_after(self, seq: int) -> list[Change]:
-        async with self.r.execute("SELECT seq, tenant, doc_id, op FROM changes WHERE seq > ? ORDER BY seq", (seq,)) as cur:
+        async with self.read("SELECT seq, tenant, doc_id, op FROM changes WHERE seq > ? ORDER BY seq", (seq,)) as cur:
             return [Change(*row) for row in await cur.fetchall()]
 
     async def max_seq(self) -> int:
-        async with self.r.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'") as cur:
+        async with self.read("SELECT seq FROM sqlite_sequence WHERE name = 'changes'") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
     async def applied(self, engine: str) -> int:
-        async with self.r.execute("SELECT applied_seq FROM engines WHERE name = ?", (engine,)) as cur:
+        async with self.read("SELECT applied_seq FROM engines WHERE name = ?", (engine,)) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
     async def engine_states(self) -> dict[str, dict[str, float]]:
-        async with self.r.execute("SELECT name, applied_seq, updated_at FROM engines") as cur:
+        async with self.read("SELECT name, applied_seq, updated_at FROM engines") as cur:
             return {row[0]: {"applied_seq": row[1], "updated_at": row[2]} for row in await cur.fetchall()}
 
     async def get_meta(self, key: str) -> str | None:
-        async with self.r.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
+        async with self.read("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
             row = await cur.fetchone()
         return None if row is None else str(row[0])
 
     async def counts(self, tenant: str | None = None) -> dict[str, Any]:
         """Documents, chunks, vectors, last ingest and oldest source update (one tenant or all)."""
         where, params = ("WHERE tenant = ?", (tenant,)) if tenant is not None else ("", ())
-        async with self.r.execute(
+        async with self.read(
             f"SELECT count(*), coalesce(sum(n_chunks), 0), max(indexed_at), min(updated_at), count(DISTINCT tenant) FROM documents {where}", params
         ) as cur:
             docs, chunks, last, oldest, tenants = await cur.fetchone()  # type: ignore[misc]
-        async with self.r.execute(f"SELECT count(*) FROM chunks {where} {'AND' if where else 'WHERE'} vector IS NOT NULL", params) as cur:
+        async with self.read(f"SELECT count(*) FROM chunks {where} {'AND' if where else 'WHERE'} vector IS NOT NULL", params) as cur:
             (vectors,) = await cur.fetchone()  # type: ignore[misc]
         return {"documents": docs, "chunks": chunks, "vectors": vectors, "last_ingest": last, "oldest_source_update": oldest, "tenants": tenants}
 
     async def embedding_models(self) -> dict[str | None, int]:
-        async with self.r.execute("SELECT embedding_model, count(*) FROM documents GROUP BY embedding_model") as cur:
+        async with self.read("SELECT embedding_model, count(*) FROM documents GROUP BY embedding_model") as cur:
             return {row[0]: row[1] for row in await cur.fetchall()}
 
     # -- writes (each one transaction on the writer connection) ---------
