@@ -61,6 +61,11 @@ class RetrievalPlugin(Plugin):
             raise ServiceUnavailable(f"another process owns the retrieval index at {self.service.index_dir}", rule="retrieval.index_dir")
         ctx.services["retrieval"] = self.service
         register_admin_routes(ctx, self.service)
+        metrics = ctx.services.get("metrics")
+        if metrics is not None:
+            service = self.service
+            metrics.register_gauge_callback("retrieval_index_documents", lambda: float(service.documents))
+            metrics.register_gauge_callback("retrieval_index_staleness", service.staleness_s)
 
     async def stop(self) -> None:
         if self.service is not None:

@@ -71,6 +71,8 @@ class RetrievalService:
         self.lexical: LexicalIndex | None = None
         self.vector: VectorIndex | None = None
         self.owner = False
+        self.documents = 0
+        self.oldest_unapplied_at: float | None = None
         self._lock_fd: int | None = None
         self._write_lock = asyncio.Lock()
         self._sync_task: asyncio.Task[None] | None = None
@@ -97,6 +99,7 @@ class RetrievalService:
             async with self._write_lock:
                 await self._sync_locked()
                 await self._sanity_check_locked()
+            await self.refresh_gauges()
             if background_sync:
                 self._sync_task = asyncio.create_task(self._sync_loop(), name="retrieval-sync")
 
@@ -311,6 +314,7 @@ class RetrievalService:
     async def _after_write_locked(self) -> None:
         if self.owner:
             await self._sync_locked()
+            await self.refresh_gauges()
 
     # -- engine maintenance ---------------------------------------------
 
@@ -435,10 +439,26 @@ class RetrievalService:
             await asyncio.sleep(self.cfg.sync_interval_s)
             try:
                 await self.sync()
+                await self.refresh_gauges()
                 self.last_sync_error = None
             except Exception as e:  # the loop must survive a bad moment (disk full...), and say so
                 self.last_sync_error = f"{e.__class__.__name__}: {e}"
                 log.exception("retrieval: background sync failed")
+
+    async def refresh_gauges(self) -> None:
+        """Cache what the metrics read at scrape time: the document count and the
+        time of the oldest change the engines have not applied yet."""
+        counts = await self.store.counts()
+        self.documents = int(counts["documents"])
+        engines = self._engines()
+        floor = min([await self.store.applied(n) for n in engines]) if engines else 0
+        async with self.store.read("SELECT min(at) FROM changes WHERE seq > ?", (floor,)) as cur:
+            row = await cur.fetchone()
+        self.oldest_unapplied_at = float(row[0]) if row and row[0] is not None else None
+
+    def staleness_s(self) -> float:
+        """Seconds the indexes lag the store of record (0 when every change is searchable)."""
+        return 0.0 if self.oldest_unapplied_at is None else max(0.0, time.time() - self.oldest_unapplied_at)
 
     # -- reads -----------------------------------------------------------
 
