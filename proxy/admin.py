@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.errors import Forbidden, NotFound, Unauthorized, WardenError, error_body, internal_error
 from proxy.exchange import Principal
+from proxy.logs import add_secret
 
 if TYPE_CHECKING:
     from proxy.app import Warden
@@ -41,6 +42,7 @@ def json_response(data: object, status: int = 200) -> web.Response:
 
 def build_admin_app(w: Warden) -> web.Application:
     bootstrap = os.environ.get(w.config.admin.token_env, "") if w.config.admin.token_env else ""
+    add_secret(bootstrap)
     if bootstrap and len(bootstrap) < 24:
         log.warning("the admin bootstrap token in %s is shorter than 24 characters; ignoring it", w.config.admin.token_env)
         bootstrap = ""

@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -22,9 +22,13 @@ from proxy.auth import Authenticator
 from proxy.config import Config, load_config
 from proxy.errors import AuditUnavailable, ConfigError, WardenError, error_body
 from proxy.exchange import Exchange
+from proxy.logs import add_secret
 from proxy.metrics import Metrics
 from proxy.plugin import Plugin, PluginChain, PluginContext, available_plugins
 from proxy.upstream import Upstream, UpstreamResponse
+
+if TYPE_CHECKING:
+    from proxy.tracing import Tracing
 
 log = logging.getLogger("warden")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -45,6 +49,12 @@ class Warden:
         self.auth = Authenticator(config.auth, config)
         self.upstream = Upstream(config.upstream)
         self.metrics = Metrics(config.metrics)
+        self.tracing: Tracing | None = None
+        if config.tracing.enabled:
+            from proxy.tracing import Tracing
+
+            self.tracing = Tracing(config)
+        add_secret(config.upstream.api_key)
         self.audit = audit
         self.ready = False
         self.draining = False
@@ -72,6 +82,7 @@ class Warden:
         if self.audit is not None:
             await self.audit.start()
             self.services["audit"] = self.audit
+            self.metrics.bind_audit(self.audit)
         for plugin in self.chain.plugins:
             ctx = PluginContext(
                 config=self.config,
@@ -94,6 +105,8 @@ class Warden:
             await self.audit.stop()
         await self.upstream.close()
         await self.auth.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()
 
     async def reload(self, path: str | None = None) -> dict[str, Any]:
         """Re-read the config file and apply plugin sections (policy, tools, limits...).

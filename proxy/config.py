@@ -200,28 +200,88 @@ class AuditConfig:
 
 @dataclass
 class MetricsConfig:
-    """``[metrics]``: Prometheus exposition on the admin listener."""
+    """``[metrics]``: Prometheus exposition on the admin listener (``GET /metrics``).
+
+    Every label is bounded: a value outside the configured list (or, with no
+    list, beyond the first ``max_label_values`` distinct values seen) is
+    reported as ``other``.
+    """
 
     tenant_label: bool = False
+    """Add a ``tenant`` label to ``warden_requests_total`` (off: no per-tenant series)."""
     models: list[str] = field(default_factory=list)
+    """Model names reported as themselves; others become ``other`` (empty: the first ``max_label_values`` seen)."""
+    tenants: list[str] = field(default_factory=list)
+    """With ``tenant_label``: tenants reported as themselves (empty: the first ``max_label_values`` seen)."""
+    tools: list[str] = field(default_factory=list)
+    """Tool names reported as themselves in ``warden_tool_calls_total`` (empty: the first ``max_label_values`` seen)."""
+    max_label_values: int = 32
+    """How many distinct values an open label (model, tenant, tool, retriever) may take before ``other``."""
+
+    def validate(self, key: str) -> None:
+        if not 1 <= self.max_label_values <= 1000:
+            raise ConfigError(f"{key}.max_label_values", "must be between 1 and 1000")
 
 
 @dataclass
 class TracingConfig:
-    """``[tracing]``: OpenTelemetry (GenAI semantic conventions)."""
+    """``[tracing]``: OpenTelemetry spans (GenAI semantic conventions) exported over OTLP/HTTP.
+
+    Needs the ``otel`` extra (``pip install 'llm-warden[otel]'``); with
+    ``enabled = false`` nothing of OpenTelemetry is imported.
+    """
 
     enabled: bool = False
+    """Emit one span per exchange (with child spans per upstream turn, retrieval and tool decision)."""
     endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    """The OTLP/HTTP traces endpoint of a collector (protobuf over HTTP)."""
+    headers_env: str = ""
+    """Environment variable holding extra exporter headers, ``key=value,key2=value2`` (e.g. a collector API key)."""
     service_name: str = "warden"
+    """``service.name`` resource attribute."""
+    sample_ratio: float = 1.0
+    """Share of new traces recorded (0..1); an incoming ``traceparent`` keeps its own sampled flag."""
     capture_content: bool = False
+    """Record prompts, answers, retrieval queries and tool arguments on spans (sensitive; off by default)."""
+    content_max_chars: int = 8192
+    """With ``capture_content``: cut each captured text at this many characters."""
+    export_timeout_s: float = 10.0
+    """Timeout of one OTLP export request (exports run on a background thread, never on the request path)."""
+
+    def validate(self, key: str) -> None:
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ConfigError(f"{key}.sample_ratio", "must be between 0 and 1")
+        if self.content_max_chars < 0:
+            raise ConfigError(f"{key}.content_max_chars", "must be >= 0")
+        if self.export_timeout_s <= 0:
+            raise ConfigError(f"{key}.export_timeout_s", "must be positive")
+        if not self.enabled:
+            return
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}.endpoint", "must be an http:// or https:// OTLP/HTTP traces URL")
+        if _missing("opentelemetry.sdk.trace") or _missing("opentelemetry.exporter.otlp.proto.http.trace_exporter"):
+            raise ConfigError(f"{key}.enabled", "tracing needs the otel extra: pip install 'llm-warden[otel]'")
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:
+        return True
 
 
 @dataclass
 class LoggingConfig:
-    """``[logging]``: structured logs on stdout."""
+    """``[logging]``: structured JSON logs on stdout, one line per event."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level written.  Request lines are ``info`` (``warning`` for 5xx), so ``warning`` keeps only failures."""
     access_log: bool = True
+    """One JSON line per request (request id, trace id, tenant, route, model, status, latency, decisions, rule)."""
+    include_subject: bool = False
+    """Add the caller's subject (user or service id) to request lines (personal data: off by default)."""
 
 
 @dataclass

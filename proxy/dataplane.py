@@ -18,6 +18,7 @@ from aiohttp import web
 from proxy import chat
 from proxy.errors import BadRequest, NotFound, PayloadTooLarge, WardenError, error_body, internal_error
 from proxy.exchange import Exchange
+from proxy.logs import request_line
 
 if TYPE_CHECKING:
     from proxy.app import Warden
@@ -98,6 +99,7 @@ async def _handle(
     parse_json: bool,
 ) -> web.StreamResponse:
     ex = w.new_exchange(request, route)
+    span = w.tracing.start_exchange(ex, request) if w.tracing is not None else None
     w.inflight += 1
     w.metrics.inflight.inc()
     resp: web.StreamResponse | None = None
@@ -141,60 +143,25 @@ async def _handle(
                     await p.on_complete(ex)
                 except Exception:
                     log.exception("plugin %s failed in on_complete", p.name)
-            _observe(w, ex, resp)
+            _observe(w, ex, resp, span)
         finally:
             w.inflight -= 1
             w.metrics.inflight.dec()
     return resp
 
 
-def _observe(w: Warden, ex: Exchange, resp: web.StreamResponse | None) -> None:
-    m = w.metrics
-    end = ex.ended or time.perf_counter()
-    total = end - ex.started
-    status = ex.status or (resp.status if resp is not None else 500)
-    model = m.model_label(ex.model)
-    requests, duration, overhead = m.request_children(ex.route, model, f"{status // 100}xx", ex.stream)
-    requests.inc()
-    duration.observe(total)
-    upstream = 0.0
-    for t in ex.turns:
-        if t.duration_s is not None:
-            upstream += t.duration_s
-            m.upstream_duration.labels(route=ex.route, model=model).observe(t.duration_s)
-    if ex.stream:
-        # In a stream the client's own reading pace is part of the total; count Warden's time to first byte instead.
-        ttft = ex.timings.get("ttft")
-        if ttft is not None:
-            m.ttft.labels(model=model).observe(ttft)
-            first = ex.turns[0].ttft_s if ex.turns and ex.turns[0].ttft_s is not None else ttft
-            overhead.observe(max(ttft - first, 0.0))
-    else:
-        overhead.observe(max(total - upstream, 0.0))
-    if ex.usage:
-        for kind, key in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
-            v = ex.usage.get(key)
-            if isinstance(v, int) and v > 0:
-                m.tokens.labels(model=model, type=kind).inc(v)
-    if w.config.logging.access_log:
-        p = ex.principal
-        log.info(
-            "request",
-            extra={
-                "request_id": ex.request_id,
-                "trace_id": ex.trace_id,
-                "tenant": p.tenant if p else None,
-                "route": ex.route,
-                "model": ex.model,
-                "status": status,
-                "latency_ms": round(total * 1000, 3),
-                "upstream_ms": round(upstream * 1000, 3),
-                "turns": len(ex.turns),
-                "stream": ex.stream,
-                "rule": ex.error.rule if ex.error else None,
-                "decisions": [f"{d.call.name}={d.decision.kind}" for d in ex.tool_decisions] or None,
-            },
-        )
+def _observe(w: Warden, ex: Exchange, resp: web.StreamResponse | None, span: Any = None) -> None:
+    """Metrics, the request log line and the trace of one finished exchange; never raises."""
+    try:
+        total = (ex.ended or time.perf_counter()) - ex.started
+        status = ex.status or (resp.status if resp is not None else 500)
+        upstream = w.metrics.observe_exchange(ex, status, total)
+        if w.config.logging.access_log:
+            log.log(logging.WARNING if status >= 500 else logging.INFO, "request", extra=request_line(ex, status, total, upstream, w.config.logging))
+        if span is not None and w.tracing is not None:
+            w.tracing.end_exchange(ex, span, status)
+    except Exception:
+        log.exception("observing request %s failed", ex.request_id)
 
 
 async def _local_reply(w: Warden, request: web.Request, ex: Exchange) -> web.StreamResponse:

@@ -5,7 +5,7 @@ It is the one stand-in the tests use: chat completions as JSON and as SSE
 chunk, ``stream_options.include_usage`` usage chunk, ``data: [DONE]``),
 embeddings and the model list, exactly as the official ``openai`` SDK expects.
 
-Script answers with :meth:`FakeProvider.push`; with nothing scripted it
+Script answers with :meth:`FakeProvider.push` (chat) and :meth:`FakeProvider.push_embedding`; with nothing scripted it
 answers ``"Hello from the fake provider."``.  Every request it receives is kept
 in :attr:`FakeProvider.requests` (path, headers, parsed body).
 """
@@ -71,6 +71,7 @@ def _tokens(text: str) -> int:
 class FakeProvider:
     def __init__(self, embedding_dim: int = 384) -> None:
         self.script: deque[Reply] = deque()
+        self.embedding_script: deque[Reply] = deque()
         self.requests: list[Received] = []
         self.embedding_dim = embedding_dim
         self.runner: web.AppRunner | None = None
@@ -82,7 +83,12 @@ class FakeProvider:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def push(self, *replies: Reply) -> None:
+        """Script the next chat completion answers, in order."""
         self.script.extend(replies)
+
+    def push_embedding(self, *replies: Reply) -> None:
+        """Script the next embeddings answers (only ``status``/``error``/``body`` are used)."""
+        self.embedding_script.extend(replies)
 
     def chat_requests(self) -> list[Received]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
@@ -134,7 +140,7 @@ class FakeProvider:
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await self._record(request)
-        reply = self.script.popleft() if self.script else None
+        reply = self.embedding_script.popleft() if self.embedding_script else None
         if reply is not None and reply.status != 200:
             return self._error(reply)
         inputs = body.get("input") if isinstance(body, dict) else None

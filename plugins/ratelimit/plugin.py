@@ -149,6 +149,10 @@ class LimitsPlugin(Plugin):
                 self._sweeper = asyncio.create_task(self._sweep_loop(store))
         await self._load_estimator(s)
         ctx.services["limits"] = self
+        metrics = ctx.services.get("metrics")
+        if metrics is not None:
+            metrics.register_gauge_callback("limits_backend_up", lambda: 1.0 if self.backend_up else 0.0)
+            metrics.register_counter_callback("ratelimit_decisions", lambda: dict(self.decisions))
 
     async def _load_estimator(self, s: LimitsConfig) -> None:
         encoder, name = await asyncio.to_thread(load_encoder, s.tokenizer, s.chars_per_token)

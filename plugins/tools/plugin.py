@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Any
 
 from plugins.tools.admin import ToolsAdmin
@@ -33,7 +33,6 @@ log = logging.getLogger("warden.tools")
 
 HEADER = "x-warden-tool-decisions"
 HEADER_MAX = 1024
-MAX_TRACKED_EXCHANGES = 10000
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-\[\]]")
 _VERDICT = {"allow": "allowed", "deny": "denied", "repair": "repair", "hold": "held"}
 
@@ -61,6 +60,9 @@ def decisions_header(ex: Exchange) -> str:
     return out
 
 
+STATE_KEY = "tools.state"
+
+
 class ToolsPlugin(Plugin):
     """Registry, schema validation, least privilege, read-only mode and approvals for tool calls."""
 
@@ -81,10 +83,8 @@ class ToolsPlugin(Plugin):
         self.judge = ToolJudge(self.registry, section, self.mode, None)
         self.decision_counts: Counter[tuple[str, str]] = Counter()
         self.approvals_pending = 0
-        self._states: OrderedDict[str, ExchangeState] = OrderedDict()
         self._ctx: PluginContext | None = None
         self._refresh_task: asyncio.Task[None] | None = None
-        self._tool_calls_metric: Any = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -107,18 +107,21 @@ class ToolsPlugin(Plugin):
             self._refresh_task = asyncio.create_task(self._refresh_loop(), name="tools-state-refresh")
 
     def _bind_metrics(self, metrics: Any) -> None:
-        """Count decisions on the core's ``warden_tool_calls_total`` and export pending approvals."""
-        self._tool_calls_metric = getattr(metrics, "tool_calls", None)
-        registry = getattr(metrics, "registry", None)
-        if registry is None:
-            return
-        from prometheus_client import Gauge
+        """Expose pending approvals and read-only mode at scrape time.
 
-        try:
-            gauge = Gauge("warden_tool_approvals_pending", "Tool-call approvals waiting for a reviewer.", registry=registry)
-        except ValueError:
+        Decisions are counted by the core from ``ex.tool_decisions``
+        (``warden_tool_calls_total``), not here.
+        """
+        if metrics is None:
             return
-        gauge.set_function(lambda: float(self.approvals_pending))
+        metrics.register_gauge_callback("approvals_pending", lambda: float(self.approvals_pending))
+        metrics.register_gauge_callback("read_only", self._read_only_gauge)
+
+    def _read_only_gauge(self) -> dict[str, float]:
+        out = {"*": 1.0 if self.mode.global_read_only else 0.0}
+        for tenant, setting in self.mode.tenants.items():
+            out[tenant] = 1.0 if setting.read_only else 0.0
+        return out
 
     async def stop(self) -> None:
         if self._refresh_task is not None:
@@ -195,12 +198,14 @@ class ToolsPlugin(Plugin):
     # -- hooks -----------------------------------------------------------
 
     def _state(self, ex: Exchange) -> ExchangeState:
-        st = self._states.get(ex.request_id)
+        """This exchange's tool state, kept on the exchange itself.
+
+        Not keyed by request id: ``x-request-id`` comes from the client and
+        two concurrent requests may carry the same one.
+        """
+        st = ex.annotations.get(STATE_KEY)
         if st is None:
-            st = ExchangeState()
-            self._states[ex.request_id] = st
-            while len(self._states) > MAX_TRACKED_EXCHANGES:
-                self._states.popitem(last=False)
+            st = ex.annotations[STATE_KEY] = ExchangeState()
         return st
 
     async def on_request(self, ex: Exchange) -> None:
@@ -257,8 +262,6 @@ class ToolsPlugin(Plugin):
         decision = await self.judge.judge(ex, call, self._state(ex))
         label = call.name if call.name in self.registry.tools else "(undeclared)"
         self.decision_counts[(label, decision.kind)] += 1
-        if self._tool_calls_metric is not None:
-            self._tool_calls_metric.labels(tool=label, decision=decision.kind).inc()
         if decision.details is not None and decision.details.get("approval") == "requested":
             self.approvals_pending += 1
         return decision
@@ -266,10 +269,6 @@ class ToolsPlugin(Plugin):
     async def on_response(self, ex: Exchange) -> None:
         """Add ``x-warden-tool-decisions`` summarising every verdict of the exchange."""
         ex.response_headers[HEADER] = decisions_header(ex)
-
-    async def on_complete(self, ex: Exchange) -> None:
-        """Forget the per-exchange state."""
-        self._states.pop(ex.request_id, None)
 
     def metrics(self) -> dict[str, Any]:
         """Counters for the metrics exporter: decisions by (tool, kind), pending approvals."""

@@ -138,10 +138,10 @@ async def test_another_key_is_refused(auth: Authenticator) -> None:
 
 async def test_cache_never_serves_past_exp(auth: Authenticator, rsa_keys: Keys) -> None:
     auth.cfg.leeway_s = 0
-    token = make_token(rsa_keys, exp_in=1)
+    token = make_token(rsa_keys, exp_in=2)
     assert (await auth.authenticate(f"Bearer {token}")).subject == "alice"
     assert len(auth._cache) == 1
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(2.1)
     await _refused(auth, token, "auth.exp")
 
 

@@ -178,9 +178,10 @@ async def test_reissue_after_corrective_turn_not_charged_twice(plugin: ToolsPlug
     assert d.kind == "deny" and d.rule == "tools[1].rate_limit"
 
 
-async def test_exchange_state_forgotten_on_complete(plugin: ToolsPlugin) -> None:
-    ex = exchange()
-    await plugin.on_tool_call(ex, call("note", '{"text": "a"}'))
-    assert ex.request_id in plugin._states
-    await plugin.on_complete(ex)
-    assert ex.request_id not in plugin._states
+async def test_exchange_state_lives_on_the_exchange_not_its_request_id(plugin: ToolsPlugin) -> None:
+    """Clients choose x-request-id: two concurrent exchanges with the same id share nothing."""
+    first, second = exchange(), exchange()
+    second.request_id = first.request_id
+    await plugin.on_tool_call(first, call("note", '{"text": "a"}'))
+    assert plugin._state(first) is not plugin._state(second)
+    assert plugin._state(first) is plugin._state(first)

@@ -105,7 +105,6 @@ def test_schema_violations_never_allowed(args: Any) -> None:
     ex = Exchange(request_id="req_prop", route="chat", method="POST", path="/v1/chat/completions", principal=WHO)
     text = orjson.dumps(args).decode()
     d = run(PLUGIN.on_tool_call(ex, ToolCall(id="c", name="transfer", arguments=text)))
-    PLUGIN._states.clear()
     if conforms(args):
         assert d.kind == "allow", (args, d)
     else:
@@ -117,7 +116,6 @@ def test_schema_violations_never_allowed(args: Any) -> None:
 def test_arbitrary_argument_text_never_allowed_unless_valid(raw: str) -> None:
     ex = Exchange(request_id="req_prop2", route="chat", method="POST", path="/v1/chat/completions", principal=WHO)
     d = run(PLUGIN.on_tool_call(ex, ToolCall(id="c", name="transfer", arguments=raw)))
-    PLUGIN._states.clear()
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
