@@ -228,7 +228,7 @@ def render_exchange(rec: dict[str, Any], related: list[dict[str, Any]], links: d
     out.append(f"  finish       {','.join(resp.get('finish_reasons') or []) or '-'}")
     red = rec.get("redaction") or {}
     rules = red.get("rules") or {}
-    out.append(f"  redaction    mode={red.get('mode')} " + (", ".join(f"{k}x{v}" for k, v in sorted(rules.items())) or "nothing redacted"))
+    out.append(f"  redaction    mode={red.get('mode')} " + (", ".join(f"{k}={v}" for k, v in sorted(rules.items())) or "nothing redacted"))
     for r in related:
         out.append(
             f"  {r.get('kind'):<12} seq {r.get('_seq')} {r.get('ts')} by {(r.get('actor') or {}).get('subject')}: {_content(r.get('data'), 600)}"
