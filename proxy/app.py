@@ -20,7 +20,7 @@ from proxy.admin import build_admin_app
 from proxy.audit.base import AuditSink
 from proxy.auth import Authenticator
 from proxy.config import Config, load_config
-from proxy.errors import AuditUnavailable, ConfigError, WardenError, error_body
+from proxy.errors import AuditUnavailable, ConfigError, ServiceUnavailable, WardenError, error_body
 from proxy.exchange import Exchange
 from proxy.logs import add_secret
 from proxy.metrics import Metrics
@@ -33,6 +33,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("warden")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+async def _feedback_flow(w: Warden, request: web.Request, ex: Exchange) -> web.StreamResponse:
+    """``POST /v1/feedback``: the authenticated principal's verdict on one of its tenant's exchanges."""
+    from proxy.audit.feedback import submit_feedback
+
+    if w.audit is None:
+        raise ServiceUnavailable("feedback needs the audit log, which is disabled", rule="audit.enabled")
+    assert ex.principal is not None
+    result = await submit_feedback(w.audit, ex.principal, ex.body)  # type: ignore[arg-type]
+    ex.status = 200
+    ex.response_body = result
+    await w.finish(ex)
+    return web.Response(status=200, body=orjson.dumps(result), headers=w.response_headers(ex, {"Content-Type": "application/json"}))
 
 
 class Warden:
@@ -146,7 +160,7 @@ class Warden:
 
     def extra_data_routes(self) -> list[tuple[str, str, str, Any, bool]]:
         """Data-plane routes owned by core parts other than the proxy flows: (method, path, route name, flow, parse JSON)."""
-        return []
+        return [("POST", "/v1/feedback", "feedback", _feedback_flow, True)]
 
     def data_app(self) -> web.Application:
         return dataplane.build_data_app(self)

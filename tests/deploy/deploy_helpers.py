@@ -129,52 +129,20 @@ def rendered_for(path: Path) -> Rendered:
     return _cache[path]
 
 
-# Plugins the deploy configs enable or configure, by the sections they own,
-# that are built in parallel branches.  Until a plugin is installed its
-# sections and its name in [plugins] enabled are set aside (and listed);
-# once installed, load_config validates them like everything else.  Any
-# other unknown section or plugin name fails the tests.
-PENDING_PLUGINS: dict[str, tuple[str, ...]] = {
-    "limits": ("limits",),
-    "tools": ("policy", "tools"),
-    "retrieval": ("retrieval",),
-}
-
-
 @dataclass
 class CheckedConfig:
     """A deploy config validated by Warden's own loader."""
 
     config: Any
     raw: dict[str, Any]
-    set_aside: list[str]
 
 
 def check_config(text: str) -> CheckedConfig:
-    """Validate a deploy config.toml with ``proxy.config.load_config``."""
-    from proxy.config import CORE_SECTIONS, load_config
-    from proxy.plugin import available_plugins
+    """Validate a deploy config.toml with ``proxy.config.load_config`` (unknown sections and plugins fail)."""
+    from proxy.config import load_config
 
     raw = tomllib.loads(text)
-    classes = available_plugins()
-    owned = {getattr(c, "config_section", None) for c in classes.values()}
-    for cls in classes.values():
-        owned.update(getattr(cls, "extra_sections", {}))
-    pending_sections = {s: p for p, secs in PENDING_PLUGINS.items() if p not in classes for s in secs}
-    data = dict(raw)
-    set_aside: list[str] = []
-    for section in raw:
-        if section in CORE_SECTIONS or section in owned:
-            continue
-        assert section in pending_sections, f"section [{section}] is owned by no installed or pending plugin"
-        del data[section]
-        set_aside.append(f"[{section}]")
-    if "plugins" in raw:
-        enabled = list(raw["plugins"].get("enabled", []))
-        kept = [p for p in enabled if p in classes or p not in PENDING_PLUGINS]
-        set_aside += [f"plugin {p}" for p in enabled if p not in kept]
-        data["plugins"] = {**raw["plugins"], "enabled": kept}
-    return CheckedConfig(load_config(data, classes), raw, set_aside)
+    return CheckedConfig(load_config(raw), raw)
 
 
 def container_port(container: dict[str, Any], port: int | str) -> int:
