@@ -88,8 +88,13 @@ web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 """.replace("__AUD__", AUD).replace("__ISS__", ISS)
 
 
+LOGS = Path(tempfile.mkdtemp(prefix="warden-bench-logs-"))
+
+
 def spawn(code_or_args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(code_or_args, cwd=ROOT, env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """Start a process; its output goes to a log file named in any failure."""
+    out = open(LOGS / f"proc{len(list(LOGS.iterdir()))}.log", "wb")  # noqa: SIM115 (kept open for the child)
+    return subprocess.Popen(code_or_args, cwd=ROOT, env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT)
 
 
 async def wait_up(url: str, within_s: float = 20.0) -> None:
@@ -103,7 +108,7 @@ async def wait_up(url: str, within_s: float = 20.0) -> None:
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
+    raise RuntimeError(f"{url} did not come up; process logs in {LOGS}")
 
 
 async def load(url: str, token: str, body: bytes, n: int, concurrency: int, stream: bool) -> tuple[list[float], float]:
@@ -135,6 +140,25 @@ async def load(url: str, token: str, body: bytes, n: int, concurrency: int, stre
     return lat, wall
 
 
+def parse_variant(name: str) -> tuple[str, list[str]]:
+    """``warden[+audit(batch|sync)][+limits][+retrieval][+tools]`` or ``warden+all``
+    (all plugins, audit batch) -> (audit settings, plugins)."""
+    parts = name.split("+")
+    if parts[0] != "warden":
+        raise SystemExit(f"variant {name!r} must start with 'warden'")
+    audit, plugins = "", []
+    for part in parts[1:]:
+        if part == "all":
+            audit, plugins = 'durability = "batch"', ["limits", "retrieval", "tools"]
+        elif part in ("audit(batch)", "audit(sync)"):
+            audit = f'durability = "{part[6:-1]}"'
+        elif part in ("limits", "retrieval", "tools"):
+            plugins.append(part)
+        else:
+            raise SystemExit(f"unknown variant part {part!r} in {name!r}")
+    return audit, [*plugins, "headers"]
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -145,6 +169,12 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--stream", action="store_true", help="also measure a streamed completion")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell; the median round is reported")
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=["warden+audit(batch)", "warden+audit(sync)", "warden+all"],
+        help="Warden configurations besides plain 'warden' (headers plugin, audit off)",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="warden-bench-"))
@@ -154,9 +184,22 @@ async def main() -> None:
     now = int(time.time())
     token = jwt.encode({"iss": ISS, "aud": AUD, "sub": "bench", "tenant": "bench", "groups": ["g"], "exp": now + 7200}, priv, algorithm="RS256")
 
-    fport, lport, wport, aport = free_port(), free_port(), free_port(), free_port()
-    (tmp / "config.toml").write_text(
-        f"""
+    fport, lport = free_port(), free_port()
+    chosen = ["warden", *[v for v in args.variants if v != "warden"]]
+    variants = {name: parse_variant(name) for name in chosen}
+    procs = [
+        spawn([sys.executable, "-c", FAKE, str(fport)]),
+        spawn([sys.executable, "-c", FLOOR, str(lport), f"http://127.0.0.1:{fport}/v1", str(tmp / "pub.pem")]),
+    ]
+    ports: dict[str, tuple[int, int]] = {}
+    for name in chosen:
+        audit, plugins = variants[name]
+        wport, aport = free_port(), free_port()
+        ports[name] = (wport, aport)
+        d = tmp / name.replace("+", "_").replace("(", "_").replace(")", "")
+        d.mkdir()
+        (d / "config.toml").write_text(
+            f"""
 [server]
 listen = "127.0.0.1:{wport}"
 admin_listen = "127.0.0.1:{aport}"
@@ -169,30 +212,37 @@ issuer = "{ISS}"
 audience = "{AUD}"
 public_key_file = "{tmp / 'pub.pem'}"
 [audit]
-enabled = false
+enabled = {"true" if audit else "false"}
+{audit}
 [logging]
 access_log = false
 level = "warning"
 [plugins]
-enabled = ["headers"]
-"""
-    )
-    procs = [
-        spawn([sys.executable, "-c", FAKE, str(fport)]),
-        spawn([sys.executable, "-c", FLOOR, str(lport), f"http://127.0.0.1:{fport}/v1", str(tmp / "pub.pem")]),
-        spawn([sys.executable, "-m", "proxy", "serve", "--config", str(tmp / "config.toml")], env={"BENCH_PROVIDER_KEY": "sk-bench"}),
-    ]
+enabled = {plugins!r}
+[limits]
+[[limits.rules]]
+scope = "tenant"
+requests = "1000000/minute"
+[retrieval]
+mode = "bm25"
+embedder = "none"
+[policy]
+read_only = false
+""".replace("'", '"')
+        )
+        procs.append(spawn([sys.executable, "-m", "proxy", "serve", "--config", str(d / "config.toml")], env={"BENCH_PROVIDER_KEY": "sk-bench"}))
     try:
         await wait_up(f"http://127.0.0.1:{fport}/v1/models")
         await wait_up(f"http://127.0.0.1:{lport}/v1/chat/completions")
-        await wait_up(f"http://127.0.0.1:{aport}/readyz")
+        for _, aport in ports.values():
+            await wait_up(f"http://127.0.0.1:{aport}/readyz")
         messages = [{"role": "system", "content": "You are a helpful assistant." * 4}] + [
             {"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i} with some words to make the body realistic. " * 3} for i in range(6)
         ]
         targets = {
             "direct": f"http://127.0.0.1:{fport}/v1/chat/completions",
             "floor": f"http://127.0.0.1:{lport}/v1/chat/completions",
-            "warden": f"http://127.0.0.1:{wport}/v1/chat/completions",
+            **{name: f"http://127.0.0.1:{wp}/v1/chat/completions" for name, (wp, _) in ports.items()},
         }
         modes = [("chat", False)] + ([("chat stream", True)] if args.stream else [])
         rows = []
@@ -209,16 +259,17 @@ enabled = ["headers"]
                 res = {k: sorted(v)[len(v) // 2] for k, v in rounds.items() if v}
                 rows.append((label, conc, res))
         print(f"\nproxy overhead, {args.requests} requests per cell, median of {args.rounds} interleaved rounds (ms)\n")
-        print("| request | conc | direct p50 / p99 | floor p50 / p99 | warden p50 / p99 | warden rps | added p50 (warden − direct) | floor added p50 | warden/floor added |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| request | conc | path | p50 | p99 | rps | added p50 vs direct | added / floor's added |")
+        print("|---|---|---|---|---|---|---|---|")
         for label, conc, res in rows:
-            d, w = res["direct"], res["warden"]
+            d = res["direct"]
             f = res.get("floor")
-            add_w = (w[0] - d[0]) * 1000
-            add_f = (f[0] - d[0]) * 1000 if f else float("nan")
-            ratio = add_w / add_f if f and add_f > 0 else float("nan")
-            fl = f"{f[0]*1000:.3f} / {f[1]*1000:.3f}" if f else "—"
-            print(f"| {label} | {conc} | {d[0]*1000:.3f} / {d[1]*1000:.3f} | {fl} | {w[0]*1000:.3f} / {w[1]*1000:.3f} | {w[2]:.0f} | {add_w:.3f} | {add_f:.3f} | {ratio:.2f} |")
+            floor_added = (f[0] - d[0]) if f else None
+            for name, (p50, p99, rps) in res.items():
+                added = (p50 - d[0]) * 1000
+                ratio = f"{(p50 - d[0]) / floor_added:.2f}" if floor_added and name != "direct" else "—"
+                add_txt = f"{added:.3f}" if name != "direct" else "—"
+                print(f"| {label} | {conc} | {name} | {p50*1000:.3f} | {p99*1000:.3f} | {rps:.0f} | {add_txt} | {ratio} |")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -82,6 +82,11 @@ class RetrievalConfig:
     """Add ``x-warden-citations`` to non-streaming answers."""
     sync_interval_s: float = 2.0
     """How often a running Warden applies changes written by another process (``warden ingest``) to its indexes."""
+    inline_search_max_chunks: int = 20000
+    """Up to this many chunks, the lexical search runs on the event loop (it
+    takes well under a millisecond there and a thread hop costs more); above
+    it, searches run in a worker thread so a slow one never stalls other
+    requests."""
     max_document_bytes: int = 5 * 1024 * 1024
     """Largest document text accepted (admin API and ingest)."""
     ingest_extensions: list[str] = field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
@@ -97,6 +102,8 @@ class RetrievalConfig:
             raise ConfigError(f"{key}.embedding_dim", "must be >= 0 (0 = learn from the embedder)")
         if self.embedding_timeout_s <= 0:
             raise ConfigError(f"{key}.embedding_timeout_s", "must be positive")
+        if self.inline_search_max_chunks < 0:
+            raise ConfigError(f"{key}.inline_search_max_chunks", "must be >= 0")
         if self.sync_interval_s <= 0:
             raise ConfigError(f"{key}.sync_interval_s", "must be positive")
         if self.candidate_k < self.top_k:

@@ -102,6 +102,9 @@ class RetrievalPlugin(Plugin):
         if ex.principal is None or not isinstance(ex.body, dict):
             ex.retrieval = {"skipped": "no_principal" if ex.principal is None else "no_body"}
             return
+        if not self.service.has_documents(ex.principal.tenant):
+            ex.retrieval = {"skipped": "no_documents"}
+            return
         query = build_query(ex.body.get("messages"), cfg.query_turns, cfg.query_max_chars)
         if not query.strip():
             ex.retrieval = {"skipped": "no_query"}

@@ -72,6 +72,8 @@ class RetrievalService:
         self.vector: VectorIndex | None = None
         self.owner = False
         self.documents = 0
+        self.chunks = 0
+        self.tenant_documents: dict[str, int] = {}
         self.oldest_unapplied_at: float | None = None
         self._lock_fd: int | None = None
         self._write_lock = asyncio.Lock()
@@ -450,11 +452,18 @@ class RetrievalService:
         time of the oldest change the engines have not applied yet."""
         counts = await self.store.counts()
         self.documents = int(counts["documents"])
+        self.chunks = int(counts["chunks"])
+        async with self.store.read("SELECT tenant, count(*) FROM documents GROUP BY tenant") as cur:
+            self.tenant_documents = {row[0]: int(row[1]) for row in await cur.fetchall()}
         engines = self._engines()
         floor = min([await self.store.applied(n) for n in engines]) if engines else 0
         async with self.store.read("SELECT min(at) FROM changes WHERE seq > ?", (floor,)) as cur:
             row = await cur.fetchone()
         self.oldest_unapplied_at = float(row[0]) if row and row[0] is not None else None
+
+    def has_documents(self, tenant: str) -> bool:
+        """Whether the tenant has any document (as of the last write or sync): a tenant without any skips the search."""
+        return self.tenant_documents.get(tenant, 0) > 0
 
     def staleness_s(self) -> float:
         """Seconds the indexes lag the store of record (0 when every change is searchable)."""
@@ -548,7 +557,10 @@ class RetrievalService:
         lexical, vector = self.lexical, self.vector
         if mode in ("hybrid", "bm25") and lexical is not None:
             t = time.perf_counter()
-            lists.append(await asyncio.to_thread(lexical.search, reader, query, k))
+            if self.chunks <= self.cfg.inline_search_max_chunks:
+                lists.append(lexical.search(reader, query, k))
+            else:
+                lists.append(await asyncio.to_thread(lexical.search, reader, query, k))
             names.append("bm25")
             timings["bm25_ms"] = (time.perf_counter() - t) * 1000
         if qvec is not None and vector is not None:
