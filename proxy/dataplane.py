@@ -30,7 +30,9 @@ _CHAT = "chat"
 
 
 def build_data_app(w: Warden) -> web.Application:
-    app = web.Application(middlewares=[_errors_middleware], client_max_size=w.config.server.max_body_bytes)
+    # No middleware on the hot path: unknown paths reach the catch-all route below,
+    # and every flow renders its own errors.
+    app = web.Application(client_max_size=w.config.server.max_body_bytes)
 
     def route(name: str, flow: Callable[[Warden, web.Request, Exchange], Awaitable[web.StreamResponse]], parse_json: bool) -> Any:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -44,24 +46,14 @@ def build_data_app(w: Warden) -> web.Application:
     for method, path, name, flow, parse in w.extra_data_routes():
         app.router.add_route(method, path, route(name, flow, parse))
     app.router.add_route("*", "/v1/{tail:.*}", route("passthrough", _passthrough, False))
+    app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 
 
-@web.middleware
-async def _errors_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Unknown routes and framework errors as OpenAI-format bodies; never a stack trace."""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status == 404:
-            err: WardenError = NotFound(f"no route for {request.method} {request.path}", rule="server.routes")
-        elif e.status == 405:
-            err = WardenError(f"method {request.method} is not allowed on {request.path}", status=405, code="method_not_allowed", rule="server.routes")
-        elif e.status == 413:
-            err = PayloadTooLarge("request body too large", rule="server.max_body_bytes")
-        else:
-            err = WardenError(e.reason or "request refused", status=e.status, code="http_error")
-        return web.Response(status=err.status, body=error_body(err), content_type="application/json")
+async def _not_found(request: web.Request) -> web.Response:
+    """Paths outside ``/v1``: an OpenAI-format 404, never aiohttp's HTML page."""
+    err = NotFound(f"no route for {request.method} {request.path}", rule="server.routes")
+    return web.Response(status=404, body=error_body(err), content_type="application/json")
 
 
 def _parse_chat(ex: Exchange, body: dict[str, Any]) -> None:
