@@ -150,6 +150,10 @@ class AuditConfig:
     - ``batch_max_records`` / ``batch_max_ms``: the largest group commit, and
       how long the batch-mode writer waits to fill one.
     - ``queue_max``: records waiting for a commit before callers wait.
+    - ``fsync``: in ``sync`` durability, commit with ``synchronous=FULL`` so a
+      committed record survives a power cut (one fsync per group commit).
+      ``false`` uses ``NORMAL``: the response still waits for the commit and
+      the record survives a crash or SIGKILL of Warden, not a power cut.
     - ``store_content``: ``full`` | ``redacted`` (PII removed too) | ``hashes``.
     - ``signing_key_file`` / ``signing_key_env``: the Ed25519 checkpoint key
       (PEM PKCS#8 or base64 of the 32-byte seed); when neither is set a key is
@@ -167,6 +171,7 @@ class AuditConfig:
     enabled: bool = True
     path: str = "warden-audit.db"
     durability: Literal["sync", "batch"] = "sync"
+    fsync: bool = True
     batch_max_records: int = 256
     batch_max_ms: float = 5.0
     queue_max: int = 10000

@@ -182,7 +182,7 @@ class SQLiteAuditLog:
         try:
             await db.execute("PRAGMA busy_timeout = 10000")
             await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute(f"PRAGMA synchronous = {'FULL' if self.sync else 'NORMAL'}")
+            await db.execute(f"PRAGMA synchronous = {'FULL' if self.sync and self.cfg.fsync else 'NORMAL'}")
             await self._init_schema()
             self._reader = AuditReader(await aiosqlite.connect(str(self.path)))
             await self._reader.db.execute("PRAGMA busy_timeout = 10000")

@@ -12,8 +12,8 @@ from proxy.config import AuditConfig
 from tests.proxy.audit.helpers import make_exchange
 
 
-async def main(path: str, concurrency: int) -> None:
-    log = SQLiteAuditLog(AuditConfig(durability="sync", checkpoint_every=50, checkpoint_file=path + ".checkpoints"), Path(path))
+async def main(path: str, concurrency: int, fsync: bool) -> None:
+    log = SQLiteAuditLog(AuditConfig(durability="sync", fsync=fsync, checkpoint_every=50, checkpoint_file=path + ".checkpoints"), Path(path))
     await log.start()
     counter = iter(range(10**9))
 
@@ -28,4 +28,4 @@ async def main(path: str, concurrency: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "fsync" if len(sys.argv) > 3 else True))

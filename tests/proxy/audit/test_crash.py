@@ -10,13 +10,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from proxy.audit.verify import verify_db
 from tests.proxy.audit.conftest import LogFactory
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-async def test_sigkill_in_sync_mode_keeps_every_acknowledged_record(tmp_path: Path, make_log: LogFactory) -> None:
+@pytest.mark.parametrize("fsync", ["fsync", "no-fsync"])
+async def test_sigkill_in_sync_mode_keeps_every_acknowledged_record(tmp_path: Path, make_log: LogFactory, fsync: str) -> None:
+    """With or without [audit] fsync: a SIGKILL is a process crash, which WAL with synchronous=NORMAL survives too."""
     db = tmp_path / "crash.db"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -24,6 +28,7 @@ async def test_sigkill_in_sync_mode_keeps_every_acknowledged_record(tmp_path: Pa
         "tests.proxy.audit.crash_writer",
         str(db),
         "8",
+        fsync,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
