@@ -36,6 +36,26 @@ def admin_principal(request: web.Request) -> Principal:
     return request[ADMIN_KEY]
 
 
+ALL_TENANTS = "*"
+
+
+def admin_tenant(request: web.Request) -> str | None:
+    """The one tenant this admin may manage, or ``None`` for an admin of every tenant.
+
+    The bootstrap token (and a token whose tenant claim is ``"*"``) manages
+    every tenant; an admin JWT that names a tenant manages that tenant only.
+    """
+    tenant = admin_principal(request).tenant
+    return None if tenant == ALL_TENANTS else tenant
+
+
+def require_all_tenants(request: web.Request, what: str) -> None:
+    """Refuse an action that affects every tenant unless the admin manages every tenant."""
+    tenant = admin_tenant(request)
+    if tenant is not None:
+        raise Forbidden(f"{what} affects every tenant; this admin may manage tenant {tenant!r} only", rule="admin.tenant")
+
+
 def json_response(data: object, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
@@ -100,6 +120,7 @@ def build_admin_app(w: Warden) -> web.Application:
         return web.Response(body=w.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def reload(request: web.Request) -> web.Response:
+        require_all_tenants(request, "reloading the configuration")
         result = await w.reload()
         return json_response(result, status=200 if result["result"] == "applied" else 400)
 
@@ -108,5 +129,7 @@ def build_admin_app(w: Warden) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/reload", reload)
     for method, path, handler in w.admin_routes:
+        if not path.startswith("/admin/"):
+            raise ValueError(f"admin route {method} {path} must be under /admin/ (only /admin/ routes are authenticated)")
         app.router.add_route(method, path, handler)
     return app

@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from proxy import sse, tooling
-from proxy.errors import UpstreamError, UpstreamTimeout, WardenError
+from proxy.errors import Forbidden, UpstreamError, UpstreamTimeout, WardenError
 from proxy.exchange import Exchange, ToolCall, UpstreamTurn
 from proxy.plugin import StreamEvent
 
@@ -112,6 +112,8 @@ async def _non_stream(w: Warden, request: web.Request, ex: Exchange) -> web.Stre
         first: dict[str, Any] = choices[0] if choices and isinstance(choices[0], dict) else {}
         raw_message = first.get("message")
         message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
+        if judging:
+            _refuse_other_choices(choices)
         calls = tooling.calls_from_message(message) if judging else []
         if calls:
             decisions = await tooling.judge(w.chain, ex, calls, len(ex.turns) - 1)
@@ -283,7 +285,7 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
                 "object": "chat.completion.chunk",
                 "created": base.get("created", created),
                 "model": base.get("model", model_seen),
-                "choices": [{"index": 0, "delta": {"tool_calls": tooling.tool_call_deltas(calls)}, "finish_reason": None}],
+                "choices": [{"index": 0, "delta": tooling.call_delta(calls), "finish_reason": None}],
             }
             try:
                 await write(sse.encode_json(out))
@@ -311,6 +313,20 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
     except WardenError as e:
         await _stream_error(w, ex, resp, e)
     return resp
+
+
+def _other_choice_error() -> Forbidden:
+    return Forbidden(
+        "the provider returned tool calls in a choice other than the first; Warden fences one choice only", rule="tools.choices", code="tool_call_forbidden"
+    )
+
+
+
+def _refuse_other_choices(choices: list[Any]) -> None:
+    """Tool calls are judged (and corrected) in choice 0 only: calls anywhere else fail closed."""
+    for ch in choices[1:]:
+        if isinstance(ch, dict) and tooling.has_calls(ch.get("message")):
+            raise _other_choice_error()
 
 
 class _UpstreamStreamError(Exception):
@@ -358,11 +374,15 @@ async def _relay_event(w: Warden, ex: Exchange, ev: sse.RawEvent, st: _StreamSta
                 content = delta.get("content")
                 if isinstance(content, str) and ch.get("index", 0) == 0:
                     st.text.append(content)
-                if judging and "tool_calls" in delta and ch.get("index", 0) == 0:
+                if judging and tooling.has_calls(delta):
+                    if ch.get("index", 0) != 0:
+                        raise _UpstreamStreamError(_other_choice_error())
                     tcs = delta.get("tool_calls")
                     if isinstance(tcs, list):
                         st.calls.add(tcs)
-                    delta = {k: v for k, v in delta.items() if k != "tool_calls"}
+                    if "function_call" in delta:
+                        st.calls.add_legacy(delta["function_call"])
+                    delta = {k: v for k, v in delta.items() if k not in ("tool_calls", "function_call")}
                     ch["delta"] = delta
                     modified = True
                 if delta and (delta.keys() - {"role"} or not st.role_sent):
@@ -403,7 +423,7 @@ def _assembled(ex: Exchange, chunk_id: Any, created: Any, model: Any, calls: lis
     """The streamed answer as one chat.completion (for the audit log, idempotent replay, citations)."""
     message: dict[str, Any] = {"role": "assistant", "content": ex.response_text or None}
     if calls:
-        message["tool_calls"] = tooling.assistant_message(None, calls)["tool_calls"]
+        message.update({k: v for k, v in tooling.assistant_message(None, calls).items() if k in ("tool_calls", "function_call")})
     return {
         "id": chunk_id,
         "object": "chat.completion",

@@ -44,6 +44,8 @@ class ToolCall:
     index: int = 0
     parsed: dict[str, Any] | None = None
     parse_error: str | None = None
+    legacy: bool = False
+    """A legacy ``function_call`` (not an entry of ``tool_calls``)."""
 
 
 DecisionKind = Literal["allow", "deny", "repair", "hold"]

@@ -35,9 +35,15 @@ _STD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
 # Bearer credentials, JWT-shaped strings (three base64url parts, header starting "eyJ") and API keys.
 _SECRET_RE = re.compile(
     r"(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}"
-    r"|eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"
     r"|\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}"
 )
+# JWT-shaped: a dotted base64url run, matched from the start of the run with possessive
+# quantifiers so hostile text ("eyJeyJeyJ...") costs linear time; masked when it holds "eyJ".
+_JWT_RUN_RE = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{7,}+\.[A-Za-z0-9_-]{4,}+\.[A-Za-z0-9_-]*+")
+
+
+def _mask_jwt(m: re.Match[str]) -> str:
+    return REDACTED if "eyJ" in m.group() else m.group()
 REDACTED = "[redacted]"
 
 
@@ -56,8 +62,10 @@ class SecretScrubber:
         for v in self.values:
             if v in text:
                 text = text.replace(v, REDACTED)
-        if "earer" in text or "eyJ" in text or "k-" in text:
+        if "earer" in text or "k-" in text:
             text = _SECRET_RE.sub(REDACTED, text)
+        if "eyJ" in text:
+            text = _JWT_RUN_RE.sub(_mask_jwt, text)
         return text
 
 

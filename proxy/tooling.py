@@ -10,6 +10,7 @@ refused, and asks the provider again (a corrective turn), up to
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,28 +24,82 @@ DEFAULT_MAX_CORRECTIONS = 2
 NOT_EXECUTED = "Not executed: another tool call in the same turn was refused. Issue it again if it is still needed."
 
 
-def parse_call(call_id: str, name: str, arguments: str, index: int) -> ToolCall:
-    """A ToolCall with its arguments parsed (or the reason they did not parse)."""
-    call = ToolCall(id=call_id, name=name, arguments=arguments, index=index)
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def duplicate_key(arguments: str) -> str | None:
+    """The first key that occurs twice in one JSON object of ``arguments``, else ``None``.
+
+    Parsers disagree on duplicates (most keep the last, some the first, some
+    refuse), so the value Warden validates might not be the one the
+    application executes: such arguments are refused as malformed.
+    """
+    if arguments.count('"') < 4:
+        return None
     try:
-        parsed = orjson.loads(arguments) if arguments else None
+        json.loads(arguments, object_pairs_hook=_reject_duplicates)
+    except _DuplicateKey as e:
+        return e.key
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
+def loads_arguments(arguments: str) -> tuple[dict[str, Any] | None, str | None]:
+    """Tool-call arguments as a JSON object, or why they are not one (invalid JSON, not an object, a duplicate key)."""
+    try:
+        parsed = orjson.loads(arguments)
     except orjson.JSONDecodeError as e:
-        call.parse_error = f"arguments are not valid JSON: {e}"
-        return call
+        return None, f"arguments are not valid JSON: {e}"
     if not isinstance(parsed, dict):
+        return None, "arguments must be a JSON object"
+    dup = duplicate_key(arguments)
+    if dup is not None:
+        return None, f"arguments contain the duplicate key {dup[:64]!r}; every key may appear only once"
+    return parsed, None
+
+
+def parse_call(call_id: str, name: str, arguments: str, index: int, legacy: bool = False) -> ToolCall:
+    """A ToolCall with its arguments parsed (or the reason they did not parse)."""
+    call = ToolCall(id=call_id, name=name, arguments=arguments, index=index, legacy=legacy)
+    if not arguments:
         call.parse_error = "arguments must be a JSON object"
-    else:
-        call.parsed = parsed
+        return call
+    call.parsed, call.parse_error = loads_arguments(arguments)
     return call
 
 
 def calls_from_message(message: dict[str, Any]) -> list[ToolCall]:
-    """Tool calls of a non-streamed assistant message (malformed entries become invalid calls)."""
+    """Tool calls of a non-streamed assistant message (malformed entries become invalid calls).
+
+    A legacy ``function_call`` is a call too (judged like any other).
+    """
     out: list[ToolCall] = []
     raw = message.get("tool_calls")
-    if not isinstance(raw, list):
+    fc = message.get("function_call")
+    if fc is not None:
+        name = fc.get("name") if isinstance(fc, dict) else None
+        args = fc.get("arguments") if isinstance(fc, dict) else None
+        out.append(parse_call("function_call", str(name or ""), args if isinstance(args, str) else orjson.dumps(args).decode(), 0, legacy=True))
+    if raw is None:
         return out
-    for i, tc in enumerate(raw):
+    if not isinstance(raw, list):
+        call = ToolCall(id="call_0", name="", arguments="", index=len(out))
+        call.parse_error = "tool_calls must be a list"
+        return [*out, call]
+    for i, tc in enumerate(raw, start=len(out)):
         fn = tc.get("function") if isinstance(tc, dict) else None
         if not isinstance(fn, dict):
             call = ToolCall(id=str(tc.get("id", f"call_{i}")) if isinstance(tc, dict) else f"call_{i}", name="", arguments="", index=i)
@@ -56,6 +111,11 @@ def calls_from_message(message: dict[str, Any]) -> list[ToolCall]:
     return out
 
 
+def has_calls(message: Any) -> bool:
+    """Whether a message or a delta carries tool calls (``tool_calls`` or legacy ``function_call``)."""
+    return isinstance(message, dict) and (message.get("tool_calls") is not None or message.get("function_call") is not None)
+
+
 @dataclass(slots=True)
 class _Partial:
     id: str = ""
@@ -65,12 +125,16 @@ class _Partial:
 
 
 class StreamedCalls:
-    """Assembles streamed tool-call deltas (choice 0) until each call is complete."""
+    """Assembles streamed tool-call deltas (choice 0) until each call is complete.
 
-    __slots__ = ("parts",)
+    A legacy ``function_call`` delta is assembled as one call marked ``legacy``.
+    """
+
+    __slots__ = ("parts", "legacy")
 
     def __init__(self) -> None:
         self.parts: dict[int, _Partial] = {}
+        self.legacy: _Partial | None = None
 
     def add(self, deltas: list[Any]) -> None:
         for d in deltas:
@@ -93,24 +157,54 @@ class StreamedCalls:
                 if isinstance(fn.get("arguments"), str):
                     p.args.append(fn["arguments"])
 
+    def add_legacy(self, fc: Any) -> None:
+        """One ``delta.function_call`` fragment."""
+        if self.legacy is None:
+            self.legacy = _Partial(id="function_call")
+        if isinstance(fc, dict):
+            if isinstance(fc.get("name"), str):
+                self.legacy.name += fc["name"]
+            if isinstance(fc.get("arguments"), str):
+                self.legacy.args.append(fc["arguments"])
+
     def __bool__(self) -> bool:
-        return bool(self.parts)
+        return bool(self.parts) or self.legacy is not None
 
     def calls(self) -> list[ToolCall]:
-        return [parse_call(p.id or f"call_{i}", p.name, "".join(p.args), i) for i, p in sorted(self.parts.items())]
+        out = []
+        if self.legacy is not None:
+            out.append(parse_call(self.legacy.id, self.legacy.name, "".join(self.legacy.args), 0, legacy=True))
+        base = len(out)
+        out.extend(parse_call(p.id or f"call_{i}", p.name, "".join(p.args), base + i) for i, p in sorted(self.parts.items()))
+        return out
 
 
 def assistant_message(content: str | None, calls: list[ToolCall]) -> dict[str, Any]:
-    return {
-        "role": "assistant",
-        "content": content or None,
-        "tool_calls": [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls],
-    }
+    msg: dict[str, Any] = {"role": "assistant", "content": content or None}
+    legacy = [c for c in calls if c.legacy]
+    current = [c for c in calls if not c.legacy]
+    if legacy:
+        msg["function_call"] = {"name": legacy[0].name, "arguments": legacy[0].arguments}
+    if current or not legacy:
+        msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in current]
+    return msg
 
 
 def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
     """The whole calls as one streamed delta list (ids, indexes, order preserved)."""
-    return [{"index": c.index, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+    return [{"index": c.index, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls if not c.legacy]
+
+
+def call_delta(calls: list[ToolCall]) -> dict[str, Any]:
+    """The delta that relays judged calls: ``tool_calls`` and/or a legacy ``function_call``."""
+    delta: dict[str, Any] = {}
+    tcs = tool_call_deltas(calls)
+    if tcs:
+        delta["tool_calls"] = tcs
+    for c in calls:
+        if c.legacy:
+            delta["function_call"] = {"name": c.name, "arguments": c.arguments}
+    return delta
 
 
 async def judge(chain: PluginChain, ex: Exchange, calls: list[ToolCall], turn: int) -> list[Decision]:
@@ -134,7 +228,11 @@ def corrective_body(body: dict[str, Any], content: str | None, calls: list[ToolC
     messages = list(body.get("messages") or [])
     messages.append(assistant_message(content, calls))
     for call, d in zip(calls, decisions, strict=True):
-        messages.append({"role": "tool", "tool_call_id": call.id, "content": NOT_EXECUTED if d.kind == "allow" else refusal_text(d)})
+        text = NOT_EXECUTED if d.kind == "allow" else refusal_text(d)
+        if call.legacy:
+            messages.append({"role": "function", "name": call.name, "content": text})
+        else:
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": text})
     new = dict(body)
     new["messages"] = messages
     return new

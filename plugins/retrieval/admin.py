@@ -21,7 +21,7 @@ from aiohttp import web
 
 from plugins.retrieval.acl import Acl, Reader
 from plugins.retrieval.service import DocumentInput, RetrievalService
-from proxy.admin import admin_principal
+from proxy.admin import admin_principal, require_all_tenants
 from proxy.errors import BadRequest, Forbidden, NotFound
 from proxy.plugin import PluginContext
 
@@ -131,6 +131,7 @@ def register_admin_routes(ctx: PluginContext, svc: RetrievalService) -> None:
         return _json({"tenant": tenant, "documents": [d.to_json() for d in docs], "next_after": docs[-1].doc_id if len(docs) == limit else None})
 
     async def index_status(request: web.Request) -> web.Response:
+        require_all_tenants(request, "the index status (counts over every tenant)")
         return _json(await svc.status())
 
     async def search(request: web.Request) -> web.Response:

@@ -9,6 +9,10 @@ is recorded as an admin action in the audit log, with who made it.
 - ``GET  /admin/approvals?status=pending|approved|denied|consumed|expired|all``
 - ``GET  /admin/approvals/{id}``
 - ``POST /admin/approvals/{id}/approve`` and ``/deny`` — ``{"comment": "..."}``
+
+An admin whose token names a tenant manages that tenant only: it sees and
+decides that tenant's approvals (another tenant's approval is a 404), sees
+the global mode and its own tenant's, and may set its own tenant's mode only.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import orjson
 from aiohttp import web
 
 from plugins.tools.store import LIST_STATUSES
-from proxy.admin import admin_principal
-from proxy.errors import BadRequest, Conflict, NotFound, Unauthorized
+from proxy.admin import admin_principal, admin_tenant, require_all_tenants
+from proxy.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from proxy.exchange import Principal
 
 if TYPE_CHECKING:
@@ -54,6 +58,12 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return data
 
 
+def _visible(request: web.Request, tenant: str) -> bool:
+    """Whether this admin manages ``tenant`` (another tenant's approval is answered like a missing one)."""
+    own = admin_tenant(request)
+    return own is None or own == tenant
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
@@ -77,7 +87,15 @@ class ToolsAdmin:
     async def get_mode(self, request: web.Request) -> web.StreamResponse:
         """The current read-only mode."""
         _reviewer(request)
-        return _json(self.plugin.mode.to_json())
+        return _json(self._mode_view(request))
+
+    def _mode_view(self, request: web.Request) -> dict[str, Any]:
+        """The mode as this admin may see it (a tenant admin: the global setting and its own tenant)."""
+        view = self.plugin.mode.to_json()
+        tenant = admin_tenant(request)
+        if tenant is not None:
+            view["tenants"] = {k: v for k, v in view["tenants"].items() if k == tenant}
+        return view
 
     async def put_mode(self, request: web.Request) -> web.StreamResponse:
         """Set (or, with ``read_only: null``, clear) the global or a tenant's read-only mode."""
@@ -94,6 +112,11 @@ class ToolsAdmin:
         tenant = data.get("tenant")
         if tenant is not None and (not isinstance(tenant, str) or not tenant or len(tenant) > 256):
             raise BadRequest("'tenant' must be a non-empty string", param="tenant", rule="admin.mode")
+        own = admin_tenant(request)
+        if own is not None and tenant != own:
+            if tenant is None:
+                require_all_tenants(request, "the global read-only mode")
+            raise Forbidden(f"this admin may manage tenant {own!r} only", param="tenant", rule="admin.tenant")
         before = self.plugin.mode.read_only_for(tenant)[0]
         await self.plugin.set_mode(tenant, read_only, actor)
         after = self.plugin.mode.read_only_for(tenant)[0]
@@ -102,7 +125,7 @@ class ToolsAdmin:
             actor,
             {"tenant": tenant, "read_only": read_only, "effective_before": before, "effective_after": after},
         )
-        return _json(self.plugin.mode.to_json())
+        return _json(self._mode_view(request))
 
     async def list_approvals(self, request: web.Request) -> web.StreamResponse:
         """Approvals by status (default ``pending``), newest first."""
@@ -114,14 +137,14 @@ class ToolsAdmin:
         if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
             raise BadRequest("limit must be an integer from 1 to 1000", param="limit", rule="admin.approvals")
         now = time.time()
-        items = await self.plugin.store_required().list(status, int(limit_text), now)
+        items = await self.plugin.store_required().list(status, int(limit_text), now, tenant=admin_tenant(request))
         return _json({"object": "list", "data": [a.to_json(now) for a in items]})
 
     async def get_approval(self, request: web.Request) -> web.StreamResponse:
         """One approval."""
         _reviewer(request)
         apr = await self.plugin.store_required().get(request.match_info["id"])
-        if apr is None:
+        if apr is None or not _visible(request, apr.tenant):
             raise NotFound(f"approval {request.match_info['id']!r} not found", rule="admin.approvals")
         return _json(apr.to_json(time.time()))
 
@@ -144,6 +167,9 @@ class ToolsAdmin:
             raise BadRequest(f"'comment' must be a string of at most {MAX_COMMENT} characters", param="comment", rule="admin.approvals")
         approval_id = request.match_info["id"]
         store = self.plugin.store_required()
+        current = await store.get(approval_id)
+        if current is None or not _visible(request, current.tenant):
+            raise NotFound(f"approval {approval_id!r} not found", rule="admin.approvals")
         ok = await store.decide(approval_id, verdict, actor, comment, self.plugin.policy.approval_ttl_s)
         now = time.time()
         apr = await store.get(approval_id)

@@ -24,14 +24,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from plugins.ratelimit.gcra import MemoryGCRA
 from plugins.tools.canonical import call_key, canonical_json, fingerprint
 from plugins.tools.config import CompiledTool, PolicyConfig, ToolRegistry
 from plugins.tools.policy import ModeState, permission_failure, quote
 from plugins.tools.store import ToolStateStore
 from proxy.exchange import Decision, Exchange, ToolCall
+from proxy.tooling import loads_arguments
 
 log = logging.getLogger("warden.tools")
 
@@ -72,13 +71,7 @@ def parse_arguments(call: ToolCall) -> tuple[dict[str, Any] | None, str | None]:
     raw = call.arguments.strip() if call.arguments else ""
     if not raw:
         return None, "the arguments are empty"
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        return None, str(e)
-    if not isinstance(value, dict):
-        return None, f"the arguments must be a JSON object, got {type(value).__name__}"
-    return value, None
+    return loads_arguments(raw)
 
 
 class ToolJudge:

@@ -25,7 +25,7 @@ from plugins.tools.judge import ExchangeState, ToolJudge
 from plugins.tools.policy import ModeState, permission_failure
 from plugins.tools.request import fence_tools, scan_history
 from plugins.tools.store import ToolStateStore
-from proxy.errors import ConfigError, ServiceUnavailable
+from proxy.errors import BadRequest, ConfigError, ServiceUnavailable
 from proxy.exchange import Decision, Exchange, ToolCall
 from proxy.plugin import Plugin, PluginContext
 
@@ -219,6 +219,13 @@ class ToolsPlugin(Plugin):
         if not isinstance(body, dict):
             return
         if "tools" in body or "functions" in body:
+            n = body.get("n")
+            if n is not None and n != 1:
+                raise BadRequest(
+                    "'n' must be 1 when tools are offered: Warden judges and corrects the tool calls of one choice only",
+                    param="n",
+                    rule="tools.n",
+                )
             tenant = ex.principal.tenant if ex.principal is not None else None
             read_only, where = self.mode.read_only_for(tenant)
             registry = self.registry

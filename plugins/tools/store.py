@@ -311,8 +311,8 @@ class ToolStateStore:
             row = await cur.fetchone()
         return _row(row) if row else None
 
-    async def list(self, status: str, limit: int = 200, now: float | None = None) -> list[Approval]:
-        """Approvals with this (effective) status, newest first."""
+    async def list(self, status: str, limit: int = 200, now: float | None = None, tenant: str | None = None) -> list[Approval]:
+        """Approvals with this (effective) status, newest first (of one tenant when ``tenant`` is given)."""
         now = time.time() if now is None else now
         where, params = {
             "pending": ("status = 'pending' AND expires > ?", (now,)),
@@ -322,6 +322,8 @@ class ToolStateStore:
             "expired": ("status IN ('pending', 'approved') AND expires <= ?", (now,)),
             "all": ("1 = 1", ()),
         }[status]
+        if tenant is not None:
+            where, params = f"({where}) AND tenant = ?", (*params, tenant)
         async with self.db.execute(
             f"SELECT {_COLUMNS} FROM tool_approvals WHERE {where} ORDER BY created DESC LIMIT ?", (*params, limit)
         ) as cur:

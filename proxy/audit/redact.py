@@ -155,13 +155,23 @@ class _Generic(_Has):
 _generic_pre = _Generic("secret", "passw", "pwd", "apikey", "api_key", "api-key", *_TOKEN_WORDS, lower=True)
 
 
+JWT_RUN = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{9,}+\.[A-Za-z0-9_-]{6,}+\.[A-Za-z0-9_-]*+(?:\.[A-Za-z0-9_-]*+){0,2}+")
+"""Token-shaped runs: every quantifier possessive and a match starts only where a run starts."""
+
+
+def _is_jwt_run(text: str) -> bool:
+    return "eyJ" in text
+
+
 SECRET_RULES: tuple[Rule, ...] = (
     Rule(
         "private_key",
         re.compile(r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----(?:.*?-----END[A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----|.*\Z)", re.S),
         _has("PRIVATE KEY"),
     ),
-    Rule("jwt", re.compile(r"eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"), _has("eyJ")),
+    # A whole dotted run of base64url segments (so a scan starts once per run, never at every "eyJ" inside one:
+    # linear on hostile text), kept when a segment holds a JWT header.
+    Rule("jwt", JWT_RUN, _has("eyJ"), _is_jwt_run),
     Rule("bearer", re.compile(r"bearer\s+(?P<secret>[a-z0-9._~+/=-]{8,})"), _has_lower("bearer"), on_lower=True),
     Rule(
         "provider_key",

@@ -110,3 +110,12 @@ async def test_embedder_down_forwards_without_context(rw: RunningWarden, fake: F
     out = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "office hours?"}])
     assert out.choices[0].message.content
     assert _system_messages(fake) == []
+
+
+async def test_tenant_admin_cannot_read_the_index_status_of_every_tenant(rw: RunningWarden, token: Any) -> None:
+    headers = {"Authorization": f"Bearer {token(tenant='acme', sub='root', scope='warden:admin')}"}
+    async with aiohttp.ClientSession(headers=headers) as s:
+        async with s.get(f"{rw.admin_url}/admin/index/status") as r:
+            assert r.status == 403 and "admin.tenant" in (await r.json())["error"]["message"]
+        async with s.get(f"{rw.admin_url}/admin/documents", params={"tenant": "acme"}) as r:
+            assert r.status == 200

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from proxy.audit.redact import Redactor, luhn_ok
@@ -128,3 +130,17 @@ def test_non_ascii_text_keeps_positions() -> None:
     r = Redactor()
     out = r.text("İstanbul ünïcode password=hunter2hunter2 end", {})
     assert out == "İstanbul ünïcode password=[REDACTED:generic_secret] end"
+
+
+@pytest.mark.parametrize("hostile", ["eyJ" * 40_000, "eyJ" + "a" * 120_000, ("eyJaaaaaaa." * 11_000)])
+def test_hostile_token_shaped_text_is_redacted_in_linear_time(hostile: str) -> None:
+    # Every "eyJ" used to start a scan to the end of the string: quadratic on prompt-sized text.
+    started = time.perf_counter()
+    Redactor().value({"prompt": hostile}, {})
+    assert time.perf_counter() - started < 1.0
+
+
+def test_jwt_inside_a_word_run_is_still_redacted_at_its_start() -> None:
+    jwt_text = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXZhbHVl"
+    counts: dict[str, int] = {}
+    assert Redactor().text(f"token={jwt_text} and x{jwt_text}", counts).count("[REDACTED:") == 2
