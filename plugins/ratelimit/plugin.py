@@ -254,7 +254,10 @@ class LimitsPlugin(Plugin):
         if not valid_key(key):
             raise BadRequest("the Idempotency-Key header must be 1 to 255 printable ASCII characters", rule=rule, param="Idempotency-Key")
         tenant = ex.principal.tenant if ex.principal is not None else ANONYMOUS
-        kh, bh = hash_key(key), hash_body(ex.raw_body)
+        # Scoped to the caller, not only the tenant: a recorded answer can hold
+        # context only that user may read, and a key is no credential.
+        subject = ex.principal.subject if ex.principal is not None else ""
+        kh, bh = hash_key(f"{subject}\x00{key}"), hash_body(ex.raw_body)
         owner = f"{ex.request_id}.{uuid.uuid4().hex[:12]}"
         deadline = time.monotonic() + s.idempotency_wait_s
         poll = 0.01

@@ -113,6 +113,18 @@ async def test_idempotency_is_per_tenant(warden_factory: WardenFactory, token: C
     assert len(fake.chat_requests()) == 2
 
 
+async def test_idempotency_is_per_user_within_a_tenant(warden_factory: WardenFactory, token: Callable[..., str], fake: FakeProvider) -> None:
+    """A recorded answer may hold context only its user may read: another user's same key does not replay it."""
+    rw = await start(warden_factory)
+    fake.push(Reply(content="alice's answer"), Reply(content="bob's answer"))
+    headers = {"Idempotency-Key": "same-key"}
+    a = await sdk(rw, token, tenant="a", sub="alice").chat.completions.create(model="gpt-test", messages=MSG, extra_headers=headers)
+    b = await sdk(rw, token, tenant="a", sub="bob").chat.completions.create(model="gpt-test", messages=MSG, extra_headers=headers)
+    assert a.choices[0].message.content == "alice's answer"
+    assert b.choices[0].message.content == "bob's answer"
+    assert len(fake.chat_requests()) == 2
+
+
 async def test_streamed_tokens_are_reconciled(warden_factory: WardenFactory, token: Callable[..., str], fake: FakeProvider) -> None:
     rw = await start(warden_factory, rules=[{"scope": "tenant", "tokens": "5000/minute"}])
     client = sdk(rw, token)

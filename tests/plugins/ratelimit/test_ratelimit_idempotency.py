@@ -116,8 +116,11 @@ async def test_tenants_are_separate(plugin: LimitsPlugin) -> None:
     await drive(plugin, make_exchange(tenant="a", headers=KEY), up, answer=completion("for tenant a"))
     b = await drive(plugin, make_exchange(tenant="b", headers=KEY), up, answer=completion("for tenant b"))
     assert b.local_reply is None and up.calls == 2
-    # the same user name in another tenant does not see tenant a's answer either, and a's replay is a's
-    a2 = await drive(plugin, make_exchange(tenant="a", subject="carol", headers=KEY), up)
+    # keys are per caller: another user of tenant a does not get the answer either...
+    carol = await drive(plugin, make_exchange(tenant="a", subject="carol", headers=KEY), up, answer=completion("for carol"))
+    assert carol.local_reply is None and up.calls == 3
+    # ...while the same caller's retry is replayed
+    a2 = await drive(plugin, make_exchange(tenant="a", headers=KEY), up)
     assert a2.local_reply is not None and b"for tenant a" in a2.local_reply.body
 
 
