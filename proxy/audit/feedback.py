@@ -26,7 +26,7 @@ _FIELDS = {"request_id", "rating", "comment", "accepted_answer", "correction"}
 class FeedbackStore(Protocol):
     """What feedback needs from the audit store."""
 
-    async def find(self, request_id: str) -> dict[str, Any] | None: ...
+    async def find(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None: ...
 
     async def record_event(self, kind: str, actor: dict[str, Any], data: dict[str, Any]) -> None: ...
 
@@ -74,7 +74,7 @@ async def submit_feedback(audit: FeedbackStore, principal: Principal, payload: A
     "recorded": true}``.  Raises :class:`BadRequest` or :class:`NotFound`.
     """
     data = validate_feedback(payload)
-    rec = await audit.find(data["request_id"])
+    rec = await audit.find(data["request_id"], principal.tenant)
     owner = (rec or {}).get("principal") or {}
     if rec is None or owner.get("tenant") != principal.tenant:
         raise NotFound(f"no request {data['request_id']!r} for this tenant", rule="feedback.request", param="request_id")

@@ -29,11 +29,18 @@ class AuditReader:
     async def close(self) -> None:
         await self.db.close()
 
-    async def find(self, request_id: str) -> dict[str, Any] | None:
-        """The exchange record of ``request_id`` (with ``_seq``), or ``None``."""
-        async with self.db.execute(
-            "SELECT seq, body FROM records WHERE request_id = ? AND kind = 'exchange' ORDER BY seq DESC LIMIT 1", (request_id,)
-        ) as cur:
+    async def find(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """The newest exchange record of ``request_id`` (with ``_seq``), in ``tenant`` when given, or ``None``.
+
+        Request ids come from clients and can repeat across tenants: a lookup on
+        a tenant's behalf must name the tenant.
+        """
+        sql = "SELECT seq, body FROM records WHERE request_id = ? AND kind = 'exchange'"
+        params: tuple[str, ...] = (request_id,)
+        if tenant is not None:
+            sql += " AND tenant = ?"
+            params = (request_id, tenant)
+        async with self.db.execute(sql + " ORDER BY seq DESC LIMIT 1", params) as cur:
             row = await cur.fetchone()
         if row is None:
             return None

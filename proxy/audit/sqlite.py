@@ -247,9 +247,9 @@ class SQLiteAuditLog:
 
     # -- queries (for feedback, the CLI and admin routes) ---------------------
 
-    async def find(self, request_id: str) -> dict[str, Any] | None:
+    async def find(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
         """The exchange record of ``request_id``, or ``None``."""
-        return await self._require_reader().find(request_id)
+        return await self._require_reader().find(request_id, tenant)
 
     async def search(
         self,
