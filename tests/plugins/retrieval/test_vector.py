@@ -200,3 +200,42 @@ def test_clear_compaction_and_graph_snapshot(tmp_path: Path) -> None:
     again.commit()
     assert VectorIndex(path, DIM).count() == 1
     assert len(list(path.glob("gen-*"))) == 1
+
+
+def test_concurrent_searches_never_see_deleted_versions() -> None:
+    """While documents are replaced, no search started after a deletion returned sees the old version."""
+    import threading
+
+    rng = np.random.default_rng(5)
+    ix = VectorIndex(None, DIM, exact_max=0, graph_min_fraction=0.0, add_slice=7)
+    base = unit(rng, 30)
+
+    def version(v: int) -> list[IndexedChunk]:
+        return [IndexedChunk(f"acme/d{i}#v{v}", "acme", f"d{i}", "", Acl(public=True), base[i]) for i in range(30)]
+
+    ix.upsert(version(0))
+    deleted_upto = -1
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def searcher() -> None:
+        while not stop.is_set():
+            floor = deleted_upto
+            for cid, _s in ix.search(Reader("acme", "zed"), base[0], 30):
+                if int(cid.rsplit("#v", 1)[1]) <= floor:
+                    errors.append(cid)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for v in range(1, 20):
+            ix.delete_docs([("acme", f"d{i}") for i in range(30)])
+            deleted_upto = v - 1
+            ix.upsert(version(v))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert {c for c, _ in ix.search(Reader("acme", "zed"), base[0], 50)} == {c.chunk_id for c in version(19)}
