@@ -448,11 +448,12 @@ class VectorIndex:
             if size == 0:
                 return []
             live = len(self._chunk_ids) - self._dead
+            k = min(k, size)
             if size <= self.exact_max or size < self.graph_min_fraction * live:
                 ids, scores = self._exact(classes, q, k)
             else:
                 ids, scores = self._graph_search(classes, size, live, q, k)
-                if len(ids) < min(k, size):
+                if len(ids) < k:
                     ids, scores = self._exact(classes, q, k)
             return [(self._chunk_ids[i], float(s)) for i, s in zip(ids, scores, strict=True)]
 

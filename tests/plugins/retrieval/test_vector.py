@@ -142,6 +142,9 @@ def test_rejects_bad_vectors() -> None:
     with pytest.raises(ValueError):
         ix.search(Reader("t", "u"), np.ones(3, np.float32), 5)
     assert ix.search(Reader("t", "u"), np.full(DIM, np.inf, np.float32), 5) == []
+    ix.upsert([IndexedChunk("a", "t", "d", "", Acl(public=True), np.ones(DIM, np.float32) / 4)])
+    assert len(ix.search(Reader("t", "u"), np.ones(DIM, np.float32) / 4, 10**12)) == 1
+    ix.delete_docs([("t", "d")])
     assert ix.count() == 0
 
 
