@@ -56,6 +56,8 @@ class UpstreamConfig:
     max_retries: int = 2
     retry_backoff_s: float = 0.2
     max_connections: int = 100
+    max_response_bytes: int = 64 * 1024 * 1024
+    stream_usage: bool = True
     provider_name: str = "openai"
 
     def validate(self, key: str) -> None:

@@ -165,6 +165,7 @@ class Exchange:
     retrieved: list[RetrievedChunk] = field(default_factory=list)
     citations: list[dict[str, Any]] = field(default_factory=list)
     response_body: Any = None
+    response_modified: bool = False
     response_text: str | None = None
     finish_reasons: list[str] = field(default_factory=list)
     usage: dict[str, Any] | None = None
@@ -177,6 +178,7 @@ class Exchange:
     annotations: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     ended: float | None = None
+    recorded: bool = False
 
     def set_body(self, body: dict[str, Any]) -> None:
         """Replace the parsed body; the core re-serializes it before sending upstream."""

@@ -90,10 +90,12 @@ class Plugin:
     async def stop(self) -> None:
         """Called once at shutdown, after in-flight requests drained."""
 
-    async def reload(self, section: Any) -> None:
+    async def reload(self, section: Any, **extra_sections: Any) -> None:
         """Apply a new validated config section (SIGHUP / file change).
 
-        Raise :class:`~proxy.errors.ConfigError` to refuse; the old one stays.
+        The plugin's ``extra_sections`` (e.g. ``[[tools]]``) come as keyword
+        arguments named after them.  Raise :class:`~proxy.errors.ConfigError`
+        to refuse; the old one stays.
         """
         self.section = section
 

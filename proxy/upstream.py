@@ -1,0 +1,150 @@
+"""The provider side: one pooled ``aiohttp.ClientSession``, timeouts, safe retries.
+
+Retries happen only where they cannot duplicate work the client already saw:
+on a connection failure, or on a 502/503/504 answer, before any byte of the
+answer was relayed.  The provider key comes from Warden's own environment; the
+caller's token never goes upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamError, UpstreamTimeout
+
+log = logging.getLogger("warden.upstream")
+
+RETRY_STATUSES = frozenset({502, 503, 504})
+FORWARD_REQUEST_HEADERS = ("content-type", "accept", "openai-beta", "user-agent", "tracestate")
+RELAY_RESPONSE_HEADERS = (
+    "content-type",
+    "retry-after",
+    "openai-processing-ms",
+    "openai-version",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+)
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    """An open upstream response; ``close()`` cancels the upstream request."""
+
+    status: int
+    headers: CIMultiDict[str]
+    resp: aiohttp.ClientResponse
+    attempts: int
+
+    def relay_headers(self) -> dict[str, str]:
+        out = {}
+        for h in RELAY_RESPONSE_HEADERS:
+            v = self.resp.headers.get(h)
+            if v is not None:
+                out[h] = v
+        return out
+
+    def close(self) -> None:
+        self.resp.close()
+
+    def release(self) -> None:
+        self.resp.release()
+
+
+class Upstream:
+    """The one client towards the provider."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.cfg = cfg
+        self.base = cfg.base_url.rstrip("/")
+        self.session: aiohttp.ClientSession | None = None
+        key = cfg.api_key
+        self._auth = f"Bearer {key}" if key else None
+        if cfg.api_key_env and not key:
+            log.warning("environment variable %s is not set: requests go upstream without a provider key", cfg.api_key_env)
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s, sock_connect=cfg.connect_timeout_s, sock_read=cfg.timeout_s)
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.base)
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def build_headers(self, incoming: Any, extra: dict[str, str]) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for h in FORWARD_REQUEST_HEADERS:
+            v = incoming.get(h)
+            if v is not None:
+                headers[h] = v
+        headers.update(extra)
+        if self._auth is not None:
+            headers["Authorization"] = self._auth
+        return headers
+
+    async def send(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> UpstreamResponse:
+        """Send a request; retries before any byte was relayed.  Raises UpstreamError / UpstreamTimeout."""
+        assert self.session is not None, "upstream session not started"
+        url = self.base + path
+        attempts = 0
+        delay = self.cfg.retry_backoff_s
+        while True:
+            attempts += 1
+            try:
+                resp = await self.session.request(method, url, data=body, headers=headers, allow_redirects=False)
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                if attempts > self.cfg.max_retries:
+                    raise UpstreamTimeout("the provider did not answer in time", rule="upstream.timeout_s") from None
+            except aiohttp.ClientConnectorError as e:
+                if attempts > self.cfg.max_retries:
+                    raise UpstreamError(f"cannot connect to the provider ({e.os_error.strerror or 'connection failed'})", rule="upstream.base_url") from None
+            except aiohttp.ClientError as e:
+                if attempts > self.cfg.max_retries:
+                    raise UpstreamError(f"provider connection failed: {type(e).__name__}", rule="upstream.base_url") from None
+            else:
+                if resp.status in RETRY_STATUSES and attempts <= self.cfg.max_retries:
+                    resp.release()
+                else:
+                    return UpstreamResponse(resp.status, resp.headers.copy(), resp, attempts)
+            await asyncio.sleep(delay)
+            delay *= 2
+
+    async def read_body(self, ur: UpstreamResponse, limit: int) -> bytes:
+        """Read a whole (non-streamed) answer, bounded; timeouts become 504."""
+        try:
+            chunks = []
+            size = 0
+            async for chunk in ur.resp.content.iter_chunked(65536):
+                size += len(chunk)
+                if size > limit:
+                    ur.close()
+                    raise UpstreamError("the provider's answer is too large", rule="upstream.max_response_bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            ur.close()
+            raise UpstreamTimeout("the provider did not finish its answer in time", rule="upstream.timeout_s") from None
+        except aiohttp.ClientError as e:
+            ur.close()
+            raise UpstreamError(f"the provider connection broke: {type(e).__name__}", rule="upstream.base_url") from None
+        finally:
+            ur.release()

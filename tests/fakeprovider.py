@@ -1,0 +1,253 @@
+"""A scriptable fake OpenAI-compatible provider that speaks the real wire format.
+
+It is the one stand-in the tests use: chat completions as JSON and as SSE
+(role chunk, content deltas, tool-call deltas split across events, finish
+chunk, ``stream_options.include_usage`` usage chunk, ``data: [DONE]``),
+embeddings and the model list, exactly as the official ``openai`` SDK expects.
+
+Script answers with :meth:`FakeProvider.push` (chat) and :meth:`FakeProvider.push_embedding`; with nothing scripted it
+answers ``"Hello from the fake provider."``.  Every request it receives is kept
+in :attr:`FakeProvider.requests` (path, headers, parsed body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Reply:
+    """One scripted answer.
+
+    - ``content`` / ``tool_calls`` (``[{"name", "arguments", "id"?}]``, arguments as raw text);
+    - ``status`` with ``error`` (an OpenAI error body is built) or ``body`` (raw bytes);
+    - ``delay_s`` before the headers, ``chunk_delay_s`` between SSE events, ``hang`` never answers;
+    - ``raw_events``: SSE data payloads sent as they are (for malformed streams);
+    - ``cut_after``: close the connection after that many events (a stream cut mid-way);
+    - ``usage``: override the reported usage; ``model``: the reported model.
+    """
+
+    content: str | None = "Hello from the fake provider."
+    tool_calls: list[dict[str, Any]] | None = None
+    status: int = 200
+    error: str | None = None
+    body: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    chunk_delay_s: float = 0.0
+    hang: bool = False
+    raw_events: list[bytes] | None = None
+    cut_after: int | None = None
+    usage: dict[str, int] | None = None
+    model: str | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Received:
+    path: str
+    method: str
+    headers: CIMultiDict[str]
+    body: Any
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+class FakeProvider:
+    def __init__(self, embedding_dim: int = 384) -> None:
+        self.script: deque[Reply] = deque()
+        self.embedding_script: deque[Reply] = deque()
+        self.requests: list[Received] = []
+        self.embedding_dim = embedding_dim
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self.disconnects = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def push(self, *replies: Reply) -> None:
+        """Script the next chat completion answers, in order."""
+        self.script.extend(replies)
+
+    def push_embedding(self, *replies: Reply) -> None:
+        """Script the next embeddings answers (only ``status``/``error``/``body`` are used)."""
+        self.embedding_script.extend(replies)
+
+    def chat_requests(self) -> list[Received]:
+        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    async def start(self, port: int = 0) -> str:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_route("*", "/v1/{tail:.*}", self._echo)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _record(self, request: web.Request) -> Any:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = raw
+        self.requests.append(Received(request.path, request.method, CIMultiDict(request.headers), body))
+        return body
+
+    async def _models(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}]})
+
+    async def _echo(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        return web.json_response({"object": "echo", "path": request.path, "method": request.method, "body": body if not isinstance(body, bytes) else None})
+
+    def embed(self, text: str) -> list[float]:
+        """Deterministic unit vector for ``text`` (bag of hashed words, so similar texts are close)."""
+        v = [0.0] * self.embedding_dim
+        for word in text.lower().split():
+            h = hashlib.sha256(word.encode()).digest()
+            for i in range(4):
+                idx = int.from_bytes(h[i * 4 : i * 4 + 4], "little") % self.embedding_dim
+                v[idx] += 1.0 if h[16 + i] & 1 else -1.0
+        norm = math.sqrt(sum(x * x for x in v)) or 1.0
+        return [x / norm for x in v]
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        reply = self.embedding_script.popleft() if self.embedding_script else None
+        if reply is not None and reply.status != 200:
+            return self._error(reply)
+        inputs = body.get("input") if isinstance(body, dict) else None
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list):
+            return web.json_response({"error": {"message": "input required", "type": "invalid_request_error", "code": None, "param": "input"}}, status=400)
+        data = [{"object": "embedding", "index": i, "embedding": self.embed(str(t))} for i, t in enumerate(inputs)]
+        tokens = sum(_tokens(str(t)) for t in inputs)
+        return web.json_response({"object": "list", "data": data, "model": body.get("model", "fake-embed"), "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    def _error(self, reply: Reply) -> web.Response:
+        if reply.body is not None:
+            return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+        err = {"error": {"message": reply.error or f"fake error {reply.status}", "type": "api_error", "code": None, "param": None}}
+        return web.Response(status=reply.status, body=orjson.dumps(err), content_type="application/json", headers=reply.headers)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        reply = self.script.popleft() if self.script else Reply()
+        if reply.hang:
+            await asyncio.sleep(3600)
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        if reply.status != 200:
+            return self._error(reply)
+        if not isinstance(body, dict):
+            return web.json_response({"error": {"message": "bad json", "type": "invalid_request_error", "code": None, "param": None}}, status=400)
+        model = reply.model or body.get("model", "fake-model")
+        prompt_tokens = _tokens(orjson.dumps(body.get("messages", [])).decode())
+        completion_tokens = _tokens((reply.content or "") + "".join(tc.get("arguments", "") for tc in reply.tool_calls or []))
+        usage = reply.usage or {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        cid = f"chatcmpl-fake{next(_ids)}"
+        created = int(time.time())
+        calls = [
+            {"id": tc.get("id") or f"call_{cid[-6:]}_{i}", "type": "function", "function": {"name": tc["name"], "arguments": tc.get("arguments", "{}")}}
+            for i, tc in enumerate(reply.tool_calls or [])
+        ]
+        finish = reply.finish_reason or ("tool_calls" if calls else "stop")
+        if body.get("stream"):
+            return await self._stream(request, body, reply, cid, created, model, calls, finish, usage)
+        message: dict[str, Any] = {"role": "assistant", "content": reply.content if not calls or reply.content else None}
+        if calls:
+            message["tool_calls"] = calls
+        if reply.body is not None:
+            return web.Response(body=reply.body, content_type="application/json")
+        out = {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_fake",
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": usage,
+        }
+        return web.Response(body=orjson.dumps(out), content_type="application/json", headers=reply.headers)
+
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], reply: Reply, cid: str, created: int, model: str, calls: list[dict[str, Any]], finish: str, usage: dict[str, int]
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **reply.headers})
+        await resp.prepare(request)
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            return orjson.dumps(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "system_fingerprint": "fp_fake",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                }
+            )
+
+        if reply.raw_events is not None:
+            events = list(reply.raw_events)
+        else:
+            events = [chunk({"role": "assistant", "content": ""})]
+            if reply.content:
+                words = reply.content.split(" ")
+                for i, w in enumerate(words):
+                    events.append(chunk({"content": w if i == 0 else " " + w}))
+            for i, c in enumerate(calls):
+                events.append(chunk({"tool_calls": [{"index": i, "id": c["id"], "type": "function", "function": {"name": c["function"]["name"], "arguments": ""}}]}))
+                args = c["function"]["arguments"]
+                step = max(1, len(args) // 3)
+                for j in range(0, len(args), step):
+                    events.append(chunk({"tool_calls": [{"index": i, "function": {"arguments": args[j : j + step]}}]}))
+            events.append(chunk({}, finish))
+            opts = body.get("stream_options")
+            if isinstance(opts, dict) and opts.get("include_usage"):
+                events.append(orjson.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage}))
+            events.append(b"[DONE]")
+        try:
+            for n, payload in enumerate(events):
+                if reply.cut_after is not None and n >= reply.cut_after:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return resp
+                if reply.chunk_delay_s:
+                    await asyncio.sleep(reply.chunk_delay_s)
+                await resp.write(b"data: " + payload + b"\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, ConnectionError):
+            self.disconnects += 1
+        except asyncio.CancelledError:
+            self.disconnects += 1
+            raise
+        return resp

@@ -1,0 +1,51 @@
+"""Fixtures for the retrieval pipeline tests: a real embeddings endpoint and services on temp files."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plugins.retrieval.config import RetrievalConfig
+from plugins.retrieval.embed import UpstreamEmbedder
+from plugins.retrieval.service import RetrievalService
+from tests.fakeprovider import FakeProvider
+
+EMBED_DIM = 32
+
+ServiceFactory = Callable[..., Awaitable[RetrievalService]]
+
+
+@pytest.fixture
+async def embed_provider() -> AsyncIterator[FakeProvider]:
+    fp = FakeProvider(embedding_dim=EMBED_DIM)
+    await fp.start()
+    yield fp
+    await fp.stop()
+
+
+@pytest.fixture
+async def service_factory(tmp_path: Path, embed_provider: FakeProvider) -> AsyncIterator[ServiceFactory]:
+    """Start RetrievalServices on files under tmp_path (``name`` picks a separate db/index)."""
+    started: list[RetrievalService] = []
+
+    async def make(name: str = "idx", *, start: bool = True, own_engines: bool = True, embedder: bool = True, **cfg: Any) -> RetrievalService:
+        if not embedder:
+            cfg.setdefault("embedder", "none")
+            cfg.setdefault("mode", "bm25")
+        conf = RetrievalConfig(**cfg)
+        conf.validate("retrieval")
+        emb = None
+        if conf.embedder == "upstream":
+            emb = UpstreamEmbedder(embed_provider.base_url, "sk-test", conf.embedding_model, conf.embedding_dim or None, conf.embedding_batch, conf.embedding_timeout_s)
+        svc = RetrievalService(conf, tmp_path / f"{name}.db", tmp_path / f"{name}-index", emb)
+        if start:
+            await svc.start(own_engines=own_engines)
+        started.append(svc)
+        return svc
+
+    yield make
+    for svc in reversed(started):
+        await svc.close()

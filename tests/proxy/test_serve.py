@@ -1,0 +1,203 @@
+"""The real ``warden serve`` process: probes, graceful drain on SIGTERM, config reload."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import AUDIENCE, ISSUER, Keys, make_token
+from tests.fakeprovider import FakeProvider, Reply
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def write_config(path: Path, fake: FakeProvider, keys: Keys, port: int, aport: int, header_value: str = "one", extra: str = "") -> None:
+    path.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{aport}"
+drain_s = 10
+use_uvloop = true
+
+[upstream]
+base_url = "{fake.base_url}"
+api_key_env = "WARDEN_TEST_PROVIDER_KEY"
+
+[auth]
+algorithms = ["RS256"]
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+public_key_file = "{keys.public_path}"
+
+[audit]
+enabled = false
+
+[plugins]
+enabled = ["headers"]
+
+[headers]
+add = {{ x-policy = "{header_value}" }}
+{extra}
+"""
+    )
+
+
+class Proc:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, aport: int) -> None:
+        self.proc, self.port, self.aport = proc, port, aport
+        self.base = f"http://127.0.0.1:{port}/v1"
+        self.admin = f"http://127.0.0.1:{aport}"
+
+
+async def start_proc(cfg: Path, port: int, aport: int) -> Proc:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={**os.environ}
+    )
+    p = Proc(proc, port, aport)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(200):
+            try:
+                async with s.get(f"{p.admin}/readyz") as r:
+                    if r.status == 200:
+                        return p
+            except aiohttp.ClientError:
+                pass
+            if proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+    out = await proc.stdout.read() if proc.stdout else b""  # type: ignore[union-attr]
+    proc.kill()
+    raise AssertionError(f"warden did not become ready: {out.decode()[-2000:]}")
+
+
+@pytest.fixture
+async def served(tmp_path: Path, fake: FakeProvider, rsa_keys: Keys) -> AsyncIterator[tuple[Proc, Path]]:
+    port, aport = free_port(), free_port()
+    cfg = tmp_path / "config.toml"
+    write_config(cfg, fake, rsa_keys, port, aport)
+    p = await start_proc(cfg, port, aport)
+    yield p, cfg
+    if p.proc.returncode is None:
+        p.proc.kill()
+        await p.proc.wait()
+
+
+async def test_probes_and_metrics(served: tuple[Proc, Path], rsa_keys: Keys) -> None:
+    p, _ = served
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{p.admin}/healthz") as r:
+            assert r.status == 200
+        h = {"Authorization": f"Bearer {make_token(rsa_keys)}"}
+        async with s.post(f"{p.base}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}, headers=h) as r:
+            assert r.status == 200 and r.headers["x-policy"] == "one"
+        async with s.get(f"{p.admin}/metrics") as r:
+            text = await r.text()
+            assert 'warden_requests_total{model="m",route="chat",status_class="2xx"} 1.0' in text
+
+
+async def test_sigterm_drains_an_open_stream(served: tuple[Proc, Path], fake: FakeProvider, rsa_keys: Keys) -> None:
+    p, _ = served
+    fake.push(Reply(content=" ".join(f"w{i}" for i in range(15)), chunk_delay_s=0.08))
+    h = {"Authorization": f"Bearer {make_token(rsa_keys)}"}
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(f"{p.base}/chat/completions", json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}, headers=h)
+        first = await resp.content.readline()
+        assert first.startswith(b"data: ")
+        p.proc.send_signal(signal.SIGTERM)
+        saw_draining = False
+        for _ in range(20):
+            try:
+                async with s.get(f"{p.admin}/readyz") as r:
+                    if r.status == 503:
+                        saw_draining = True
+                        break
+            except aiohttp.ClientError:
+                break
+            await asyncio.sleep(0.02)
+        assert saw_draining, "readiness turns false while draining"
+        rest = await resp.content.read()
+        assert rest.rstrip().endswith(b"data: [DONE]"), "the open stream finished"
+        assert b"w14" in rest
+    assert await asyncio.wait_for(p.proc.wait(), 15) == 0
+
+
+async def test_sighup_reload_and_invalid_config_keeps_old(served: tuple[Proc, Path], fake: FakeProvider, rsa_keys: Keys) -> None:
+    p, cfg = served
+    h = {"Authorization": f"Bearer {make_token(rsa_keys)}"}
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+
+    async def header() -> str:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{p.base}/chat/completions", json=body, headers=h) as r:
+                return r.headers["x-policy"]
+
+    write_config(cfg, fake, rsa_keys, p.port, p.aport, header_value="two")
+    p.proc.send_signal(signal.SIGHUP)
+    for _ in range(100):
+        if await header() == "two":
+            break
+        await asyncio.sleep(0.05)
+    assert await header() == "two"
+    cfg.write_text(cfg.read_text().replace('x-policy = "two"', 'x-policy = "three"').replace("[headers]", "[headers]\nbogus_key = 1"))
+    p.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.5)
+    assert await header() == "two", "an invalid config is refused and the old one stays"
+
+
+async def test_configmap_style_symlink_swap_reloads(tmp_path: Path, fake: FakeProvider, rsa_keys: Keys) -> None:
+    port, aport = free_port(), free_port()
+    d1, d2 = tmp_path / "..2026_a", tmp_path / "..2026_b"
+    d1.mkdir()
+    d2.mkdir()
+    write_config(d1 / "config.toml", fake, rsa_keys, port, aport, header_value="old")
+    write_config(d2 / "config.toml", fake, rsa_keys, port, aport, header_value="new")
+    (tmp_path / "..data").symlink_to(d1.name)
+    (tmp_path / "config.toml").symlink_to("..data/config.toml")
+    p = await start_proc(tmp_path / "config.toml", port, aport)
+    try:
+        tmp_link = tmp_path / "..data_tmp"
+        tmp_link.symlink_to(d2.name)
+        os.replace(tmp_link, tmp_path / "..data")
+        h = {"Authorization": f"Bearer {make_token(rsa_keys)}"}
+        got = None
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                async with s.post(f"{p.base}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}, headers=h) as r:
+                    got = r.headers["x-policy"]
+                if got == "new":
+                    break
+                await asyncio.sleep(0.1)
+        assert got == "new"
+    finally:
+        p.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(p.proc.wait(), 15) == 0
+
+
+async def test_invalid_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[server]\nlisten = "nowhere"\n')
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert b"server.listen" in err
+    cfg.write_text("[upstream]\nbase_urll = 'http://x'\n")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 2 and b"upstream.base_urll" in err and b"unknown key" in err
+
+
