@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import faiss
 import numpy
@@ -84,7 +84,8 @@ class _Store:
         self.rows = 0  # committed rows
         self.graph_rows = 0  # rows covered by the newest graph snapshot
         self.ops: list[dict[str, object]] = []
-        self.vectors: list[numpy.ndarray] = []
+        self.pending_rows = 0  # rows appended to vectors.f32 (not yet fsynced) since the last commit
+        self._vectors_file: BinaryIO | None = None
         self.new_generation = True
 
     # load --------------------------------------------------------------
@@ -170,7 +171,14 @@ class _Store:
             run.append(rec)
         if run:
             self.ops.append(self._add_op(first, run))
-        self.vectors.append(vectors)
+        if not self.new_generation:
+            # Straight to the file (fsynced at commit): no second copy in memory. Rows past
+            # the last commit's count are cut off at load, so a crash leaves no trace.
+            assert self.gen is not None
+            if self._vectors_file is None:
+                self._vectors_file = open(self.gen / "vectors.f32", "ab")  # noqa: SIM115 - closed at commit/clear
+            self._vectors_file.write(numpy.ascontiguousarray(vectors, dtype=numpy.float32).tobytes())
+            self.pending_rows += len(vectors)
 
     @staticmethod
     def _add_op(first: int, run: list[Record]) -> dict[str, object]:
@@ -183,7 +191,13 @@ class _Store:
         self.ops.append({"op": "acl", "t": tenant, "d": doc_id, "a": acl.to_json()})
 
     def log_clear(self) -> None:
-        self.ops, self.vectors, self.new_generation = [], [], True
+        self._close_vectors()
+        self.ops, self.pending_rows, self.new_generation = [], 0, True
+
+    def _close_vectors(self) -> None:
+        if self._vectors_file is not None:
+            self._vectors_file.close()
+            self._vectors_file = None
 
     # commit ------------------------------------------------------------
 
@@ -195,18 +209,17 @@ class _Store:
         assert self.gen is not None
         if not self.ops:
             return
-        rows = self.rows + sum(len(v) for v in self.vectors)
-        with open(self.gen / "vectors.f32", "ab") as fh:
-            for v in self.vectors:
-                fh.write(numpy.ascontiguousarray(v, dtype=numpy.float32).tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
+        rows = self.rows + self.pending_rows
+        if self._vectors_file is not None:
+            self._vectors_file.flush()
+            os.fsync(self._vectors_file.fileno())
+            self._close_vectors()
         with open(self.gen / "journal.jsonl", "ab") as fh:
             for op in [*self.ops, {"op": "commit", "n": rows}]:
                 fh.write(json.dumps(op, separators=(",", ":")).encode() + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
-        self.rows, self.ops, self.vectors = rows, [], []
+        self.rows, self.ops, self.pending_rows = rows, [], 0
         if rows - self.graph_rows >= max(self.graph_snapshot_min, rows // 4):
             self._write_graph(self.gen, graph, rows)
 
@@ -230,7 +243,8 @@ class _Store:
         tmp.mkdir()
         (tmp / "meta.json").write_text(json.dumps({"dim": self.dim}))
         numpy.ascontiguousarray(matrix, dtype=numpy.float32).tofile(tmp / "vectors.f32")
-        self.gen, self.rows, self.graph_rows, self.ops, self.vectors = tmp, 0, 0, [], []
+        self._close_vectors()
+        self.gen, self.rows, self.graph_rows, self.ops, self.pending_rows = tmp, 0, 0, [], 0
         self.log_add(0, records, numpy.zeros((0, self.dim), numpy.float32))
         dead_set = set(dead)
         ops = self.ops
