@@ -347,7 +347,7 @@ class VectorIndex:
         graph_min_fraction: float = 0.1,
         hnsw_m: int = 32,
         ef_construction: int = 80,
-        ef_search: int = 64,
+        ef_search: int = 256,
         oversample: int = 4,
         compact_fraction: float = 0.3,
         add_slice: int = 256,
@@ -592,7 +592,7 @@ class VectorIndex:
         params.sel = selector
         fetch = min(size, k * self.oversample)
         fraction = size / max(live, 1)
-        params.efSearch = max(fetch, int(self.ef_search / min(1.0, max(fraction, 0.01))))
+        params.efSearch = max(fetch, int(self.ef_search / min(1.0, max(fraction, 0.01)) ** 0.5))
         scores, ids = self._graph.search(q.reshape(1, -1), fetch, params=params)
         keep = ids[0] >= 0
         ids, scores = ids[0][keep][:k], scores[0][keep][:k]
