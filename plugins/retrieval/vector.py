@@ -347,7 +347,7 @@ class VectorIndex:
         graph_min_fraction: float = 0.1,
         hnsw_m: int = 32,
         ef_construction: int = 80,
-        ef_search: int = 256,
+        ef_search: int = 512,
         oversample: int = 4,
         compact_fraction: float = 0.3,
         add_slice: int = 256,
@@ -563,7 +563,23 @@ class VectorIndex:
         return faiss.rev_swig_ptr(storage.get_xb(), n * self.dim).reshape(n, self.dim)
 
     def _exact(self, classes: list[int], q: numpy.ndarray, k: int) -> tuple[numpy.ndarray, numpy.ndarray]:
-        """Exact top-k over the allowed ids: a flat scan of the stored vectors restricted by a bitmap."""
+        """Exact top-k over the allowed ids.
+
+        A small share of the corpus (at most 2%, or 4,096 ids) is gathered and scored with
+        one BLAS matrix-vector product; a larger one is a flat scan of the stored vectors
+        restricted by the allowed-id bitmap (no copy). Measured at 1M: 0.2 vs 1.6 ms for
+        1k ids, 1.9 vs 3.2 ms for 10k, 28 vs 20 ms for 50k.
+        """
+        arrays = [self._classes[c].ids_array() for c in classes]
+        size = sum(len(a) for a in arrays)
+        if size <= max(4096, len(self._chunk_ids) // 50):
+            ids = arrays[0] if len(arrays) == 1 else numpy.sort(numpy.concatenate(arrays))
+            scores = self._matrix()[ids] @ q
+            if len(ids) > k:
+                part = numpy.argpartition(-scores, k - 1)[:k]
+                ids, scores = ids[part], scores[part]
+            order = numpy.argsort(-scores, kind="stable")
+            return ids[order], scores[order]
         params = faiss.SearchParameters()
         bitmap = self._bitmap(classes)
         params.sel = faiss.IDSelectorBitmap(len(self._chunk_ids), faiss.swig_ptr(bitmap))

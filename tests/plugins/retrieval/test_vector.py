@@ -242,3 +242,22 @@ def test_concurrent_searches_never_see_deleted_versions() -> None:
             t.join()
     assert errors == []
     assert {c for c, _ in ix.search(Reader("acme", "zed"), base[0], 50)} == {c.chunk_id for c in version(19)}
+
+
+def test_both_exact_scans_and_the_graph_agree_with_numpy_on_a_larger_corpus() -> None:
+    """Gathered scan (small share), bitmap scan (large share) and graph path are all exact here."""
+    rng = np.random.default_rng(6)
+    n = 6000
+    vecs = unit(rng, n)
+    acl_of = [Acl(allow_groups=G({"all"} | ({"few"} if i % 100 == 0 else set()))) for i in range(n)]
+    chunks = [IndexedChunk(f"acme/d{i}#0", "acme", f"d{i}", "", acl_of[i], vecs[i]) for i in range(n)]
+    exact_ix = VectorIndex(None, DIM, exact_max=10**9, add_slice=4096)
+    graph_ix = VectorIndex(None, DIM, exact_max=0, graph_min_fraction=0.0, add_slice=4096)
+    exact_ix.upsert(chunks)
+    graph_ix.upsert(chunks)
+    for group in ("all", "few"):  # 6000 ids -> bitmap scan; 60 ids -> gathered scan
+        reader = Reader("acme", "zed", G({group}))
+        for q in unit(rng, 5):
+            want = exact(chunks, reader, q, 10)
+            assert_same_top_k(exact_ix.search(reader, q, 10), want)
+            assert_same_top_k(graph_ix.search(reader, q, 10), want)
