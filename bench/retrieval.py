@@ -161,19 +161,24 @@ def run(size: int, args: argparse.Namespace, rows: list[list[str]]) -> None:
         rows.append([label, "vector build", f"{size / build_s:,.0f} chunks/s", f"{build_s:.1f} s", f"disk {du(workdir / 'vec') / 1e6:,.0f} MB", f"peak RSS {rss:,.0f} MB"])
         qv = clustered(args.queries, centroids, rng)
         ids = np.arange(size)
-        for scope, every in SCOPES.items():
-            reader = reader_for(scope)
-            allowed = ids[ids % every == 0]
-            sub = vectors[allowed]
-            times, recall = [], []
-            for j in range(args.queries):
-                t = time.perf_counter()
-                got = vec.search(reader, qv[j], 10)
-                times.append(time.perf_counter() - t)
-                truth = allowed[np.argsort(-(sub @ qv[j]))[:10]]
-                recall.append(len({f"bench/d{i}#0" for i in truth} & {c for c, _ in got}) / 10)
-            path = "exact" if len(allowed) <= vec.exact_max or len(allowed) < vec.graph_min_fraction * size else "hnsw"
-            rows.append([label, f"vector scope {scope} ({path})", f"p50 {pct(times, 50):.2f} ms", f"p99 {pct(times, 99):.2f} ms", f"recall@10 {np.mean(recall):.4f}", f"min {min(recall):.1f}"])
+        for ef in [vec.ef_search] + args.ef_sweep:
+            vec.ef_search = ef
+            for scope, every in SCOPES.items():
+                allowed = ids[ids % every == 0]
+                path = "exact" if len(allowed) <= vec.exact_max or len(allowed) < vec.graph_min_fraction * size else "hnsw"
+                if ef in args.ef_sweep and path == "exact":
+                    continue
+                reader, sub = reader_for(scope), vectors[allowed]
+                times, recall = [], []
+                for j in range(args.queries):
+                    t = time.perf_counter()
+                    got = vec.search(reader, qv[j], 10)
+                    times.append(time.perf_counter() - t)
+                    truth = allowed[np.argsort(-(sub @ qv[j]))[:10]]
+                    recall.append(len({f"bench/d{i}#0" for i in truth} & {c for c, _ in got}) / 10)
+                name = f"vector scope {scope} ({path}{f', ef_search {ef}' if path == 'hnsw' else ''})"
+                rows.append([label, name, f"p50 {pct(times, 50):.2f} ms", f"p99 {pct(times, 99):.2f} ms", f"recall@10 {np.mean(recall):.4f}", f"min {min(recall):.1f}"])
+        vec.ef_search = VectorIndex(None, DIM).ef_search
         # ---- the whole engine step (query embedding excluded) ----------------
         reader = reader_for("100%")
         times = []
@@ -200,10 +205,12 @@ def main() -> None:
     ap.add_argument("--vector-max", default="1M", help="skip the vector part above this size (default 1M)")
     ap.add_argument("--exact-max", type=int, default=20_000, help="VectorIndex exact_max (default 20000)")
     ap.add_argument("--graph-min-fraction", type=float, default=0.1, help="VectorIndex graph_min_fraction (default 0.1)")
+    ap.add_argument("--ef-sweep", default="", help="extra VectorIndex ef_search values to measure graph-path scopes with, e.g. 64,128")
     ap.add_argument("--writer-threads", type=int, default=1, help="tantivy indexing threads (default 1)")
     ap.add_argument("--fts5", action="store_true", help="also time SQLite FTS5 (porter, stopwords dropped) as the baseline")
     args = ap.parse_args()
     args.vector_max = parse_size(args.vector_max)
+    args.ef_sweep = [int(x) for x in args.ef_sweep.split(",") if x.strip()]
     rows: list[list[str]] = []
     for size in [parse_size(s) for s in args.sizes.split(",")]:
         run(size, args, rows)

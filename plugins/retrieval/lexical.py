@@ -158,7 +158,10 @@ class LexicalIndex:
         if len(terms) > MAX_QUERY_TERMS:
             terms = sorted(terms, key=lambda t: searcher.doc_freq("body", t))[:MAX_QUERY_TERMS]
         q = self._query(reader, terms)
-        hits = searcher.search(q, limit=k, count=False).hits
+        limit = min(k, int(searcher.num_docs))  # tantivy sizes its top-k heap by the limit
+        if limit <= 0:
+            return []
+        hits = searcher.search(q, limit=limit, count=False).hits
         return [(searcher.doc(addr).get_first("chunk_id"), float(score)) for score, addr in hits]
 
     def count(self) -> int:

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import faiss
 import numpy
@@ -84,7 +84,8 @@ class _Store:
         self.rows = 0  # committed rows
         self.graph_rows = 0  # rows covered by the newest graph snapshot
         self.ops: list[dict[str, object]] = []
-        self.vectors: list[numpy.ndarray] = []
+        self.pending_rows = 0  # rows appended to vectors.f32 (not yet fsynced) since the last commit
+        self._vectors_file: BinaryIO | None = None
         self.new_generation = True
 
     # load --------------------------------------------------------------
@@ -170,7 +171,14 @@ class _Store:
             run.append(rec)
         if run:
             self.ops.append(self._add_op(first, run))
-        self.vectors.append(vectors)
+        if not self.new_generation:
+            # Straight to the file (fsynced at commit): no second copy in memory. Rows past
+            # the last commit's count are cut off at load, so a crash leaves no trace.
+            assert self.gen is not None
+            if self._vectors_file is None:
+                self._vectors_file = open(self.gen / "vectors.f32", "ab")  # noqa: SIM115 - closed at commit/clear
+            self._vectors_file.write(numpy.ascontiguousarray(vectors, dtype=numpy.float32).tobytes())
+            self.pending_rows += len(vectors)
 
     @staticmethod
     def _add_op(first: int, run: list[Record]) -> dict[str, object]:
@@ -183,7 +191,13 @@ class _Store:
         self.ops.append({"op": "acl", "t": tenant, "d": doc_id, "a": acl.to_json()})
 
     def log_clear(self) -> None:
-        self.ops, self.vectors, self.new_generation = [], [], True
+        self._close_vectors()
+        self.ops, self.pending_rows, self.new_generation = [], 0, True
+
+    def _close_vectors(self) -> None:
+        if self._vectors_file is not None:
+            self._vectors_file.close()
+            self._vectors_file = None
 
     # commit ------------------------------------------------------------
 
@@ -195,18 +209,17 @@ class _Store:
         assert self.gen is not None
         if not self.ops:
             return
-        rows = self.rows + sum(len(v) for v in self.vectors)
-        with open(self.gen / "vectors.f32", "ab") as fh:
-            for v in self.vectors:
-                fh.write(numpy.ascontiguousarray(v, dtype=numpy.float32).tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
+        rows = self.rows + self.pending_rows
+        if self._vectors_file is not None:
+            self._vectors_file.flush()
+            os.fsync(self._vectors_file.fileno())
+            self._close_vectors()
         with open(self.gen / "journal.jsonl", "ab") as fh:
             for op in [*self.ops, {"op": "commit", "n": rows}]:
                 fh.write(json.dumps(op, separators=(",", ":")).encode() + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
-        self.rows, self.ops, self.vectors = rows, [], []
+        self.rows, self.ops, self.pending_rows = rows, [], 0
         if rows - self.graph_rows >= max(self.graph_snapshot_min, rows // 4):
             self._write_graph(self.gen, graph, rows)
 
@@ -230,7 +243,8 @@ class _Store:
         tmp.mkdir()
         (tmp / "meta.json").write_text(json.dumps({"dim": self.dim}))
         numpy.ascontiguousarray(matrix, dtype=numpy.float32).tofile(tmp / "vectors.f32")
-        self.gen, self.rows, self.graph_rows, self.ops, self.vectors = tmp, 0, 0, [], []
+        self._close_vectors()
+        self.gen, self.rows, self.graph_rows, self.ops, self.pending_rows = tmp, 0, 0, [], 0
         self.log_add(0, records, numpy.zeros((0, self.dim), numpy.float32))
         dead_set = set(dead)
         ops = self.ops
@@ -320,7 +334,8 @@ class VectorIndex:
     ``path=None`` keeps the index in RAM; otherwise it is loaded from (and committed to)
     that directory. ``exact_max`` and ``graph_min_fraction`` set the narrow/broad
     threshold; ``hnsw_m``, ``ef_construction``, ``ef_search`` and ``oversample`` tune the
-    graph; ``compact_fraction`` is the tombstone share that triggers a rebuild at commit.
+    graph; ``compact_fraction`` is the tombstone share that triggers a rebuild at commit;
+    ``add_slice`` is how many vectors one write-lock hold inserts (searches interleave).
     """
 
     def __init__(
@@ -332,9 +347,10 @@ class VectorIndex:
         graph_min_fraction: float = 0.1,
         hnsw_m: int = 32,
         ef_construction: int = 80,
-        ef_search: int = 64,
+        ef_search: int = 512,
         oversample: int = 4,
         compact_fraction: float = 0.3,
+        add_slice: int = 256,
     ) -> None:
         if dim <= 0:
             raise ValueError("dim must be positive")
@@ -346,6 +362,7 @@ class VectorIndex:
         self.ef_search = ef_search
         self.oversample = oversample
         self.compact_fraction = compact_fraction
+        self.add_slice = add_slice
         self._lock = _RWLock()
         self._store = _Store(path, dim) if path is not None else None
         self._reset()
@@ -361,7 +378,11 @@ class VectorIndex:
     # -- writes ---------------------------------------------------------------
 
     def upsert(self, chunks: list[IndexedChunk]) -> None:
-        """Add ``chunks`` (each with a ``dim``-sized vector); the pipeline deletes replaced docs first."""
+        """Add ``chunks`` (each with a ``dim``-sized vector); the pipeline deletes replaced docs first.
+
+        Chunks become searchable slice by slice as they are inserted, all of them when
+        this returns; a malformed vector rejects the whole call before anything is added.
+        """
         if not chunks:
             return
         vectors = numpy.empty((len(chunks), self.dim), dtype=numpy.float32)
@@ -373,11 +394,15 @@ class VectorIndex:
                 raise ValueError(f"chunk {chunk.chunk_id!r}: vector must be {self.dim} finite floats")
             vectors[i] = v
         records = [Record(c.chunk_id, c.tenant, c.doc_id, c.acl) for c in chunks]
-        with self._lock.write():
-            first = len(self._chunk_ids)
-            self._add_records(records, vectors)
-            if self._store is not None:
-                self._store.log_add(first, records, vectors)
+        # Graph insertion is slow (~0.1-0.3 ms a vector): add in slices so searches are
+        # never held up for long behind a large batch.
+        for start in range(0, len(records), self.add_slice):
+            part, part_vectors = records[start : start + self.add_slice], vectors[start : start + self.add_slice]
+            with self._lock.write():
+                first = len(self._chunk_ids)
+                self._add_records(part, part_vectors)
+                if self._store is not None:
+                    self._store.log_add(first, part, part_vectors)
 
     def delete_docs(self, keys: list[tuple[str, str]]) -> None:
         """Remove every chunk of each ``(tenant, doc_id)``; never returned again once this returns."""
@@ -437,11 +462,12 @@ class VectorIndex:
             if size == 0:
                 return []
             live = len(self._chunk_ids) - self._dead
+            k = min(k, size)
             if size <= self.exact_max or size < self.graph_min_fraction * live:
                 ids, scores = self._exact(classes, q, k)
             else:
                 ids, scores = self._graph_search(classes, size, live, q, k)
-                if len(ids) < min(k, size):
+                if len(ids) < k:
                     ids, scores = self._exact(classes, q, k)
             return [(self._chunk_ids[i], float(s)) for i, s in zip(ids, scores, strict=True)]
 
@@ -537,7 +563,23 @@ class VectorIndex:
         return faiss.rev_swig_ptr(storage.get_xb(), n * self.dim).reshape(n, self.dim)
 
     def _exact(self, classes: list[int], q: numpy.ndarray, k: int) -> tuple[numpy.ndarray, numpy.ndarray]:
-        """Exact top-k over the allowed ids: a flat scan of the stored vectors restricted by a bitmap."""
+        """Exact top-k over the allowed ids.
+
+        A small share of the corpus (at most 2%, or 4,096 ids) is gathered and scored with
+        one BLAS matrix-vector product; a larger one is a flat scan of the stored vectors
+        restricted by the allowed-id bitmap (no copy). Measured at 1M: 0.2 vs 1.6 ms for
+        1k ids, 1.9 vs 3.2 ms for 10k, 28 vs 20 ms for 50k.
+        """
+        arrays = [self._classes[c].ids_array() for c in classes]
+        size = sum(len(a) for a in arrays)
+        if size <= max(4096, len(self._chunk_ids) // 50):
+            ids = arrays[0] if len(arrays) == 1 else numpy.sort(numpy.concatenate(arrays))
+            scores = self._matrix()[ids] @ q
+            if len(ids) > k:
+                part = numpy.argpartition(-scores, k - 1)[:k]
+                ids, scores = ids[part], scores[part]
+            order = numpy.argsort(-scores, kind="stable")
+            return ids[order], scores[order]
         params = faiss.SearchParameters()
         bitmap = self._bitmap(classes)
         params.sel = faiss.IDSelectorBitmap(len(self._chunk_ids), faiss.swig_ptr(bitmap))
@@ -566,7 +608,7 @@ class VectorIndex:
         params.sel = selector
         fetch = min(size, k * self.oversample)
         fraction = size / max(live, 1)
-        params.efSearch = max(fetch, int(self.ef_search / min(1.0, max(fraction, 0.01))))
+        params.efSearch = max(fetch, int(self.ef_search / min(1.0, max(fraction, 0.01)) ** 0.5))
         scores, ids = self._graph.search(q.reshape(1, -1), fetch, params=params)
         keep = ids[0] >= 0
         ids, scores = ids[0][keep][:k], scores[0][keep][:k]

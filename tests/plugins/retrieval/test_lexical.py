@@ -208,3 +208,7 @@ def test_concurrent_searches_never_see_deleted_or_replaced_text() -> None:
         for t in threads:
             t.join()
     assert errors == []
+
+
+def test_huge_k_is_bounded_by_the_corpus(index: LexicalIndex) -> None:
+    assert len(index.search(Reader("acme", "zed"), "kangaroo", 10**12)) == 2

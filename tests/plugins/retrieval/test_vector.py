@@ -142,6 +142,9 @@ def test_rejects_bad_vectors() -> None:
     with pytest.raises(ValueError):
         ix.search(Reader("t", "u"), np.ones(3, np.float32), 5)
     assert ix.search(Reader("t", "u"), np.full(DIM, np.inf, np.float32), 5) == []
+    ix.upsert([IndexedChunk("a", "t", "d", "", Acl(public=True), np.ones(DIM, np.float32) / 4)])
+    assert len(ix.search(Reader("t", "u"), np.ones(DIM, np.float32) / 4, 10**12)) == 1
+    ix.delete_docs([("t", "d")])
     assert ix.count() == 0
 
 
@@ -200,3 +203,61 @@ def test_clear_compaction_and_graph_snapshot(tmp_path: Path) -> None:
     again.commit()
     assert VectorIndex(path, DIM).count() == 1
     assert len(list(path.glob("gen-*"))) == 1
+
+
+def test_concurrent_searches_never_see_deleted_versions() -> None:
+    """While documents are replaced, no search started after a deletion returned sees the old version."""
+    import threading
+
+    rng = np.random.default_rng(5)
+    ix = VectorIndex(None, DIM, exact_max=0, graph_min_fraction=0.0, add_slice=7)
+    base = unit(rng, 30)
+
+    def version(v: int) -> list[IndexedChunk]:
+        return [IndexedChunk(f"acme/d{i}#v{v}", "acme", f"d{i}", "", Acl(public=True), base[i]) for i in range(30)]
+
+    ix.upsert(version(0))
+    deleted_upto = -1
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def searcher() -> None:
+        while not stop.is_set():
+            floor = deleted_upto
+            for cid, _s in ix.search(Reader("acme", "zed"), base[0], 30):
+                if int(cid.rsplit("#v", 1)[1]) <= floor:
+                    errors.append(cid)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for v in range(1, 20):
+            ix.delete_docs([("acme", f"d{i}") for i in range(30)])
+            deleted_upto = v - 1
+            ix.upsert(version(v))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert {c for c, _ in ix.search(Reader("acme", "zed"), base[0], 50)} == {c.chunk_id for c in version(19)}
+
+
+def test_both_exact_scans_and_the_graph_agree_with_numpy_on_a_larger_corpus() -> None:
+    """Gathered scan (small share), bitmap scan (large share) and graph path are all exact here."""
+    rng = np.random.default_rng(6)
+    n = 6000
+    vecs = unit(rng, n)
+    acl_of = [Acl(allow_groups=G({"all"} | ({"few"} if i % 100 == 0 else set()))) for i in range(n)]
+    chunks = [IndexedChunk(f"acme/d{i}#0", "acme", f"d{i}", "", acl_of[i], vecs[i]) for i in range(n)]
+    exact_ix = VectorIndex(None, DIM, exact_max=10**9, add_slice=4096)
+    graph_ix = VectorIndex(None, DIM, exact_max=0, graph_min_fraction=0.0, add_slice=4096)
+    exact_ix.upsert(chunks)
+    graph_ix.upsert(chunks)
+    for group in ("all", "few"):  # 6000 ids -> bitmap scan; 60 ids -> gathered scan
+        reader = Reader("acme", "zed", G({group}))
+        for q in unit(rng, 5):
+            want = exact(chunks, reader, q, 10)
+            assert_same_top_k(exact_ix.search(reader, q, 10), want)
+            assert_same_top_k(graph_ix.search(reader, q, 10), want)
