@@ -317,7 +317,9 @@ class Store:
             part = chunk_ids[i : i + 500]
             q = (
                 f"SELECT {cols}, NULL, {dcols} FROM chunks c JOIN documents d ON d.tenant = c.tenant AND d.doc_id = c.doc_id "
-                f"WHERE c.tenant = ? AND c.chunk_id IN ({','.join('?' * len(part))})"
+                # "+c.tenant": keep the planner on the chunk_id primary key; with the
+                # (tenant, doc_id) index it scanned every chunk of the tenant.
+                f"WHERE +c.tenant = ? AND c.chunk_id IN ({','.join('?' * len(part))})"
             )
             async with self.read(q, (tenant, *part)) as cur:
                 for row in await cur.fetchall():
