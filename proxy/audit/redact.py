@@ -393,7 +393,7 @@ class Redactor:
         returned as it is; otherwise the walk tries only those rules on each
         string and returns plain JSON types (sets become sorted lists, bytes
         are decoded as UTF-8, dataclasses become dicts, anything else its
-        ``str()``).  Dict keys are kept, as strings.
+        ``str()``).  Dict keys are strings, redacted like values.
         """
         raw = orjson.dumps(v, default=json_default, option=orjson.OPT_NON_STR_KEYS)
         scope = self.active(raw.decode())
@@ -408,13 +408,17 @@ class Redactor:
         if t is dict:
             out: dict[str, Any] = {}
             for k, x in v.items():
+                key = k if type(k) is str else str(k)
+                if len(key) >= 6:
+                    # A secret can be a key too ({"sk-...": 1} in tool arguments).
+                    key = self.text(key, counts, scope)
                 tx = type(x)
                 if tx is str:
-                    out[k if type(k) is str else str(k)] = x if len(x) < 6 else self.text(x, counts, scope)
+                    out[key] = x if len(x) < 6 else self.text(x, counts, scope)
                 elif x is None or tx is int or tx is float or tx is bool:
-                    out[k if type(k) is str else str(k)] = x
+                    out[key] = x
                 else:
-                    out[k if type(k) is str else str(k)] = self._walk(x, counts, scope)
+                    out[key] = self._walk(x, counts, scope)
             return out
         if t is list or t is tuple:
             return [self._walk(x, counts, scope) for x in v]

@@ -144,3 +144,13 @@ def test_jwt_inside_a_word_run_is_still_redacted_at_its_start() -> None:
     jwt_text = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXZhbHVl"
     counts: dict[str, int] = {}
     assert Redactor().text(f"token={jwt_text} and x{jwt_text}", counts).count("[REDACTED:") == 2
+
+
+def test_secrets_used_as_dict_keys_are_redacted() -> None:
+    """A secret can arrive as a JSON key (tool arguments, bodies); keys are redacted like values."""
+    key = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
+    counts: dict[str, int] = {}
+    out = Redactor(apply_pii=False).value({"args": {key: 1, "plain_key": "fine"}}, counts)
+    assert key not in repr(out)
+    assert out["args"]["plain_key"] == "fine"
+    assert sum(counts.values()) >= 1
