@@ -23,7 +23,9 @@ from proxy.exchange import RetrievedChunk
 if TYPE_CHECKING:
     from plugins.retrieval.store import ChunkRow, DocumentRow
 
-_TAG_RE = re.compile(r"<(/?)(context)", re.IGNORECASE)
+# "<context", "</context", "< / context", and the same with look-alike brackets
+# (fullwidth, small, angle): a document must not open or close an entry.
+_TAG_RE = re.compile(r"[<\uff1c\ufe64\u2329\u27e8\u3008]\s*(/?)\s*(context)", re.IGNORECASE)
 _ENTRY_OVERHEAD_TOKENS = 12
 
 
