@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from proxy import sse, tooling
-from proxy.errors import UpstreamError, UpstreamTimeout, WardenError
+from proxy.errors import BadRequest, UpstreamError, UpstreamTimeout, WardenError
 from proxy.exchange import Exchange, ToolCall, UpstreamTurn
 from proxy.plugin import StreamEvent
 
@@ -47,6 +47,8 @@ def upstream_body(ex: Exchange) -> bytes:
 
 async def run(w: Warden, request: web.Request, ex: Exchange) -> web.StreamResponse:
     assert ex.body is not None
+    if w.chain.tool:
+        _single_choice(ex.body)
     if ex.stream:
         if w.config.upstream.stream_usage:
             opts = ex.body.get("stream_options")
@@ -57,6 +59,29 @@ async def run(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRespon
                 ex.set_body(new)
         return await _stream(w, request, ex)
     return await _non_stream(w, request, ex)
+
+
+def _single_choice(body: dict[str, Any]) -> None:
+    """Tool calls are judged in one choice: refuse ``n`` > 1 when tools are offered."""
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1 and (body.get("tools") or body.get("functions")):
+        raise BadRequest("'n' must be 1 when tools are offered: Warden judges the tool calls of a single choice", param="n", rule="tools.single_choice")
+
+
+def _unjudgeable(choices: list[Any]) -> str | None:
+    """Why a non-streamed answer's tool calls cannot all be judged (None when they can)."""
+    for i, ch in enumerate(choices):
+        message = ch.get("message") if isinstance(ch, dict) else None
+        if not isinstance(message, dict):
+            continue
+        tcs = message.get("tool_calls")
+        if tcs is None:
+            continue
+        if not isinstance(tcs, list):
+            return "tool_calls is not a list"
+        if i > 0 and tcs:
+            return "tool calls in more than one choice"
+    return None
 
 
 async def _call(w: Warden, request: web.Request, ex: Exchange, body: bytes, reason: str) -> tuple[UpstreamTurn, Any]:
@@ -112,6 +137,12 @@ async def _non_stream(w: Warden, request: web.Request, ex: Exchange) -> web.Stre
         first: dict[str, Any] = choices[0] if choices and isinstance(choices[0], dict) else {}
         raw_message = first.get("message")
         message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
+        if judging:
+            why = _unjudgeable(choices)
+            if why is not None:
+                turn.error = f"malformed answer from provider: {why}"
+                w.metrics.upstream_errors.labels(kind="malformed").inc()
+                raise UpstreamError(f"the provider returned an answer Warden cannot judge: {why}", rule="upstream.protocol")
         calls = tooling.calls_from_message(message) if judging else []
         if calls:
             decisions = await tooling.judge(w.chain, ex, calls, len(ex.turns) - 1)
@@ -358,6 +389,9 @@ async def _relay_event(w: Warden, ex: Exchange, ev: sse.RawEvent, st: _StreamSta
                 content = delta.get("content")
                 if isinstance(content, str) and ch.get("index", 0) == 0:
                     st.text.append(content)
+                if judging and delta.get("tool_calls") and ch.get("index", 0) != 0:
+                    w.metrics.upstream_errors.labels(kind="malformed").inc()
+                    raise _UpstreamStreamError(UpstreamError("the provider streamed tool calls in more than one choice", rule="upstream.protocol"))
                 if judging and "tool_calls" in delta and ch.get("index", 0) == 0:
                     tcs = delta.get("tool_calls")
                     if isinstance(tcs, list):

@@ -67,18 +67,34 @@ class _Partial:
 class StreamedCalls:
     """Assembles streamed tool-call deltas (choice 0) until each call is complete."""
 
-    __slots__ = ("parts",)
+    __slots__ = ("parts", "_last")
 
     def __init__(self) -> None:
         self.parts: dict[int, _Partial] = {}
+        self._last: int | None = None
+
+    def _index_of(self, d: dict[str, Any]) -> int:
+        """The call a delta continues.  Without an ``index``: the call with the
+        same ``id``, a new call for a new ``id``, else the call being streamed."""
+        idx = d.get("index")
+        if isinstance(idx, int) and not isinstance(idx, bool):
+            return idx
+        call_id = d.get("id")
+        if isinstance(call_id, str) and call_id:
+            for i, p in self.parts.items():
+                if p.id == call_id:
+                    return i
+            return max(self.parts, default=-1) + 1
+        if self._last is not None:
+            return self._last
+        return max(self.parts, default=-1) + 1
 
     def add(self, deltas: list[Any]) -> None:
         for d in deltas:
             if not isinstance(d, dict):
                 continue
-            idx = d.get("index", len(self.parts))
-            if not isinstance(idx, int):
-                idx = len(self.parts)
+            idx = self._index_of(d)
+            self._last = idx
             p = self.parts.get(idx)
             if p is None:
                 p = self.parts[idx] = _Partial()
