@@ -175,9 +175,10 @@ async def _local_reply(w: Warden, request: web.Request, ex: Exchange) -> web.Str
 
 async def _passthrough(w: Warden, request: web.Request, ex: Exchange) -> web.StreamResponse:
     """Authenticated, audited, not interpreted: relay to the same path upstream."""
-    path = request.path[len("/v1") :] if request.path.startswith("/v1") else request.path
-    if request.query_string:
-        path += "?" + request.query_string
+    # The path as the client encoded it: decoding would turn %3F, %23 and %2F into
+    # a query, a fragment and a path separator on the provider side.
+    raw_path = request.raw_path
+    path = raw_path[len("/v1") :] if raw_path.startswith("/v1") else raw_path
     body = chat.upstream_body(ex) if ex.body is not None else (ex.raw_body or None)
     from proxy.exchange import UpstreamTurn
 
@@ -185,7 +186,14 @@ async def _passthrough(w: Warden, request: web.Request, ex: Exchange) -> web.Str
     ex.turns.append(turn)
     headers = w.upstream.build_headers(request.headers, w.upstream_extra_headers(ex))
     if not body:
-        headers.pop("Content-Type", None)
+        headers.pop("content-type", None)
+    elif ex.body is None:
+        # Relayed as received (multipart uploads, binary bodies): keep the client's type.
+        ctype = request.headers.get("Content-Type")
+        if ctype is None:
+            headers.pop("content-type", None)
+        else:
+            headers["content-type"] = ctype
     try:
         ur = await w.upstream.send(request.method, path, body, headers)
     except WardenError as e:
