@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 
 PATH = "/chat/completions"
 _CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError, ConnectionError)
+STARTED = web.RequestKey("warden.started", web.StreamResponse)
+"""Request key of the response whose status line was already sent (a stream)."""
+
+
+def mark_started(request: web.Request, resp: web.StreamResponse) -> None:
+    """Record that ``resp`` is prepared: a later error must end it, not start another response."""
+    request[STARTED] = resp
 
 
 def add_usage(ex: Exchange, usage: Any) -> None:
@@ -168,6 +175,9 @@ async def _non_stream(w: Warden, request: web.Request, ex: Exchange) -> web.Stre
     ex.status = 200
     await w.chain.run_response(ex)
     out = orjson.dumps(ex.response_body) if ex.response_modified else raw
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        ex.client_disconnected = True
     await w.finish(ex)
     return web.Response(body=out, status=200, headers=w.response_headers(ex, {"Content-Type": "application/json", **ur.relay_headers()}))
 
@@ -218,7 +228,7 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
         except WardenError as e:
             if resp is None:
                 raise
-            await _stream_error(w, ex, resp, e)
+            await stream_error(w, ex, resp, e)
             return resp
         if ur.status != 200:
             try:
@@ -230,12 +240,17 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
             w.metrics.upstream_errors.labels(kind=f"status_{ur.status // 100}xx").inc()
             if resp is None:
                 return await w.relay_upstream_error(ex, ur, raw)
-            await _stream_error(w, ex, resp, UpstreamError(f"the provider answered {ur.status} during a corrective turn", rule="upstream.status"))
+            await stream_error(w, ex, resp, UpstreamError(f"the provider answered {ur.status} during a corrective turn", rule="upstream.status"))
             return resp
         if resp is None:
             resp = web.StreamResponse(status=200, headers=w.response_headers(ex, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}))
             ex.status = 200
-            await resp.prepare(request)
+            try:
+                await resp.prepare(request)
+            except BaseException:
+                ur.close()
+                raise
+            mark_started(request, resp)
         st = _StreamState()
         parser = sse.SSEParser()
         done = False
@@ -263,21 +278,21 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
         except sse.SSEError as e:
             turn.error = str(e)
             w.metrics.upstream_errors.labels(kind="malformed").inc()
-            await _stream_error(w, ex, resp, UpstreamError("the provider sent a malformed stream", rule="upstream.protocol"))
+            await stream_error(w, ex, resp, UpstreamError("the provider sent a malformed stream", rule="upstream.protocol"))
             return resp
         except _UpstreamStreamError as e:
             turn.error = str(e.err.message)
-            await _stream_error(w, ex, resp, e.err)
+            await stream_error(w, ex, resp, e.err)
             return resp
         except (TimeoutError, aiohttp.ServerTimeoutError):
             turn.error = "timeout"
             w.metrics.upstream_errors.labels(kind="timeout").inc()
-            await _stream_error(w, ex, resp, UpstreamTimeout("the provider stream stalled", rule="upstream.timeout_s"))
+            await stream_error(w, ex, resp, UpstreamTimeout("the provider stream stalled", rule="upstream.timeout_s"))
             return resp
         except aiohttp.ClientError as e:
             turn.error = type(e).__name__
             w.metrics.upstream_errors.labels(kind="connection").inc()
-            await _stream_error(w, ex, resp, UpstreamError("the provider stream broke off", rule="upstream.base_url"))
+            await stream_error(w, ex, resp, UpstreamError("the provider stream broke off", rule="upstream.base_url"))
             return resp
         if st.last is not None:
             model_seen = st.last.get("model") or model_seen
@@ -289,7 +304,7 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
             turn.error = "stream ended early"
             w.metrics.upstream_errors.labels(kind="truncated").inc()
             _collect(ex, all_text, st)
-            await _stream_error(w, ex, resp, UpstreamError("the provider stream ended before the answer was complete", rule="upstream.protocol"))
+            await stream_error(w, ex, resp, UpstreamError("the provider stream ended before the answer was complete", rule="upstream.protocol"))
             return resp
         if st.calls:
             calls = st.calls.calls()
@@ -298,7 +313,7 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
                 corrections = len(ex.turns) - 1
                 if corrections >= limit:
                     _collect(ex, all_text, st)
-                    await _stream_error(w, ex, resp, tooling.exhausted_error(calls, decisions, corrections))
+                    await stream_error(w, ex, resp, tooling.exhausted_error(calls, decisions, corrections))
                     return resp
                 for d in decisions:
                     if d.kind != "allow":
@@ -340,7 +355,7 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
     except _CLIENT_GONE:
         pass
     except WardenError as e:
-        await _stream_error(w, ex, resp, e)
+        await stream_error(w, ex, resp, e)
     return resp
 
 
@@ -448,7 +463,7 @@ def _assembled(ex: Exchange, chunk_id: Any, created: Any, model: Any, calls: lis
     }
 
 
-async def _stream_error(w: Warden, ex: Exchange, resp: web.StreamResponse, err: WardenError) -> None:
+async def stream_error(w: Warden, ex: Exchange, resp: web.StreamResponse, err: WardenError) -> None:
     """End a started stream with an OpenAI-format error event (the status line is already sent)."""
     ex.error = err
     ex.status = err.status

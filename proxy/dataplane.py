@@ -119,10 +119,17 @@ async def _handle(
             else:
                 resp = await flow(w, request, ex)
         except WardenError as e:
-            resp = await w.refuse(ex, e)
-    except Exception:
-        log.exception("unexpected error in request %s", ex.request_id)
-        resp = await w.refuse(ex, internal_error(ex.request_id))
+            resp = await _refuse(w, request, ex, e)
+    except Exception as e:
+        if isinstance(e, ConnectionError) and _client_gone(request):
+            ex.client_disconnected = True
+            if ex.status is None:
+                ex.status = 499
+            started = request.get(chat.STARTED)
+            resp = started if started is not None else web.Response(status=499)
+        else:
+            log.exception("unexpected error in request %s", ex.request_id)
+            resp = await _refuse(w, request, ex, internal_error(ex.request_id))
     finally:
         try:
             if not ex.recorded:
@@ -140,6 +147,25 @@ async def _handle(
             w.inflight -= 1
             w.metrics.inflight.dec()
     return resp
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _refuse(w: Warden, request: web.Request, ex: Exchange, err: WardenError) -> web.StreamResponse:
+    """Refuse; once a stream started, end it with an error event instead of a second response."""
+    started: web.StreamResponse | None = request.get(chat.STARTED)
+    if started is None:
+        return await w.refuse(ex, err)
+    if err.rule:
+        w.metrics.refusals.labels(rule=err.rule[:64], status=str(err.status)).inc()
+    try:
+        await chat.stream_error(w, ex, started, err)
+    except Exception:
+        log.exception("could not end the stream of request %s", ex.request_id)
+    return started
 
 
 def _observe(w: Warden, ex: Exchange, resp: web.StreamResponse | None, span: Any = None) -> None:
@@ -164,6 +190,7 @@ async def _local_reply(w: Warden, request: web.Request, ex: Exchange) -> web.Str
         await w.finish(ex)
         resp = web.StreamResponse(status=lr.status, headers=w.response_headers(ex, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **lr.headers}))
         await resp.prepare(request)
+        chat.mark_started(request, resp)
         for payload in lr.sse_events:
             await resp.write(b"data: " + payload + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
@@ -208,7 +235,12 @@ async def _passthrough(w: Warden, request: web.Request, ex: Exchange) -> web.Str
         ex.stream = True
         ex.status = ur.status
         resp = web.StreamResponse(status=ur.status, headers=w.response_headers(ex, relay))
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except BaseException:
+            ur.close()
+            raise
+        chat.mark_started(request, resp)
         try:
             async for chunk in ur.resp.content.iter_any():
                 await resp.write(chunk)
