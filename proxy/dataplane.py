@@ -12,11 +12,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from proxy import chat
-from proxy.errors import BadRequest, NotFound, PayloadTooLarge, WardenError, error_body, internal_error
+from proxy.errors import BadRequest, NotFound, PayloadTooLarge, UpstreamError, UpstreamTimeout, WardenError, error_body, internal_error
 from proxy.exchange import Exchange
 from proxy.logs import request_line
 
@@ -243,10 +244,23 @@ async def _passthrough(w: Warden, request: web.Request, ex: Exchange) -> web.Str
         chat.mark_started(request, resp)
         try:
             async for chunk in ur.resp.content.iter_any():
-                await resp.write(chunk)
-        except (ConnectionError, Exception) as e:
+                try:
+                    await resp.write(chunk)
+                except ConnectionError:
+                    ex.client_disconnected = True
+                    turn.error = "client disconnected"
+                    return resp
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            # Not a clean end of stream: the client must not take a truncated stream for a whole one.
+            turn.error = "timeout"
+            w.metrics.upstream_errors.labels(kind="timeout").inc()
+            await chat.stream_error(w, ex, resp, UpstreamTimeout("the provider stream stalled", rule="upstream.timeout_s"))
+            return resp
+        except aiohttp.ClientError as e:
             turn.error = type(e).__name__
-            ex.client_disconnected = isinstance(e, ConnectionError)
+            w.metrics.upstream_errors.labels(kind="connection").inc()
+            await chat.stream_error(w, ex, resp, UpstreamError("the provider stream broke off", rule="upstream.base_url"))
+            return resp
         finally:
             turn.duration_s = time.perf_counter() - turn.started
             ur.close()
