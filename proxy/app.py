@@ -188,7 +188,7 @@ class Warden:
         return ex
 
     def upstream_extra_headers(self, ex: Exchange) -> dict[str, str]:
-        h = {"x-request-id": ex.request_id, "Content-Type": "application/json"}
+        h = {"x-request-id": ex.request_id, "content-type": "application/json"}
         if ex.traceparent:
             h["traceparent"] = ex.traceparent
         return h

@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from proxy import sse, tooling
-from proxy.errors import Forbidden, UpstreamError, UpstreamTimeout, WardenError
+from proxy.errors import BadRequest, UpstreamError, UpstreamTimeout, WardenError
 from proxy.exchange import Exchange, ToolCall, UpstreamTurn
 from proxy.plugin import StreamEvent
 
@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 
 PATH = "/chat/completions"
 _CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError, ConnectionError)
+STARTED = web.RequestKey("warden.started", web.StreamResponse)
+"""Request key of the response whose status line was already sent (a stream)."""
+
+
+def mark_started(request: web.Request, resp: web.StreamResponse) -> None:
+    """Record that ``resp`` is prepared: a later error must end it, not start another response."""
+    request[STARTED] = resp
 
 
 def add_usage(ex: Exchange, usage: Any) -> None:
@@ -47,6 +54,8 @@ def upstream_body(ex: Exchange) -> bytes:
 
 async def run(w: Warden, request: web.Request, ex: Exchange) -> web.StreamResponse:
     assert ex.body is not None
+    if w.chain.tool:
+        _single_choice(ex.body)
     if ex.stream:
         if w.config.upstream.stream_usage:
             opts = ex.body.get("stream_options")
@@ -57,6 +66,27 @@ async def run(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRespon
                 ex.set_body(new)
         return await _stream(w, request, ex)
     return await _non_stream(w, request, ex)
+
+
+def _single_choice(body: dict[str, Any]) -> None:
+    """Tool calls are judged in one choice: refuse ``n`` > 1 when tools are offered."""
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1 and (body.get("tools") or body.get("functions")):
+        raise BadRequest("'n' must be 1 when tools are offered: Warden judges the tool calls of a single choice", param="n", rule="tools.single_choice")
+
+
+def _unjudgeable(choices: list[Any]) -> str | None:
+    """Why a non-streamed answer's tool calls cannot all be judged (None when they can)."""
+    for i, ch in enumerate(choices):
+        message = ch.get("message") if isinstance(ch, dict) else None
+        if not isinstance(message, dict):
+            continue
+        if i > 0 and (message.get("tool_calls") or message.get("function_call")):
+            return "tool calls in more than one choice"
+        tcs = message.get("tool_calls")
+        if tcs is not None and not isinstance(tcs, list):
+            return "tool_calls is not a list"
+    return None
 
 
 async def _call(w: Warden, request: web.Request, ex: Exchange, body: bytes, reason: str) -> tuple[UpstreamTurn, Any]:
@@ -113,7 +143,11 @@ async def _non_stream(w: Warden, request: web.Request, ex: Exchange) -> web.Stre
         raw_message = first.get("message")
         message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
         if judging:
-            _refuse_other_choices(choices)
+            why = _unjudgeable(choices)
+            if why is not None:
+                turn.error = f"malformed answer from provider: {why}"
+                w.metrics.upstream_errors.labels(kind="malformed").inc()
+                raise UpstreamError(f"the provider returned an answer Warden cannot judge: {why}", rule="upstream.protocol")
         calls = tooling.calls_from_message(message) if judging else []
         if calls:
             decisions = await tooling.judge(w.chain, ex, calls, len(ex.turns) - 1)
@@ -139,6 +173,9 @@ async def _non_stream(w: Warden, request: web.Request, ex: Exchange) -> web.Stre
     ex.status = 200
     await w.chain.run_response(ex)
     out = orjson.dumps(ex.response_body) if ex.response_modified else raw
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        ex.client_disconnected = True
     await w.finish(ex)
     return web.Response(body=out, status=200, headers=w.response_headers(ex, {"Content-Type": "application/json", **ur.relay_headers()}))
 
@@ -189,7 +226,7 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
         except WardenError as e:
             if resp is None:
                 raise
-            await _stream_error(w, ex, resp, e)
+            await stream_error(w, ex, resp, e)
             return resp
         if ur.status != 200:
             try:
@@ -201,12 +238,17 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
             w.metrics.upstream_errors.labels(kind=f"status_{ur.status // 100}xx").inc()
             if resp is None:
                 return await w.relay_upstream_error(ex, ur, raw)
-            await _stream_error(w, ex, resp, UpstreamError(f"the provider answered {ur.status} during a corrective turn", rule="upstream.status"))
+            await stream_error(w, ex, resp, UpstreamError(f"the provider answered {ur.status} during a corrective turn", rule="upstream.status"))
             return resp
         if resp is None:
             resp = web.StreamResponse(status=200, headers=w.response_headers(ex, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}))
             ex.status = 200
-            await resp.prepare(request)
+            try:
+                await resp.prepare(request)
+            except BaseException:
+                ur.close()
+                raise
+            mark_started(request, resp)
         st = _StreamState()
         parser = sse.SSEParser()
         done = False
@@ -234,21 +276,21 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
         except sse.SSEError as e:
             turn.error = str(e)
             w.metrics.upstream_errors.labels(kind="malformed").inc()
-            await _stream_error(w, ex, resp, UpstreamError("the provider sent a malformed stream", rule="upstream.protocol"))
+            await stream_error(w, ex, resp, UpstreamError("the provider sent a malformed stream", rule="upstream.protocol"))
             return resp
         except _UpstreamStreamError as e:
             turn.error = str(e.err.message)
-            await _stream_error(w, ex, resp, e.err)
+            await stream_error(w, ex, resp, e.err)
             return resp
         except (TimeoutError, aiohttp.ServerTimeoutError):
             turn.error = "timeout"
             w.metrics.upstream_errors.labels(kind="timeout").inc()
-            await _stream_error(w, ex, resp, UpstreamTimeout("the provider stream stalled", rule="upstream.timeout_s"))
+            await stream_error(w, ex, resp, UpstreamTimeout("the provider stream stalled", rule="upstream.timeout_s"))
             return resp
         except aiohttp.ClientError as e:
             turn.error = type(e).__name__
             w.metrics.upstream_errors.labels(kind="connection").inc()
-            await _stream_error(w, ex, resp, UpstreamError("the provider stream broke off", rule="upstream.base_url"))
+            await stream_error(w, ex, resp, UpstreamError("the provider stream broke off", rule="upstream.base_url"))
             return resp
         if st.last is not None:
             model_seen = st.last.get("model") or model_seen
@@ -260,7 +302,7 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
             turn.error = "stream ended early"
             w.metrics.upstream_errors.labels(kind="truncated").inc()
             _collect(ex, all_text, st)
-            await _stream_error(w, ex, resp, UpstreamError("the provider stream ended before the answer was complete", rule="upstream.protocol"))
+            await stream_error(w, ex, resp, UpstreamError("the provider stream ended before the answer was complete", rule="upstream.protocol"))
             return resp
         if st.calls:
             calls = st.calls.calls()
@@ -269,7 +311,7 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
                 corrections = len(ex.turns) - 1
                 if corrections >= limit:
                     _collect(ex, all_text, st)
-                    await _stream_error(w, ex, resp, tooling.exhausted_error(calls, decisions, corrections))
+                    await stream_error(w, ex, resp, tooling.exhausted_error(calls, decisions, corrections))
                     return resp
                 for d in decisions:
                     if d.kind != "allow":
@@ -311,22 +353,8 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
     except _CLIENT_GONE:
         pass
     except WardenError as e:
-        await _stream_error(w, ex, resp, e)
+        await stream_error(w, ex, resp, e)
     return resp
-
-
-def _other_choice_error() -> Forbidden:
-    return Forbidden(
-        "the provider returned tool calls in a choice other than the first; Warden fences one choice only", rule="tools.choices", code="tool_call_forbidden"
-    )
-
-
-
-def _refuse_other_choices(choices: list[Any]) -> None:
-    """Tool calls are judged (and corrected) in choice 0 only: calls anywhere else fail closed."""
-    for ch in choices[1:]:
-        if isinstance(ch, dict) and tooling.has_calls(ch.get("message")):
-            raise _other_choice_error()
 
 
 class _UpstreamStreamError(Exception):
@@ -374,9 +402,10 @@ async def _relay_event(w: Warden, ex: Exchange, ev: sse.RawEvent, st: _StreamSta
                 content = delta.get("content")
                 if isinstance(content, str) and ch.get("index", 0) == 0:
                     st.text.append(content)
-                if judging and tooling.has_calls(delta):
-                    if ch.get("index", 0) != 0:
-                        raise _UpstreamStreamError(_other_choice_error())
+                if judging and (delta.get("tool_calls") or delta.get("function_call")) and ch.get("index", 0) != 0:
+                    w.metrics.upstream_errors.labels(kind="malformed").inc()
+                    raise _UpstreamStreamError(UpstreamError("the provider streamed tool calls in more than one choice", rule="upstream.protocol"))
+                if judging and ("tool_calls" in delta or "function_call" in delta) and ch.get("index", 0) == 0:
                     tcs = delta.get("tool_calls")
                     if isinstance(tcs, list):
                         st.calls.add(tcs)
@@ -434,7 +463,7 @@ def _assembled(ex: Exchange, chunk_id: Any, created: Any, model: Any, calls: lis
     }
 
 
-async def _stream_error(w: Warden, ex: Exchange, resp: web.StreamResponse, err: WardenError) -> None:
+async def stream_error(w: Warden, ex: Exchange, resp: web.StreamResponse, err: WardenError) -> None:
     """End a started stream with an OpenAI-format error event (the status line is already sent)."""
     ex.error = err
     ex.status = err.status

@@ -12,11 +12,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from proxy import chat
-from proxy.errors import BadRequest, NotFound, PayloadTooLarge, WardenError, error_body, internal_error
+from proxy.errors import BadRequest, NotFound, PayloadTooLarge, UpstreamError, UpstreamTimeout, WardenError, error_body, internal_error
 from proxy.exchange import Exchange
 from proxy.logs import request_line
 
@@ -119,10 +120,17 @@ async def _handle(
             else:
                 resp = await flow(w, request, ex)
         except WardenError as e:
-            resp = await w.refuse(ex, e)
-    except Exception:
-        log.exception("unexpected error in request %s", ex.request_id)
-        resp = await w.refuse(ex, internal_error(ex.request_id))
+            resp = await _refuse(w, request, ex, e)
+    except Exception as e:
+        if isinstance(e, ConnectionError) and _client_gone(request):
+            ex.client_disconnected = True
+            if ex.status is None:
+                ex.status = 499
+            started = request.get(chat.STARTED)
+            resp = started if started is not None else web.Response(status=499)
+        else:
+            log.exception("unexpected error in request %s", ex.request_id)
+            resp = await _refuse(w, request, ex, internal_error(ex.request_id))
     finally:
         try:
             if not ex.recorded:
@@ -140,6 +148,25 @@ async def _handle(
             w.inflight -= 1
             w.metrics.inflight.dec()
     return resp
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _refuse(w: Warden, request: web.Request, ex: Exchange, err: WardenError) -> web.StreamResponse:
+    """Refuse; once a stream started, end it with an error event instead of a second response."""
+    started: web.StreamResponse | None = request.get(chat.STARTED)
+    if started is None:
+        return await w.refuse(ex, err)
+    if err.rule:
+        w.metrics.refusals.labels(rule=err.rule[:64], status=str(err.status)).inc()
+    try:
+        await chat.stream_error(w, ex, started, err)
+    except Exception:
+        log.exception("could not end the stream of request %s", ex.request_id)
+    return started
 
 
 def _observe(w: Warden, ex: Exchange, resp: web.StreamResponse | None, span: Any = None) -> None:
@@ -164,6 +191,7 @@ async def _local_reply(w: Warden, request: web.Request, ex: Exchange) -> web.Str
         await w.finish(ex)
         resp = web.StreamResponse(status=lr.status, headers=w.response_headers(ex, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **lr.headers}))
         await resp.prepare(request)
+        chat.mark_started(request, resp)
         for payload in lr.sse_events:
             await resp.write(b"data: " + payload + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
@@ -175,9 +203,10 @@ async def _local_reply(w: Warden, request: web.Request, ex: Exchange) -> web.Str
 
 async def _passthrough(w: Warden, request: web.Request, ex: Exchange) -> web.StreamResponse:
     """Authenticated, audited, not interpreted: relay to the same path upstream."""
-    path = request.path[len("/v1") :] if request.path.startswith("/v1") else request.path
-    if request.query_string:
-        path += "?" + request.query_string
+    # The path as the client encoded it: decoding would turn %3F, %23 and %2F into
+    # a query, a fragment and a path separator on the provider side.
+    raw_path = request.raw_path
+    path = raw_path[len("/v1") :] if raw_path.startswith("/v1") else raw_path
     body = chat.upstream_body(ex) if ex.body is not None else (ex.raw_body or None)
     from proxy.exchange import UpstreamTurn
 
@@ -185,7 +214,14 @@ async def _passthrough(w: Warden, request: web.Request, ex: Exchange) -> web.Str
     ex.turns.append(turn)
     headers = w.upstream.build_headers(request.headers, w.upstream_extra_headers(ex))
     if not body:
-        headers.pop("Content-Type", None)
+        headers.pop("content-type", None)
+    elif ex.body is None:
+        # Relayed as received (multipart uploads, binary bodies): keep the client's type.
+        ctype = request.headers.get("Content-Type")
+        if ctype is None:
+            headers.pop("content-type", None)
+        else:
+            headers["content-type"] = ctype
     try:
         ur = await w.upstream.send(request.method, path, body, headers)
     except WardenError as e:
@@ -200,13 +236,31 @@ async def _passthrough(w: Warden, request: web.Request, ex: Exchange) -> web.Str
         ex.stream = True
         ex.status = ur.status
         resp = web.StreamResponse(status=ur.status, headers=w.response_headers(ex, relay))
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except BaseException:
+            ur.close()
+            raise
+        chat.mark_started(request, resp)
         try:
             async for chunk in ur.resp.content.iter_any():
-                await resp.write(chunk)
-        except (ConnectionError, Exception) as e:
+                try:
+                    await resp.write(chunk)
+                except ConnectionError:
+                    ex.client_disconnected = True
+                    turn.error = "client disconnected"
+                    return resp
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            # Not a clean end of stream: the client must not take a truncated stream for a whole one.
+            turn.error = "timeout"
+            w.metrics.upstream_errors.labels(kind="timeout").inc()
+            await chat.stream_error(w, ex, resp, UpstreamTimeout("the provider stream stalled", rule="upstream.timeout_s"))
+            return resp
+        except aiohttp.ClientError as e:
             turn.error = type(e).__name__
-            ex.client_disconnected = isinstance(e, ConnectionError)
+            w.metrics.upstream_errors.labels(kind="connection").inc()
+            await chat.stream_error(w, ex, resp, UpstreamError("the provider stream broke off", rule="upstream.base_url"))
+            return resp
         finally:
             turn.duration_s = time.perf_counter() - turn.started
             ur.close()

@@ -29,36 +29,56 @@ class RawEvent:
 
 
 class SSEParser:
-    """Feed bytes, get whole events."""
+    """Feed bytes, get whole events.
 
-    __slots__ = ("_buf", "max_event_bytes")
+    Line endings (CRLF, CR, LF) are normalized chunk by chunk; a CR at the end
+    of one chunk and an LF at the start of the next are one line break.  Only
+    the new bytes are scanned for the blank line, so a large event arriving in
+    many small reads costs linear time.
+    """
+
+    __slots__ = ("_buf", "_pending_cr", "_scanned", "max_event_bytes")
 
     def __init__(self, max_event_bytes: int = 4 * 1024 * 1024) -> None:
-        self._buf = b""
+        self._buf = bytearray()
+        self._pending_cr = False
+        self._scanned = 0
         self.max_event_bytes = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[RawEvent]:
-        buf = self._buf + chunk if self._buf else chunk
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if self._pending_cr:
+            self._pending_cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._pending_cr = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buf = self._buf
+        buf += chunk
         events: list[RawEvent] = []
         start = 0
+        search = max(self._scanned - 1, 0)
         while True:
-            end = buf.find(b"\n\n", start)
+            end = buf.find(b"\n\n", search)
             if end < 0:
                 break
-            block = buf[start:end]
-            start = end + 2
+            block = bytes(buf[start:end])
+            start = search = end + 2
             if block.strip():
                 events.append(_parse_block(block))
-        self._buf = buf[start:]
-        if len(self._buf) > self.max_event_bytes:
+        if start:
+            del buf[:start]
+        self._scanned = len(buf)
+        if len(buf) > self.max_event_bytes:
             raise SSEError(f"an upstream event exceeded {self.max_event_bytes} bytes")
         return events
 
     def close(self) -> list[RawEvent]:
         """The stream ended: a trailing event without its blank line still counts."""
-        rest, self._buf = self._buf, b""
+        rest = bytes(self._buf)
+        self._buf = bytearray()
+        self._scanned = 0
+        self._pending_cr = False
         if rest.strip():
             return [_parse_block(rest.rstrip(b"\n"))]
         return []

@@ -19,8 +19,11 @@ import orjson
 from proxy.errors import Forbidden, ToolCallInvalid, WardenError
 from proxy.exchange import Decision, Exchange, ToolCall, ToolDecisionRecord
 from proxy.plugin import PluginChain
+from proxy.sse import SSEError
 
 DEFAULT_MAX_CORRECTIONS = 2
+MAX_STREAMED_CALLS = 128
+MAX_STREAMED_ARGS_BYTES = 16 * 1024 * 1024
 NOT_EXECUTED = "Not executed: another tool call in the same turn was refused. Issue it again if it is still needed."
 
 
@@ -128,21 +131,47 @@ class StreamedCalls:
     """Assembles streamed tool-call deltas (choice 0) until each call is complete.
 
     A legacy ``function_call`` delta is assembled as one call marked ``legacy``.
+    Held calls are bounded (``MAX_STREAMED_CALLS`` calls, ``MAX_STREAMED_ARGS_BYTES``
+    of arguments): a provider cannot make Warden hold an unbounded answer.
     """
 
-    __slots__ = ("parts", "legacy")
+    __slots__ = ("parts", "legacy", "_last", "_size")
 
     def __init__(self) -> None:
         self.parts: dict[int, _Partial] = {}
         self.legacy: _Partial | None = None
+        self._last: int | None = None
+        self._size = 0
+
+    def _grow(self, n: int) -> None:
+        self._size += n
+        if self._size > MAX_STREAMED_ARGS_BYTES:
+            raise SSEError(f"streamed tool-call arguments exceed {MAX_STREAMED_ARGS_BYTES} bytes")
+        if len(self.parts) > MAX_STREAMED_CALLS:
+            raise SSEError(f"more than {MAX_STREAMED_CALLS} streamed tool calls in one turn")
+
+    def _index_of(self, d: dict[str, Any]) -> int:
+        """The call a delta continues.  Without an ``index``: the call with the
+        same ``id``, a new call for a new ``id``, else the call being streamed."""
+        idx = d.get("index")
+        if isinstance(idx, int) and not isinstance(idx, bool):
+            return idx
+        call_id = d.get("id")
+        if isinstance(call_id, str) and call_id:
+            for i, p in self.parts.items():
+                if p.id == call_id:
+                    return i
+            return max(self.parts, default=-1) + 1
+        if self._last is not None:
+            return self._last
+        return max(self.parts, default=-1) + 1
 
     def add(self, deltas: list[Any]) -> None:
         for d in deltas:
             if not isinstance(d, dict):
                 continue
-            idx = d.get("index", len(self.parts))
-            if not isinstance(idx, int):
-                idx = len(self.parts)
+            idx = self._index_of(d)
+            self._last = idx
             p = self.parts.get(idx)
             if p is None:
                 p = self.parts[idx] = _Partial()
@@ -156,6 +185,8 @@ class StreamedCalls:
                     p.name += fn["name"]
                 if isinstance(fn.get("arguments"), str):
                     p.args.append(fn["arguments"])
+                    self._grow(len(fn["arguments"]))
+            self._grow(0)
 
     def add_legacy(self, fc: Any) -> None:
         """One ``delta.function_call`` fragment."""
@@ -166,6 +197,7 @@ class StreamedCalls:
                 self.legacy.name += fc["name"]
             if isinstance(fc.get("arguments"), str):
                 self.legacy.args.append(fc["arguments"])
+                self._grow(len(fc["arguments"]))
 
     def __bool__(self) -> bool:
         return bool(self.parts) or self.legacy is not None

@@ -1,8 +1,10 @@
 """The provider side: one pooled ``aiohttp.ClientSession``, timeouts, safe retries.
 
-Retries happen only where they cannot duplicate work the client already saw:
-on a connection failure, or on a 502/503/504 answer, before any byte of the
-answer was relayed.  The provider key comes from Warden's own environment; the
+Retries happen only before any byte of the answer was relayed, and only where
+they cannot duplicate work: when the connection could not be made, on a
+502/503/504 answer, and for idempotent methods also when the request was sent
+but no answer came (timeout, dropped connection).  A POST the provider may be
+working on is never sent twice.  The provider key comes from Warden's own environment; the
 caller's token never goes upstream.
 """
 
@@ -22,6 +24,9 @@ from proxy.errors import UpstreamError, UpstreamTimeout
 log = logging.getLogger("warden.upstream")
 
 RETRY_STATUSES = frozenset({502, 503, 504})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+"""Methods retried after the request reached the provider (a timeout or a broken
+connection before the answer); other methods only when the connection failed."""
 FORWARD_REQUEST_HEADERS = ("content-type", "accept", "openai-beta", "user-agent", "tracestate")
 RELAY_RESPONSE_HEADERS = (
     "content-type",
@@ -109,16 +114,21 @@ class Upstream:
         delay = self.cfg.retry_backoff_s
         while True:
             attempts += 1
+            last = attempts > self.cfg.max_retries
             try:
                 resp = await self.session.request(method, url, data=body, headers=headers, allow_redirects=False)
+            except aiohttp.ConnectionTimeoutError:
+                if last:
+                    raise UpstreamTimeout("the provider did not accept the connection in time", rule="upstream.connect_timeout_s") from None
             except (TimeoutError, aiohttp.ServerTimeoutError):
-                if attempts > self.cfg.max_retries:
+                # The request was sent: the provider may be working on it.
+                if last or method not in IDEMPOTENT_METHODS:
                     raise UpstreamTimeout("the provider did not answer in time", rule="upstream.timeout_s") from None
             except aiohttp.ClientConnectorError as e:
-                if attempts > self.cfg.max_retries:
+                if last:
                     raise UpstreamError(f"cannot connect to the provider ({e.os_error.strerror or 'connection failed'})", rule="upstream.base_url") from None
             except aiohttp.ClientError as e:
-                if attempts > self.cfg.max_retries:
+                if last or method not in IDEMPOTENT_METHODS:
                     raise UpstreamError(f"provider connection failed: {type(e).__name__}", rule="upstream.base_url") from None
             else:
                 if resp.status in RETRY_STATUSES and attempts <= self.cfg.max_retries:

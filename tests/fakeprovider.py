@@ -62,6 +62,7 @@ class Received:
     method: str
     headers: CIMultiDict[str]
     body: Any
+    raw_path: str = ""
 
 
 def _tokens(text: str) -> int:
@@ -116,7 +117,7 @@ class FakeProvider:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             body = raw
-        self.requests.append(Received(request.path, request.method, CIMultiDict(request.headers), body))
+        self.requests.append(Received(request.path, request.method, CIMultiDict(request.headers), body, request.raw_path))
         return body
 
     async def _models(self, request: web.Request) -> web.Response:

@@ -112,7 +112,7 @@ async def test_streamed_tool_call_in_a_second_choice_is_refused(tw: Any, token: 
     fake.push(Reply(raw_events=events))
     raw = await _stream(tw, token(sub="bob", groups=["sales"]), {**BODY, "tools": [fn("lookup")]})
     assert b"5000" not in raw
-    assert b"tools.choices" in raw
+    assert b"upstream.protocol" in raw
 
 
 @pytest.mark.parametrize("args", ['{"invoice_id": "inv_1", "invoice_id": "inv_2"}'])
