@@ -172,7 +172,9 @@ class Authenticator:
             del self._cache[digest]
         principal, exp = await self._verify(token)
         if self.cfg.cache_size > 0:
-            self._cache[digest] = (principal, exp)
+            # With a JWKS, a key can be withdrawn: re-verify at least once per JWKS cache lifetime.
+            until = exp if self._jwks is None else min(exp, time.time() + self.cfg.jwks_cache_s)
+            self._cache[digest] = (principal, until)
             if len(self._cache) > self.cfg.cache_size:
                 self._cache.popitem(last=False)
         return principal

@@ -219,6 +219,16 @@ async def test_jwks_refetch_on_unknown_kid_is_rate_limited(rsa_keys: Keys) -> No
         tok2 = jwt.encode(_claims(), rsa_keys.private_pem, algorithm="RS256", headers={"kid": "k2"})
         assert (await a.authenticate(f"Bearer {tok2}")).subject == "alice"
         assert state["fetches"] == 2, "a rotated key is picked up after the refresh interval"
+        # k1 is withdrawn: once the JWKS cache lifetime has passed, a cached token signed with it is refused
+        state["keys"] = [k for k in state["keys"] if k["kid"] != "k1"]
+        cached_until = [until for _, until in a._cache.values()]
+        assert all(u <= time.time() + a.cfg.jwks_cache_s + 1 for u in cached_until), "cached no longer than the JWKS lifetime"
+        for key, (p, _) in list(a._cache.items()):  # let that lifetime pass
+            a._cache[key] = (p, time.time() - 1)
+        a._jwks.fetched_at -= a.cfg.jwks_cache_s + 1  # type: ignore[union-attr]
+        with pytest.raises(Unauthorized) as ei:
+            await a.authenticate(f"Bearer {tok}")
+        assert ei.value.rule == "auth.kid"
         await a.close()
     finally:
         await runner.cleanup()
