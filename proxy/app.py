@@ -21,7 +21,7 @@ from proxy.audit.base import AuditSink
 from proxy.auth import Authenticator
 from proxy.config import Config, load_config
 from proxy.errors import AuditUnavailable, ConfigError, ServiceUnavailable, WardenError, error_body
-from proxy.exchange import Exchange
+from proxy.exchange import Exchange, UpstreamTurn
 from proxy.logs import add_secret
 from proxy.metrics import Metrics
 from proxy.plugin import Plugin, PluginChain, PluginContext, available_plugins
@@ -265,6 +265,20 @@ class Warden:
         headers = {"Content-Type": "application/json", **ur.relay_headers()}
         headers["Content-Type"] = "application/json"
         return web.Response(status=ur.status, body=raw, headers=self.response_headers(ex, headers))
+
+    async def send_turn(self, ex: Exchange, method: str, path: str, body: bytes | None, headers: dict[str, str], reason: str = "initial") -> tuple[UpstreamTurn, UpstreamResponse]:
+        """Start one upstream turn of ``ex``: recorded on the exchange, failures counted and kept on the turn."""
+        turn = UpstreamTurn(index=len(ex.turns), body=body or b"", started=time.perf_counter(), reason=reason)
+        ex.turns.append(turn)
+        try:
+            ur = await self.upstream.send(method, path, body, headers)
+        except WardenError as e:
+            turn.error = e.message
+            turn.duration_s = time.perf_counter() - turn.started
+            self.count_upstream_error(e)
+            raise
+        turn.status = ur.status
+        return turn, ur
 
     def count_upstream_error(self, err: WardenError) -> None:
         kind = "timeout" if err.status == 504 else "connection"

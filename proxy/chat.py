@@ -90,18 +90,8 @@ def _unjudgeable(choices: list[Any]) -> str | None:
 
 
 async def _call(w: Warden, request: web.Request, ex: Exchange, body: bytes, reason: str) -> tuple[UpstreamTurn, Any]:
-    turn = UpstreamTurn(index=len(ex.turns), body=body, started=time.perf_counter(), reason=reason)
-    ex.turns.append(turn)
     headers = w.upstream.build_headers(request.headers, w.upstream_extra_headers(ex))
-    try:
-        ur = await w.upstream.send("POST", PATH, body, headers)
-    except WardenError as e:
-        turn.error = e.message
-        turn.duration_s = time.perf_counter() - turn.started
-        w.count_upstream_error(e)
-        raise
-    turn.status = ur.status
-    return turn, ur
+    return await w.send_turn(ex, "POST", PATH, body, headers, reason)
 
 
 async def _non_stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamResponse:

@@ -208,10 +208,6 @@ async def _passthrough(w: Warden, request: web.Request, ex: Exchange) -> web.Str
     raw_path = request.raw_path
     path = raw_path[len("/v1") :] if raw_path.startswith("/v1") else raw_path
     body = chat.upstream_body(ex) if ex.body is not None else (ex.raw_body or None)
-    from proxy.exchange import UpstreamTurn
-
-    turn = UpstreamTurn(index=0, body=body or b"", started=time.perf_counter())
-    ex.turns.append(turn)
     headers = w.upstream.build_headers(request.headers, w.upstream_extra_headers(ex))
     if not body:
         headers.pop("content-type", None)
@@ -222,14 +218,7 @@ async def _passthrough(w: Warden, request: web.Request, ex: Exchange) -> web.Str
             headers.pop("content-type", None)
         else:
             headers["content-type"] = ctype
-    try:
-        ur = await w.upstream.send(request.method, path, body, headers)
-    except WardenError as e:
-        turn.error = e.message
-        turn.duration_s = time.perf_counter() - turn.started
-        w.count_upstream_error(e)
-        raise
-    turn.status = ur.status
+    turn, ur = await w.send_turn(ex, request.method, path, body, headers)
     ctype = ur.resp.headers.get("Content-Type", "")
     relay = {k: v for k, v in ur.resp.headers.items() if k.lower() not in _HOP_BY_HOP and not k.lower().startswith("set-cookie")}
     if "text/event-stream" in ctype:
