@@ -231,7 +231,9 @@ async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamRe
             await stream_error(w, ex, resp, UpstreamError(f"the provider answered {ur.status} during a corrective turn", rule="upstream.status"))
             return resp
         if resp is None:
-            resp = web.StreamResponse(status=200, headers=w.response_headers(ex, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}))
+            resp = web.StreamResponse(
+                status=200, headers=w.response_headers(ex, {**ur.relay_headers(), "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            )
             ex.status = 200
             try:
                 await resp.prepare(request)
@@ -356,6 +358,8 @@ async def _relay_event(w: Warden, ex: Exchange, ev: sse.RawEvent, st: _StreamSta
     """Relay one upstream event; returns True on ``[DONE]``."""
     data = ev.data
     if data is None:
+        if ev.raw.startswith(b":"):
+            await write(ev.raw)  # a keep-alive comment: relayed, so idle clients do not give up before the first token
         return False
     if data == sse.DONE:
         return True

@@ -64,8 +64,15 @@ async def run(config: Config, *, watch_interval_s: float = 2.0) -> int:
     admin_runner = web.AppRunner(w.admin_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await data_runner.setup()
     await admin_runner.setup()
-    await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
-    await web.TCPSite(data_runner, host, port, reuse_address=True, backlog=1024).start()
+    try:
+        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+        await web.TCPSite(data_runner, host, port, reuse_address=True, backlog=1024).start()
+    except OSError as e:
+        log.error("cannot listen: %s", e)
+        await data_runner.cleanup()
+        await admin_runner.cleanup()
+        await w.stop()  # flush and checkpoint the audit log, close stores
+        return 1
     log.info("warden listening", extra={"listen": config.server.listen, "admin_listen": config.server.admin_listen, "upstream": config.upstream.base_url})
 
     loop = asyncio.get_running_loop()

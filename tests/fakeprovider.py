@@ -36,6 +36,7 @@ class Reply:
     - ``status`` with ``error`` (an OpenAI error body is built) or ``body`` (raw bytes);
     - ``delay_s`` before the headers, ``chunk_delay_s`` between SSE events, ``hang`` never answers;
     - ``raw_events``: SSE data payloads sent as they are (for malformed streams);
+    - ``comment``: an SSE comment line (``: ...``) sent first, as keep-alive providers do;
     - ``cut_after``: close the connection after that many events (a stream cut mid-way);
     - ``usage``: override the reported usage; ``model``: the reported model.
     """
@@ -50,6 +51,7 @@ class Reply:
     chunk_delay_s: float = 0.0
     hang: bool = False
     raw_events: list[bytes] | None = None
+    comment: bytes | None = None
     cut_after: int | None = None
     usage: dict[str, int] | None = None
     model: str | None = None
@@ -217,6 +219,8 @@ class FakeProvider:
                 }
             )
 
+        if reply.comment is not None:
+            await resp.write(b": " + reply.comment + b"\n\n")
         if reply.raw_events is not None:
             events = list(reply.raw_events)
         else:

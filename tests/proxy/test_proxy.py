@@ -136,3 +136,14 @@ async def test_unknown_route_is_openai_404(warden: Any) -> None:
         async with s.get(warden.base_url.replace("/v1", "/nope")) as r:
             assert r.status == 404
             assert (await r.json())["error"]["code"] == "not_found"
+
+
+async def test_stream_relays_keepalive_comments_and_provider_headers(warden: Any, token: Any, fake: FakeProvider) -> None:
+    fake.push(Reply(content="hi there", comment=b"PROCESSING", headers={"openai-processing-ms": "42"}))
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        async with s.post(f"{warden.base_url}/chat/completions", json=body, headers={"Authorization": f"Bearer {token()}"}) as r:
+            assert r.headers["openai-processing-ms"] == "42"
+            raw = await r.read()
+    assert raw.startswith(b": PROCESSING\n\n")
+    assert raw.rstrip().endswith(b"data: [DONE]")

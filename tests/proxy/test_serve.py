@@ -201,3 +201,20 @@ async def test_invalid_config_fails_at_start_naming_the_key(tmp_path: Path) -> N
     assert proc.returncode == 2 and b"upstream.base_urll" in err and b"unknown key" in err
 
 
+
+
+async def test_port_in_use_exits_cleanly(tmp_path: Path, fake: FakeProvider, rsa_keys: Keys) -> None:
+    import socket as _socket
+
+    busy = _socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        cfg = tmp_path / "config.toml"
+        write_config(cfg, fake, rsa_keys, busy.getsockname()[1], free_port())
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 1
+        assert b"cannot listen" in out
+    finally:
+        busy.close()
