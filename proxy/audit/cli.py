@@ -39,7 +39,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--tool", help="a tool the model called")
     p.add_argument("--since", help="ISO time, epoch seconds, or an age like 30m, 24h, 7d")
     p.add_argument("--until", help="same forms as --since")
-    p.add_argument("--kind", help="exchange, feedback, mode_change, approval, ...")
+    p.add_argument("--kind", help="exchange, feedback, config_reload, retention_prune, tools.mode, tools.approval.approve, tools.approval.deny, retrieval.ingest, retrieval.delete")
     p.add_argument("--limit", type=int, default=100)
     _db_arg(p)
     p.add_argument("--json", action="store_true", help="one JSON record per line")

@@ -13,8 +13,9 @@ always stored, with secrets removed.  Warden's own durations are integer
 microseconds; every record says which redaction rules fired (names and
 counts, never values).
 
-Record kinds: ``exchange``; admin actions (``mode_change``, ``approval``,
-``ingest``, ``delete``, ``config_reload``, ``retention_prune``, ...) and
+Record kinds: ``exchange``; admin actions named by whoever records them
+(``config_reload``, ``retention_prune``, ``tools.mode``,
+``tools.approval.approve``/``deny``, ``retrieval.ingest``/``delete``) and
 ``feedback``.
 """
 
@@ -34,7 +35,6 @@ from proxy.exchange import Exchange
 
 ContentMode = Literal["full", "redacted", "hashes"]
 RECORD_VERSION = 1
-ADMIN_KINDS = frozenset({"mode_change", "approval", "ingest", "delete", "config_reload", "retention_prune", "key_rotation"})
 _KIND = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 _DROP_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key", "openai-api-key"})
 _SAMPLING = (
