@@ -49,6 +49,11 @@ async def _feedback_flow(w: Warden, request: web.Request, ex: Exchange) -> web.S
     return web.Response(status=200, body=orjson.dumps(result), headers=w.response_headers(ex, {"Content-Type": "application/json"}))
 
 
+async def _reload_plugin(plugin: Plugin, sections: dict[str, Any]) -> None:
+    extras = {name: sections.get(name) for name in type(plugin).extra_sections}
+    await plugin.reload(sections.get(type(plugin).config_section or ""), **extras)
+
+
 class Warden:
     """One Warden instance: data plane, admin plane and everything they share."""
 
@@ -136,11 +141,7 @@ class Warden:
             new = load_config(source, self.plugin_classes)
             if new.plugins.enabled != self.config.plugins.enabled:
                 raise ConfigError("plugins.enabled", "changing the plugin list needs a restart")
-            for plugin in self.chain.plugins:
-                sec = type(plugin).config_section
-                if sec is not None:
-                    extras = {name: new.plugin_sections.get(name) for name in type(plugin).extra_sections}
-                    await plugin.reload(new.plugin_sections.get(sec), **extras)
+            await self._reload_plugins(new.plugin_sections)
         except ConfigError as e:
             self.metrics.config_reloads.labels(result="refused").inc()
             log.error("config reload refused, the running config stays: %s", e)
@@ -155,6 +156,23 @@ class Warden:
             log.info("config reloaded from %s", source)
         await self.record_event("config_reload", {"subject": "warden"}, {"result": "applied", "needs_restart": restart})
         return {"result": "applied", "needs_restart": restart}
+
+    async def _reload_plugins(self, sections: dict[str, Any]) -> None:
+        """Give every plugin its new sections, all or nothing: when one refuses,
+        those already reloaded get their running sections back."""
+        done: list[Plugin] = []
+        try:
+            for plugin in self.chain.plugins:
+                if type(plugin).config_section is not None:
+                    await _reload_plugin(plugin, sections)
+                    done.append(plugin)
+        except ConfigError:
+            for plugin in done:
+                try:
+                    await _reload_plugin(plugin, self.config.plugin_sections)
+                except Exception:
+                    log.exception("plugin %s could not return to its running config", plugin.name)
+            raise
 
     # -- apps ----------------------------------------------------------------------
 

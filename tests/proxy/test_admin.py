@@ -44,3 +44,40 @@ async def test_auth_none_mode_uses_dev_principal(warden_factory: Any, fake: Any)
         async with s.post(f"{w.base_url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}) as r:
             assert r.status == 200
             assert r.headers["x-warden-principal"] == "local/me"
+
+
+async def test_reload_is_all_or_nothing(warden_factory: Any, tmp_path: Any, rsa_keys: Any, fake: Any) -> None:
+    """A plugin refusing its new section puts back the sections others already took."""
+    over = {"plugins": {"enabled": ["headers", "limits"]}, "headers": {"add": {"x-policy": "old"}}, "limits": {"idempotency_db": str(tmp_path / "i.db")}}
+    w = await warden_factory(over)
+    headers_plugin = w.warden.chain.get("headers")
+
+    def config_text(policy: str, backend: str) -> str:
+        return f"""
+[upstream]
+base_url = "{fake.base_url}"
+api_key_env = "WARDEN_TEST_PROVIDER_KEY"
+[auth]
+algorithms = ["RS256"]
+issuer = "https://issuer.test"
+audience = "warden-test"
+public_key_file = "{rsa_keys.public_path}"
+[audit]
+enabled = false
+[plugins]
+enabled = ["headers", "limits"]
+[headers]
+add = {{ x-policy = "{policy}" }}
+[limits]
+backend = "{backend}"
+idempotency_db = "{tmp_path / 'i.db'}"
+"""
+
+    path = tmp_path / "config.toml"
+    path.write_text(config_text("new", "redis"))  # limits refuses a backend change without restart
+    result = await w.warden.reload(str(path))
+    assert result["result"] == "refused" and "limits" in result["error"]
+    assert headers_plugin.section.add == {"x-policy": "old"}, "headers got its running section back"
+    path.write_text(config_text("new", "memory"))
+    assert (await w.warden.reload(str(path)))["result"] == "applied"
+    assert headers_plugin.section.add == {"x-policy": "new"}
