@@ -549,28 +549,49 @@ class RetrievalService:
     async def _candidates(
         self, reader: Reader, query: str, k: int, timings: dict[str, float]
     ) -> tuple[list[list[tuple[str, float]]], list[str], np.ndarray | None]:
+        """Each engine's ACL-filtered candidates.  The lexical search runs while
+        the query is being embedded and the vector search runs: the step costs
+        the slower of the two branches, not their sum."""
+        mode = self.cfg.mode
+        lexical, vector = self.lexical, self.vector
+
+        async def lexical_branch() -> list[tuple[str, float]]:
+            t = time.perf_counter()
+            assert lexical is not None
+            if self.chunks <= self.cfg.inline_search_max_chunks:
+                out = lexical.search(reader, query, k)
+            else:
+                out = await asyncio.to_thread(lexical.search, reader, query, k)
+            timings["bm25_ms"] = (time.perf_counter() - t) * 1000
+            return out
+
+        async def vector_branch() -> tuple[np.ndarray, list[tuple[str, float]] | None]:
+            assert self.embedder is not None
+            t = time.perf_counter()
+            qv = (await self.embedder.embed([query]))[0]
+            timings["embed_ms"] = (time.perf_counter() - t) * 1000
+            if vector is None:
+                return qv, None
+            t = time.perf_counter()
+            out = await asyncio.to_thread(vector.search, reader, qv, k)
+            timings["vector_ms"] = (time.perf_counter() - t) * 1000
+            return qv, out
+
+        use_lexical = mode in ("hybrid", "bm25") and lexical is not None
+        use_vector = mode in ("hybrid", "vector") and self.embedder is not None
+        if use_lexical and use_vector:
+            lex, (qvec, vec) = await asyncio.gather(lexical_branch(), vector_branch())
+        else:
+            lex = await lexical_branch() if use_lexical else None
+            qvec, vec = await vector_branch() if use_vector else (None, None)
         lists: list[list[tuple[str, float]]] = []
         names: list[str] = []
-        qvec: np.ndarray | None = None
-        mode = self.cfg.mode
-        if mode in ("hybrid", "vector") and self.embedder is not None:
-            t = time.perf_counter()
-            qvec = (await self.embedder.embed([query]))[0]
-            timings["embed_ms"] = (time.perf_counter() - t) * 1000
-        lexical, vector = self.lexical, self.vector
-        if mode in ("hybrid", "bm25") and lexical is not None:
-            t = time.perf_counter()
-            if self.chunks <= self.cfg.inline_search_max_chunks:
-                lists.append(lexical.search(reader, query, k))
-            else:
-                lists.append(await asyncio.to_thread(lexical.search, reader, query, k))
+        if lex is not None:
+            lists.append(lex)
             names.append("bm25")
-            timings["bm25_ms"] = (time.perf_counter() - t) * 1000
-        if qvec is not None and vector is not None:
-            t = time.perf_counter()
-            lists.append(await asyncio.to_thread(vector.search, reader, qvec, k))
+        if vec is not None:
+            lists.append(vec)
             names.append("vector")
-            timings["vector_ms"] = (time.perf_counter() - t) * 1000
         return lists, names, qvec
 
     async def _acl_excluded(self, reader: Reader, query: str, qvec: np.ndarray | None, names: list[str], result: SearchResult, top_k: int) -> list[Hit]:
