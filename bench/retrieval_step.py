@@ -5,8 +5,9 @@ Markdown documents through the real pipeline (SQLite store of record, chunking,
 both engines), then times ``RetrievalService.search`` for readers whose ACLs
 admit about 5% and 100% of the corpus: lexical + vector search inside the
 ACL, fusion, the store-of-record fetch and re-check, and context selection.
-The query embedding is excluded (reported separately): the embedder here is a
-local deterministic bag-of-words projection, so no network time is counted.
+The query embedding is excluded (reported separately; the lexical search runs
+while it is computed): the embedder here is a local deterministic bag-of-words
+projection, so no network time is counted.
 
     python bench/retrieval_step.py --docs 34000 --queries 300     # ~100k chunks
 """
@@ -91,7 +92,7 @@ async def run(n: int, queries: int, batch: int) -> None:
         }
         weights = [1 / (k + 1) for k in range(len(WORDS))]
         print(f"\nretrieval step: {status['documents']} documents, {status['chunks']} chunks, hybrid, built in {build_s:.0f} s\n")
-        print("| reader scope | step p50 ms | step p99 ms | engines p50 ms | fetch+select p50 ms | query embedding p50 ms |")
+        print("| reader scope | step p50 ms | step p99 ms | engines (slower branch + fusion) p50 ms | fetch+select p50 ms | query embedding p50 ms |")
         print("|---|---|---|---|---|---|")
         for label, reader in readers.items():
             steps, engines, rest, embeds = [], [], [], []
@@ -100,7 +101,8 @@ async def run(n: int, queries: int, batch: int) -> None:
                 res = await svc.search(reader, q)
                 t = res.timings
                 emb = t.get("embed_ms", 0.0)
-                eng = t.get("bm25_ms", 0.0) + t.get("vector_ms", 0.0) + t.get("fuse_ms", 0.0)
+                # the lexical branch runs concurrently with embedding + vector search: the slower one counts
+                eng = max(t.get("bm25_ms", 0.0), emb + t.get("vector_ms", 0.0)) - emb + t.get("fuse_ms", 0.0)
                 steps.append(t["total_ms"] - emb)
                 engines.append(eng)
                 rest.append(t["total_ms"] - emb - eng)
