@@ -29,6 +29,43 @@ os.environ["WARDEN_TEST_PROVIDER_KEY"] = PROVIDER_KEY
 os.environ["WARDEN_TEST_ADMIN_TOKEN"] = ADMIN_TOKEN
 
 
+def _redis_answers(host: str = "127.0.0.1", port: int = 6379) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server() -> Any:
+    """The tests use a real Redis at 127.0.0.1:6379.  When none answers and
+    ``redis-server`` is installed, one is started for the session (no
+    persistence) and stopped at the end; otherwise the Redis tests fail
+    with a connection error that says so."""
+    import shutil
+    import subprocess
+
+    if _redis_answers():
+        yield None
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if _redis_answers():
+            break
+        time.sleep(0.05)
+    yield proc
+    proc.terminate()
+    proc.wait(10)
+
+
 @dataclass
 class Keys:
     private_pem: bytes
