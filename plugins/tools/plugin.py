@@ -85,6 +85,7 @@ class ToolsPlugin(Plugin):
         self.approvals_pending = 0
         self._ctx: PluginContext | None = None
         self._refresh_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # -- lifecycle -------------------------------------------------------
 
@@ -144,6 +145,7 @@ class ToolsPlugin(Plugin):
         return out
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._refresh_task is not None:
             self._refresh_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -197,7 +199,7 @@ class ToolsPlugin(Plugin):
         retries every second even with ``mode_refresh_s = 0``.  On failure the
         last known mode stays; the store logs an outage once.
         """
-        while True:
+        while not self._stopping:
             if self.policy.mode_refresh_s <= 0 and self.mode.loaded:
                 return
             await asyncio.sleep(self.policy.mode_refresh_s if self.policy.mode_refresh_s > 0 else 1.0)

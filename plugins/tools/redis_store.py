@@ -26,6 +26,7 @@ logged once per outage.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Literal
@@ -122,6 +123,7 @@ class RedisToolStateStore:
         self._version: bytes | None = None
         self._seen_version = False
         self.down = False
+        self._outage = False
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -131,6 +133,11 @@ class RedisToolStateStore:
         try:
             result = await fn(*args, **kwargs)
         except self._exc as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py may turn a cancellation into a connection error: keep it a cancellation.
+                raise asyncio.CancelledError() from e
+            self._outage = True
             if not self.down:
                 self.down = True
                 log.error("tool state backend redis unreachable (%s): approvals are refused, read-only mode keeps its last value", e)
@@ -148,9 +155,12 @@ class RedisToolStateStore:
         await self.redis.aclose()
 
     async def changed_elsewhere(self) -> bool:
-        """True when the mode version changed since the last call (or was never read)."""
+        """True when the mode version changed since the last call, or was never read, or Redis was
+        unreachable meanwhile (it may have restarted empty)."""
+        outage = self._outage
         version = await self._run(self.redis.get, self._k("mode", "version"))
-        changed = not self._seen_version or version != self._version
+        self._outage = False
+        changed = outage or not self._seen_version or version != self._version
         self._version = version
         self._seen_version = True
         return changed
