@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import jsonschema_rs
 
@@ -142,7 +143,7 @@ class PolicyConfig:
 
     read_only: bool = True
     """Default read-only mode (global) for a new deployment; the admin API
-    changes it at runtime and the change is persisted in ``state_db``."""
+    changes it at runtime and the change is persisted in the state backend."""
     unknown_tools: Literal["deny", "allow"] = "deny"
     """``deny``: an undeclared tool is removed from requests and refused if
     called.  ``allow``: it passes unvalidated (treated as a write tool)."""
@@ -151,8 +152,16 @@ class PolicyConfig:
     approval_ttl_s: float = 3600.0
     """A pending approval expires this long after it was requested; an
     approved one must be used within this long after the approval."""
+    state_backend: Literal["sqlite", "redis"] = "sqlite"
+    """Where approvals and the read-only switch live: ``sqlite`` (``state_db``,
+    one replica or several workers sharing the file) or ``redis`` (shared by
+    every replica).  Cannot change on reload."""
     state_db: str = "warden-state.db"
-    """SQLite file for approvals and the read-only switch (relative to the config file)."""
+    """SQLite file for approvals and the read-only switch (relative to the config file); ``state_backend = "sqlite"`` only."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis server for ``state_backend = "redis"``."""
+    redis_key_prefix: str = "warden:tools:"
+    """Prefix of every Redis key of the tool state (several deployments may share one Redis)."""
     tool_result_max_bytes: int = 16384
     """Tool results recorded for the audit log are cut to this many bytes."""
     mode_refresh_s: float = 1.0
@@ -170,6 +179,14 @@ class PolicyConfig:
             raise ConfigError(f"{key}.mode_refresh_s", "must be >= 0")
         if not self.state_db:
             raise ConfigError(f"{key}.state_db", "must name a file")
+        if self.state_backend not in ("sqlite", "redis"):
+            raise ConfigError(f"{key}.state_backend", 'must be "sqlite" or "redis"')
+        if self.state_backend == "redis":
+            u = urlparse(self.redis_url)
+            if u.scheme not in ("redis", "rediss", "unix") or (u.scheme != "unix" and not u.hostname):
+                raise ConfigError(f"{key}.redis_url", "must be a redis://, rediss:// or unix:// URL")
+            if not self.redis_key_prefix or any(c.isspace() for c in self.redis_key_prefix):
+                raise ConfigError(f"{key}.redis_key_prefix", "must be a non-empty prefix without whitespace")
 
 
 class ToolRegistry:

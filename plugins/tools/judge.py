@@ -28,7 +28,7 @@ from plugins.ratelimit.gcra import MemoryGCRA
 from plugins.tools.canonical import call_key, canonical_json, fingerprint
 from plugins.tools.config import CompiledTool, PolicyConfig, ToolRegistry
 from plugins.tools.policy import ModeState, permission_failure, quote
-from plugins.tools.store import ToolStateStore
+from plugins.tools.store import StateBackendDown, ToolStore
 from proxy.exchange import Decision, Exchange, ToolCall
 from proxy.tooling import loads_arguments
 
@@ -77,7 +77,7 @@ def parse_arguments(call: ToolCall) -> tuple[dict[str, Any] | None, str | None]:
 class ToolJudge:
     """Judges tool calls against the registry, the mode, limits and approvals."""
 
-    def __init__(self, registry: ToolRegistry, policy: PolicyConfig, mode: ModeState, store: ToolStateStore | None) -> None:
+    def __init__(self, registry: ToolRegistry, policy: PolicyConfig, mode: ModeState, store: ToolStore | None) -> None:
         self.registry = registry
         self.policy = policy
         self.mode = mode
@@ -230,6 +230,12 @@ class ToolJudge:
                     ttl_s=self.policy.approval_ttl_s,
                     now=now,
                 )
+        except StateBackendDown:
+            return Decision.deny(
+                "policy.state_backend",
+                f"tool {quote(name)} needs a human approval and the approval store is unreachable. "
+                "It was NOT executed; tell the user to try again later.",
+            )
         except Exception:
             log.exception("approval store failed for tool %s", name)
             return Decision.deny(

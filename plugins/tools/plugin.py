@@ -24,7 +24,7 @@ from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
 from plugins.tools.judge import ExchangeState, ToolJudge
 from plugins.tools.policy import ModeState, permission_failure
 from plugins.tools.request import fence_tools, scan_history
-from plugins.tools.store import ToolStateStore
+from plugins.tools.store import StateBackendDown, ToolStateStore, ToolStore
 from proxy.errors import BadRequest, ConfigError, ServiceUnavailable
 from proxy.exchange import Decision, Exchange, ToolCall
 from proxy.plugin import Plugin, PluginContext
@@ -79,12 +79,13 @@ class ToolsPlugin(Plugin):
         self._tools_given = tools is not None
         self.registry = ToolRegistry(tools or [])
         self.mode = ModeState(section.read_only)
-        self.store: ToolStateStore | None = None
+        self.store: ToolStore | None = None
         self.judge = ToolJudge(self.registry, section, self.mode, None)
         self.decision_counts: Counter[tuple[str, str]] = Counter()
         self.approvals_pending = 0
         self._ctx: PluginContext | None = None
         self._refresh_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # -- lifecycle -------------------------------------------------------
 
@@ -93,18 +94,38 @@ class ToolsPlugin(Plugin):
         self._ctx = ctx
         if not self._tools_given:
             self._set_registry(ToolRegistry(ctx.config.plugin_sections.get("tools") or []))
-        store = ToolStateStore(ctx.config.resolve_path(self.policy.state_db))
-        await store.open()
+        store = self._make_store(ctx)
+        try:
+            await store.open()
+        except StateBackendDown:
+            # Redis down at start: come up refusing approvals and read-only
+            # until the refresh loop reaches it (fail closed).
+            self.mode.loaded = False
+        except BaseException:
+            await store.close()
+            raise
         self.store = store
         self.judge.store = store
-        await store.changed_elsewhere()
-        await self._load_state()
+        if self.mode.loaded:
+            try:
+                await store.changed_elsewhere()
+                await self._load_state()
+            except StateBackendDown:
+                self.mode.loaded = False
         for method, path, handler in ToolsAdmin(self).routes():
             ctx.add_admin_route(method, path, handler)
         ctx.services["tools"] = self
         self._bind_metrics(ctx.services.get("metrics"))
-        if self.policy.mode_refresh_s > 0:
+        if self.policy.mode_refresh_s > 0 or not self.mode.loaded:
             self._refresh_task = asyncio.create_task(self._refresh_loop(), name="tools-state-refresh")
+
+    def _make_store(self, ctx: PluginContext) -> ToolStore:
+        """The store named by ``state_backend``."""
+        if self.policy.state_backend == "redis":
+            from plugins.tools.redis_store import RedisToolStateStore
+
+            return RedisToolStateStore(self.policy.redis_url, self.policy.redis_key_prefix)
+        return ToolStateStore(ctx.config.resolve_path(self.policy.state_db))
 
     def _bind_metrics(self, metrics: Any) -> None:
         """Expose pending approvals and read-only mode at scrape time.
@@ -124,6 +145,7 @@ class ToolsPlugin(Plugin):
         return out
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._refresh_task is not None:
             self._refresh_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -143,8 +165,15 @@ class ToolsPlugin(Plugin):
         invalid or declared twice.  ``state_db`` cannot change without a restart.
         """
         registry = ToolRegistry(tools) if tools is not None else self.registry
-        if section.state_db != self.policy.state_db and self.store is not None:
-            raise ConfigError("policy.state_db", "cannot change on reload; restart Warden to move the state database")
+        if self.store is not None:
+            if section.state_backend != self.policy.state_backend:
+                raise ConfigError("policy.state_backend", "cannot change on reload; restart Warden to switch the state backend")
+            if section.state_backend == "sqlite" and section.state_db != self.policy.state_db:
+                raise ConfigError("policy.state_db", "cannot change on reload; restart Warden to move the state database")
+            if section.state_backend == "redis":
+                for name in ("redis_url", "redis_key_prefix"):
+                    if getattr(section, name) != getattr(self.policy, name):
+                        raise ConfigError(f"policy.{name}", "cannot change on reload; restart Warden to move the tool state")
         self.section = section
         self.policy = section
         self.judge.policy = section
@@ -160,25 +189,39 @@ class ToolsPlugin(Plugin):
         glob, tenants = await store.load_modes()
         self.mode.global_setting = glob
         self.mode.tenants = tenants
+        self.mode.loaded = True
         self.approvals_pending = await store.pending_count()
 
     async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.policy.mode_refresh_s)
+        """Re-read the stored mode every ``mode_refresh_s`` (other replicas change it).
+
+        While the mode was never loaded (state backend down since start) it
+        retries every second even with ``mode_refresh_s = 0``.  On failure the
+        last known mode stays; the store logs an outage once.
+        """
+        while not self._stopping:
+            if self.policy.mode_refresh_s <= 0 and self.mode.loaded:
+                return
+            await asyncio.sleep(self.policy.mode_refresh_s if self.policy.mode_refresh_s > 0 else 1.0)
             try:
                 if self.store is None:
                     return
-                if await self.store.changed_elsewhere():
+                if not self.mode.loaded or await self.store.changed_elsewhere():
                     await self._load_state()
                 else:
                     self.approvals_pending = await self.store.pending_count()
+            except StateBackendDown:
+                pass
             except Exception:
                 log.exception("refreshing the tool state failed; keeping the last known mode")
 
-    def store_required(self) -> ToolStateStore:
+    def store_required(self) -> ToolStore:
         if self.store is None:
-            raise ServiceUnavailable("the tool state store is not running", rule="policy.state_db")
+            raise ServiceUnavailable("the tool state store is not running", rule=f"policy.{self._store_key()}")
         return self.store
+
+    def _store_key(self) -> str:
+        return "state_backend" if self.policy.state_backend == "redis" else "state_db"
 
     async def set_mode(self, tenant: str | None, read_only: bool | None, actor: dict[str, Any]) -> None:
         """Persist a read-only setting and apply it to the next request."""

@@ -44,13 +44,20 @@ class ModeState:
     config_default: bool
     global_setting: ModeSetting | None = None
     tenants: dict[str, ModeSetting] = field(default_factory=dict)
+    loaded: bool = True
+    """False while the stored mode was never read (state backend unreachable
+    since start): every tenant is then read-only (fail closed)."""
 
     @property
     def global_read_only(self) -> bool:
+        if not self.loaded:
+            return True
         return self.config_default if self.global_setting is None else self.global_setting.read_only
 
     def read_only_for(self, tenant: str | None) -> tuple[bool, str]:
         """``(read_only, where it comes from)`` for a tenant."""
+        if not self.loaded:
+            return True, "globally (the state backend is unreachable and the stored mode was never loaded)"
         if tenant is not None:
             t = self.tenants.get(tenant)
             if t is not None:
@@ -63,7 +70,7 @@ class ModeState:
         """The mode as shown by ``GET /admin/mode``."""
         return {
             "read_only": self.global_read_only,
-            "source": "config" if self.global_setting is None else "admin",
+            "source": "unavailable" if not self.loaded else "config" if self.global_setting is None else "admin",
             "config_default": self.config_default,
             "updated": None if self.global_setting is None else self.global_setting.updated,
             "actor": None if self.global_setting is None else self.global_setting.actor,

@@ -18,10 +18,12 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import aiosqlite
 import orjson
+
+from proxy.errors import ServiceUnavailable
 
 ApprovalStatus = Literal["pending", "approved", "denied", "consumed", "expired"]
 LIST_STATUSES = ("pending", "approved", "denied", "consumed", "expired", "all")
@@ -143,6 +145,66 @@ class ModeSetting:
     read_only: bool
     updated: float
     actor: dict[str, Any]
+
+
+class StateBackendDown(ServiceUnavailable):
+    """The shared state backend (Redis) cannot be reached; names ``policy.state_backend``.
+
+    Admin routes answer 503; the judge turns it into a refusal of the call.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, rule="policy.state_backend")
+
+
+class ToolStore(Protocol):
+    """What the judge, the plugin and the admin API need from a state store.
+
+    Implemented by :class:`ToolStateStore` (SQLite) and
+    :class:`plugins.tools.redis_store.RedisToolStateStore`.
+    """
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def changed_elsewhere(self) -> bool: ...
+
+    async def load_modes(self) -> tuple[ModeSetting | None, dict[str, ModeSetting]]: ...
+
+    async def set_mode(self, tenant: str | None, read_only: bool | None, actor: dict[str, Any]) -> None: ...
+
+    async def latest_for(self, fingerprint: str) -> Approval | None: ...
+
+    async def create(
+        self,
+        *,
+        fingerprint: str,
+        principal: dict[str, Any],
+        tool: str,
+        arguments: str,
+        request_id: str,
+        ttl_s: float,
+        now: float | None = None,
+    ) -> Approval: ...
+
+    async def consume(self, approval_id: str, request_id: str, now: float | None = None) -> bool: ...
+
+    async def decide(
+        self,
+        approval_id: str,
+        verdict: Literal["approved", "denied"],
+        reviewer: dict[str, Any],
+        comment: str,
+        ttl_s: float,
+        now: float | None = None,
+    ) -> bool: ...
+
+    async def get(self, approval_id: str) -> Approval | None: ...
+
+    async def list(self, status: str, limit: int = 200, now: float | None = None, tenant: str | None = None) -> list[Approval]: ...
+
+    async def pending_count(self, now: float | None = None) -> int: ...
 
 
 class ToolStateStore:

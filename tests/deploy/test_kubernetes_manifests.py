@@ -435,6 +435,8 @@ def test_scale_out_overlay() -> None:
     limits = r.config["limits"]
     assert limits["backend"] == "redis" and limits["redis_url"].startswith(("redis://", "rediss://"))
     assert limits.get("fail_open", False) is False
+    policy = r.config["policy"]
+    assert policy["state_backend"] == "redis" and policy["redis_url"].startswith(("redis://", "rediss://"))
     volumes = {v["name"]: v for v in r.pod["volumes"]}
     assert "persistentVolumeClaim" not in volumes["warden-state"], "replicas must not share one SQLite volume"
     labels = spec["template"]["metadata"]["labels"]
@@ -458,4 +460,6 @@ def test_scale_out_overlay() -> None:
 def test_overlays_differ_from_sidecar_only_where_scale_out_needs() -> None:
     sidecar = rendered_for(KUBERNETES / "overlays" / "sidecar").config
     scale = rendered_for(KUBERNETES / "overlays" / "scale-out").config
-    assert {k: v for k, v in sidecar.items() if k != "limits"} == {k: v for k, v in scale.items() if k != "limits"}
+    assert {k: v for k, v in sidecar.items() if k not in ("limits", "policy")} == {k: v for k, v in scale.items() if k not in ("limits", "policy")}
+    shared = ("state_backend", "redis_url", "redis_key_prefix")
+    assert {k: v for k, v in sidecar["policy"].items() if k not in shared} == {k: v for k, v in scale["policy"].items() if k not in shared}
