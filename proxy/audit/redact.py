@@ -211,9 +211,13 @@ SECRET_RULES: tuple[Rule, ...] = (
 
 # A run of digits and phone/card separators: the digit PII rules only look inside these.
 _DIGIT_RUN = re.compile(r"\d[\d ().+/-]{6,}\d")
-_DIGIT_RUN_BYTES = re.compile(rb"\d[\d ().+/-]{6,}\d")
 _DIGIT_GATE = bytes(0x30 if 0x30 <= i <= 0x39 else 0x78 for i in range(256))
 _SEPARATORS = b" ().+/-"
+# The same runs as ``_DIGIT_RUN`` on UTF-8 bytes, found on a byte-for-byte translation (digit -> "0",
+# separator -> ".", anything else -> "x"): a pattern that starts with a literal scans ~5x faster than
+# one that starts with a class, and positions map 1:1 back to the bytes.
+_DIGIT_CLASS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E if i in _SEPARATORS else 0x78 for i in range(256))
+_DIGIT_RUN_CLASS = re.compile(rb"0[0.]{6,}0")
 
 PII_RULES: dict[str, Rule] = {
     "email": Rule("email", re.compile(r"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), _has("@")),
@@ -315,7 +319,7 @@ class Redactor:
         if b"00000000" not in raw.translate(_DIGIT_GATE, _SEPARATORS):
             return False
         probe: list[tuple[int, int, str]] = []
-        for m in _DIGIT_RUN_BYTES.finditer(raw):
+        for m in _DIGIT_RUN_CLASS.finditer(raw.translate(_DIGIT_CLASS)):
             a, b = m.span()
             self._digit_spans(raw[max(0, a - 1) : b + 1].decode("utf-8", "replace"), probe)
             if probe:

@@ -154,3 +154,26 @@ def test_secrets_used_as_dict_keys_are_redacted() -> None:
     assert key not in repr(out)
     assert out["args"]["plain_key"] == "fine"
     assert sum(counts.values()) >= 1
+
+
+def test_digit_runs_found_on_the_translated_bytes_match_the_plain_regex() -> None:
+    """The fast record-level digit scan finds exactly the runs of ``\\d[\\d ().+/-]{6,}\\d`` on the bytes."""
+    import random
+    import re
+
+    from proxy.audit.redact import _DIGIT_CLASS, _DIGIT_RUN_CLASS
+
+    plain = re.compile(rb"\d[\d ().+/-]{6,}\d")
+    rng = random.Random(7)
+    alphabet = "0123456789 ().+/-xé٣\n"
+    for _ in range(500):
+        raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))).encode()
+        fast = [m.span() for m in _DIGIT_RUN_CLASS.finditer(raw.translate(_DIGIT_CLASS))]
+        assert fast == [m.span() for m in plain.finditer(raw)], raw
+
+
+def test_phone_inside_a_record_with_dated_model_names_is_still_found() -> None:
+    r = Redactor(pii=["phone", "card"])
+    counts: dict[str, int] = {}
+    out = r.value({"model": "gpt-4o-2024-08-06", "content": "call me at +1 415-555-0134 today"}, counts)
+    assert "555-0134" not in out["content"] and counts == {"phone": 1}
