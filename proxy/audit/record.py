@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -97,15 +98,27 @@ class Projector:
     # -- content -------------------------------------------------------------
 
     def _contents(self, items: list[Any], counts: dict[str, int]) -> list[Any]:
-        red = self.content.value(items, counts)
+        """Redact content items; each is serialized once.
+
+        When nothing could be redacted, the canonical bytes made for the scan
+        go into the record as they are (``orjson.Fragment``: the stored bytes
+        are the same as serializing the item again) and are what a dict's
+        hash covers in ``hashes`` mode.
+        """
+        red, parts = self.content.values(items, counts)
         if self.mode != "hashes":
-            return list(red)
+            return [orjson.Fragment(p) for p in parts] if parts is not None else red
         out: list[Any] = []
-        for v in red:
+        for i, v in enumerate(red):
             if v is None:
                 out.append(None)
                 continue
-            b = v.encode() if isinstance(v, str) else canonical(v) if isinstance(v, dict) else orjson.dumps(v)
+            if isinstance(v, str):
+                b = v.encode()
+            elif isinstance(v, dict):
+                b = parts[i] if parts is not None else canonical(v)
+            else:
+                b = orjson.dumps(v)
             out.append({"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)})
         return out
 
@@ -302,8 +315,21 @@ def _us(seconds: float | None) -> int | None:
     return None if seconds is None else int(round(seconds * 1_000_000))
 
 
+_iso_second: tuple[int, str] = (-1, "")
+
+
 def _iso(ts_us: int) -> str:
-    return datetime.fromtimestamp(ts_us / 1_000_000, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """``YYYY-MM-DDTHH:MM:SS.ffffffZ``; the part up to the second is formatted once per second."""
+    global _iso_second
+    sec, us = divmod(ts_us, 1_000_000)
+    cached = _iso_second
+    if cached[0] == sec:
+        return f"{cached[1]}.{us:06d}Z"
+    if not 0 <= sec < 253402300800:
+        return datetime.fromtimestamp(ts_us / 1_000_000, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    _iso_second = (sec, head)
+    return f"{head}.{us:06d}Z"
 
 
 def _parse(body: bytes) -> Any:

@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from ahocorasick_rs import AhoCorasick
 
+from proxy.audit.chain import CANONICAL_OPTS
 from proxy.errors import ConfigError
 
 PLACEHOLDER = "[REDACTED:{}]"
@@ -211,7 +212,6 @@ SECRET_RULES: tuple[Rule, ...] = (
 
 # A run of digits and phone/card separators: the digit PII rules only look inside these.
 _DIGIT_RUN = re.compile(r"\d[\d ().+/-]{6,}\d")
-_DIGIT_GATE = bytes(0x30 if 0x30 <= i <= 0x39 else 0x78 for i in range(256))
 _SEPARATORS = b" ().+/-"
 # The same runs as ``_DIGIT_RUN`` on UTF-8 bytes, found on a byte-for-byte translation (digit -> "0",
 # separator -> ".", anything else -> "x"): a pattern that starts with a literal scans ~5x faster than
@@ -276,6 +276,7 @@ class Redactor:
             self.digit_rules: tuple[Rule, ...] = tuple(r for k, r in PII_RULES.items() if k in wanted and r.digits is not None)
         else:
             self.digit_rules = ()
+        self._digit_min = min(((r.digits or (0, 0))[0] for r in self.digit_rules), default=0)
         self.rules: tuple[Rule, ...] = tuple(rules)
         needles: list[str] = []
         self._owner: list[int] = []
@@ -301,26 +302,37 @@ class Redactor:
         One Aho-Corasick pass over the lower-cased blob finds every rule
         needle; rules without needles (custom patterns) are always in.
         """
-        found = set(self._always)
+        return self._active(blob, blob.encode())
+
+    def active_raw(self, raw: bytes) -> tuple[tuple[Rule, ...], bool]:
+        """:meth:`active` of UTF-8 bytes (what ``orjson.dumps`` returned)."""
+        return self._active(raw.decode(), raw)
+
+    def _active(self, blob: str, raw: bytes) -> tuple[tuple[Rule, ...], bool]:
         if self._ac is not None:
             owner = self._owner
-            for idx, _, _ in self._ac.find_matches_as_indexes(blob.lower(), overlapping=True):
-                found.add(owner[idx])
-        rules = tuple(r for i, r in enumerate(self.rules) if i in found)
-        return rules, bool(self.digit_rules) and self._digits_possible(blob.encode())
+            found = {owner[idx] for idx, _, _ in self._ac.find_matches_as_indexes(blob.lower(), overlapping=True)}
+            found.update(self._always)
+            rules = tuple(r for i, r in enumerate(self.rules) if i in found) if found else ()
+        else:
+            rules = self.rules
+        return rules, bool(self.digit_rules) and self._digits_possible(raw)
 
     def _digits_possible(self, raw: bytes) -> bool:
         """Whether a digit PII rule can match anywhere in ``raw`` (sound: never a false no).
 
-        Gate: with separators deleted, a match needs 8 digits in a row.  Then
-        each run of digits and separators (found on bytes, cheaper than str)
-        is tried with the rules, with one character of context each side.
+        Each run of digits and separators (found on a byte-for-byte
+        translation, cheaper than scanning ``str``) that holds at least as many
+        digits as the least any digit rule needs is tried with the rules, with
+        one character of context each side.
         """
-        if b"00000000" not in raw.translate(_DIGIT_GATE, _SEPARATORS):
-            return False
+        cls = raw.translate(_DIGIT_CLASS)
+        need = self._digit_min
         probe: list[tuple[int, int, str]] = []
-        for m in _DIGIT_RUN_CLASS.finditer(raw.translate(_DIGIT_CLASS)):
+        for m in _DIGIT_RUN_CLASS.finditer(cls):
             a, b = m.span()
+            if cls.count(b"0", a, b) < need:
+                continue
             self._digit_spans(raw[max(0, a - 1) : b + 1].decode("utf-8", "replace"), probe)
             if probe:
                 return True
@@ -400,10 +412,24 @@ class Redactor:
         ``str()``).  Dict keys are strings, redacted like values.
         """
         raw = orjson.dumps(v, default=json_default, option=orjson.OPT_NON_STR_KEYS)
-        scope = self.active(raw.decode())
+        scope = self.active_raw(raw)
         if not scope[0] and not scope[1]:
             return v
         return self._walk(v, counts, scope)
+
+    def values(self, items: list[Any], counts: dict[str, int]) -> tuple[list[Any], list[bytes] | None]:
+        """Redact each of ``items``, serializing each once in canonical form.
+
+        Returns the items as :meth:`value` would (one scope for all of them)
+        and, when no rule can fire in any of them (so they are unchanged), the
+        canonical bytes of each (``orjson`` with sorted keys, as the record is
+        stored), for the caller to reuse instead of serializing them again.
+        """
+        parts = [orjson.dumps(v, default=json_default, option=CANONICAL_OPTS) for v in items]
+        scope = self.active_raw(b"\n".join(parts))
+        if not scope[0] and not scope[1]:
+            return items, parts
+        return [self._walk(v, counts, scope) for v in items], None
 
     def _walk(self, v: Any, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool]) -> Any:
         t = type(v)
