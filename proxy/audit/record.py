@@ -59,6 +59,7 @@ _SAMPLING = (
     "user",
     "service_tier",
 )
+_SAMPLING_SET = frozenset(_SAMPLING)
 
 
 @dataclass(slots=True)
@@ -211,7 +212,7 @@ class Projector:
             "provider": self.provider,
             "model": {"requested": ex.model, "reported": ex.response_model},
             "stream": ex.stream,
-            "params": _params(client, first),
+            "params": _params(client, first, tools_sent),
             "prompt": {
                 "system_sha256": _system_hash(first),
                 "template_sha256": ex.annotations.get("prompt_template_sha256"),
@@ -355,9 +356,16 @@ def _tool_names(body: dict[str, Any]) -> list[str]:
     return out
 
 
-def _params(client: dict[str, Any], sent: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: sent[k] for k in _SAMPLING if k in sent}
-    out["tools_offered"] = _tool_names(client)
+def _params(client: dict[str, Any], sent: dict[str, Any], tools_sent: list[str]) -> dict[str, Any]:
+    """The sampling parameters sent upstream and the tool names the client offered.
+
+    (Key order does not matter: the record is stored with sorted keys.)
+    """
+    if len(sent) < len(_SAMPLING):
+        out: dict[str, Any] = {k: v for k, v in sent.items() if k in _SAMPLING_SET}
+    else:
+        out = {k: sent[k] for k in _SAMPLING if k in sent}
+    out["tools_offered"] = list(tools_sent) if client is sent else _tool_names(client)
     return out
 
 

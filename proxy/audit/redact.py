@@ -218,6 +218,7 @@ _SEPARATORS = b" ().+/-"
 # one that starts with a class, and positions map 1:1 back to the bytes.
 _DIGIT_CLASS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E if i in _SEPARATORS else 0x78 for i in range(256))
 _DIGIT_RUN_CLASS = re.compile(rb"0[0.]{6,}0")
+_PROBE_CACHE_MAX = 4096
 
 PII_RULES: dict[str, Rule] = {
     "email": Rule("email", re.compile(r"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), _has("@")),
@@ -276,6 +277,8 @@ class Redactor:
             self.digit_rules: tuple[Rule, ...] = tuple(r for k, r in PII_RULES.items() if k in wanted and r.digits is not None)
         else:
             self.digit_rules = ()
+        # Probe results by window bytes: the same digit runs (dated model names, ids) recur in every record.
+        self._probe_cache: dict[bytes, bool] = {}
         self._digit_min = min(((r.digits or (0, 0))[0] for r in self.digit_rules), default=0)
         self.rules: tuple[Rule, ...] = tuple(rules)
         needles: list[str] = []
@@ -333,8 +336,16 @@ class Redactor:
             a, b = m.span()
             if cls.count(b"0", a, b) < need:
                 continue
-            self._digit_spans(raw[max(0, a - 1) : b + 1].decode("utf-8", "replace"), probe)
-            if probe:
+            window = raw[max(0, a - 1) : b + 1]
+            hit = self._probe_cache.get(window)
+            if hit is None:
+                self._digit_spans(window.decode("utf-8", "replace"), probe)
+                hit = bool(probe)
+                if len(window) <= 64:
+                    if len(self._probe_cache) >= _PROBE_CACHE_MAX:
+                        self._probe_cache.clear()
+                    self._probe_cache[window] = hit
+            if hit:
                 return True
         return False
 

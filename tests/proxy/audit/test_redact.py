@@ -177,3 +177,12 @@ def test_phone_inside_a_record_with_dated_model_names_is_still_found() -> None:
     counts: dict[str, int] = {}
     out = r.value({"model": "gpt-4o-2024-08-06", "content": "call me at +1 415-555-0134 today"}, counts)
     assert "555-0134" not in out["content"] and counts == {"phone": 1}
+
+
+def test_cached_digit_probe_gives_the_same_answer_as_a_fresh_one() -> None:
+    r = Redactor(pii=["phone", "card"])
+    for _ in range(2):  # the second round is answered from the probe cache
+        counts: dict[str, int] = {}
+        out = r.value({"model": "gpt-4o-2024-08-06", "a": "ring +1 415-555-0134", "b": "id 2024-08-06"}, counts)
+        assert counts == {"phone": 1} and out["b"] == "id 2024-08-06"
+        assert r.value({"model": "gpt-4o-2024-08-06"}, {}) == {"model": "gpt-4o-2024-08-06"}
