@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from ahocorasick_rs import AhoCorasick
+from ahocorasick_rs import AhoCorasick, BytesAhoCorasick, Implementation
 
 from proxy.audit.chain import CANONICAL_OPTS
 from proxy.errors import ConfigError
@@ -291,7 +291,8 @@ class Redactor:
             for n in ns:
                 needles.append(n)
                 self._owner.append(i)
-        self._ac = AhoCorasick(needles) if needles else None
+        self._ac = AhoCorasick(needles, implementation=Implementation.DFA) if needles else None
+        self._bac = BytesAhoCorasick([n.encode() for n in needles], implementation=Implementation.DFA) if needles else None
 
     @property
     def rule_names(self) -> list[str]:
@@ -305,16 +306,22 @@ class Redactor:
         One Aho-Corasick pass over the lower-cased blob finds every rule
         needle; rules without needles (custom patterns) are always in.
         """
-        return self._active(blob, blob.encode())
+        return self._active(blob.encode(), blob)
 
     def active_raw(self, raw: bytes) -> tuple[tuple[Rule, ...], bool]:
         """:meth:`active` of UTF-8 bytes (what ``orjson.dumps`` returned)."""
-        return self._active(raw.decode(), raw)
+        return self._active(raw, None)
 
-    def _active(self, blob: str, raw: bytes) -> tuple[tuple[Rule, ...], bool]:
+    def _active(self, raw: bytes, blob: str | None) -> tuple[tuple[Rule, ...], bool]:
         if self._ac is not None:
             owner = self._owner
-            found = {owner[idx] for idx, _, _ in self._ac.find_matches_as_indexes(blob.lower(), overlapping=True)}
+            if self._bac is not None and raw.isascii():
+                # ASCII: bytes.lower() is str.lower(), and the byte automaton skips decoding.
+                hits = self._bac.find_matches_as_indexes(raw.lower(), overlapping=True)
+            else:
+                # str.lower() folds some non-ASCII letters into ASCII ones (KELVIN SIGN -> "k"): keep it.
+                hits = self._ac.find_matches_as_indexes((blob if blob is not None else raw.decode()).lower(), overlapping=True)
+            found = {owner[idx] for idx, _, _ in hits}
             found.update(self._always)
             rules = tuple(r for i, r in enumerate(self.rules) if i in found) if found else ()
         else:

@@ -186,3 +186,10 @@ def test_cached_digit_probe_gives_the_same_answer_as_a_fresh_one() -> None:
         out = r.value({"model": "gpt-4o-2024-08-06", "a": "ring +1 415-555-0134", "b": "id 2024-08-06"}, counts)
         assert counts == {"phone": 1} and out["b"] == "id 2024-08-06"
         assert r.value({"model": "gpt-4o-2024-08-06"}, {}) == {"model": "gpt-4o-2024-08-06"}
+
+
+def test_non_ascii_letters_that_lower_case_to_ascii_still_select_rules() -> None:
+    # KELVIN SIGN lower-cases to "k": the record-level scan must see "api_key" as str.lower() does.
+    counts: dict[str, int] = {}
+    out = Redactor(apply_pii=False).value({"args": "api_\u212aey=hunter2hunter2"}, counts)
+    assert "hunter2" not in out["args"] and counts == {"generic_secret": 1}
