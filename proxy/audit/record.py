@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -58,6 +59,7 @@ _SAMPLING = (
     "user",
     "service_tier",
 )
+_SAMPLING_SET = frozenset(_SAMPLING)
 
 
 @dataclass(slots=True)
@@ -97,15 +99,27 @@ class Projector:
     # -- content -------------------------------------------------------------
 
     def _contents(self, items: list[Any], counts: dict[str, int]) -> list[Any]:
-        red = self.content.value(items, counts)
+        """Redact content items; each is serialized once.
+
+        When nothing could be redacted, the canonical bytes made for the scan
+        go into the record as they are (``orjson.Fragment``: the stored bytes
+        are the same as serializing the item again) and are what a dict's
+        hash covers in ``hashes`` mode.
+        """
+        red, parts = self.content.values(items, counts)
         if self.mode != "hashes":
-            return list(red)
+            return [orjson.Fragment(p) for p in parts] if parts is not None else red
         out: list[Any] = []
-        for v in red:
+        for i, v in enumerate(red):
             if v is None:
                 out.append(None)
                 continue
-            b = v.encode() if isinstance(v, str) else canonical(v) if isinstance(v, dict) else orjson.dumps(v)
+            if isinstance(v, str):
+                b = v.encode()
+            elif isinstance(v, dict):
+                b = parts[i] if parts is not None else canonical(v)
+            else:
+                b = orjson.dumps(v)
             out.append({"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)})
         return out
 
@@ -198,7 +212,7 @@ class Projector:
             "provider": self.provider,
             "model": {"requested": ex.model, "reported": ex.response_model},
             "stream": ex.stream,
-            "params": _params(client, first),
+            "params": _params(client, first, tools_sent),
             "prompt": {
                 "system_sha256": _system_hash(first),
                 "template_sha256": ex.annotations.get("prompt_template_sha256"),
@@ -302,8 +316,21 @@ def _us(seconds: float | None) -> int | None:
     return None if seconds is None else int(round(seconds * 1_000_000))
 
 
+_iso_second: tuple[int, str] = (-1, "")
+
+
 def _iso(ts_us: int) -> str:
-    return datetime.fromtimestamp(ts_us / 1_000_000, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """``YYYY-MM-DDTHH:MM:SS.ffffffZ``; the part up to the second is formatted once per second."""
+    global _iso_second
+    sec, us = divmod(ts_us, 1_000_000)
+    cached = _iso_second
+    if cached[0] == sec:
+        return f"{cached[1]}.{us:06d}Z"
+    if not 0 <= sec < 253402300800:
+        return datetime.fromtimestamp(ts_us / 1_000_000, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    _iso_second = (sec, head)
+    return f"{head}.{us:06d}Z"
 
 
 def _parse(body: bytes) -> Any:
@@ -329,9 +356,16 @@ def _tool_names(body: dict[str, Any]) -> list[str]:
     return out
 
 
-def _params(client: dict[str, Any], sent: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: sent[k] for k in _SAMPLING if k in sent}
-    out["tools_offered"] = _tool_names(client)
+def _params(client: dict[str, Any], sent: dict[str, Any], tools_sent: list[str]) -> dict[str, Any]:
+    """The sampling parameters sent upstream and the tool names the client offered.
+
+    (Key order does not matter: the record is stored with sorted keys.)
+    """
+    if len(sent) < len(_SAMPLING):
+        out: dict[str, Any] = {k: v for k, v in sent.items() if k in _SAMPLING_SET}
+    else:
+        out = {k: sent[k] for k in _SAMPLING if k in sent}
+    out["tools_offered"] = list(tools_sent) if client is sent else _tool_names(client)
     return out
 
 

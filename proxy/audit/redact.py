@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from ahocorasick_rs import AhoCorasick
+from ahocorasick_rs import AhoCorasick, BytesAhoCorasick, Implementation
 
+from proxy.audit.chain import CANONICAL_OPTS
 from proxy.errors import ConfigError
 
 PLACEHOLDER = "[REDACTED:{}]"
@@ -211,9 +212,13 @@ SECRET_RULES: tuple[Rule, ...] = (
 
 # A run of digits and phone/card separators: the digit PII rules only look inside these.
 _DIGIT_RUN = re.compile(r"\d[\d ().+/-]{6,}\d")
-_DIGIT_RUN_BYTES = re.compile(rb"\d[\d ().+/-]{6,}\d")
-_DIGIT_GATE = bytes(0x30 if 0x30 <= i <= 0x39 else 0x78 for i in range(256))
 _SEPARATORS = b" ().+/-"
+# The same runs as ``_DIGIT_RUN`` on UTF-8 bytes, found on a byte-for-byte translation (digit -> "0",
+# separator -> ".", anything else -> "x"): a pattern that starts with a literal scans ~5x faster than
+# one that starts with a class, and positions map 1:1 back to the bytes.
+_DIGIT_CLASS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E if i in _SEPARATORS else 0x78 for i in range(256))
+_DIGIT_RUN_CLASS = re.compile(rb"0[0.]{6,}0")
+_PROBE_CACHE_MAX = 4096
 
 PII_RULES: dict[str, Rule] = {
     "email": Rule("email", re.compile(r"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), _has("@")),
@@ -272,6 +277,9 @@ class Redactor:
             self.digit_rules: tuple[Rule, ...] = tuple(r for k, r in PII_RULES.items() if k in wanted and r.digits is not None)
         else:
             self.digit_rules = ()
+        # Probe results by window bytes: the same digit runs (dated model names, ids) recur in every record.
+        self._probe_cache: dict[bytes, bool] = {}
+        self._digit_min = min(((r.digits or (0, 0))[0] for r in self.digit_rules), default=0)
         self.rules: tuple[Rule, ...] = tuple(rules)
         needles: list[str] = []
         self._owner: list[int] = []
@@ -283,7 +291,8 @@ class Redactor:
             for n in ns:
                 needles.append(n)
                 self._owner.append(i)
-        self._ac = AhoCorasick(needles) if needles else None
+        self._ac = AhoCorasick(needles, implementation=Implementation.DFA) if needles else None
+        self._bac = BytesAhoCorasick([n.encode() for n in needles], implementation=Implementation.DFA) if needles else None
 
     @property
     def rule_names(self) -> list[str]:
@@ -297,28 +306,53 @@ class Redactor:
         One Aho-Corasick pass over the lower-cased blob finds every rule
         needle; rules without needles (custom patterns) are always in.
         """
-        found = set(self._always)
+        return self._active(blob.encode(), blob)
+
+    def active_raw(self, raw: bytes) -> tuple[tuple[Rule, ...], bool]:
+        """:meth:`active` of UTF-8 bytes (what ``orjson.dumps`` returned)."""
+        return self._active(raw, None)
+
+    def _active(self, raw: bytes, blob: str | None) -> tuple[tuple[Rule, ...], bool]:
         if self._ac is not None:
             owner = self._owner
-            for idx, _, _ in self._ac.find_matches_as_indexes(blob.lower(), overlapping=True):
-                found.add(owner[idx])
-        rules = tuple(r for i, r in enumerate(self.rules) if i in found)
-        return rules, bool(self.digit_rules) and self._digits_possible(blob.encode())
+            if self._bac is not None and raw.isascii():
+                # ASCII: bytes.lower() is str.lower(), and the byte automaton skips decoding.
+                hits = self._bac.find_matches_as_indexes(raw.lower(), overlapping=True)
+            else:
+                # str.lower() folds some non-ASCII letters into ASCII ones (KELVIN SIGN -> "k"): keep it.
+                hits = self._ac.find_matches_as_indexes((blob if blob is not None else raw.decode()).lower(), overlapping=True)
+            found = {owner[idx] for idx, _, _ in hits}
+            found.update(self._always)
+            rules = tuple(r for i, r in enumerate(self.rules) if i in found) if found else ()
+        else:
+            rules = self.rules
+        return rules, bool(self.digit_rules) and self._digits_possible(raw)
 
     def _digits_possible(self, raw: bytes) -> bool:
         """Whether a digit PII rule can match anywhere in ``raw`` (sound: never a false no).
 
-        Gate: with separators deleted, a match needs 8 digits in a row.  Then
-        each run of digits and separators (found on bytes, cheaper than str)
-        is tried with the rules, with one character of context each side.
+        Each run of digits and separators (found on a byte-for-byte
+        translation, cheaper than scanning ``str``) that holds at least as many
+        digits as the least any digit rule needs is tried with the rules, with
+        one character of context each side.
         """
-        if b"00000000" not in raw.translate(_DIGIT_GATE, _SEPARATORS):
-            return False
+        cls = raw.translate(_DIGIT_CLASS)
+        need = self._digit_min
         probe: list[tuple[int, int, str]] = []
-        for m in _DIGIT_RUN_BYTES.finditer(raw):
+        for m in _DIGIT_RUN_CLASS.finditer(cls):
             a, b = m.span()
-            self._digit_spans(raw[max(0, a - 1) : b + 1].decode("utf-8", "replace"), probe)
-            if probe:
+            if cls.count(b"0", a, b) < need:
+                continue
+            window = raw[max(0, a - 1) : b + 1]
+            hit = self._probe_cache.get(window)
+            if hit is None:
+                self._digit_spans(window.decode("utf-8", "replace"), probe)
+                hit = bool(probe)
+                if len(window) <= 64:
+                    if len(self._probe_cache) >= _PROBE_CACHE_MAX:
+                        self._probe_cache.clear()
+                    self._probe_cache[window] = hit
+            if hit:
                 return True
         return False
 
@@ -396,10 +430,24 @@ class Redactor:
         ``str()``).  Dict keys are strings, redacted like values.
         """
         raw = orjson.dumps(v, default=json_default, option=orjson.OPT_NON_STR_KEYS)
-        scope = self.active(raw.decode())
+        scope = self.active_raw(raw)
         if not scope[0] and not scope[1]:
             return v
         return self._walk(v, counts, scope)
+
+    def values(self, items: list[Any], counts: dict[str, int]) -> tuple[list[Any], list[bytes] | None]:
+        """Redact each of ``items``, serializing each once in canonical form.
+
+        Returns the items as :meth:`value` would (one scope for all of them)
+        and, when no rule can fire in any of them (so they are unchanged), the
+        canonical bytes of each (``orjson`` with sorted keys, as the record is
+        stored), for the caller to reuse instead of serializing them again.
+        """
+        parts = [orjson.dumps(v, default=json_default, option=CANONICAL_OPTS) for v in items]
+        scope = self.active_raw(b"\n".join(parts))
+        if not scope[0] and not scope[1]:
+            return items, parts
+        return [self._walk(v, counts, scope) for v in items], None
 
     def _walk(self, v: Any, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool]) -> Any:
         t = type(v)

@@ -598,6 +598,26 @@ class SQLiteAuditLog:
             self._db = None
 
 
+_MULTI = (64, 16, 4)
+_INSERT_MULTI = {n: _INSERT + ",(?,?,?,?,?,?,?,?,?,?,?,?)" * (n - 1) for n in _MULTI}
+
+
+def _insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert rows with multi-row INSERTs of a few fixed sizes (cached statements).
+
+    One statement step per 64 rows instead of one per row: each step releases
+    and retakes the GIL, which the event loop then waits for.
+    """
+    i, n = 0, len(rows)
+    for size in _MULTI:
+        sql = _INSERT_MULTI[size]
+        while n - i >= size:
+            conn.execute(sql, [v for r in rows[i : i + size] for v in r])
+            i += size
+    if i < n:
+        conn.executemany(_INSERT, rows[i:])
+
+
 def _append_tx(
     conn: sqlite3.Connection, preps: list[Prepared], origin: str, key: Ed25519PrivateKey, every: int, reason: str | None
 ) -> str | None:
@@ -613,7 +633,7 @@ def _append_tx(
             prev, h = h, leaf_hash(h, seq, p.body)
             rows.append((seq, p.ts_us, p.kind, p.request_id, p.tenant, p.subject, p.tools, p.call_ids, p.status, prev, h, p.body))
         if rows:
-            conn.executemany(_INSERT, rows)
+            _insert_rows(conn, rows)
             conn.execute("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (seq, h))
         note = None
         why = reason or ("periodic" if seq // every > start // every else None)

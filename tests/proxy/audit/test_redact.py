@@ -154,3 +154,42 @@ def test_secrets_used_as_dict_keys_are_redacted() -> None:
     assert key not in repr(out)
     assert out["args"]["plain_key"] == "fine"
     assert sum(counts.values()) >= 1
+
+
+def test_digit_runs_found_on_the_translated_bytes_match_the_plain_regex() -> None:
+    """The fast record-level digit scan finds exactly the runs of ``\\d[\\d ().+/-]{6,}\\d`` on the bytes."""
+    import random
+    import re
+
+    from proxy.audit.redact import _DIGIT_CLASS, _DIGIT_RUN_CLASS
+
+    plain = re.compile(rb"\d[\d ().+/-]{6,}\d")
+    rng = random.Random(7)
+    alphabet = "0123456789 ().+/-xé٣\n"
+    for _ in range(500):
+        raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))).encode()
+        fast = [m.span() for m in _DIGIT_RUN_CLASS.finditer(raw.translate(_DIGIT_CLASS))]
+        assert fast == [m.span() for m in plain.finditer(raw)], raw
+
+
+def test_phone_inside_a_record_with_dated_model_names_is_still_found() -> None:
+    r = Redactor(pii=["phone", "card"])
+    counts: dict[str, int] = {}
+    out = r.value({"model": "gpt-4o-2024-08-06", "content": "call me at +1 415-555-0134 today"}, counts)
+    assert "555-0134" not in out["content"] and counts == {"phone": 1}
+
+
+def test_cached_digit_probe_gives_the_same_answer_as_a_fresh_one() -> None:
+    r = Redactor(pii=["phone", "card"])
+    for _ in range(2):  # the second round is answered from the probe cache
+        counts: dict[str, int] = {}
+        out = r.value({"model": "gpt-4o-2024-08-06", "a": "ring +1 415-555-0134", "b": "id 2024-08-06"}, counts)
+        assert counts == {"phone": 1} and out["b"] == "id 2024-08-06"
+        assert r.value({"model": "gpt-4o-2024-08-06"}, {}) == {"model": "gpt-4o-2024-08-06"}
+
+
+def test_non_ascii_letters_that_lower_case_to_ascii_still_select_rules() -> None:
+    # KELVIN SIGN lower-cases to "k": the record-level scan must see "api_key" as str.lower() does.
+    counts: dict[str, int] = {}
+    out = Redactor(apply_pii=False).value({"args": "api_\u212aey=hunter2hunter2"}, counts)
+    assert "hunter2" not in out["args"] and counts == {"generic_secret": 1}

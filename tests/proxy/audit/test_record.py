@@ -1,0 +1,55 @@
+"""The projection of an exchange: stored bytes stay canonical whatever shortcut made them."""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from proxy.audit.chain import canonical
+from proxy.audit.record import Projector, _iso
+from tests.proxy.audit.helpers import make_exchange
+
+UPSTREAM = "sk-upstream-secret-0123456789abcdefXYZ"
+
+
+@pytest.mark.parametrize("mode", ["full", "redacted", "hashes"])
+@pytest.mark.parametrize(
+    "user_text",
+    [
+        "plain question with no secret at all, about order 7",
+        f"my key is {UPSTREAM} and mail bob@example.com or call +1 415-555-0134",
+        "dates 2024-08-06 and 2025-01-02 are not phones",
+    ],
+)
+def test_stored_bytes_are_the_canonical_form_of_the_record(mode: str, user_text: str) -> None:
+    pj = Projector(mode, pii=["email", "phone", "card"], upstream_key=UPSTREAM, provider="openai")  # type: ignore[arg-type]
+    ex = make_exchange(user_text=user_text)
+    body = pj.exchange(ex).body
+    assert body == canonical(orjson.loads(body))
+    assert UPSTREAM.encode() not in body
+
+
+def test_hashes_mode_hashes_the_canonical_bytes_of_a_request() -> None:
+    import hashlib
+
+    pj = Projector("hashes", upstream_key=UPSTREAM)
+    ex = make_exchange(user_text="nothing to redact here")
+    rec = orjson.loads(pj.exchange(ex).body)
+    want = canonical(ex.body or {})
+    assert rec["turns"][0]["request"] == {"sha256": hashlib.sha256(want).hexdigest(), "bytes": len(want)}
+
+
+def test_iso_timestamps_match_datetime_formatting() -> None:
+    def ref(ts_us: int) -> str:
+        return datetime.fromtimestamp(ts_us / 1_000_000, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+    rng = random.Random(3)
+    now = int(time.time() * 1_000_000)
+    samples = [0, 1, 999_999, 1_000_000, now, now + 1, *(rng.randrange(0, 4_102_444_800_000_000) for _ in range(2000))]
+    samples += [now + i * 333_331 for i in range(50)]
+    for ts in samples:
+        assert _iso(ts) == ref(ts), ts
