@@ -23,6 +23,7 @@ with decisions ``allow``, ``deny``, ``fail_open``, ``fail_closed``),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -136,10 +137,9 @@ class LimitsPlugin(Plugin):
             self.backend = RedisBackend(self.redis)
             if s.idempotency:
                 self.idem = RedisStore(self.redis, s.key_prefix)
-            try:
+            # Redis down at start is logged once by RedisHealth; requests follow fail_open until it is back.
+            with contextlib.suppress(BackendDown):
                 await self.redis.run(self.redis.redis.ping)
-            except BackendDown:
-                pass  # logged once by RedisHealth; requests follow fail_open until it is back
         else:
             self.backend = MemoryBackend()
             if s.idempotency:
