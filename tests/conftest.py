@@ -41,7 +41,7 @@ def _redis_answers(host: str = "127.0.0.1", port: int = 6379) -> bool:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def redis_server() -> Any:
+def _session_redis() -> Any:
     """The tests use a real Redis at 127.0.0.1:6379.  When none answers and
     ``redis-server`` is installed, one is started for the session (no
     persistence) and stopped at the end; otherwise the Redis tests fail
@@ -64,6 +64,27 @@ def redis_server() -> Any:
     yield proc
     proc.terminate()
     proc.wait(10)
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A unique key prefix on the shared test Redis; every key under it is deleted afterwards."""
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    prefix = f"wtest:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    r = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in r.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await r.delete(*keys)
+    finally:
+        await r.aclose()
 
 
 @dataclass

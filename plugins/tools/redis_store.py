@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import orjson
 
-from plugins.tools.store import Approval, ModeSetting, StateBackendDown, new_approval_id
+from plugins.tools.store import Approval, ModeSetting, StateBackendDown, new_pending
 
 log = logging.getLogger("warden.tools")
 
@@ -218,19 +218,7 @@ class RedisToolStateStore:
     ) -> Approval:
         """Record a new pending approval (one MULTI/EXEC)."""
         now = time.time() if now is None else now
-        apr = Approval(
-            id=new_approval_id(),
-            fingerprint=fingerprint,
-            tenant=str(principal.get("tenant", "")),
-            subject=str(principal.get("subject", "")),
-            principal=principal,
-            tool=tool,
-            arguments=arguments,
-            request_id=request_id,
-            status="pending",
-            created=now,
-            expires=now + ttl_s,
-        )
+        apr = new_pending(fingerprint, principal, tool, arguments, request_id, now, ttl_s)
         key = self._k("apr", apr.id)
         expire_at_ms = int((apr.expires + HISTORY_S) * 1000)
         pipe = self.redis.pipeline(transaction=True)

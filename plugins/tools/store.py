@@ -133,6 +133,23 @@ def _row(r: Any) -> Approval:
     )
 
 
+def new_pending(fingerprint: str, principal: dict[str, Any], tool: str, arguments: str, request_id: str, now: float, ttl_s: float) -> Approval:
+    """A new pending approval (both stores record it the same way)."""
+    return Approval(
+        id=new_approval_id(),
+        fingerprint=fingerprint,
+        tenant=str(principal.get("tenant", "")),
+        subject=str(principal.get("subject", "")),
+        principal=principal,
+        tool=tool,
+        arguments=arguments,
+        request_id=request_id,
+        status="pending",
+        created=now,
+        expires=now + ttl_s,
+    )
+
+
 def new_approval_id() -> str:
     """``apr_`` followed by 20 random URL-safe characters."""
     return "apr_" + secrets.token_urlsafe(15)
@@ -302,19 +319,7 @@ class ToolStateStore:
     ) -> Approval:
         """Record a new pending approval."""
         now = time.time() if now is None else now
-        apr = Approval(
-            id=new_approval_id(),
-            fingerprint=fingerprint,
-            tenant=str(principal.get("tenant", "")),
-            subject=str(principal.get("subject", "")),
-            principal=principal,
-            tool=tool,
-            arguments=arguments,
-            request_id=request_id,
-            status="pending",
-            created=now,
-            expires=now + ttl_s,
-        )
+        apr = new_pending(fingerprint, principal, tool, arguments, request_id, now, ttl_s)
         await self.db.execute(
             f"INSERT INTO tool_approvals ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULL)",
             (

@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from plugins.ratelimit.config import LimitsConfig
 from plugins.ratelimit.plugin import LimitsPlugin
 from proxy.config import Config
 from proxy.confload import load_dataclass
 from proxy.plugin import PluginContext
-from tests.plugins.ratelimit.limits_helpers import REDIS_URL, MakePlugin, RedisServer
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    """A unique key prefix on the shared Redis; every key under it is deleted afterwards."""
-    prefix = f"wtest:{uuid.uuid4().hex[:12]}:"
-    yield prefix
-    r = aioredis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in r.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys:
-            await r.delete(*keys)
-    finally:
-        await r.aclose()
+from tests.plugins.ratelimit.limits_helpers import MakePlugin, RedisServer
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,17 +35,8 @@ RedisPluginFactory = Callable[..., Awaitable[ToolsPlugin]]
 
 
 @pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A unique key prefix on the shared Redis; every key under it is deleted afterwards."""
-    p = f"wtest:tools:{uuid.uuid4().hex[:12]}:"
-    yield p
-    r = aioredis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in r.scan_iter(match=f"{p}*", count=1000)]
-        if keys:
-            await r.delete(*keys)
-    finally:
-        await r.aclose()
+def prefix(redis_prefix: str) -> str:
+    return redis_prefix
 
 
 @pytest.fixture
