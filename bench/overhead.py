@@ -141,7 +141,7 @@ async def load(url: str, token: str, body: bytes, n: int, concurrency: int, stre
 
 
 def parse_variant(name: str) -> tuple[str, list[str]]:
-    """``warden[+audit(batch|sync)][+limits][+retrieval][+tools]`` or ``warden+all``
+    """``warden[+audit(batch|sync|sync,nofsync)][+limits][+retrieval][+tools]`` or ``warden+all``
     (all plugins, audit batch) -> (audit settings, plugins)."""
     parts = name.split("+")
     if parts[0] != "warden":
@@ -152,6 +152,8 @@ def parse_variant(name: str) -> tuple[str, list[str]]:
             audit, plugins = 'durability = "batch"', ["limits", "retrieval", "tools"]
         elif part in ("audit(batch)", "audit(sync)"):
             audit = f'durability = "{part[6:-1]}"'
+        elif part == "audit(sync,nofsync)":
+            audit = 'durability = "sync"\nfsync = false'
         elif part in ("limits", "retrieval", "tools"):
             plugins.append(part)
         else:
