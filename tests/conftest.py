@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from proxy.config import Config, load_config
 from proxy.plugin import available_plugins
 from proxy.testing import RunningWarden
 from tests.fakeprovider import FakeProvider
+from tests.redis_helpers import REDIS_URL, RedisServer, redis_answers
 
 PROVIDER_KEY = "sk-test-provider-key-0123456789abcdef"
 ISSUER = "https://issuer.test"
@@ -29,17 +30,6 @@ os.environ["WARDEN_TEST_PROVIDER_KEY"] = PROVIDER_KEY
 os.environ["WARDEN_TEST_ADMIN_TOKEN"] = ADMIN_TOKEN
 
 
-def _redis_answers(host: str = "127.0.0.1", port: int = 6379) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection((host, port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _session_redis() -> Any:
     """The tests use a real Redis at 127.0.0.1:6379.  When none answers and
@@ -47,26 +37,26 @@ def _session_redis() -> Any:
     persistence) and stopped at the end; otherwise the Redis tests fail
     with a connection error that says so."""
     import shutil
-    import subprocess
 
-    if _redis_answers():
-        yield None
-        return
     binary = shutil.which("redis-server")
-    if binary is None:
+    if redis_answers() or binary is None:
         yield None
         return
-    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        if _redis_answers():
-            break
-        time.sleep(0.05)
-    yield proc
-    proc.terminate()
-    proc.wait(10)
+    srv = RedisServer(6379)
+    srv.start(binary)
+    yield srv
+    srv.kill()
 
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server on a free port, for tests that kill and restart it."""
+    srv = RedisServer()
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.kill()
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +13,7 @@ from plugins.ratelimit.plugin import LimitsPlugin
 from proxy.config import Config
 from proxy.confload import load_dataclass
 from proxy.plugin import PluginContext
-from tests.plugins.ratelimit.limits_helpers import MakePlugin, RedisServer
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.kill()
+from tests.plugins.ratelimit.limits_helpers import MakePlugin
 
 
 @pytest.fixture

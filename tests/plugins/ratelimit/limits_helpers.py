@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,51 +11,12 @@ import orjson
 from plugins.ratelimit.plugin import LimitsPlugin
 from proxy.errors import WardenError
 from proxy.exchange import Exchange, Principal, UpstreamTurn
+from tests.redis_helpers import REDIS_URL, RedisServer, free_port
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+__all__ = ["REDIS_URL", "RedisServer", "free_port"]
+
 
 MakePlugin = Callable[..., Awaitable[LimitsPlugin]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A private redis-server on a free port, killable and restartable mid-test."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(5)
-            self.proc = None
 
 
 def make_exchange(

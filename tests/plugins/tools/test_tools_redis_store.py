@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +45,6 @@ async def store(prefix: str) -> AsyncIterator[RedisToolStateStore]:
     await s.open()
     yield s
     await s.close()
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.kill()
 
 
 @pytest.fixture
