@@ -151,6 +151,11 @@ def load_private_key(text: str) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(seed)
 
 
+def seed_bytes(key: Ed25519PrivateKey) -> bytes:
+    """The 32-byte seed of a signing key (what the writer process is handed)."""
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+
 def private_pem(key: Ed25519PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 

@@ -1,11 +1,15 @@
-"""The embedded audit store: SQLite (WAL) through aiosqlite.
+"""The embedded audit store: SQLite (WAL).
 
-One writer task owns the write connection and commits records in groups:
-every record queued while a commit runs goes into the next one, so sync
-durability costs one fsync per group, not per request.  Each group is one
-``BEGIN IMMEDIATE`` transaction that reads the chain head, appends, moves the
-head and (every ``checkpoint_every`` records) writes a signed checkpoint — so
-several processes writing one database keep one correct chain.
+Records are projected and redacted on the event loop (:mod:`proxy.audit.record`);
+one writer task then hands them in groups to the writer process
+(:mod:`proxy.audit.writer`), which owns the write connection: every record
+queued while a commit runs goes into the next group, so sync durability costs
+one fsync per group, not per request.  Each group is one ``BEGIN IMMEDIATE``
+transaction that reads the chain head, appends, moves the head and (every
+``checkpoint_every`` records) writes a signed checkpoint — so several
+processes writing one database keep one correct chain.  The schema, start-up
+repair and retention run on an aiosqlite connection of the server's own;
+queries on a second one.
 
 Durability:
   - ``sync`` (``synchronous=FULL``): ``record_exchange`` returns after the
@@ -26,7 +30,6 @@ import dataclasses
 import logging
 import os
 import secrets
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -38,15 +41,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from proxy.audit.chain import (
     append_checkpoint_file,
     genesis_hash,
-    leaf_hash,
     load_or_create_key,
     load_private_key,
-    make_checkpoint,
     repair_checkpoint_file,
     verifier_key,
 )
 from proxy.audit.reader import AuditReader
 from proxy.audit.record import Prepared, Projector
+from proxy.audit.writer import AppendResult, WriterError, WriterGone, WriterProcess
 from proxy.config import AuditConfig
 from proxy.errors import AuditUnavailable, ConfigError
 from proxy.exchange import Exchange
@@ -96,8 +98,12 @@ CREATE TRIGGER IF NOT EXISTS checkpoints_no_delete BEFORE DELETE ON checkpoints
 BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
 """
 
-_INSERT = "INSERT INTO records (seq, ts_us, kind, request_id, tenant, subject, tools, call_ids, status, prev_hash, hash, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+# New databases get 16 KiB pages: a ~3 KB record fills most of a 4 KiB page (a quarter of it wasted, one
+# page write per record); measured, 16 KiB pages write 30 % fewer bytes and append 30-60 % faster.
+# (Fixed when the file is created: existing databases keep theirs.)
+PAGE_SIZE = 16384
 _STOP = object()
+_WAKE = object()
 _PRUNE_EVERY_S = 3600.0
 
 
@@ -148,13 +154,16 @@ class SQLiteAuditLog:
         self._stopping = False
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=cfg.queue_max)
         self._retry: list[_Item] = []
+        self._inflight: set[asyncio.Future[None]] = set()
+        self._inflight_records = 0
+        self._exports: set[asyncio.Task[None]] = set()
         self._db: aiosqlite.Connection | None = None
         self._reader: AuditReader | None = None
         self._writer: asyncio.Task[None] | None = None
         self._pruner: asyncio.Task[None] | None = None
         self._key: Ed25519PrivateKey | None = None
         self._checkpoint_path = Path(cfg.checkpoint_file) if cfg.checkpoint_file else None
-        self.one_hop = True
+        self._wp: WriterProcess | None = None
 
     # -- AuditSink -----------------------------------------------------------
 
@@ -166,7 +175,12 @@ class SQLiteAuditLog:
     @property
     def queue_depth(self) -> int:
         """Records waiting for a commit."""
-        return self._queue.qsize() + len(self._retry)
+        return self._queue.qsize() + len(self._retry) + self._inflight_records
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The pid of the writer process while it runs."""
+        return self._wp.pid if self._wp is not None else None
 
     @property
     def key_path(self) -> Path:
@@ -181,9 +195,19 @@ class SQLiteAuditLog:
         self._db = db
         try:
             await db.execute("PRAGMA busy_timeout = 10000")
+            await db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute(f"PRAGMA synchronous = {'FULL' if self.sync and self.cfg.fsync else 'NORMAL'}")
             await self._init_schema()
+            self._wp = WriterProcess(
+                str(self.path),
+                synchronous="FULL" if self.sync and self.cfg.fsync else "NORMAL",
+                origin=self.origin,
+                every=self.cfg.checkpoint_every,
+                group_max=self.cfg.batch_max_records,
+                key=self._key,
+            )
+            self._wp.on_commit = self._committed
+            await self._wp.start()
             self._reader = AuditReader(await aiosqlite.connect(str(self.path)))
             await self._reader.db.execute("PRAGMA busy_timeout = 10000")
             await self._recover()
@@ -224,6 +248,8 @@ class SQLiteAuditLog:
                 await self.checkpoint("shutdown")
             except Exception:
                 log.exception("audit: could not write the shutdown checkpoint")
+        if self._exports:
+            await asyncio.gather(*self._exports, return_exceptions=True)
         await self._close()
         self._healthy = False
 
@@ -304,6 +330,12 @@ class SQLiteAuditLog:
                 item.future.set_exception(err)
 
     async def _run(self) -> None:
+        """Hand queued records to the writer process in groups, without waiting for commits.
+
+        The writer process groups whatever arrives while it commits into its
+        next transaction; this task only bounds what is in flight
+        (``queue_max`` records) and retries failed batch-mode records.
+        """
         q = self._queue
         max_n = self.cfg.batch_max_records
         linger = 0.0 if self.sync else self.cfg.batch_max_ms / 1000.0
@@ -311,6 +343,8 @@ class SQLiteAuditLog:
             if self._retry:
                 await self._flush_retry()
             first = await q.get()
+            if first is _WAKE:
+                continue
             stop = first is _STOP
             batch: list[_Item] = [] if stop else [first]
             if not stop:
@@ -324,29 +358,101 @@ class SQLiteAuditLog:
                     if nxt is _STOP:
                         stop = True
                         break
-                    batch.append(nxt)
+                    if nxt is not _WAKE:
+                        batch.append(nxt)
             if batch:
                 try:
-                    await self._commit(batch)
+                    self._dispatch(batch)
                 except BaseException:
                     err = AuditUnavailable("the audit log cannot be written", rule="audit.durability")
                     for it in batch:
                         if it.future is not None and not it.future.done():
                             it.future.set_exception(err)
                     raise
+                await self._wait_capacity()
             if stop:
+                while self._inflight:
+                    await asyncio.wait(list(self._inflight))
                 if self._retry:
                     await self._flush_retry(deadline=time.monotonic() + 5.0)
                 return
 
+    async def _wait_capacity(self) -> None:
+        """Backpressure: wait while the socket is full or two groups' worth of records await their commit.
+
+        Two groups keep the writer busy (one commits while the next forms)
+        and bound what is held beyond the queue.
+        """
+        assert self._wp is not None
+        await self._wp.drain()
+        limit = min(self.cfg.queue_max, 2 * self.cfg.batch_max_records)
+        while self._inflight and self._inflight_records >= limit:
+            await asyncio.wait(list(self._inflight), return_when=asyncio.FIRST_COMPLETED)
+
+    def _dispatch(self, batch: list[_Item]) -> asyncio.Future[None]:
+        """Send a group to the writer process; returns a future that settles after its outcome is applied."""
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            if self._wp is None:
+                raise WriterGone("the audit store is not open")
+            fut = self._wp.submit([it.prepared for it in batch])
+        except WriterGone as e:
+            self._settle(batch, None, e)
+            settled.set_result(None)
+            return settled
+        self._inflight.add(settled)
+        self._inflight_records += len(batch)
+
+        def done(f: asyncio.Future[AppendResult]) -> None:
+            self._inflight.discard(settled)
+            self._inflight_records -= len(batch)
+            if f.cancelled():
+                self._settle(batch, None, WriterGone("cancelled"))
+            else:
+                exc = f.exception()
+                self._settle(batch, None if exc is not None else f.result(), exc)
+            settled.set_result(None)
+
+        fut.add_done_callback(done)
+        return settled
+
+    def _settle(self, batch: list[_Item], result: AppendResult | None, exc: BaseException | None) -> None:
+        """Apply a commit's outcome: release sync callers, or count the failure (503 / retry)."""
+        if exc is not None:
+            self.failures += 1
+            if self._healthy:
+                log.error("audit: commit of %d records failed: %s", len(batch), exc)
+            self._healthy = False
+            err = AuditUnavailable("the audit log cannot be written", rule="audit.durability")
+            had_retry = bool(self._retry)
+            for it in batch:
+                if it.future is not None:
+                    if not it.future.done():
+                        it.future.set_exception(err)
+                else:
+                    self._retry.append(it)
+            if self._retry and not had_retry:
+                with contextlib.suppress(asyncio.QueueFull):
+                    self._queue.put_nowait(_WAKE)  # the writer task may be waiting for new records
+            return
+        if not self._healthy and not self._stopping:
+            log.warning("audit: the store is writable again")
+        self._healthy = True
+        self.records_written += len(batch)
+        for it in batch:
+            if it.future is not None and not it.future.done():
+                it.future.set_result(None)
+        if result is not None and result.note is not None:
+            self._spawn_export(result.note)
+
     async def _flush_retry(self, deadline: float | None = None) -> None:
-        """Retry records of failed batch commits until they are written."""
+        """Retry records of failed batch commits, one group at a time with backoff, until written."""
         delay = 0.05
         while self._retry:
             if deadline is None and self._stopping:
                 deadline = time.monotonic() + 5.0
             batch, self._retry = self._retry, []
-            await self._commit(batch)
+            await self._dispatch(batch)
             if not self._retry:
                 return
             if deadline is not None and time.monotonic() > deadline:
@@ -358,86 +464,28 @@ class SQLiteAuditLog:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    async def _commit(self, batch: list[_Item]) -> None:
-        t0 = time.perf_counter()
-        try:
-            note = await self._append([it.prepared for it in batch])
-        except Exception as e:
-            self.failures += 1
-            if self._healthy:
-                log.error("audit: commit of %d records failed: %s", len(batch), e)
-            self._healthy = False
-            err = AuditUnavailable("the audit log cannot be written", rule="audit.durability")
-            for it in batch:
-                if it.future is not None:
-                    if not it.future.done():
-                        it.future.set_exception(err)
-                else:
-                    self._retry.append(it)
+    def _spawn_export(self, note: str) -> None:
+        if self._checkpoint_path is None:
             return
-        dur = time.perf_counter() - t0
-        if not self._healthy and not self._stopping:
-            log.warning("audit: the store is writable again")
-        self._healthy = True
-        self.records_written += len(batch)
-        for it in batch:
-            if it.future is not None and not it.future.done():
-                it.future.set_result(None)
-        if self.on_commit is not None:
-            try:
-                self.on_commit(dur, len(batch))
-            except Exception:
-                log.exception("audit: on_commit hook failed")
-        if note is not None:
-            await self._export_checkpoint(note)
+        task = asyncio.get_running_loop().create_task(self._export_checkpoint(note))
+        self._exports.add(task)
+        task.add_done_callback(self._exports.discard)
 
     async def _append(self, preps: list[Prepared], *, checkpoint_reason: str | None = None) -> str | None:
-        """Append records (and maybe a checkpoint) in one BEGIN IMMEDIATE transaction.
-
-        The whole transaction runs as one call in aiosqlite's connection
-        thread (one hop instead of five: the group commit's fixed cost is the
-        fsync, not the hops).  That uses aiosqlite's ``_execute``; if a future
-        aiosqlite drops it, the statement-by-statement path below is used.
-        """
-        db = self._db
-        assert db is not None and self._key is not None
-        run = getattr(db, "_execute", None) if self.one_hop else None
-        if run is not None:
-            note: str | None = await run(_append_tx, db._conn, preps, self.origin, self._key, self.cfg.checkpoint_every, checkpoint_reason)
-            return note
-        await db.execute("BEGIN IMMEDIATE")
+        """Append records (and maybe a checkpoint) and wait for the commit; returns the checkpoint note."""
+        if self._wp is None:
+            raise AuditUnavailable("the audit store is not open", rule="audit.durability")
         try:
-            async with db.execute("SELECT seq, hash FROM head WHERE id = 1") as cur:
-                row = await cur.fetchone()
-            assert row is not None
-            seq, h = int(row[0]), bytes(row[1])
-            start = seq
-            rows = []
-            for p in preps:
-                seq += 1
-                prev, h = h, leaf_hash(h, seq, p.body)
-                rows.append((seq, p.ts_us, p.kind, p.request_id, p.tenant, p.subject, p.tools, p.call_ids, p.status, prev, h, p.body))
-            if rows:
-                await db.executemany(_INSERT, rows)
-                await db.execute("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (seq, h))
-            note = None
-            every = self.cfg.checkpoint_every
-            reason = checkpoint_reason or ("periodic" if seq // every > start // every else None)
-            if reason is not None and seq > 0:
-                async with db.execute("SELECT COALESCE(MAX(size), 0) FROM checkpoints") as cur:
-                    last = await cur.fetchone()
-                if last is not None and seq > int(last[0]):
-                    note = make_checkpoint(self.origin, seq, h, int(time.time()), self._key)
-                    await db.execute(
-                        "INSERT INTO checkpoints (size, hash, note, created_us, reason) VALUES (?,?,?,?,?)",
-                        (seq, h, note, _now_us(), reason),
-                    )
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await db.execute("ROLLBACK")
-            raise
-        return note
+            return (await self._wp.append(preps, checkpoint_reason)).note
+        except (WriterGone, WriterError) as e:
+            raise AuditUnavailable(f"the audit log cannot be written: {e}", rule="audit.durability") from None
+
+    def _committed(self, seconds: float, records: int) -> None:
+        if self.on_commit is not None:
+            try:
+                self.on_commit(seconds, records)
+            except Exception:
+                log.exception("audit: on_commit hook failed")
 
     async def checkpoint(self, reason: str = "manual") -> str | None:
         """Sign the current head now (if it moved since the last checkpoint); returns the note."""
@@ -590,66 +638,15 @@ class SQLiteAuditLog:
                 log.exception("audit: retention pruning failed")
 
     async def _close(self) -> None:
+        if self._wp is not None:
+            await self._wp.stop()
+            self._wp = None
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
         if self._db is not None:
             await self._db.close()
             self._db = None
-
-
-_MULTI = (64, 16, 4)
-_INSERT_MULTI = {n: _INSERT + ",(?,?,?,?,?,?,?,?,?,?,?,?)" * (n - 1) for n in _MULTI}
-
-
-def _insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert rows with multi-row INSERTs of a few fixed sizes (cached statements).
-
-    One statement step per 64 rows instead of one per row: each step releases
-    and retakes the GIL, which the event loop then waits for.
-    """
-    i, n = 0, len(rows)
-    for size in _MULTI:
-        sql = _INSERT_MULTI[size]
-        while n - i >= size:
-            conn.execute(sql, [v for r in rows[i : i + size] for v in r])
-            i += size
-    if i < n:
-        conn.executemany(_INSERT, rows[i:])
-
-
-def _append_tx(
-    conn: sqlite3.Connection, preps: list[Prepared], origin: str, key: Ed25519PrivateKey, every: int, reason: str | None
-) -> str | None:
-    """The append transaction, run in the connection's own thread (see ``_append``)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        row = conn.execute("SELECT seq, hash FROM head WHERE id = 1").fetchone()
-        seq, h = int(row[0]), bytes(row[1])
-        start = seq
-        rows = []
-        for p in preps:
-            seq += 1
-            prev, h = h, leaf_hash(h, seq, p.body)
-            rows.append((seq, p.ts_us, p.kind, p.request_id, p.tenant, p.subject, p.tools, p.call_ids, p.status, prev, h, p.body))
-        if rows:
-            _insert_rows(conn, rows)
-            conn.execute("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (seq, h))
-        note = None
-        why = reason or ("periodic" if seq // every > start // every else None)
-        if why is not None and seq > 0:
-            last = conn.execute("SELECT COALESCE(MAX(size), 0) FROM checkpoints").fetchone()
-            if seq > int(last[0]):
-                note = make_checkpoint(origin, seq, h, int(time.time()), key)
-                conn.execute(
-                    "INSERT INTO checkpoints (size, hash, note, created_us, reason) VALUES (?,?,?,?,?)", (seq, h, note, _now_us(), why)
-                )
-        conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.execute("ROLLBACK")
-        raise
-    return note
 
 
 def build_audit(cfg: Config) -> AuditSink | None:

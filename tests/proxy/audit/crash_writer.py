@@ -1,5 +1,6 @@
 """A child process for the SIGKILL test: writes records in sync mode forever,
-printing each request id once its ``record_exchange`` returned."""
+printing the audit writer process's pid first, then each request id once its
+``record_exchange`` returned."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from tests.proxy.audit.helpers import make_exchange
 async def main(path: str, concurrency: int, fsync: bool) -> None:
     log = SQLiteAuditLog(AuditConfig(durability="sync", fsync=fsync, checkpoint_every=50, checkpoint_file=path + ".checkpoints"), Path(path))
     await log.start()
+    sys.stdout.write(f"writer {log.writer_pid}\n")
+    sys.stdout.flush()
     counter = iter(range(10**9))
 
     async def worker(w: int) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import resource
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import orjson
 
@@ -75,3 +79,22 @@ def make_exchange(
     ex.status = 200
     ex.ended = ex.started + 0.0131
     return ex
+
+
+@contextlib.contextmanager
+def writes_fail(log: Any) -> Iterator[None]:
+    """While inside, every write of the audit writer process fails as on a full disk.
+
+    The process's file-size limit is lowered to one byte (``prlimit``): each
+    write to the database or its WAL past offset 0 fails with EFBIG, which
+    SQLite reports like a full disk.  Reads still work.  The limit is put back
+    on the way out.
+    """
+    pid = log.writer_pid
+    assert pid is not None, "the audit writer process is not running"
+    old = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, old[1]))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, old)

@@ -18,6 +18,21 @@ from tests.proxy.audit.conftest import LogFactory
 ROOT = Path(__file__).resolve().parents[3]
 
 
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+async def _wait_exit(pid: int, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while _running(pid):
+        assert time.monotonic() < deadline, f"the orphaned audit writer {pid} did not exit"
+        await asyncio.sleep(0.02)
+
+
 @pytest.mark.parametrize("fsync", ["fsync", "no-fsync"])
 async def test_sigkill_in_sync_mode_keeps_every_acknowledged_record(tmp_path: Path, make_log: LogFactory, fsync: str) -> None:
     """With or without [audit] fsync: a SIGKILL is a process crash, which WAL with synchronous=NORMAL survives too."""
@@ -36,6 +51,9 @@ async def test_sigkill_in_sync_mode_keeps_every_acknowledged_record(tmp_path: Pa
     )
     acked: list[str] = []
     assert proc.stdout is not None
+    first = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().split()
+    assert first[0] == "writer", first
+    writer_pid = int(first[1])
     deadline = time.monotonic() + 30
     try:
         while len(acked) < 300 and time.monotonic() < deadline:
@@ -49,6 +67,8 @@ async def test_sigkill_in_sync_mode_keeps_every_acknowledged_record(tmp_path: Pa
         await proc.wait()
     acked += [x for x in rest.decode().split("\n") if x.startswith("crash_")]
     assert len(acked) >= 300, "the writer did not get going"
+    # The audit writer process outlives its parent only to commit what it was already sent.
+    await _wait_exit(writer_pid, 30)
 
     report = await verify_db(db, checkpoint_file=Path(str(db) + ".checkpoints"))
     assert report.ok, report.render()

@@ -18,6 +18,7 @@ from proxy.audit.verify import verify_db
 from proxy.cli import main
 from tests.conftest import PROVIDER_KEY, WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
+from tests.proxy.audit.helpers import writes_fail
 
 AUDIT_ON = {"audit": {"enabled": True, "durability": "sync", "store_content": "redacted", "checkpoint_every": 5}}
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Say hi. My mail is zoe@example.com"}]}
@@ -90,19 +91,15 @@ async def test_refused_request_is_recorded_with_its_rule(warden_factory: WardenF
 async def test_sync_audit_failure_is_a_503(warden_factory: WardenFactory, token: Callable[..., str], fake: FakeProvider) -> None:
     rw = await warden_factory(AUDIT_ON)
     log = _log(rw)
-    assert log._db is not None
-    async with log._db.execute("PRAGMA page_count") as cur:
-        row = await cur.fetchone()
-    assert row is not None
-    await log._db.execute(f"PRAGMA max_page_count = {row[0]}")
     client = openai.AsyncOpenAI(base_url=rw.base_url, api_key=token(), max_retries=0, timeout=10)
     big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 20000}]}
-    with pytest.raises(openai.APIStatusError) as info:
-        for _ in range(5):
-            await client.chat.completions.create(**big)
+    with writes_fail(log), pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(**big)
     assert info.value.status_code == 503
     assert "audit" in str(info.value.body).lower()
-    await log._db.execute("PRAGMA max_page_count = 1073741823")
+    fake.push(Reply(content="back"))
+    ok = await client.chat.completions.create(**big)
+    assert ok.choices[0].message.content == "back"
 
 
 async def test_replay_against_the_fake_provider(
