@@ -147,9 +147,11 @@ class AuditConfig:
     - ``durability``: ``sync`` (a response waits for its record's commit; 503
       when the log cannot be written) or ``batch`` (queued, group-committed,
       backpressure when full; never dropped).
-    - ``batch_max_records`` / ``batch_max_ms``: the largest group commit, and
-      how long the batch-mode writer waits to fill one.
-    - ``queue_max``: records waiting for a commit before callers wait.
+    - ``batch_max_records`` / ``batch_max_ms``: the largest group (records per
+      frame to the writer process and per writer transaction), and how long
+      the batch-mode writer task waits to fill one.
+    - ``queue_max``: records waiting in the queue before callers wait (besides
+      up to two groups in flight to the writer process).
     - ``fsync``: in ``sync`` durability, commit with ``synchronous=FULL`` so a
       committed record survives a power cut (one fsync per group commit).
       ``false`` uses ``NORMAL``: the response still waits for the commit and

@@ -369,13 +369,30 @@ def main(argv: list[str]) -> int:
 # -- the parent's handle ---------------------------------------------------------------
 
 
+Settled = Callable[[AppendResult | None, BaseException | None], None]
+
+
 @dataclass(slots=True)
 class _Frame:
     id: int
     parts: list[bytes]
     records: int
     future: asyncio.Future[AppendResult]
+    then: Settled | None = None
     sends: int = 0
+
+    def settle(self, result: AppendResult | None, exc: BaseException | None) -> None:
+        """Settle the future, and call ``then`` right away (not one event-loop turn later, as a done-callback would)."""
+        if self.future.done():
+            return
+        if exc is not None:
+            self.future.set_exception(exc)
+            self.future.exception()  # retrieved: a caller that only passed ``then`` need not await it
+        else:
+            assert result is not None
+            self.future.set_result(result)
+        if self.then is not None:
+            self.then(result, exc)
 
 
 class WriterProcess:
@@ -487,25 +504,29 @@ class WriterProcess:
                 self._stop_answer.set_result(header)
             return
         fr = self._frames.pop(bid, None)
-        if fr is None or fr.future.done():
+        if fr is None:
             return
         if not header.get("ok"):
-            fr.future.set_exception(WriterError(str(header.get("error"))))
+            fr.settle(None, WriterError(str(header.get("error"))))
             return
         note = header.get("note")
         commit = header.get("commit")
         took = (int(commit[0]), int(commit[1])) if isinstance(commit, list) and len(commit) == 2 else None
-        fr.future.set_result(AppendResult(note if isinstance(note, str) else None, int(header.get("seq") or 0), bool(header.get("dup")), took))
         if took is not None and self.on_commit is not None:
             self.on_commit(took[0] / 1_000_000, took[1])
+        fr.settle(AppendResult(note if isinstance(note, str) else None, int(header.get("seq") or 0), bool(header.get("dup")), took), None)
 
-    def submit(self, preps: Sequence[Prepared], reason: str | None = None) -> asyncio.Future[AppendResult]:
-        """Send an append now (or as soon as a restarted writer runs); the future settles with its answer."""
+    def submit(self, preps: Sequence[Prepared], reason: str | None = None, then: Settled | None = None) -> asyncio.Future[AppendResult]:
+        """Send an append now (or as soon as a restarted writer runs).
+
+        The returned future settles with the answer; ``then(result, error)``,
+        if given, is called the moment the answer is read.
+        """
         if self._closed:
             raise WriterGone("the audit writer is stopped")
         self._next_id += 1
         fut: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        fr = _Frame(self._next_id, append_parts(self._next_id, preps, reason), len(preps), fut)
+        fr = _Frame(self._next_id, append_parts(self._next_id, preps, reason), len(preps), fut, then)
         self._frames[fr.id] = fr
         if self.alive and self._restart is None:
             self._send(fr)
@@ -547,16 +568,14 @@ class WriterProcess:
         for fr in list(self._frames.values()):
             if fr.sends >= self.MAX_SENDS:
                 self._frames.pop(fr.id, None)
-                if not fr.future.done():
-                    fr.future.set_exception(WriterGone(f"the audit writer ended {fr.sends} times while committing this batch"))
+                fr.settle(None, WriterGone(f"the audit writer ended {fr.sends} times while committing this batch"))
             else:
                 self._send(fr)
 
     def _fail_all(self, err: Exception) -> None:
         frames, self._frames = self._frames, {}
         for fr in frames.values():
-            if not fr.future.done():
-                fr.future.set_exception(err)
+            fr.settle(None, err)
 
     async def stop(self) -> None:
         """Ask the child to finish (after every frame sent) and wait for it; killed after ``STOP_TIMEOUT_S``."""
