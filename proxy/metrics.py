@@ -220,6 +220,8 @@ class Metrics:
         """Core (proxy/app.py)."""
         self.audit_queue_depth = self._state("gauge", "warden_audit_queue_depth", "Records waiting in the audit queue (batch durability).")
         """Audit store (callback bound by :meth:`bind_audit`: its ``queue_depth``)."""
+        self.audit_writer_restarts = self._state("counter", "warden_audit_writer_restarts", "Times the audit writer process had to be started again.")
+        """Audit store (callback bound by :meth:`bind_audit`: its ``writer_restarts``)."""
         self.audit_commit_duration = Histogram(
             "warden_audit_commit_duration_seconds", "Duration of one audit commit (a group of records in batch mode).", buckets=COMMIT_BUCKETS, registry=r
         )
@@ -281,13 +283,15 @@ class Metrics:
     def bind_audit(self, audit: Any) -> None:
         """Read the audit store's queue depth at scrape time and time its commits.
 
-        Uses what the store offers: a ``queue_depth`` attribute or property,
-        and an ``on_commit(seconds, records)`` hook slot.
+        Uses what the store offers: ``queue_depth`` and ``writer_restarts``
+        attributes or properties, and an ``on_commit(seconds, records)`` hook slot.
         """
         if audit is None:
             return
         if hasattr(audit, "queue_depth"):
             self.audit_queue_depth.callback = lambda: float(audit.queue_depth)
+        if hasattr(audit, "writer_restarts"):
+            self.audit_writer_restarts.callback = lambda: float(audit.writer_restarts)
         if hasattr(audit, "on_commit"):
             hist = self.audit_commit_duration
 

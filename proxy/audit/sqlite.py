@@ -174,6 +174,11 @@ class SQLiteAuditLog:
         return self._queue.qsize() + len(self._retry) + self._inflight_records
 
     @property
+    def writer_restarts(self) -> int:
+        """How often the writer process had to be started again."""
+        return self._wp.restarts if self._wp is not None else 0
+
+    @property
     def writer_pid(self) -> int | None:
         """The pid of the writer process while it runs."""
         return self._wp.pid if self._wp is not None else None

@@ -56,6 +56,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -303,7 +304,8 @@ def _serve(sock: socket.socket) -> int:
     init, blob = first
     try:
         key = Ed25519PrivateKey.from_private_bytes(bytes(blob))
-        conn = sqlite3.connect(init["path"], isolation_level=None, check_same_thread=False)
+        # mode=rw: the server creates the database; a writer never makes a new, empty one where it vanished.
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(init['path'])}?mode=rw", uri=True, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {'FULL' if init['synchronous'] == 'FULL' else 'NORMAL'}")
@@ -362,6 +364,11 @@ def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[1]))
     try:
         return _serve(sock)
+    except Exception as e:
+        # A bug, not an I/O error (those are answered per frame): one log line like the server's.
+        line = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "error", "logger": "warden.audit.writer"}
+        sys.stderr.write(orjson.dumps({**line, "msg": f"the audit writer failed: {type(e).__name__}: {e}"}).decode() + "\n")
+        return 1
     finally:
         sock.close()
 
@@ -408,6 +415,7 @@ class WriterProcess:
     """
 
     MAX_SENDS = 2
+    RESTART_GAP_S = 0.5
 
     def __init__(self, path: str, *, synchronous: str, origin: str, every: int, group_max: int, key: Ed25519PrivateKey) -> None:
         self.path = path
@@ -426,6 +434,8 @@ class WriterProcess:
         self._restart: asyncio.Task[None] | None = None
         self._next_id = 0
         self._closed = False
+        self._ready = False
+        self._spawned_at = 0.0
         self.restarts = 0
         self.on_commit: Callable[[float, int], None] | None = None
 
@@ -449,6 +459,7 @@ class WriterProcess:
 
     async def _spawn(self) -> None:
         await self._kill()
+        self._spawned_at = time.monotonic()
         parent, child = socket.socketpair()
         try:
             proc = await asyncio.to_thread(
@@ -477,6 +488,7 @@ class WriterProcess:
         if not answer.get("ok"):
             await self._kill()
             raise WriterGone(f"the audit writer cannot open {self.path}: {answer.get('error')}")
+        self._ready = True
 
     async def _read_answers(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -490,8 +502,11 @@ class WriterProcess:
             for fut in (self._init, self._stop_answer):
                 if fut is not None and not fut.done():
                     fut.set_exception(WriterGone("the audit writer process ended"))
-            if self._frames and not self._closed and self._restart is None:
+            # A writer that was running and ended on its own is replaced at once (not at the next
+            # record), so readiness and the unanswered frames do not wait for traffic.
+            if self._ready and not self._closed and self._restart is None:
                 self._restart = asyncio.get_running_loop().create_task(self._respawn(), name="audit-writer-restart")
+            self._ready = False
 
     def _answer(self, header: dict[str, Any]) -> None:
         bid = int(header.get("id", 0))
@@ -553,12 +568,19 @@ class WriterProcess:
             pass  # the reader sees the end of the stream and restarts the writer, which resends
 
     async def _respawn(self) -> None:
-        """Start a new child and resend every unanswered frame to it, in order."""
+        """Start a new child and resend every unanswered frame to it, in order.
+
+        Starts are at least ``RESTART_GAP_S`` apart, so a writer that dies at
+        once (a broken disk) does not turn into a busy loop of restarts.
+        """
         try:
             if self._closed:
                 raise WriterGone("the audit writer is stopped")
             self.restarts += 1
             log.error("audit: the writer process is not running; starting a new one (%d unanswered batches)", len(self._frames))
+            await asyncio.sleep(max(0.0, self._spawned_at + self.RESTART_GAP_S - time.monotonic()))
+            if self._closed:
+                raise WriterGone("the audit writer is stopped")
             await self._spawn()
         except WriterGone as e:
             self._restart = None
@@ -600,6 +622,7 @@ class WriterProcess:
                 await asyncio.to_thread(proc.wait)
 
     async def _kill(self) -> None:
+        self._ready = False
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.kill()

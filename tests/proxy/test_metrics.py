@@ -270,6 +270,7 @@ def test_audit_store_binding() -> None:
 
         def __init__(self) -> None:
             self.queue_depth = 5
+            self.writer_restarts = 2
             self.on_commit: Any = None
 
     m = Metrics(MetricsConfig())
@@ -279,6 +280,7 @@ def test_audit_store_binding() -> None:
     text = m.exposition().decode()
     samples = {(s.name, frozenset(s.labels.items())): s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert val(samples, "warden_audit_queue_depth") == 5
+    assert val(samples, "warden_audit_writer_restarts_total") == 2
     assert val(samples, "warden_audit_commit_duration_seconds_count") == 1
     assert val(samples, "warden_audit_commit_duration_seconds_bucket", le="0.0005") == 1
     assert val(samples, "warden_audit_commit_duration_seconds_bucket", le="0.00025") == 0
@@ -353,6 +355,7 @@ EXPECTED_ALERTS = {
     "WardenOverheadP99High",
     "WardenAuditWriteFailures",
     "WardenAuditQueueBacklog",
+    "WardenAuditWriterRestarted",
     "WardenAuditCommitSlow",
     "WardenLimitsBackendDown",
     "WardenRetrievalIndexStale",
@@ -415,6 +418,7 @@ def test_alert_rules_fire_when_they_should_with_promtool(tmp_path: Path) -> None
         _series(bucket, "0+60x30", le="+Inf"),
         _series("warden_overhead_seconds_count", "0+60x30"),
         _series("warden_audit_write_failures_total", "0x15 1x15"),
+        _series("warden_audit_writer_restarts_total", "0x15 1x15"),
         _series("warden_limits_backend_up", "1x10 0x20"),
         _series("warden_retrieval_index_staleness_seconds", "0x5 1000x25"),
         _series("warden_audit_queue_depth", "0x30"),
@@ -428,6 +432,7 @@ def test_alert_rules_fire_when_they_should_with_promtool(tmp_path: Path) -> None
         _series(bucket, "0+60x30", le="+Inf"),
         _series("warden_overhead_seconds_count", "0+60x30"),
         _series("warden_audit_write_failures_total", "0x30"),
+        _series("warden_audit_writer_restarts_total", "0x30"),
         _series("warden_limits_backend_up", "1x30"),
         _series("warden_retrieval_index_staleness_seconds", "30x30"),
         _series("up", "1x30"),
@@ -443,6 +448,7 @@ def test_alert_rules_fire_when_they_should_with_promtool(tmp_path: Path) -> None
                     fires("WardenUpstreamErrorRatioHigh", "warning", job="warden", instance="a"),
                     fires("WardenOverheadP99High", "warning", job="warden", instance="a"),
                     fires("WardenAuditWriteFailures", "critical", job="warden", instance="a"),
+                    fires("WardenAuditWriterRestarted", "warning", job="warden", instance="a"),
                     fires("WardenLimitsBackendDown", "critical", job="warden", instance="a"),
                     fires("WardenRetrievalIndexStale", "warning", job="warden", instance="a"),
                     quiet("WardenDown"),
