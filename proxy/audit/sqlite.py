@@ -205,6 +205,7 @@ class SQLiteAuditLog:
                 every=self.cfg.checkpoint_every,
                 group_max=self.cfg.batch_max_records,
                 key=self._key,
+                hide_env=[self.cfg.signing_key_env] if self.cfg.signing_key_env else [],
             )
             self._wp.on_commit = self._committed
             await self._wp.start()

@@ -9,7 +9,7 @@ C code waited for a busy event loop to let go (a convoy), so the store and
 the request path slowed each other down.
 
 Protocol (a private ``socketpair``; the child is started by
-:class:`WriterProcess` with ``python -m proxy.audit.writer FD``): every
+:class:`WriterProcess` with ``python -P -m proxy.audit.writer FD``): every
 message is a frame ``u32 total || u32 header_len || header JSON || blob``.
 
 - parent -> child ``{"op": "init", "path", "synchronous", "origin", "every",
@@ -35,9 +35,10 @@ Frames resent after the child died (their answers lost) are skipped, and
 answered ``dup``, when they were already committed, so a crash of the child
 never writes a record twice.
 
-Lifetime: the child ignores SIGINT/SIGTERM (a Ctrl-C to the process group
-must not cut a commit short; the parent drains and stops it) and SIGXFSZ (a
-file-size limit becomes an I/O error of the commit, not a kill).  It exits on
+Lifetime: the child ignores SIGINT/SIGTERM/SIGHUP (a Ctrl-C or a hang-up to
+the process group must not cut a commit short; the parent drains and stops it,
+and reloads on SIGHUP) and SIGXFSZ (a file-size limit becomes an I/O error of
+the commit, not a kill).  It exits on
 ``stop`` or when the parent's end of the socket closes — also when the parent
 was SIGKILLed, after committing every frame the parent had already sent.
 """
@@ -129,6 +130,10 @@ class _FrameReader:
         self.sock = sock
         self._bufs: list[bytearray] = []
         self._head = bytearray(4)
+        # poll, not select: the child keeps the fd number the parent had, which is above FD_SETSIZE (1024)
+        # in a server with many connections, and select() refuses those.
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
 
     def _fill(self, view: memoryview) -> bool:
         got = 0
@@ -155,7 +160,7 @@ class _FrameReader:
 
     def ready(self) -> bool:
         """Whether another frame (or the end of the stream) is already waiting."""
-        return bool(select.select([self.sock], [], [], 0)[0])
+        return bool(self._poll.poll(0))
 
 
 # -- the append transaction ------------------------------------------------------
@@ -359,7 +364,7 @@ def _serve(sock: socket.socket) -> int:
 
 def main(argv: list[str]) -> int:
     """The child's entry point: ``python -m proxy.audit.writer FD``."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGXFSZ, signal.SIGPIPE):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGXFSZ, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[1]))
     try:
@@ -417,8 +422,19 @@ class WriterProcess:
     MAX_SENDS = 2
     RESTART_GAP_S = 0.5
 
-    def __init__(self, path: str, *, synchronous: str, origin: str, every: int, group_max: int, key: Ed25519PrivateKey) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str,
+        origin: str,
+        every: int,
+        group_max: int,
+        key: Ed25519PrivateKey,
+        hide_env: Sequence[str] = (),
+    ) -> None:
         self.path = path
+        self._hide_env = frozenset(hide_env)
         self.synchronous = synchronous
         self.origin = origin
         self.every = every
@@ -461,13 +477,16 @@ class WriterProcess:
         await self._kill()
         self._spawned_at = time.monotonic()
         parent, child = socket.socketpair()
+        # The signing key's variable stays out of the child's environment (it gets the key over the socket).
+        env = {k: v for k, v in os.environ.items() if k not in self._hide_env}
         try:
             proc = await asyncio.to_thread(
                 subprocess.Popen,
-                [sys.executable, "-m", "proxy.audit.writer", str(child.fileno())],
+                # -P: ``-m`` would put the working directory first on sys.path (Warden's own start does not).
+                [sys.executable, "-P", "-m", "proxy.audit.writer", str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+                env={**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
             )
         except OSError as e:
             parent.close()
