@@ -152,6 +152,7 @@ class SQLiteAuditLog:
         self._retry: list[_Item] = []
         self._inflight: set[asyncio.Future[None]] = set()
         self._inflight_records = 0
+        self._idle = False  # the writer task waits for the queue (only then does a retry need a _WAKE)
         self._exports: set[asyncio.Task[None]] = set()
         self._db: aiosqlite.Connection | None = None
         self._reader: AuditReader | None = None
@@ -354,7 +355,11 @@ class SQLiteAuditLog:
         while True:
             if self._retry:
                 await self._flush_retry()
-            first = await q.get()
+            self._idle = True
+            try:
+                first = await q.get()
+            finally:
+                self._idle = False
             if first is _WAKE:
                 continue
             stop = first is _STOP
@@ -419,7 +424,9 @@ class SQLiteAuditLog:
         self._inflight_records += len(batch)
         try:
             self._wp.submit([it.prepared for it in batch], then=then)
-        except WriterGone as e:
+        except Exception as e:
+            # Settled like a failed commit (sync: 503; batch: retried): an exception escaping here would leave
+            # ``settled`` in _inflight for ever (stop() waits for it) or end the writer task with the batch.
             then(None, e)
         return settled
 
@@ -438,9 +445,12 @@ class SQLiteAuditLog:
                         it.future.set_exception(err)
                 else:
                     self._retry.append(it)
-            if self._retry and not had_retry:
+            if self._retry and not had_retry and self._idle:
+                # The writer task waits for new records: wake it.  Otherwise it checks the retry list before
+                # its next wait (a _WAKE put while it retries would sit in the queue, one per failed retry,
+                # and fill it).
                 with contextlib.suppress(asyncio.QueueFull):
-                    self._queue.put_nowait(_WAKE)  # the writer task may be waiting for new records
+                    self._queue.put_nowait(_WAKE)
             return
         if not self._healthy and not self._stopping:
             log.warning("audit: the store is writable again")

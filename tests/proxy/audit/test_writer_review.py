@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from proxy.audit.verify import verify_db
 from proxy.audit.writer import WriterGone
 from proxy.errors import AuditUnavailable
 from tests.proxy.audit.conftest import LogFactory
-from tests.proxy.audit.helpers import make_exchange
+from tests.proxy.audit.helpers import make_exchange, writes_fail
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -273,6 +274,51 @@ async def test_an_event_loop_closed_without_stop_leaves_the_writer_to_commit(tmp
             break
         await asyncio.sleep(0.02)
     assert _ids(db, "nostop_%") == [f"nostop_{i:02d}" for i in range(50)]
+
+
+async def test_retry_wakeups_do_not_fill_the_queue(make_log: LogFactory) -> None:
+    """Batch mode, store down: each failed retry used to put a wake-up into the queue while the writer task was
+    busy retrying, so the queue filled with sentinels and callers got 503 with no record queued."""
+    log = await make_log(durability="batch", batch_max_ms=0, queue_max=3)
+    with writes_fail(log):
+        await log.record_exchange(make_exchange(request_id="down_0", user_text="y" * 4000))
+        await asyncio.sleep(1.2)  # several retries with backoff
+        assert not log.healthy
+        assert log._queue.qsize() == 0 and log.queue_depth == 1
+        await log.record_exchange(make_exchange(request_id="down_1", user_text="y" * 4000))
+    await _until(lambda: log.queue_depth == 0 and log.healthy, 20)
+    await log.stop()
+    assert sorted(_ids(log.path, "down_%")) == ["down_0", "down_1"]
+
+
+@pytest.mark.parametrize("durability", ["sync", "batch"])
+async def test_a_frame_that_cannot_be_built_does_not_wedge_the_store(make_log: LogFactory, monkeypatch: pytest.MonkeyPatch, durability: str) -> None:
+    """``WriterProcess.submit`` raising something else than WriterGone (here: a group over 4 GiB, whose length
+    does not fit the u32 header) left a future in ``_inflight`` forever (stop() hung) or killed the writer task
+    (batch: its records dropped, every later record refused)."""
+    real = writer_mod.append_parts
+    failed = 0
+
+    def parts(batch_id: int, preps: Any, reason: str | None) -> list[bytes]:
+        nonlocal failed
+        if failed == 0 and any(p.request_id == "huge" for p in preps):
+            failed += 1
+            raise struct.error("'I' format requires 0 <= number <= 4294967295")
+        return real(batch_id, preps, reason)
+
+    monkeypatch.setattr(writer_mod, "append_parts", parts)
+    log = await make_log(durability=durability, batch_max_ms=0)
+    async with _fails_not_hangs(log):
+        if durability == "sync":
+            with pytest.raises(AuditUnavailable):
+                await log.record_exchange(make_exchange(request_id="huge"))
+        else:
+            await log.record_exchange(make_exchange(request_id="huge"))
+        await asyncio.wait_for(log.record_exchange(make_exchange(request_id="after_huge")), 10)
+        await _until(lambda: log.queue_depth == 0, 10)
+        await asyncio.wait_for(log.stop(), 10)
+    expected = ["after_huge"] if durability == "sync" else ["after_huge", "huge"]
+    assert sorted(_ids(log.path, "%huge")) == expected
 
 
 async def test_the_signing_key_is_not_in_the_writers_environment(make_log: LogFactory, monkeypatch: pytest.MonkeyPatch) -> None:
