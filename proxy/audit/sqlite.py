@@ -402,8 +402,9 @@ class SQLiteAuditLog:
         """
         assert self._wp is not None
         await self._wp.drain()
-        limit = min(self.cfg.queue_max, 2 * self.cfg.batch_max_records)
-        while self._inflight and self._inflight_records >= limit:
+        # Room for a whole next group (up to batch_max_records) before taking it, so that the bound of two
+        # groups holds after small groups too.
+        while self._inflight and self._inflight_records > self.cfg.batch_max_records:
             await asyncio.wait(list(self._inflight), return_when=asyncio.FIRST_COMPLETED)
 
     def _dispatch(self, batch: list[_Item]) -> asyncio.Future[None]:

@@ -383,3 +383,38 @@ async def test_a_writer_that_dies_after_committing_a_group_of_frames_writes_none
     assert _ids(log.path, "grp_%") == [f"grp_{i:02d}" for i in range(10)]
     report = await verify_db(log.path)
     assert report.ok, report.render()
+
+
+async def test_at_most_two_groups_are_in_flight(make_log: LogFactory) -> None:
+    """docs/audit.md: besides the queue, at most two groups (2 x batch_max_records) are in flight to the writer.
+
+    The writer task waited only once the in-flight records had reached the limit, so after small groups a full
+    one went out on top: up to 3 x batch_max_records - 1.
+    """
+    log = await make_log(durability="batch", batch_max_records=4, batch_max_ms=0, queue_max=100)
+    peak = 0
+    real = log._dispatch
+
+    def dispatch(batch: Any) -> Any:
+        nonlocal peak
+        out = real(batch)
+        peak = max(peak, log._inflight_records)
+        return out
+
+    log._dispatch = dispatch  # type: ignore[method-assign]
+    blocker = sqlite3.connect(log.path, timeout=10, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # nothing commits: every group sent stays in flight
+    try:
+        for i in range(7):  # seven groups of one
+            await log.record_exchange(make_exchange(request_id=f"peak_{i:02d}"))
+            await asyncio.sleep(0.02)
+        for i in range(7, 15):  # then full groups
+            await log.record_exchange(make_exchange(request_id=f"peak_{i:02d}"))
+        await asyncio.sleep(0.2)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    await _until(lambda: log.queue_depth == 0, 20)
+    await log.stop()
+    assert peak <= 2 * 4, f"{peak} records in flight"
+    assert _ids(log.path, "peak_%") == [f"peak_{i:02d}" for i in range(15)]
