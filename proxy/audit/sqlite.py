@@ -152,6 +152,7 @@ class SQLiteAuditLog:
         self._retry: list[_Item] = []
         self._inflight: set[asyncio.Future[None]] = set()
         self._inflight_records = 0
+        self._idle = False  # the writer task waits for the queue (only then does a retry need a _WAKE)
         self._exports: set[asyncio.Task[None]] = set()
         self._db: aiosqlite.Connection | None = None
         self._reader: AuditReader | None = None
@@ -205,6 +206,7 @@ class SQLiteAuditLog:
                 every=self.cfg.checkpoint_every,
                 group_max=self.cfg.batch_max_records,
                 key=self._key,
+                hide_env=[self.cfg.signing_key_env] if self.cfg.signing_key_env else [],
             )
             self._wp.on_commit = self._committed
             await self._wp.start()
@@ -353,7 +355,11 @@ class SQLiteAuditLog:
         while True:
             if self._retry:
                 await self._flush_retry()
-            first = await q.get()
+            self._idle = True
+            try:
+                first = await q.get()
+            finally:
+                self._idle = False
             if first is _WAKE:
                 continue
             stop = first is _STOP
@@ -396,8 +402,9 @@ class SQLiteAuditLog:
         """
         assert self._wp is not None
         await self._wp.drain()
-        limit = min(self.cfg.queue_max, 2 * self.cfg.batch_max_records)
-        while self._inflight and self._inflight_records >= limit:
+        # Room for a whole next group (up to batch_max_records) before taking it, so that the bound of two
+        # groups holds after small groups too.
+        while self._inflight and self._inflight_records > self.cfg.batch_max_records:
             await asyncio.wait(list(self._inflight), return_when=asyncio.FIRST_COMPLETED)
 
     def _dispatch(self, batch: list[_Item]) -> asyncio.Future[None]:
@@ -418,7 +425,9 @@ class SQLiteAuditLog:
         self._inflight_records += len(batch)
         try:
             self._wp.submit([it.prepared for it in batch], then=then)
-        except WriterGone as e:
+        except Exception as e:
+            # Settled like a failed commit (sync: 503; batch: retried): an exception escaping here would leave
+            # ``settled`` in _inflight for ever (stop() waits for it) or end the writer task with the batch.
             then(None, e)
         return settled
 
@@ -437,9 +446,12 @@ class SQLiteAuditLog:
                         it.future.set_exception(err)
                 else:
                     self._retry.append(it)
-            if self._retry and not had_retry:
+            if self._retry and not had_retry and self._idle:
+                # The writer task waits for new records: wake it.  Otherwise it checks the retry list before
+                # its next wait (a _WAKE put while it retries would sit in the queue, one per failed retry,
+                # and fill it).
                 with contextlib.suppress(asyncio.QueueFull):
-                    self._queue.put_nowait(_WAKE)  # the writer task may be waiting for new records
+                    self._queue.put_nowait(_WAKE)
             return
         if not self._healthy and not self._stopping:
             log.warning("audit: the store is writable again")

@@ -9,7 +9,7 @@ C code waited for a busy event loop to let go (a convoy), so the store and
 the request path slowed each other down.
 
 Protocol (a private ``socketpair``; the child is started by
-:class:`WriterProcess` with ``python -m proxy.audit.writer FD``): every
+:class:`WriterProcess` with ``python -P -m proxy.audit.writer FD``): every
 message is a frame ``u32 total || u32 header_len || header JSON || blob``.
 
 - parent -> child ``{"op": "init", "path", "synchronous", "origin", "every",
@@ -35,9 +35,10 @@ Frames resent after the child died (their answers lost) are skipped, and
 answered ``dup``, when they were already committed, so a crash of the child
 never writes a record twice.
 
-Lifetime: the child ignores SIGINT/SIGTERM (a Ctrl-C to the process group
-must not cut a commit short; the parent drains and stops it) and SIGXFSZ (a
-file-size limit becomes an I/O error of the commit, not a kill).  It exits on
+Lifetime: the child ignores SIGINT/SIGTERM/SIGHUP (a Ctrl-C or a hang-up to
+the process group must not cut a commit short; the parent drains and stops it,
+and reloads on SIGHUP) and SIGXFSZ (a file-size limit becomes an I/O error of
+the commit, not a kill).  It exits on
 ``stop`` or when the parent's end of the socket closes — also when the parent
 was SIGKILLed, after committing every frame the parent had already sent.
 """
@@ -129,6 +130,10 @@ class _FrameReader:
         self.sock = sock
         self._bufs: list[bytearray] = []
         self._head = bytearray(4)
+        # poll, not select: the child keeps the fd number the parent had, which is above FD_SETSIZE (1024)
+        # in a server with many connections, and select() refuses those.
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
 
     def _fill(self, view: memoryview) -> bool:
         got = 0
@@ -155,7 +160,7 @@ class _FrameReader:
 
     def ready(self) -> bool:
         """Whether another frame (or the end of the stream) is already waiting."""
-        return bool(select.select([self.sock], [], [], 0)[0])
+        return bool(self._poll.poll(0))
 
 
 # -- the append transaction ------------------------------------------------------
@@ -359,7 +364,7 @@ def _serve(sock: socket.socket) -> int:
 
 def main(argv: list[str]) -> int:
     """The child's entry point: ``python -m proxy.audit.writer FD``."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGXFSZ, signal.SIGPIPE):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGXFSZ, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[1]))
     try:
@@ -417,8 +422,19 @@ class WriterProcess:
     MAX_SENDS = 2
     RESTART_GAP_S = 0.5
 
-    def __init__(self, path: str, *, synchronous: str, origin: str, every: int, group_max: int, key: Ed25519PrivateKey) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str,
+        origin: str,
+        every: int,
+        group_max: int,
+        key: Ed25519PrivateKey,
+        hide_env: Sequence[str] = (),
+    ) -> None:
         self.path = path
+        self._hide_env = frozenset(hide_env)
         self.synchronous = synchronous
         self.origin = origin
         self.every = every
@@ -460,14 +476,20 @@ class WriterProcess:
     async def _spawn(self) -> None:
         await self._kill()
         self._spawned_at = time.monotonic()
-        parent, child = socket.socketpair()
+        try:
+            parent, child = socket.socketpair()
+        except OSError as e:
+            raise WriterGone(f"cannot start the audit writer: {e}") from None
+        # The signing key's variable stays out of the child's environment (it gets the key over the socket).
+        env = {k: v for k, v in os.environ.items() if k not in self._hide_env}
         try:
             proc = await asyncio.to_thread(
                 subprocess.Popen,
-                [sys.executable, "-m", "proxy.audit.writer", str(child.fileno())],
+                # -P: ``-m`` would put the working directory first on sys.path (Warden's own start does not).
+                [sys.executable, "-P", "-m", "proxy.audit.writer", str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+                env={**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
             )
         except OSError as e:
             parent.close()
@@ -488,9 +510,15 @@ class WriterProcess:
         if not answer.get("ok"):
             await self._kill()
             raise WriterGone(f"the audit writer cannot open {self.path}: {answer.get('error')}")
+        if self._listen.done():
+            # It ended right after answering, and its end of stream was read before it counted as running
+            # (so the reader scheduled no restart): a failed start, not a writer to send frames to.
+            await self._kill()
+            raise WriterGone("the audit writer ended as it started")
         self._ready = True
 
     async def _read_answers(self, reader: asyncio.StreamReader) -> None:
+        cancelled = False
         try:
             while True:
                 (n,) = struct.unpack(">I", await reader.readexactly(4))
@@ -498,13 +526,18 @@ class WriterProcess:
                 self._answer(header)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, orjson.JSONDecodeError):
             pass
+        except asyncio.CancelledError:
+            # The event loop is shutting down (without stop()): the writer is alive and must be left to
+            # commit what it was sent and exit at the end of the stream, not killed by a restart.
+            cancelled = True
+            raise
         finally:
             for fut in (self._init, self._stop_answer):
                 if fut is not None and not fut.done():
                     fut.set_exception(WriterGone("the audit writer process ended"))
             # A writer that was running and ended on its own is replaced at once (not at the next
             # record), so readiness and the unanswered frames do not wait for traffic.
-            if self._ready and not self._closed and self._restart is None:
+            if self._ready and not self._closed and self._restart is None and not cancelled:
                 self._restart = asyncio.get_running_loop().create_task(self._respawn(), name="audit-writer-restart")
             self._ready = False
 
@@ -572,7 +605,16 @@ class WriterProcess:
 
         Starts are at least ``RESTART_GAP_S`` apart, so a writer that dies at
         once (a broken disk) does not turn into a busy loop of restarts.
+
+        A frame that is not resent (sent ``MAX_SENDS`` times, or no writer
+        could be started) may still have been committed by a writer that died
+        before answering.  Once every writer that had it is gone, the batch
+        marker says which: those are answered as duplicates, not failed — a
+        failed batch-mode record is retried as a new frame and would be
+        written twice.  ``_restart`` stays set meanwhile, so nothing new is
+        sent (and committed past them) before the marker is read.
         """
+        old_gone = False
         try:
             if self._closed:
                 raise WriterGone("the audit writer is stopped")
@@ -581,23 +623,58 @@ class WriterProcess:
             await asyncio.sleep(max(0.0, self._spawned_at + self.RESTART_GAP_S - time.monotonic()))
             if self._closed:
                 raise WriterGone("the audit writer is stopped")
+            await self._kill()
+            old_gone = True
+            stuck = [fr for fr in self._frames.values() if fr.sends >= self.MAX_SENDS]
+            if stuck:
+                through = await self._committed_through()
+                for fr in stuck:
+                    self._frames.pop(fr.id, None)
+                    self._settle_unanswered(fr, WriterGone(f"the audit writer ended {fr.sends} times while committing this batch"), through)
             await self._spawn()
-        except WriterGone as e:
+        except Exception as e:
+            if not isinstance(e, WriterGone):
+                log.exception("audit: could not start the writer process")
+                e = WriterGone(f"cannot start the audit writer: {type(e).__name__}: {e}")
+                await self._kill()
+            through = await self._committed_through() if old_gone and any(fr.sends for fr in self._frames.values()) else None
             self._restart = None
-            self._fail_all(e)
+            self._fail_all(e, through)
             return
         self._restart = None
         for fr in list(self._frames.values()):
-            if fr.sends >= self.MAX_SENDS:
-                self._frames.pop(fr.id, None)
-                fr.settle(None, WriterGone(f"the audit writer ended {fr.sends} times while committing this batch"))
-            else:
-                self._send(fr)
+            self._send(fr)
 
-    def _fail_all(self, err: Exception) -> None:
+    async def _committed_through(self) -> int | None:
+        """This parent's batch marker: every frame with an id up to it was committed (``None``: unreadable)."""
+
+        def read() -> int | None:
+            try:
+                conn = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=rw", uri=True, timeout=10)
+            except sqlite3.Error:
+                return None
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key = ?", (f"writer:{self._token}",)).fetchone()
+            except sqlite3.Error:
+                return None
+            finally:
+                conn.close()
+            return int(row[0]) if row is not None else 0
+
+        return await asyncio.to_thread(read)
+
+    @staticmethod
+    def _settle_unanswered(fr: _Frame, err: Exception, through: int | None) -> None:
+        if through is not None and fr.sends and fr.id <= through:
+            fr.settle(AppendResult(None, 0, dup=True), None)
+        else:
+            fr.settle(None, err)
+
+    def _fail_all(self, err: Exception, through: int | None = None) -> None:
+        """Settle every frame: with ``err``, or as a duplicate when ``through`` (the marker) shows it committed."""
         frames, self._frames = self._frames, {}
         for fr in frames.values():
-            fr.settle(None, err)
+            self._settle_unanswered(fr, err, through)
 
     async def stop(self) -> None:
         """Ask the child to finish (after every frame sent) and wait for it; killed after ``STOP_TIMEOUT_S``."""
