@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from proxy.audit.chain import canonical
+from proxy.audit.chain import CANONICAL_OPTS, canonical
 from proxy.audit.record import Projector, _iso
+from proxy.audit.redact import json_default
+from proxy.exchange import Decision
 from tests.proxy.audit.helpers import make_exchange
 
 UPSTREAM = "sk-upstream-secret-0123456789abcdefXYZ"
@@ -31,6 +33,25 @@ def test_stored_bytes_are_the_canonical_form_of_the_record(mode: str, user_text:
     body = pj.exchange(ex).body
     assert body == canonical(orjson.loads(body))
     assert UPSTREAM.encode() not in body
+
+
+class _Key(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"b": 1, "a": {"z": [1.5, None, True], "é": "ü", "\U0001f600": 2, "\uffff": 3}},
+        {"annotations": {7: "int key", "s": {"b", "a"}}},
+        {"k": {True: 1, None: 2, 1.5: 3}},
+        {"raw": b"bytes \xff", "decision": Decision.allow("x"), "other": ValueError("str() of it")},
+        {_Key("sub"): 1, "a": 2},
+    ],
+)
+def test_canonical_gives_the_bytes_of_the_full_orjson_call(record: dict[str, object]) -> None:
+    """The str-key fast path and the fallback both store exactly what the full call would."""
+    assert canonical(record) == orjson.dumps(record, option=CANONICAL_OPTS, default=json_default)
 
 
 def test_hashes_mode_hashes_the_canonical_bytes_of_a_request() -> None:
