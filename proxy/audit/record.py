@@ -31,7 +31,7 @@ from typing import Any, Literal
 import orjson
 
 from proxy.audit.chain import canonical
-from proxy.audit.redact import Redactor
+from proxy.audit.redact import Redactor, scan_bytes
 from proxy.exchange import Exchange
 
 ContentMode = Literal["full", "redacted", "hashes"]
@@ -93,20 +93,23 @@ class Projector:
         self.mode = mode
         self.provider = provider
         self.tool_result_max_bytes = tool_result_max_bytes
-        self.meta = Redactor(patterns=patterns, upstream_key=upstream_key, apply_pii=False)
-        self.content = Redactor(patterns=patterns, pii=pii or [], apply_pii=mode != "full", upstream_key=upstream_key)
+        # Content gets every rule; metadata (``pii=False``) the secret and custom rules only.
+        self.redactor = Redactor(patterns=patterns, pii=pii or [], apply_pii=mode != "full", upstream_key=upstream_key)
 
     # -- content -------------------------------------------------------------
 
     def _contents(self, items: list[Any], counts: dict[str, int]) -> list[Any]:
-        """Redact content items; each is serialized once.
+        """Redact content items; each is serialized once (see :meth:`_stored`)."""
+        return self._stored(*self.redactor.values(items, counts))
+
+    def _stored(self, red: list[Any], parts: list[bytes] | None) -> list[Any]:
+        """Content items as stored, from :meth:`Redactor.values`.
 
         When nothing could be redacted, the canonical bytes made for the scan
         go into the record as they are (``orjson.Fragment``: the stored bytes
         are the same as serializing the item again) and are what a dict's
         hash covers in ``hashes`` mode.
         """
-        red, parts = self.content.values(items, counts)
         if self.mode != "hashes":
             return [orjson.Fragment(p) for p in parts] if parts is not None else red
         out: list[Any] = []
@@ -126,7 +129,14 @@ class Projector:
     # -- exchange ------------------------------------------------------------
 
     def exchange(self, ex: Exchange) -> Prepared:
-        """Project a finished exchange into a prepared record."""
+        """Project a finished exchange into a prepared record.
+
+        Each content item is serialized once (canonical bytes) and the
+        metadata once; one automaton pass over both finds the rules that can
+        fire in each (:meth:`Redactor.record_scopes`).  In the common record
+        none can: the content bytes go into the record as they are and the
+        metadata is stored as built.
+        """
         counts: dict[str, int] = {}
         bodies = [ex.body if (t.body is ex.raw_body and not ex.body_modified and ex.body is not None) else _parse(t.body) for t in ex.turns]
         first = bodies[0] if bodies and isinstance(bodies[0], dict) else (ex.body or {})
@@ -161,42 +171,7 @@ class Projector:
             items.append(raw[:limit].decode("utf-8", "ignore") if len(raw) > limit else text)
         items.append(ex.response_text)
         items.append(resp_body)
-        c = iter(self._contents(items, counts))
-
-        turns = []
-        for t in ex.turns:
-            turns.append(
-                {
-                    "index": t.index,
-                    "reason": t.reason,
-                    "status": t.status,
-                    "duration_us": _us(t.duration_s),
-                    "ttft_us": _us(t.ttft_s),
-                    "error": t.error,
-                    "request": next(c),
-                    "response": next(c),
-                }
-            )
-        calls = []
-        for d in ex.tool_decisions:
-            calls.append(
-                {
-                    "turn": d.turn,
-                    "id": d.call.id,
-                    "name": d.call.name,
-                    "index": d.call.index,
-                    "arguments": next(c),
-                    "parse_error": d.call.parse_error,
-                    "decision": d.decision.kind,
-                    "rule": d.decision.rule,
-                    "reason": d.decision.reason,
-                    "approval_id": d.decision.approval_id,
-                    "details": d.decision.details,
-                }
-            )
-        for m in result_meta:
-            m["content"] = next(c)
-        response = {"text": next(c), "body": next(c), "finish_reasons": list(ex.finish_reasons)}
+        parts = [canonical(v) for v in items]
 
         p = ex.principal
         err = ex.error
@@ -240,7 +215,45 @@ class Projector:
             "response_headers": ex.response_headers,
             "annotations": ex.annotations,
         }
-        meta = self.meta.value(meta, counts)
+        meta_scope, content_scope = self.redactor.record_scopes(scan_bytes(meta), b"\n".join(parts))
+        c = iter(self._stored(*self.redactor.values_in(items, parts, content_scope, counts)))
+
+        turns = []
+        for t in ex.turns:
+            turns.append(
+                {
+                    "index": t.index,
+                    "reason": t.reason,
+                    "status": t.status,
+                    "duration_us": _us(t.duration_s),
+                    "ttft_us": _us(t.ttft_s),
+                    "error": t.error,
+                    "request": next(c),
+                    "response": next(c),
+                }
+            )
+        calls = []
+        for d in ex.tool_decisions:
+            calls.append(
+                {
+                    "turn": d.turn,
+                    "id": d.call.id,
+                    "name": d.call.name,
+                    "index": d.call.index,
+                    "arguments": next(c),
+                    "parse_error": d.call.parse_error,
+                    "decision": d.decision.kind,
+                    "rule": d.decision.rule,
+                    "reason": d.decision.reason,
+                    "approval_id": d.decision.approval_id,
+                    "details": d.decision.details,
+                }
+            )
+        for m in result_meta:
+            m["content"] = next(c)
+        response = {"text": next(c), "body": next(c), "finish_reasons": list(ex.finish_reasons)}
+
+        meta = self.redactor.value_in(meta, meta_scope, counts)
         ts_us = int(ex.wall_time * 1_000_000)
         record: dict[str, Any] = {
             "v": RECORD_VERSION,
@@ -276,14 +289,14 @@ class Projector:
         if not _KIND.match(kind) or kind == "exchange":
             raise ValueError(f"invalid audit record kind {kind!r}")
         counts: dict[str, int] = {}
-        red_actor = self.meta.value(actor, counts)
+        red_actor = self.redactor.value(actor, counts, pii=False)
         if kind == "feedback":
             free = {k: data.get(k) for k in ("comment", "correction")}
             fixed = {k: v for k, v in data.items() if k not in free}
             comment, correction = self._contents([free["comment"], free["correction"]], counts)
-            red_data = {**self.meta.value(fixed, counts), "comment": comment, "correction": correction}
+            red_data = {**self.redactor.value(fixed, counts, pii=False), "comment": comment, "correction": correction}
         else:
-            red_data = self.content.value(data, counts)
+            red_data = self.redactor.value(data, counts)
         ts_us = int(ts * 1_000_000)
         record = {
             "v": RECORD_VERSION,

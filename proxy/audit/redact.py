@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 from ahocorasick_rs import AhoCorasick, BytesAhoCorasick, Implementation
 
-from proxy.audit.chain import CANONICAL_OPTS
+from proxy.audit.chain import canonical
 from proxy.errors import ConfigError
 
 PLACEHOLDER = "[REDACTED:{}]"
@@ -238,12 +238,17 @@ _ASCII_LOWER = {c: c + 32 for c in range(65, 91)}
 _EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
 
 
+Scope = tuple[tuple[Rule, ...], bool]
+"""The rules that can fire in a value, and whether the digit PII rules can."""
+
+
 class Redactor:
     """Applies the redaction rules to strings and whole JSON-like values.
 
     ``pii`` selects PII kinds (ignored unless ``apply_pii``); ``patterns`` adds
     custom rules; ``upstream_key`` is the provider key value, redacted
-    verbatim wherever it appears.
+    verbatim wherever it appears.  Methods taking ``pii=False`` apply the
+    secret and custom rules only (how a record's metadata is redacted).
     """
 
     def __init__(
@@ -268,6 +273,8 @@ class Redactor:
             if compiled.match(""):
                 raise ConfigError(f"audit.redact_patterns.{name}", "pattern matches the empty string")
             rules.append(Rule(name, compiled, _always))
+        # The PII rules come last: the first ``_base`` rules are those applied with ``pii=False``.
+        self._base = len(rules)
         if apply_pii:
             unknown = [k for k in pii if k not in PII_RULES]
             if unknown:
@@ -299,7 +306,7 @@ class Redactor:
         """Every rule this redactor applies, in order."""
         return [r.name for r in (*self.rules, *self.digit_rules)]
 
-    def active(self, blob: str) -> tuple[tuple[Rule, ...], bool]:
+    def active(self, blob: str) -> Scope:
         """The rules that can fire somewhere in ``blob`` (a whole record
         serialized once), and whether digit rules may fire.
 
@@ -308,11 +315,11 @@ class Redactor:
         """
         return self._active(blob.encode(), blob)
 
-    def active_raw(self, raw: bytes) -> tuple[tuple[Rule, ...], bool]:
+    def active_raw(self, raw: bytes, *, pii: bool = True) -> Scope:
         """:meth:`active` of UTF-8 bytes (what ``orjson.dumps`` returned)."""
-        return self._active(raw, None)
+        return self._active(raw, None, pii)
 
-    def _active(self, raw: bytes, blob: str | None) -> tuple[tuple[Rule, ...], bool]:
+    def _active(self, raw: bytes, blob: str | None, pii: bool = True) -> Scope:
         if self._ac is not None:
             owner = self._owner
             if self._bac is not None and raw.isascii():
@@ -321,12 +328,41 @@ class Redactor:
             else:
                 # str.lower() folds some non-ASCII letters into ASCII ones (KELVIN SIGN -> "k"): keep it.
                 hits = self._ac.find_matches_as_indexes((blob if blob is not None else raw.decode()).lower(), overlapping=True)
-            found = {owner[idx] for idx, _, _ in hits}
-            found.update(self._always)
-            rules = tuple(r for i, r in enumerate(self.rules) if i in found) if found else ()
+            rules = self._scope_rules({owner[idx] for idx, _, _ in hits}, pii)
         else:
-            rules = self.rules
-        return rules, bool(self.digit_rules) and self._digits_possible(raw)
+            rules = self.rules if pii else self.rules[: self._base]
+        return rules, pii and bool(self.digit_rules) and self._digits_possible(raw)
+
+    def _scope_rules(self, found: set[int], pii: bool) -> tuple[Rule, ...]:
+        """The rules (by index) whose needles were found, and those without needles."""
+        found.update(self._always)
+        if not found:
+            return ()
+        return tuple(r for i, r in enumerate(self.rules if pii else self.rules[: self._base]) if i in found)
+
+    def record_scopes(self, meta: bytes, content: bytes) -> tuple[Scope, Scope]:
+        """The scopes of a record's metadata (``pii=False``) and of its content, from one scan.
+
+        The same as ``active_raw(meta, pii=False)`` and ``active_raw(content)``:
+        one automaton pass over both, its hits split at the boundary (a needle
+        never holds the newline that separates them, which JSON escapes).
+        """
+        if self._ac is None:
+            return self._active(meta, None, False), self._active(content, None)
+        if self._bac is not None and meta.isascii() and content.isascii():
+            cut = len(meta)
+            hits = self._bac.find_matches_as_indexes(b"\n".join((meta, content)).lower(), overlapping=True)
+        else:
+            low = meta.decode().lower()
+            cut = len(low)
+            hits = self._ac.find_matches_as_indexes(f"{low}\n{content.decode().lower()}", overlapping=True)
+        owner = self._owner
+        in_meta: set[int] = set()
+        in_content: set[int] = set()
+        for idx, start, _ in hits:
+            (in_meta if start < cut else in_content).add(owner[idx])
+        digits = bool(self.digit_rules) and self._digits_possible(content)
+        return (self._scope_rules(in_meta, False), False), (self._scope_rules(in_content, True), digits)
 
     def _digits_possible(self, raw: bytes) -> bool:
         """Whether a digit PII rule can match anywhere in ``raw`` (sound: never a false no).
@@ -356,7 +392,7 @@ class Redactor:
                 return True
         return False
 
-    def text(self, s: str, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool] | None = None) -> str:
+    def text(self, s: str, counts: dict[str, int], scope: Scope | None = None) -> str:
         """Redact one string; add the rules that fired to ``counts``.
 
         ``scope`` (from :meth:`active`) limits the rules tried to those that can
@@ -419,18 +455,20 @@ class Redactor:
                 continue
             spans.append((start, end, rule.name))
 
-    def value(self, v: Any, counts: dict[str, int]) -> Any:
+    def value(self, v: Any, counts: dict[str, int], *, pii: bool = True) -> Any:
         """Redact every string inside a JSON-like value.
 
-        The value is serialized once (as :func:`json_default` would store it)
-        to find which rules can fire at all.  When none can, the value is
-        returned as it is; otherwise the walk tries only those rules on each
-        string and returns plain JSON types (sets become sorted lists, bytes
-        are decoded as UTF-8, dataclasses become dicts, anything else its
-        ``str()``).  Dict keys are strings, redacted like values.
+        The value is serialized once (:func:`scan_bytes`) to find which rules
+        can fire at all.  When none can, the value is returned as it is;
+        otherwise the walk tries only those rules on each string and returns
+        plain JSON types (sets become sorted lists, bytes are decoded as UTF-8,
+        dataclasses become dicts, anything else its ``str()``).  Dict keys are
+        strings, redacted like values.
         """
-        raw = orjson.dumps(v, default=json_default, option=orjson.OPT_NON_STR_KEYS)
-        scope = self.active_raw(raw)
+        return self.value_in(v, self.active_raw(scan_bytes(v), pii=pii), counts)
+
+    def value_in(self, v: Any, scope: Scope, counts: dict[str, int]) -> Any:
+        """:meth:`value` with the scope already found (:meth:`record_scopes`)."""
         if not scope[0] and not scope[1]:
             return v
         return self._walk(v, counts, scope)
@@ -443,13 +481,16 @@ class Redactor:
         canonical bytes of each (``orjson`` with sorted keys, as the record is
         stored), for the caller to reuse instead of serializing them again.
         """
-        parts = [orjson.dumps(v, default=json_default, option=CANONICAL_OPTS) for v in items]
-        scope = self.active_raw(b"\n".join(parts))
+        parts = [canonical(v) for v in items]
+        return self.values_in(items, parts, self.active_raw(b"\n".join(parts)), counts)
+
+    def values_in(self, items: list[Any], parts: list[bytes], scope: Scope, counts: dict[str, int]) -> tuple[list[Any], list[bytes] | None]:
+        """:meth:`values` with the canonical bytes and the scope (of ``parts`` joined by newlines) already made."""
         if not scope[0] and not scope[1]:
             return items, parts
         return [self._walk(v, counts, scope) for v in items], None
 
-    def _walk(self, v: Any, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool]) -> Any:
+    def _walk(self, v: Any, counts: dict[str, int], scope: Scope) -> Any:
         t = type(v)
         if t is str:
             return v if len(v) < 6 else self.text(v, counts, scope)
@@ -479,6 +520,18 @@ class Redactor:
         if isinstance(v, (list, tuple)):
             return [self._walk(x, counts, scope) for x in v]
         return self._walk(json_default(v), counts, scope)
+
+
+def scan_bytes(v: Any) -> bytes:
+    """What :meth:`Redactor.value` scans: ``orjson.dumps(v, option=OPT_NON_STR_KEYS, default=json_default)``.
+
+    Plain JSON with str keys is serialized without the option and ``default``
+    first: the same bytes on orjson's faster path (see :func:`~proxy.audit.chain.canonical`).
+    """
+    try:
+        return orjson.dumps(v)
+    except TypeError:
+        return orjson.dumps(v, option=orjson.OPT_NON_STR_KEYS, default=json_default)
 
 
 def json_default(v: Any) -> Any:

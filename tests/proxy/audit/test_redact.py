@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from proxy.audit.redact import Redactor, luhn_ok
+from proxy.audit.redact import Redactor, Rule, luhn_ok
 from proxy.errors import ConfigError
 
 UPSTREAM = "sk-upstream-secret-0123456789abcdefXYZ"
@@ -193,3 +193,26 @@ def test_non_ascii_letters_that_lower_case_to_ascii_still_select_rules() -> None
     counts: dict[str, int] = {}
     out = Redactor(apply_pii=False).value({"args": "api_\u212aey=hunter2hunter2"}, counts)
     assert "hunter2" not in out["args"] and counts == {"generic_secret": 1}
+
+
+def _names(scope: tuple[tuple[Rule, ...], bool]) -> tuple[list[str], bool]:
+    return [r.name for r in scope[0]], scope[1]
+
+
+@pytest.mark.parametrize("patterns", [None, {"ticket": r"TICKET-\d{6}"}])
+def test_one_record_scan_gives_the_scopes_of_two(patterns: dict[str, str] | None) -> None:
+    """``record_scopes`` (one pass over metadata and content) equals a scan of each; metadata never gets PII rules."""
+    import random
+
+    import orjson
+
+    r = Redactor(patterns=patterns, pii=["email", "phone", "card"], upstream_key=UPSTREAM)
+    no_pii = Redactor(patterns=patterns, apply_pii=False, upstream_key=UPSTREAM)
+    pieces = [*SECRETS.values(), "plain", "bob@example.com", "+1 415-555-0134", "2024-08-06", "é ünï", "api_\u212aey=x", "İ", "\u212a"]
+    rng = random.Random(5)
+    for _ in range(300):
+        meta = orjson.dumps({"h": " ".join(rng.choice(pieces) for _ in range(rng.randint(0, 3)))})
+        content = orjson.dumps([" ".join(rng.choice(pieces) for _ in range(rng.randint(0, 3)))])
+        got_meta, got_content = r.record_scopes(meta, content)
+        assert _names(got_meta) == _names(r.active_raw(meta, pii=False)) == _names(no_pii.active_raw(meta))
+        assert _names(got_content) == _names(r.active_raw(content))
