@@ -171,7 +171,11 @@ class Projector:
             items.append(raw[:limit].decode("utf-8", "ignore") if len(raw) > limit else text)
         items.append(ex.response_text)
         items.append(resp_body)
-        parts = [canonical(v) for v in items]
+        try:
+            # canonical()'s fast path for all items at once (the same bytes); any item that needs more takes canonical().
+            parts = [orjson.dumps(v, option=orjson.OPT_SORT_KEYS) for v in items]
+        except TypeError:
+            parts = [canonical(v) for v in items]
 
         p = ex.principal
         err = ex.error
@@ -194,7 +198,7 @@ class Projector:
                 "messages": len(first.get("messages") or []) if isinstance(first.get("messages"), list) else None,
             },
             "retrieval": ex.retrieval,
-            "retrieved": [_chunk(r) for r in ex.retrieved],
+            "retrieved": [_chunk(r) for r in ex.retrieved] if ex.retrieved else [],
             "citations": ex.citations,
             "usage": ex.usage,
             "latency_us": {
@@ -202,7 +206,7 @@ class Projector:
                 "upstream": _us(ex.upstream_s) if ex.turns else None,
                 "ttft": _us(ex.turns[0].ttft_s) if ex.turns else None,
             },
-            "timings_us": {k: _us(v) for k, v in ex.timings.items()},
+            "timings_us": {k: _us(v) for k, v in ex.timings.items()} if ex.timings else {},
             "status": ex.status,
             "error": (
                 {"status": err.status, "type": err.type, "code": err.code, "rule": err.rule, "message": err.message}
@@ -253,21 +257,24 @@ class Projector:
             m["content"] = next(c)
         response = {"text": next(c), "body": next(c), "finish_reasons": list(ex.finish_reasons)}
 
-        meta = self.redactor.value_in(meta, meta_scope, counts)
+        # The (redacted) metadata dict is ours, so it becomes the record rather than being copied into one
+        # (stored with sorted keys: the order of insertion does not matter).
+        record: dict[str, Any] = self.redactor.value_in(meta, meta_scope, counts)
         ts_us = int(ex.wall_time * 1_000_000)
-        record: dict[str, Any] = {
-            "v": RECORD_VERSION,
-            "kind": "exchange",
-            "ts": _iso(ts_us),
-            "ts_us": ts_us,
-            **meta,
-            "tools_sent": tools_sent,
-            "turns": turns,
-            "tool_calls": calls,
-            "tool_results": result_meta,
-            "response": response,
-            "redaction": {"mode": self.mode, "rules": counts},
-        }
+        record.update(
+            {
+                "v": RECORD_VERSION,
+                "kind": "exchange",
+                "ts": _iso(ts_us),
+                "ts_us": ts_us,
+                "tools_sent": tools_sent,
+                "turns": turns,
+                "tool_calls": calls,
+                "tool_results": result_meta,
+                "response": response,
+                "redaction": {"mode": self.mode, "rules": counts},
+            }
+        )
         names = sorted({d.call.name for d in ex.tool_decisions})
         ids = [d.call.id for d in ex.tool_decisions]
         return Prepared(
