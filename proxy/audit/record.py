@@ -111,7 +111,7 @@ class Projector:
         hash covers in ``hashes`` mode.
         """
         if self.mode != "hashes":
-            return [orjson.Fragment(p) for p in parts] if parts is not None else red
+            return list(map(orjson.Fragment, parts)) if parts is not None else red
         out: list[Any] = []
         for i, v in enumerate(red):
             if v is None:
@@ -237,22 +237,27 @@ class Projector:
                 }
             )
         calls = []
+        names: set[str] = set()
+        ids: list[str] = []
         for d in ex.tool_decisions:
+            call, dec = d.call, d.decision
             calls.append(
                 {
                     "turn": d.turn,
-                    "id": d.call.id,
-                    "name": d.call.name,
-                    "index": d.call.index,
+                    "id": call.id,
+                    "name": call.name,
+                    "index": call.index,
                     "arguments": next(c),
-                    "parse_error": d.call.parse_error,
-                    "decision": d.decision.kind,
-                    "rule": d.decision.rule,
-                    "reason": d.decision.reason,
-                    "approval_id": d.decision.approval_id,
-                    "details": d.decision.details,
+                    "parse_error": call.parse_error,
+                    "decision": dec.kind,
+                    "rule": dec.rule,
+                    "reason": dec.reason,
+                    "approval_id": dec.approval_id,
+                    "details": dec.details,
                 }
             )
+            names.add(call.name)
+            ids.append(call.id)
         for m in result_meta:
             m["content"] = next(c)
         response = {"text": next(c), "body": next(c), "finish_reasons": list(ex.finish_reasons)}
@@ -275,15 +280,13 @@ class Projector:
                 "redaction": {"mode": self.mode, "rules": counts},
             }
         )
-        names = sorted({d.call.name for d in ex.tool_decisions})
-        ids = [d.call.id for d in ex.tool_decisions]
         return Prepared(
             kind="exchange",
             ts_us=ts_us,
             request_id=ex.request_id,
             tenant=p.tenant if p else None,
             subject=p.subject if p else None,
-            tools=f",{','.join(names)}," if names else None,
+            tools=f",{','.join(sorted(names))}," if names else None,
             call_ids=f",{','.join(ids)}," if ids else None,
             status=ex.status,
             body=canonical(record),
