@@ -212,12 +212,12 @@ SECRET_RULES: tuple[Rule, ...] = (
 
 # A run of digits and phone/card separators: the digit PII rules only look inside these.
 _DIGIT_RUN = re.compile(r"\d[\d ().+/-]{6,}\d")
-_SEPARATORS = b" ().+/-"
-# The same runs as ``_DIGIT_RUN`` on UTF-8 bytes, found on a byte-for-byte translation (digit -> "0",
-# separator -> ".", anything else -> "x"): a pattern that starts with a literal scans ~5x faster than
-# one that starts with a class, and positions map 1:1 back to the bytes.
-_DIGIT_CLASS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E if i in _SEPARATORS else 0x78 for i in range(256))
-_DIGIT_RUN_CLASS = re.compile(rb"0[0.]{6,}0")
+# ASCII letters lower-cased and every digit made "0", any other byte kept: one byte-for-byte translation
+# serves both the automaton (it is the lower-cased text, but for digits) and the digit scan.
+_FOLD = bytes(i + 32 if 0x41 <= i <= 0x5A else 0x30 if 0x30 <= i <= 0x39 else i for i in range(256))
+# The same runs as ``_DIGIT_RUN`` on UTF-8 bytes, found on their ``_FOLD`` translation: a pattern that
+# starts with a literal scans ~5x faster than one that starts with a class, and positions map 1:1 back.
+_DIGIT_RUN_FOLDED = re.compile(rb"0[0 ().+/-]{6,}0")
 _PROBE_CACHE_MAX = 4096
 
 PII_RULES: dict[str, Rule] = {
@@ -299,7 +299,11 @@ class Redactor:
                 needles.append(n)
                 self._owner.append(i)
         self._ac = AhoCorasick(needles, implementation=Implementation.DFA) if needles else None
-        self._bac = BytesAhoCorasick([n.encode() for n in needles], implementation=Implementation.DFA) if needles else None
+        # The byte automaton runs on ``_FOLD``-ed text, so its needles are folded too; one with a digit (from
+        # the upstream key) then matches other digits as well, and its hits are checked on the text.
+        folded = [n.encode().translate(_FOLD) for n in needles]
+        self._bac = BytesAhoCorasick(folded, implementation=Implementation.DFA) if needles else None
+        self._digit_needles = {i: n.encode() for i, n in enumerate(needles) if folded[i] != n.encode()}
 
     @property
     def rule_names(self) -> list[str]:
@@ -320,18 +324,29 @@ class Redactor:
         return self._active(raw, None, pii)
 
     def _active(self, raw: bytes, blob: str | None, pii: bool = True) -> Scope:
+        folded = None
         if self._ac is not None:
             owner = self._owner
-            if self._bac is not None and raw.isascii():
-                # ASCII: bytes.lower() is str.lower(), and the byte automaton skips decoding.
-                hits = self._bac.find_matches_as_indexes(raw.lower(), overlapping=True)
+            if raw.isascii():
+                # ASCII: the fold is str.lower() (but for digits), and the byte automaton skips decoding.
+                folded = raw.translate(_FOLD)
+                hits = self._folded_hits(raw, folded)
             else:
                 # str.lower() folds some non-ASCII letters into ASCII ones (KELVIN SIGN -> "k"): keep it.
                 hits = self._ac.find_matches_as_indexes((blob if blob is not None else raw.decode()).lower(), overlapping=True)
             rules = self._scope_rules({owner[idx] for idx, _, _ in hits}, pii)
         else:
             rules = self.rules if pii else self.rules[: self._base]
-        return rules, pii and bool(self.digit_rules) and self._digits_possible(raw)
+        return rules, pii and bool(self.digit_rules) and self._digits_possible(raw, folded)
+
+    def _folded_hits(self, raw: bytes, folded: bytes) -> list[tuple[int, int, int]]:
+        """The byte automaton's hits on ``folded`` (ASCII ``raw`` translated by ``_FOLD``): those on ``raw.lower()``."""
+        assert self._bac is not None
+        hits = self._bac.find_matches_as_indexes(folded, overlapping=True)
+        if hits and self._digit_needles:
+            needles = self._digit_needles
+            hits = [h for h in hits if h[0] not in needles or raw[h[1] : h[2]].lower() == needles[h[0]]]
+        return hits
 
     def _scope_rules(self, found: set[int], pii: bool) -> tuple[Rule, ...]:
         """The rules (by index) whose needles were found, and those without needles."""
@@ -349,9 +364,12 @@ class Redactor:
         """
         if self._ac is None:
             return self._active(meta, None, False), self._active(content, None)
-        if self._bac is not None and meta.isascii() and content.isascii():
+        folded = None
+        if meta.isascii() and content.isascii():
+            joined = b"\n".join((meta, content))
+            folded = joined.translate(_FOLD)
             cut = len(meta)
-            hits = self._bac.find_matches_as_indexes(b"\n".join((meta, content)).lower(), overlapping=True)
+            hits = self._folded_hits(joined, folded)
         else:
             low = meta.decode().lower()
             cut = len(low)
@@ -361,25 +379,27 @@ class Redactor:
         in_content: set[int] = set()
         for idx, start, _ in hits:
             (in_meta if start < cut else in_content).add(owner[idx])
-        digits = bool(self.digit_rules) and self._digits_possible(content)
+        digits = bool(self.digit_rules) and self._digits_possible(content, folded, cut + 1)
         return (self._scope_rules(in_meta, False), False), (self._scope_rules(in_content, True), digits)
 
-    def _digits_possible(self, raw: bytes) -> bool:
+    def _digits_possible(self, raw: bytes, folded: bytes | None = None, at: int = 0) -> bool:
         """Whether a digit PII rule can match anywhere in ``raw`` (sound: never a false no).
 
-        Each run of digits and separators (found on a byte-for-byte
+        Each run of digits and separators (found on the ``_FOLD``
         translation, cheaper than scanning ``str``) that holds at least as many
         digits as the least any digit rule needs is tried with the rules, with
-        one character of context each side.
+        one character of context each side.  ``folded``, when given, holds the
+        translation of ``raw`` from offset ``at`` to its end.
         """
-        cls = raw.translate(_DIGIT_CLASS)
+        if folded is None:
+            folded, at = raw.translate(_FOLD), 0
         need = self._digit_min
         probe: list[tuple[int, int, str]] = []
-        for m in _DIGIT_RUN_CLASS.finditer(cls):
+        for m in _DIGIT_RUN_FOLDED.finditer(folded, at):
             a, b = m.span()
-            if cls.count(b"0", a, b) < need:
+            if folded.count(b"0", a, b) < need:
                 continue
-            window = raw[max(0, a - 1) : b + 1]
+            window = raw[max(0, a - at - 1) : b - at + 1]
             hit = self._probe_cache.get(window)
             if hit is None:
                 self._digit_spans(window.decode("utf-8", "replace"), probe)
