@@ -219,7 +219,7 @@ class Projector:
             "response_headers": ex.response_headers,
             "annotations": ex.annotations,
         }
-        meta_scope, content_scope = self.redactor.record_scopes(scan_bytes(meta), b"\n".join(parts))
+        meta_scope, content_scope = self.redactor.record_scopes(scan_bytes(meta), parts)
         c = iter(self._stored(*self.redactor.values_in(items, parts, content_scope, counts)))
 
         turns = []

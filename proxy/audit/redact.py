@@ -355,51 +355,54 @@ class Redactor:
             return ()
         return tuple(r for i, r in enumerate(self.rules if pii else self.rules[: self._base]) if i in found)
 
-    def record_scopes(self, meta: bytes, content: bytes) -> tuple[Scope, Scope]:
-        """The scopes of a record's metadata (``pii=False``) and of its content, from one scan.
+    def record_scopes(self, meta: bytes, parts: list[bytes]) -> tuple[Scope, Scope]:
+        """The scopes of a record's metadata (``pii=False``) and of its content ``parts``, from one scan.
 
-        The same as ``active_raw(meta, pii=False)`` and ``active_raw(content)``:
-        one automaton pass over both, its hits split at the boundary (a needle
-        never holds the newline that separates them, which JSON escapes).
+        The same as ``active_raw(meta, pii=False)`` and ``active_raw(b"\\n".join(parts))``
+        (what :meth:`values` scans): one automaton pass over the metadata and
+        the parts joined by newlines, its hits split at the first one (a needle
+        never holds a newline, which JSON escapes).
         """
+        joined = b"\n".join([meta, *parts])
+        content_at = len(meta) + 1
         if self._ac is None:
-            return self._active(meta, None, False), self._active(content, None)
+            return self._active(meta, None, False), self._active(joined[content_at:], None)
         folded = None
-        if meta.isascii() and content.isascii():
-            joined = b"\n".join((meta, content))
+        if joined.isascii():
             folded = joined.translate(_FOLD)
-            cut = len(meta)
             hits = self._folded_hits(joined, folded)
+            cut = len(meta)
         else:
+            # As in _active, on the lower-cased str: hit positions count its characters.
             low = meta.decode().lower()
+            hits = self._ac.find_matches_as_indexes(f"{low}\n{joined[content_at:].decode().lower()}", overlapping=True)
             cut = len(low)
-            hits = self._ac.find_matches_as_indexes(f"{low}\n{content.decode().lower()}", overlapping=True)
         owner = self._owner
         in_meta: set[int] = set()
         in_content: set[int] = set()
         for idx, start, _ in hits:
             (in_meta if start < cut else in_content).add(owner[idx])
-        digits = bool(self.digit_rules) and self._digits_possible(content, folded, cut + 1)
+        digits = bool(self.digit_rules) and self._digits_possible(joined, folded, content_at)
         return (self._scope_rules(in_meta, False), False), (self._scope_rules(in_content, True), digits)
 
     def _digits_possible(self, raw: bytes, folded: bytes | None = None, at: int = 0) -> bool:
-        """Whether a digit PII rule can match anywhere in ``raw`` (sound: never a false no).
+        """Whether a digit PII rule can match anywhere in ``raw[at:]`` (sound: never a false no).
 
         Each run of digits and separators (found on the ``_FOLD``
         translation, cheaper than scanning ``str``) that holds at least as many
         digits as the least any digit rule needs is tried with the rules, with
-        one character of context each side.  ``folded``, when given, holds the
-        translation of ``raw`` from offset ``at`` to its end.
+        one character of context each side (none before ``at``).  ``folded``
+        is that translation of ``raw``, if made already.
         """
         if folded is None:
-            folded, at = raw.translate(_FOLD), 0
+            folded = raw.translate(_FOLD)
         need = self._digit_min
         probe: list[tuple[int, int, str]] = []
         for m in _DIGIT_RUN_FOLDED.finditer(folded, at):
             a, b = m.span()
             if folded.count(b"0", a, b) < need:
                 continue
-            window = raw[max(0, a - at - 1) : b - at + 1]
+            window = raw[max(at, a - 1) : b + 1]
             hit = self._probe_cache.get(window)
             if hit is None:
                 self._digit_spans(window.decode("utf-8", "replace"), probe)
