@@ -177,6 +177,44 @@ class Projector:
         except TypeError:
             parts = [canonical(v) for v in items]
 
+        # The entries that hold content are built before the metadata and get their content after the scan,
+        # so that what can fail is evaluated in the order it always was (the first failure names the
+        # "exchange_unprojectable" record); only the content's redaction walk now comes after the metadata.
+        turns: list[dict[str, Any]] = []
+        for t in ex.turns:
+            turns.append(
+                {
+                    "index": t.index,
+                    "reason": t.reason,
+                    "status": t.status,
+                    "duration_us": _us(t.duration_s),
+                    "ttft_us": _us(t.ttft_s),
+                    "error": t.error,
+                }
+            )
+        calls: list[dict[str, Any]] = []
+        names: set[str] = set()
+        ids: list[str] = []
+        for d in ex.tool_decisions:
+            call, dec = d.call, d.decision
+            calls.append(
+                {
+                    "turn": d.turn,
+                    "id": call.id,
+                    "name": call.name,
+                    "index": call.index,
+                    "parse_error": call.parse_error,
+                    "decision": dec.kind,
+                    "rule": dec.rule,
+                    "reason": dec.reason,
+                    "approval_id": dec.approval_id,
+                    "details": dec.details,
+                }
+            )
+            names.add(call.name)
+            ids.append(call.id)
+        response: dict[str, Any] = {"finish_reasons": list(ex.finish_reasons)}
+
         p = ex.principal
         err = ex.error
         tools_sent = _tool_names(first)
@@ -221,46 +259,15 @@ class Projector:
         }
         meta_scope, content_scope = self.redactor.record_scopes(scan_bytes(meta), parts)
         c = iter(self._stored(*self.redactor.values_in(items, parts, content_scope, counts)))
-
-        turns = []
-        for t in ex.turns:
-            turns.append(
-                {
-                    "index": t.index,
-                    "reason": t.reason,
-                    "status": t.status,
-                    "duration_us": _us(t.duration_s),
-                    "ttft_us": _us(t.ttft_s),
-                    "error": t.error,
-                    "request": next(c),
-                    "response": next(c),
-                }
-            )
-        calls = []
-        names: set[str] = set()
-        ids: list[str] = []
-        for d in ex.tool_decisions:
-            call, dec = d.call, d.decision
-            calls.append(
-                {
-                    "turn": d.turn,
-                    "id": call.id,
-                    "name": call.name,
-                    "index": call.index,
-                    "arguments": next(c),
-                    "parse_error": call.parse_error,
-                    "decision": dec.kind,
-                    "rule": dec.rule,
-                    "reason": dec.reason,
-                    "approval_id": dec.approval_id,
-                    "details": dec.details,
-                }
-            )
-            names.add(call.name)
-            ids.append(call.id)
-        for m in result_meta:
-            m["content"] = next(c)
-        response = {"text": next(c), "body": next(c), "finish_reasons": list(ex.finish_reasons)}
+        for entry in turns:
+            entry["request"] = next(c)
+            entry["response"] = next(c)
+        for entry in calls:
+            entry["arguments"] = next(c)
+        for entry in result_meta:
+            entry["content"] = next(c)
+        response["text"] = next(c)
+        response["body"] = next(c)
 
         # The (redacted) metadata dict is ours, so it becomes the record rather than being copied into one
         # (stored with sorted keys: the order of insertion does not matter).
