@@ -74,3 +74,15 @@ def test_iso_timestamps_match_datetime_formatting() -> None:
     samples += [now + i * 333_331 for i in range(50)]
     for ts in samples:
         assert _iso(ts) == ref(ts), ts
+
+
+def test_metadata_gets_secret_rules_and_content_also_pii_from_one_scan() -> None:
+    """The metadata is redacted without PII rules and the content with them, though both are scanned at once."""
+    pj = Projector("redacted", pii=["email", "phone"], upstream_key=UPSTREAM)
+    ex = make_exchange(subject="bob@example.com", user_text="mail bob@example.com or ring +1 415-555-0134")
+    ex.request_headers = {"x-note": f"key {UPSTREAM}"}
+    rec = orjson.loads(pj.exchange(ex).body)
+    assert rec["principal"]["subject"] == "bob@example.com"
+    assert rec["request_headers"]["x-note"] == "key [REDACTED:upstream_key]"
+    assert "bob@example.com" not in orjson.dumps(rec["turns"]).decode()
+    assert rec["redaction"]["rules"] == {"upstream_key": 1, "email": 1, "phone": 1}
