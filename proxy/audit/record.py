@@ -31,7 +31,7 @@ from typing import Any, Literal
 import orjson
 
 from proxy.audit.chain import canonical
-from proxy.audit.redact import Redactor
+from proxy.audit.redact import Redactor, scan_bytes
 from proxy.exchange import Exchange
 
 ContentMode = Literal["full", "redacted", "hashes"]
@@ -93,22 +93,25 @@ class Projector:
         self.mode = mode
         self.provider = provider
         self.tool_result_max_bytes = tool_result_max_bytes
-        self.meta = Redactor(patterns=patterns, upstream_key=upstream_key, apply_pii=False)
-        self.content = Redactor(patterns=patterns, pii=pii or [], apply_pii=mode != "full", upstream_key=upstream_key)
+        # Content gets every rule; metadata (``pii=False``) the secret and custom rules only.
+        self.redactor = Redactor(patterns=patterns, pii=pii or [], apply_pii=mode != "full", upstream_key=upstream_key)
 
     # -- content -------------------------------------------------------------
 
     def _contents(self, items: list[Any], counts: dict[str, int]) -> list[Any]:
-        """Redact content items; each is serialized once.
+        """Redact content items; each is serialized once (see :meth:`_stored`)."""
+        return self._stored(*self.redactor.values(items, counts))
+
+    def _stored(self, red: list[Any], parts: list[bytes] | None) -> list[Any]:
+        """Content items as stored, from :meth:`Redactor.values`.
 
         When nothing could be redacted, the canonical bytes made for the scan
         go into the record as they are (``orjson.Fragment``: the stored bytes
         are the same as serializing the item again) and are what a dict's
         hash covers in ``hashes`` mode.
         """
-        red, parts = self.content.values(items, counts)
         if self.mode != "hashes":
-            return [orjson.Fragment(p) for p in parts] if parts is not None else red
+            return list(map(orjson.Fragment, parts)) if parts is not None else red
         out: list[Any] = []
         for i, v in enumerate(red):
             if v is None:
@@ -126,7 +129,14 @@ class Projector:
     # -- exchange ------------------------------------------------------------
 
     def exchange(self, ex: Exchange) -> Prepared:
-        """Project a finished exchange into a prepared record."""
+        """Project a finished exchange into a prepared record.
+
+        Each content item is serialized once (canonical bytes) and the
+        metadata once; one automaton pass over both finds the rules that can
+        fire in each (:meth:`Redactor.record_scopes`).  In the common record
+        none can: the content bytes go into the record as they are and the
+        metadata is stored as built.
+        """
         counts: dict[str, int] = {}
         bodies = [ex.body if (t.body is ex.raw_body and not ex.body_modified and ex.body is not None) else _parse(t.body) for t in ex.turns]
         first = bodies[0] if bodies and isinstance(bodies[0], dict) else (ex.body or {})
@@ -161,9 +171,16 @@ class Projector:
             items.append(raw[:limit].decode("utf-8", "ignore") if len(raw) > limit else text)
         items.append(ex.response_text)
         items.append(resp_body)
-        c = iter(self._contents(items, counts))
+        try:
+            # canonical()'s fast path for all items at once (the same bytes); any item that needs more takes canonical().
+            parts = [orjson.dumps(v, option=orjson.OPT_SORT_KEYS) for v in items]
+        except TypeError:
+            parts = [canonical(v) for v in items]
 
-        turns = []
+        # The entries that hold content are built before the metadata and get their content after the scan,
+        # so that what can fail is evaluated in the order it always was (the first failure names the
+        # "exchange_unprojectable" record); only the content's redaction walk now comes after the metadata.
+        turns: list[dict[str, Any]] = []
         for t in ex.turns:
             turns.append(
                 {
@@ -173,30 +190,30 @@ class Projector:
                     "duration_us": _us(t.duration_s),
                     "ttft_us": _us(t.ttft_s),
                     "error": t.error,
-                    "request": next(c),
-                    "response": next(c),
                 }
             )
-        calls = []
+        calls: list[dict[str, Any]] = []
+        names: set[str] = set()
+        ids: list[str] = []
         for d in ex.tool_decisions:
+            call, dec = d.call, d.decision
             calls.append(
                 {
                     "turn": d.turn,
-                    "id": d.call.id,
-                    "name": d.call.name,
-                    "index": d.call.index,
-                    "arguments": next(c),
-                    "parse_error": d.call.parse_error,
-                    "decision": d.decision.kind,
-                    "rule": d.decision.rule,
-                    "reason": d.decision.reason,
-                    "approval_id": d.decision.approval_id,
-                    "details": d.decision.details,
+                    "id": call.id,
+                    "name": call.name,
+                    "index": call.index,
+                    "parse_error": call.parse_error,
+                    "decision": dec.kind,
+                    "rule": dec.rule,
+                    "reason": dec.reason,
+                    "approval_id": dec.approval_id,
+                    "details": dec.details,
                 }
             )
-        for m in result_meta:
-            m["content"] = next(c)
-        response = {"text": next(c), "body": next(c), "finish_reasons": list(ex.finish_reasons)}
+            names.add(call.name)
+            ids.append(call.id)
+        response: dict[str, Any] = {"finish_reasons": list(ex.finish_reasons)}
 
         p = ex.principal
         err = ex.error
@@ -219,7 +236,7 @@ class Projector:
                 "messages": len(first.get("messages") or []) if isinstance(first.get("messages"), list) else None,
             },
             "retrieval": ex.retrieval,
-            "retrieved": [_chunk(r) for r in ex.retrieved],
+            "retrieved": [_chunk(r) for r in ex.retrieved] if ex.retrieved else [],
             "citations": ex.citations,
             "usage": ex.usage,
             "latency_us": {
@@ -227,7 +244,7 @@ class Projector:
                 "upstream": _us(ex.upstream_s) if ex.turns else None,
                 "ttft": _us(ex.turns[0].ttft_s) if ex.turns else None,
             },
-            "timings_us": {k: _us(v) for k, v in ex.timings.items()},
+            "timings_us": {k: _us(v) for k, v in ex.timings.items()} if ex.timings else {},
             "status": ex.status,
             "error": (
                 {"status": err.status, "type": err.type, "code": err.code, "rule": err.rule, "message": err.message}
@@ -240,30 +257,43 @@ class Projector:
             "response_headers": ex.response_headers,
             "annotations": ex.annotations,
         }
-        meta = self.meta.value(meta, counts)
+        meta_scope, content_scope = self.redactor.record_scopes(scan_bytes(meta), parts)
+        c = iter(self._stored(*self.redactor.values_in(items, parts, content_scope, counts)))
+        for entry in turns:
+            entry["request"] = next(c)
+            entry["response"] = next(c)
+        for entry in calls:
+            entry["arguments"] = next(c)
+        for entry in result_meta:
+            entry["content"] = next(c)
+        response["text"] = next(c)
+        response["body"] = next(c)
+
+        # The (redacted) metadata dict is ours, so it becomes the record rather than being copied into one
+        # (stored with sorted keys: the order of insertion does not matter).
+        record: dict[str, Any] = self.redactor.value_in(meta, meta_scope, counts)
         ts_us = int(ex.wall_time * 1_000_000)
-        record: dict[str, Any] = {
-            "v": RECORD_VERSION,
-            "kind": "exchange",
-            "ts": _iso(ts_us),
-            "ts_us": ts_us,
-            **meta,
-            "tools_sent": tools_sent,
-            "turns": turns,
-            "tool_calls": calls,
-            "tool_results": result_meta,
-            "response": response,
-            "redaction": {"mode": self.mode, "rules": counts},
-        }
-        names = sorted({d.call.name for d in ex.tool_decisions})
-        ids = [d.call.id for d in ex.tool_decisions]
+        record.update(
+            {
+                "v": RECORD_VERSION,
+                "kind": "exchange",
+                "ts": _iso(ts_us),
+                "ts_us": ts_us,
+                "tools_sent": tools_sent,
+                "turns": turns,
+                "tool_calls": calls,
+                "tool_results": result_meta,
+                "response": response,
+                "redaction": {"mode": self.mode, "rules": counts},
+            }
+        )
         return Prepared(
             kind="exchange",
             ts_us=ts_us,
             request_id=ex.request_id,
             tenant=p.tenant if p else None,
             subject=p.subject if p else None,
-            tools=f",{','.join(names)}," if names else None,
+            tools=f",{','.join(sorted(names))}," if names else None,
             call_ids=f",{','.join(ids)}," if ids else None,
             status=ex.status,
             body=canonical(record),
@@ -276,14 +306,14 @@ class Projector:
         if not _KIND.match(kind) or kind == "exchange":
             raise ValueError(f"invalid audit record kind {kind!r}")
         counts: dict[str, int] = {}
-        red_actor = self.meta.value(actor, counts)
+        red_actor = self.redactor.value(actor, counts, pii=False)
         if kind == "feedback":
             free = {k: data.get(k) for k in ("comment", "correction")}
             fixed = {k: v for k, v in data.items() if k not in free}
             comment, correction = self._contents([free["comment"], free["correction"]], counts)
-            red_data = {**self.meta.value(fixed, counts), "comment": comment, "correction": correction}
+            red_data = {**self.redactor.value(fixed, counts, pii=False), "comment": comment, "correction": correction}
         else:
-            red_data = self.content.value(data, counts)
+            red_data = self.redactor.value(data, counts)
         ts_us = int(ts * 1_000_000)
         record = {
             "v": RECORD_VERSION,

@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 from ahocorasick_rs import AhoCorasick, BytesAhoCorasick, Implementation
 
-from proxy.audit.chain import CANONICAL_OPTS
+from proxy.audit.chain import canonical
 from proxy.errors import ConfigError
 
 PLACEHOLDER = "[REDACTED:{}]"
@@ -212,12 +212,12 @@ SECRET_RULES: tuple[Rule, ...] = (
 
 # A run of digits and phone/card separators: the digit PII rules only look inside these.
 _DIGIT_RUN = re.compile(r"\d[\d ().+/-]{6,}\d")
-_SEPARATORS = b" ().+/-"
-# The same runs as ``_DIGIT_RUN`` on UTF-8 bytes, found on a byte-for-byte translation (digit -> "0",
-# separator -> ".", anything else -> "x"): a pattern that starts with a literal scans ~5x faster than
-# one that starts with a class, and positions map 1:1 back to the bytes.
-_DIGIT_CLASS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E if i in _SEPARATORS else 0x78 for i in range(256))
-_DIGIT_RUN_CLASS = re.compile(rb"0[0.]{6,}0")
+# ASCII letters lower-cased and every digit made "0", any other byte kept: one byte-for-byte translation
+# serves both the automaton (it is the lower-cased text, but for digits) and the digit scan.
+_FOLD = bytes(i + 32 if 0x41 <= i <= 0x5A else 0x30 if 0x30 <= i <= 0x39 else i for i in range(256))
+# The same runs as ``_DIGIT_RUN`` on UTF-8 bytes, found on their ``_FOLD`` translation: a pattern that
+# starts with a literal scans ~5x faster than one that starts with a class, and positions map 1:1 back.
+_DIGIT_RUN_FOLDED = re.compile(rb"0[0 ().+/-]{6,}0")
 _PROBE_CACHE_MAX = 4096
 
 PII_RULES: dict[str, Rule] = {
@@ -238,12 +238,17 @@ _ASCII_LOWER = {c: c + 32 for c in range(65, 91)}
 _EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
 
 
+Scope = tuple[tuple[Rule, ...], bool]
+"""The rules that can fire in a value, and whether the digit PII rules can."""
+
+
 class Redactor:
     """Applies the redaction rules to strings and whole JSON-like values.
 
     ``pii`` selects PII kinds (ignored unless ``apply_pii``); ``patterns`` adds
     custom rules; ``upstream_key`` is the provider key value, redacted
-    verbatim wherever it appears.
+    verbatim wherever it appears.  Methods taking ``pii=False`` apply the
+    secret and custom rules only (how a record's metadata is redacted).
     """
 
     def __init__(
@@ -268,6 +273,8 @@ class Redactor:
             if compiled.match(""):
                 raise ConfigError(f"audit.redact_patterns.{name}", "pattern matches the empty string")
             rules.append(Rule(name, compiled, _always))
+        # The PII rules come last: the first ``_base`` rules are those applied with ``pii=False``.
+        self._base = len(rules)
         if apply_pii:
             unknown = [k for k in pii if k not in PII_RULES]
             if unknown:
@@ -292,14 +299,18 @@ class Redactor:
                 needles.append(n)
                 self._owner.append(i)
         self._ac = AhoCorasick(needles, implementation=Implementation.DFA) if needles else None
-        self._bac = BytesAhoCorasick([n.encode() for n in needles], implementation=Implementation.DFA) if needles else None
+        # The byte automaton runs on ``_FOLD``-ed text, so its needles are folded too; one with a digit (from
+        # the upstream key) then matches other digits as well, and its hits are checked on the text.
+        folded = [n.encode().translate(_FOLD) for n in needles]
+        self._bac = BytesAhoCorasick(folded, implementation=Implementation.DFA) if needles else None
+        self._digit_needles = {i: n.encode() for i, n in enumerate(needles) if folded[i] != n.encode()}
 
     @property
     def rule_names(self) -> list[str]:
         """Every rule this redactor applies, in order."""
         return [r.name for r in (*self.rules, *self.digit_rules)]
 
-    def active(self, blob: str) -> tuple[tuple[Rule, ...], bool]:
+    def active(self, blob: str) -> Scope:
         """The rules that can fire somewhere in ``blob`` (a whole record
         serialized once), and whether digit rules may fire.
 
@@ -308,42 +319,90 @@ class Redactor:
         """
         return self._active(blob.encode(), blob)
 
-    def active_raw(self, raw: bytes) -> tuple[tuple[Rule, ...], bool]:
+    def active_raw(self, raw: bytes, *, pii: bool = True) -> Scope:
         """:meth:`active` of UTF-8 bytes (what ``orjson.dumps`` returned)."""
-        return self._active(raw, None)
+        return self._active(raw, None, pii)
 
-    def _active(self, raw: bytes, blob: str | None) -> tuple[tuple[Rule, ...], bool]:
+    def _active(self, raw: bytes, blob: str | None, pii: bool = True) -> Scope:
+        folded = None
         if self._ac is not None:
             owner = self._owner
-            if self._bac is not None and raw.isascii():
-                # ASCII: bytes.lower() is str.lower(), and the byte automaton skips decoding.
-                hits = self._bac.find_matches_as_indexes(raw.lower(), overlapping=True)
+            if raw.isascii():
+                # ASCII: the fold is str.lower() (but for digits), and the byte automaton skips decoding.
+                folded = raw.translate(_FOLD)
+                hits = self._folded_hits(raw, folded)
             else:
                 # str.lower() folds some non-ASCII letters into ASCII ones (KELVIN SIGN -> "k"): keep it.
                 hits = self._ac.find_matches_as_indexes((blob if blob is not None else raw.decode()).lower(), overlapping=True)
-            found = {owner[idx] for idx, _, _ in hits}
-            found.update(self._always)
-            rules = tuple(r for i, r in enumerate(self.rules) if i in found) if found else ()
+            rules = self._scope_rules({owner[idx] for idx, _, _ in hits}, pii)
         else:
-            rules = self.rules
-        return rules, bool(self.digit_rules) and self._digits_possible(raw)
+            rules = self.rules if pii else self.rules[: self._base]
+        return rules, pii and bool(self.digit_rules) and self._digits_possible(raw, folded)
 
-    def _digits_possible(self, raw: bytes) -> bool:
-        """Whether a digit PII rule can match anywhere in ``raw`` (sound: never a false no).
+    def _folded_hits(self, raw: bytes, folded: bytes) -> list[tuple[int, int, int]]:
+        """The byte automaton's hits on ``folded`` (ASCII ``raw`` translated by ``_FOLD``): those on ``raw.lower()``."""
+        assert self._bac is not None
+        hits = self._bac.find_matches_as_indexes(folded, overlapping=True)
+        if hits and self._digit_needles:
+            needles = self._digit_needles
+            hits = [h for h in hits if h[0] not in needles or raw[h[1] : h[2]].lower() == needles[h[0]]]
+        return hits
 
-        Each run of digits and separators (found on a byte-for-byte
+    def _scope_rules(self, found: set[int], pii: bool) -> tuple[Rule, ...]:
+        """The rules (by index) whose needles were found, and those without needles."""
+        found.update(self._always)
+        if not found:
+            return ()
+        return tuple(r for i, r in enumerate(self.rules if pii else self.rules[: self._base]) if i in found)
+
+    def record_scopes(self, meta: bytes, parts: list[bytes]) -> tuple[Scope, Scope]:
+        """The scopes of a record's metadata (``pii=False``) and of its content ``parts``, from one scan.
+
+        The same as ``active_raw(meta, pii=False)`` and ``active_raw(b"\\n".join(parts))``
+        (what :meth:`values` scans): one automaton pass over the metadata and
+        the parts joined by newlines, its hits split at the first one (a needle
+        never holds a newline, which JSON escapes).
+        """
+        joined = b"\n".join([meta, *parts])
+        content_at = len(meta) + 1
+        if self._ac is None:
+            return self._active(meta, None, False), self._active(joined[content_at:], None)
+        folded = None
+        if joined.isascii():
+            folded = joined.translate(_FOLD)
+            hits = self._folded_hits(joined, folded)
+            cut = len(meta)
+        else:
+            # As in _active, on the lower-cased str: hit positions count its characters.
+            low = meta.decode().lower()
+            hits = self._ac.find_matches_as_indexes(f"{low}\n{joined[content_at:].decode().lower()}", overlapping=True)
+            cut = len(low)
+        owner = self._owner
+        in_meta: set[int] = set()
+        in_content: set[int] = set()
+        for idx, start, _ in hits:
+            (in_meta if start < cut else in_content).add(owner[idx])
+        digits = bool(self.digit_rules) and self._digits_possible(joined, folded, content_at)
+        return (self._scope_rules(in_meta, False), False), (self._scope_rules(in_content, True), digits)
+
+    def _digits_possible(self, raw: bytes, folded: bytes | None = None, at: int = 0) -> bool:
+        """Whether a digit PII rule can match anywhere in ``raw[at:]`` (sound: never a false no).
+
+        Each run of digits and separators (found on the ``_FOLD``
         translation, cheaper than scanning ``str``) that holds at least as many
         digits as the least any digit rule needs is tried with the rules, with
-        one character of context each side.
+        one character of context each side (none before ``at``).  ``folded``
+        is that translation of ``raw``, if made already.
         """
-        cls = raw.translate(_DIGIT_CLASS)
+        if folded is None:
+            folded = raw.translate(_FOLD)
         need = self._digit_min
         probe: list[tuple[int, int, str]] = []
-        for m in _DIGIT_RUN_CLASS.finditer(cls):
+        for m in _DIGIT_RUN_FOLDED.finditer(folded, at):
             a, b = m.span()
-            if cls.count(b"0", a, b) < need:
+            if folded.count(b"0", a, b) < need:
                 continue
-            window = raw[max(0, a - 1) : b + 1]
+            window = raw[max(at, a - 1) : b + 1]
             hit = self._probe_cache.get(window)
             if hit is None:
                 self._digit_spans(window.decode("utf-8", "replace"), probe)
@@ -356,7 +415,7 @@ class Redactor:
                 return True
         return False
 
-    def text(self, s: str, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool] | None = None) -> str:
+    def text(self, s: str, counts: dict[str, int], scope: Scope | None = None) -> str:
         """Redact one string; add the rules that fired to ``counts``.
 
         ``scope`` (from :meth:`active`) limits the rules tried to those that can
@@ -419,18 +478,20 @@ class Redactor:
                 continue
             spans.append((start, end, rule.name))
 
-    def value(self, v: Any, counts: dict[str, int]) -> Any:
+    def value(self, v: Any, counts: dict[str, int], *, pii: bool = True) -> Any:
         """Redact every string inside a JSON-like value.
 
-        The value is serialized once (as :func:`json_default` would store it)
-        to find which rules can fire at all.  When none can, the value is
-        returned as it is; otherwise the walk tries only those rules on each
-        string and returns plain JSON types (sets become sorted lists, bytes
-        are decoded as UTF-8, dataclasses become dicts, anything else its
-        ``str()``).  Dict keys are strings, redacted like values.
+        The value is serialized once (:func:`scan_bytes`) to find which rules
+        can fire at all.  When none can, the value is returned as it is;
+        otherwise the walk tries only those rules on each string and returns
+        plain JSON types (sets become sorted lists, bytes are decoded as UTF-8,
+        dataclasses become dicts, anything else its ``str()``).  Dict keys are
+        strings, redacted like values.
         """
-        raw = orjson.dumps(v, default=json_default, option=orjson.OPT_NON_STR_KEYS)
-        scope = self.active_raw(raw)
+        return self.value_in(v, self.active_raw(scan_bytes(v), pii=pii), counts)
+
+    def value_in(self, v: Any, scope: Scope, counts: dict[str, int]) -> Any:
+        """:meth:`value` with the scope already found (:meth:`record_scopes`)."""
         if not scope[0] and not scope[1]:
             return v
         return self._walk(v, counts, scope)
@@ -443,13 +504,16 @@ class Redactor:
         canonical bytes of each (``orjson`` with sorted keys, as the record is
         stored), for the caller to reuse instead of serializing them again.
         """
-        parts = [orjson.dumps(v, default=json_default, option=CANONICAL_OPTS) for v in items]
-        scope = self.active_raw(b"\n".join(parts))
+        parts = [canonical(v) for v in items]
+        return self.values_in(items, parts, self.active_raw(b"\n".join(parts)), counts)
+
+    def values_in(self, items: list[Any], parts: list[bytes], scope: Scope, counts: dict[str, int]) -> tuple[list[Any], list[bytes] | None]:
+        """:meth:`values` with the canonical bytes and the scope (of ``parts`` joined by newlines) already made."""
         if not scope[0] and not scope[1]:
             return items, parts
         return [self._walk(v, counts, scope) for v in items], None
 
-    def _walk(self, v: Any, counts: dict[str, int], scope: tuple[tuple[Rule, ...], bool]) -> Any:
+    def _walk(self, v: Any, counts: dict[str, int], scope: Scope) -> Any:
         t = type(v)
         if t is str:
             return v if len(v) < 6 else self.text(v, counts, scope)
@@ -479,6 +543,18 @@ class Redactor:
         if isinstance(v, (list, tuple)):
             return [self._walk(x, counts, scope) for x in v]
         return self._walk(json_default(v), counts, scope)
+
+
+def scan_bytes(v: Any) -> bytes:
+    """What :meth:`Redactor.value` scans: ``orjson.dumps(v, option=OPT_NON_STR_KEYS, default=json_default)``.
+
+    Plain JSON with str keys is serialized without the option and ``default``
+    first: the same bytes on orjson's faster path (see :func:`~proxy.audit.chain.canonical`).
+    """
+    try:
+        return orjson.dumps(v)
+    except TypeError:
+        return orjson.dumps(v, option=orjson.OPT_NON_STR_KEYS, default=json_default)
 
 
 def json_default(v: Any) -> Any:

@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from proxy.audit.chain import canonical
+from proxy.audit.chain import CANONICAL_OPTS, canonical
 from proxy.audit.record import Projector, _iso
+from proxy.audit.redact import json_default
+from proxy.exchange import Decision
 from tests.proxy.audit.helpers import make_exchange
 
 UPSTREAM = "sk-upstream-secret-0123456789abcdefXYZ"
@@ -33,6 +35,25 @@ def test_stored_bytes_are_the_canonical_form_of_the_record(mode: str, user_text:
     assert UPSTREAM.encode() not in body
 
 
+class _Key(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"b": 1, "a": {"z": [1.5, None, True], "é": "ü", "\U0001f600": 2, "\uffff": 3}},
+        {"annotations": {7: "int key", "s": {"b", "a"}}},
+        {"k": {True: 1, None: 2, 1.5: 3}},
+        {"raw": b"bytes \xff", "decision": Decision.allow("x"), "other": ValueError("str() of it")},
+        {_Key("sub"): 1, "a": 2},
+    ],
+)
+def test_canonical_gives_the_bytes_of_the_full_orjson_call(record: dict[str, object]) -> None:
+    """The str-key fast path and the fallback both store exactly what the full call would."""
+    assert canonical(record) == orjson.dumps(record, option=CANONICAL_OPTS, default=json_default)
+
+
 def test_hashes_mode_hashes_the_canonical_bytes_of_a_request() -> None:
     import hashlib
 
@@ -53,3 +74,15 @@ def test_iso_timestamps_match_datetime_formatting() -> None:
     samples += [now + i * 333_331 for i in range(50)]
     for ts in samples:
         assert _iso(ts) == ref(ts), ts
+
+
+def test_metadata_gets_secret_rules_and_content_also_pii_from_one_scan() -> None:
+    """The metadata is redacted without PII rules and the content with them, though both are scanned at once."""
+    pj = Projector("redacted", pii=["email", "phone"], upstream_key=UPSTREAM)
+    ex = make_exchange(subject="bob@example.com", user_text="mail bob@example.com or ring +1 415-555-0134")
+    ex.request_headers = {"x-note": f"key {UPSTREAM}"}
+    rec = orjson.loads(pj.exchange(ex).body)
+    assert rec["principal"]["subject"] == "bob@example.com"
+    assert rec["request_headers"]["x-note"] == "key [REDACTED:upstream_key]"
+    assert "bob@example.com" not in orjson.dumps(rec["turns"]).decode()
+    assert rec["redaction"]["rules"] == {"upstream_key": 1, "email": 1, "phone": 1}

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from proxy.audit.redact import Redactor, luhn_ok
+from proxy.audit.redact import Redactor, Rule, luhn_ok
 from proxy.errors import ConfigError
 
 UPSTREAM = "sk-upstream-secret-0123456789abcdefXYZ"
@@ -161,14 +161,14 @@ def test_digit_runs_found_on_the_translated_bytes_match_the_plain_regex() -> Non
     import random
     import re
 
-    from proxy.audit.redact import _DIGIT_CLASS, _DIGIT_RUN_CLASS
+    from proxy.audit.redact import _DIGIT_RUN_FOLDED, _FOLD
 
     plain = re.compile(rb"\d[\d ().+/-]{6,}\d")
     rng = random.Random(7)
-    alphabet = "0123456789 ().+/-xé٣\n"
+    alphabet = "0123456789 ().+/-xA:é٣\n"
     for _ in range(500):
         raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))).encode()
-        fast = [m.span() for m in _DIGIT_RUN_CLASS.finditer(raw.translate(_DIGIT_CLASS))]
+        fast = [m.span() for m in _DIGIT_RUN_FOLDED.finditer(raw.translate(_FOLD))]
         assert fast == [m.span() for m in plain.finditer(raw)], raw
 
 
@@ -193,3 +193,38 @@ def test_non_ascii_letters_that_lower_case_to_ascii_still_select_rules() -> None
     counts: dict[str, int] = {}
     out = Redactor(apply_pii=False).value({"args": "api_\u212aey=hunter2hunter2"}, counts)
     assert "hunter2" not in out["args"] and counts == {"generic_secret": 1}
+
+
+def _names(scope: tuple[tuple[Rule, ...], bool]) -> tuple[list[str], bool]:
+    return [r.name for r in scope[0]], scope[1]
+
+
+@pytest.mark.parametrize("patterns", [None, {"ticket": r"TICKET-\d{6}"}])
+def test_one_record_scan_gives_the_scopes_of_two(patterns: dict[str, str] | None) -> None:
+    """``record_scopes`` (one pass over metadata and content) equals a scan of each; metadata never gets PII rules."""
+    import random
+
+    import orjson
+
+    r = Redactor(patterns=patterns, pii=["email", "phone", "card"], upstream_key=UPSTREAM)
+    no_pii = Redactor(patterns=patterns, apply_pii=False, upstream_key=UPSTREAM)
+    pieces = [*SECRETS.values(), "plain", "bob@example.com", "+1 415-555-0134", "2024-08-06", "é ünï", "api_\u212aey=x", "İ", "\u212a"]
+    rng = random.Random(5)
+    for _ in range(300):
+        meta = orjson.dumps({"h": " ".join(rng.choice(pieces) for _ in range(rng.randint(0, 3)))})
+        content = orjson.dumps([" ".join(rng.choice(pieces) for _ in range(rng.randint(0, 3)))])
+        got_meta, got_content = r.record_scopes(meta, [content])
+        assert _names(got_meta) == _names(r.active_raw(meta, pii=False)) == _names(no_pii.active_raw(meta))
+        assert _names(got_content) == _names(r.active_raw(content))
+
+
+def test_an_upstream_key_with_digits_selects_its_rule_only_where_it_is() -> None:
+    """The byte automaton sees every digit as "0": a needle with digits is checked against the text."""
+    r = Redactor(upstream_key="20240806-key-abcdefghijklmnop", apply_pii=False)
+    assert _names(r.active_raw(b'{"n":"number 12345678-KEY-x"}')) == ([], False)
+    assert _names(r.active_raw(b'{"n":"it is 20240806-KEY-x"}')) == (["upstream_key"], False)
+    assert _names(r.record_scopes(b'{"n":"12345678-key"}', [b'"20240806-key"'])[1]) == (["upstream_key"], False)
+    assert _names(r.record_scopes(b'{"n":"20240806-key"}', [b'"12345678-key"'])[0]) == (["upstream_key"], False)
+    counts: dict[str, int] = {}
+    assert r.value({"n": "it is 20240806-key-abcdefghijklmnop"}, counts) == {"n": "it is [REDACTED:upstream_key]"}
+    assert counts == {"upstream_key": 1}
