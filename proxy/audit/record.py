@@ -269,6 +269,17 @@ class Projector:
         response["text"] = next(c)
         response["body"] = next(c)
 
+        # Free text the core and plugins write about the exchange: an upstream error may quote the key, a
+        # schema refusal may quote the argument it refused. Redacted like content (PII too, per mode),
+        # one scan for all of them, and only when there is any.
+        free = [(e, k) for e in turns if e["error"] for k in ("error",)]
+        free += [(e, k) for e in calls for k in ("reason", "details", "parse_error") if e[k]]
+        free += [(e, "name") for e in result_meta if e["name"]]
+        if free:
+            red = self.redactor.value([e[k] for e, k in free], counts)
+            for (e, k), v in zip(free, red, strict=True):
+                e[k] = v
+
         # The (redacted) metadata dict is ours, so it becomes the record rather than being copied into one
         # (stored with sorted keys: the order of insertion does not matter).
         record: dict[str, Any] = self.redactor.value_in(meta, meta_scope, counts)

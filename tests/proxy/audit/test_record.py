@@ -86,3 +86,24 @@ def test_metadata_gets_secret_rules_and_content_also_pii_from_one_scan() -> None
     assert rec["request_headers"]["x-note"] == "key [REDACTED:upstream_key]"
     assert "bob@example.com" not in orjson.dumps(rec["turns"]).decode()
     assert rec["redaction"]["rules"] == {"upstream_key": 1, "email": 1, "phone": 1}
+
+
+def test_free_text_about_the_exchange_is_redacted_too() -> None:
+    """Upstream errors, refusal reasons and details, parse errors and tool-result names can quote secrets and PII."""
+    key = "sk-proj-" + "A1b2C3d4" * 4
+    card = "4111 1111 1111 1111"
+    ex = make_exchange()
+    ex.turns[0].error = f"upstream said: invalid key {key}"
+    d = ex.tool_decisions[0]
+    d.decision = Decision(kind="deny", rule="tools.lookup_order.schema", reason=f"'{card}' is not of type 'integer'", details={"value": key})
+    ex.tool_results = [{"tool_call_id": "call_prev", "name": f"lookup {key}", "content": "ok"}]
+    rec = orjson.loads(Projector("redacted", pii=["card"]).exchange(ex).body)
+    text = orjson.dumps(rec).decode()
+    assert key not in text and card not in text
+    assert "[REDACTED:provider_key]" in rec["turns"][0]["error"]
+    assert rec["tool_calls"][0]["reason"].startswith("'[REDACTED:card]'")
+    assert rec["tool_calls"][0]["details"] == {"value": "[REDACTED:provider_key]"}
+    assert rec["redaction"]["rules"]["provider_key"] >= 3 and rec["redaction"]["rules"]["card"] >= 1
+    # In full mode PII stays, secrets still go.
+    full = orjson.loads(Projector("full").exchange(ex).body)
+    assert card in full["tool_calls"][0]["reason"] and key not in orjson.dumps(full).decode()
