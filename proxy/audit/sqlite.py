@@ -346,8 +346,8 @@ class SQLiteAuditLog:
         """Hand queued records to the writer process in groups, without waiting for commits.
 
         The writer process groups whatever arrives while it commits into its
-        next transaction; this task only bounds what is in flight
-        (``queue_max`` records) and retries failed batch-mode records.
+        next transaction; this task only bounds what is in flight (about two
+        groups, see :meth:`_wait_capacity`) and retries failed batch-mode records.
         """
         q = self._queue
         max_n = self.cfg.batch_max_records

@@ -596,10 +596,10 @@ class WriterProcess:
     def _send(self, fr: _Frame) -> None:
         assert self._writer is not None
         fr.sends += 1
-        try:
+        # A failed write needs no handling here: the answer reader sees the end of the stream and
+        # restarts the writer, which resends every unanswered frame (this one included).
+        with contextlib.suppress(ConnectionError, RuntimeError):
             self._writer.writelines(fr.parts)
-        except (ConnectionError, RuntimeError):
-            pass  # the reader sees the end of the stream and restarts the writer, which resends
 
     async def _respawn(self) -> None:
         """Start a new child and resend every unanswered frame to it, in order.
