@@ -101,12 +101,33 @@ BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
 _STOP = object()
 _WAKE = object()
 _PRUNE_EVERY_S = 3600.0
+FRAME_BYTES = 64 << 20
+"""Record bytes per frame to the writer (besides ``batch_max_records``): bounds what one frame holds
+in memory and keeps it far below the 4 GiB a frame's u32 length can say."""
+MAX_RECORD_BYTES = 1 << 30
+"""A projected exchange larger than this is recorded as ``exchange_oversized`` (who, what, how big)."""
 
 
 @dataclasses.dataclass(slots=True)
 class _Item:
     prepared: Prepared
     future: asyncio.Future[None] | None
+
+
+def _groups(items: list[_Item], max_records: int) -> list[list[_Item]]:
+    """``items`` in order, cut into groups of at most ``max_records`` records and about ``FRAME_BYTES``."""
+    out: list[list[_Item]] = []
+    group: list[_Item] = []
+    size = 0
+    for it in items:
+        if group and (len(group) >= max_records or size >= FRAME_BYTES):
+            out.append(group)
+            group, size = [], 0
+        group.append(it)
+        size += len(it.prepared.body)
+    if group:
+        out.append(group)
+    return out
 
 
 def _now_us() -> int:
@@ -267,6 +288,14 @@ class SQLiteAuditLog:
                 {"request_id": ex.request_id, "status": ex.status, "route": ex.route, "error": f"{type(e).__name__}: {e}"},
                 ts=ex.wall_time,
             )
+        if len(prep.body) > MAX_RECORD_BYTES:
+            log.error("audit: the record of exchange %s is %d bytes; recording its size only", ex.request_id, len(prep.body))
+            prep = self.projector.event(
+                "exchange_oversized",
+                ex.principal.summary() if ex.principal else {},
+                {"request_id": ex.request_id, "status": ex.status, "route": ex.route, "bytes": len(prep.body), "limit": MAX_RECORD_BYTES},
+                ts=ex.wall_time,
+            )
         await self._submit(prep, wait=self.sync)
 
     async def record_event(self, kind: str, actor: dict[str, Any], data: dict[str, Any]) -> None:
@@ -367,7 +396,8 @@ class SQLiteAuditLog:
             if not stop:
                 if linger and q.qsize() < max_n - 1:
                     await asyncio.sleep(linger)
-                while len(batch) < max_n:
+                size = len(first.prepared.body)
+                while len(batch) < max_n and size < FRAME_BYTES:
                     try:
                         nxt = q.get_nowait()
                     except asyncio.QueueEmpty:
@@ -377,6 +407,7 @@ class SQLiteAuditLog:
                         break
                     if nxt is not _WAKE:
                         batch.append(nxt)
+                        size += len(nxt.prepared.body)
             if batch:
                 try:
                     self._dispatch(batch)
@@ -470,7 +501,8 @@ class SQLiteAuditLog:
             if deadline is None and self._stopping:
                 deadline = time.monotonic() + 5.0
             batch, self._retry = self._retry, []
-            await self._dispatch(batch)
+            for group in _groups(batch, self.cfg.batch_max_records):
+                await self._dispatch(group)
             if not self._retry:
                 return
             if deadline is not None and time.monotonic() > deadline:

@@ -412,3 +412,77 @@ def test_leaf_hash_fed_in_pieces_is_the_plain_formula() -> None:
     for size in (0, 1, 2046, 2047, 2048, 2049, 4094, 4095, 10_000):
         body = bytes(range(256)) * (size // 256) + bytes(size % 256)
         assert leaf_hash(prev, 7, body) == hashlib.sha256(b"\x00" + prev + struct.pack(">Q", 7) + body).digest()
+
+
+def _frame_sizes(log: SQLiteAuditLog) -> list[int]:
+    """Record bytes of every append frame sent to the writer process (recorded from here on)."""
+    assert log._wp is not None
+    sizes: list[int] = []
+    submit = log._wp.submit
+
+    def spy(preps, reason=None, then=None):  # type: ignore[no-untyped-def]
+        sizes.append(sum(len(p.body) for p in preps))
+        return submit(preps, reason, then)
+
+    log._wp.submit = spy  # type: ignore[method-assign]
+    return sizes
+
+
+async def test_batch_frames_stay_within_the_byte_budget(make_log: LogFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import proxy.audit.sqlite as store
+
+    monkeypatch.setattr(store, "FRAME_BYTES", 20_000)
+    log = await make_log(durability="batch", batch_max_ms=50)
+    sizes = _frame_sizes(log)
+    for i in range(30):
+        await log.record_exchange(make_exchange(request_id=f"cap_{i}", user_text="z" * 3000))
+    await log.stop()
+    assert sum(1 for _ in sizes) >= 4, sizes
+    # A frame stops growing once it reaches the budget: at most one record past it.
+    assert all(s < 20_000 + 12_000 for s in sizes), sizes
+    db = sqlite3.connect(log.path)
+    assert db.execute("SELECT COUNT(*) FROM records WHERE request_id LIKE 'cap_%'").fetchone()[0] == 30
+    db.close()
+    assert (await verify_db(log.path)).ok
+
+
+async def test_a_failed_batch_is_retried_in_groups_within_the_budget(make_log: LogFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    import proxy.audit.sqlite as store
+
+    monkeypatch.setattr(store, "FRAME_BYTES", 20_000)
+    log = await make_log(durability="batch", batch_max_ms=0, batch_max_records=8)
+    sizes = _frame_sizes(log)
+    with writes_fail(log):
+        for i in range(24):
+            await log.record_exchange(make_exchange(request_id=f"regroup_{i}", user_text="q" * 3000))
+        for _ in range(100):
+            if log._retry:
+                break
+            await asyncio.sleep(0.02)
+        assert log._retry, "the failed records wait for a retry"
+    for _ in range(300):
+        if log.queue_depth == 0 and log.healthy:
+            break
+        await asyncio.sleep(0.02)
+    await log.stop()
+    assert sizes and all(s < 20_000 + 12_000 for s in sizes), sizes
+    db = sqlite3.connect(log.path)
+    ids = [r[0] for r in db.execute("SELECT request_id FROM records WHERE request_id LIKE 'regroup_%' ORDER BY seq")]
+    db.close()
+    assert sorted(ids) == sorted(f"regroup_{i}" for i in range(24)) and len(ids) == 24
+
+
+async def test_an_oversized_exchange_is_recorded_by_its_size(make_log: LogFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    import proxy.audit.sqlite as store
+
+    monkeypatch.setattr(store, "MAX_RECORD_BYTES", 5_000)
+    log = await make_log(durability="sync")
+    await log.record_exchange(make_exchange(request_id="huge", user_text="h" * 10_000))
+    await log.record_exchange(make_exchange(request_id="small"))
+    await log.stop()
+    db = sqlite3.connect(log.path)
+    rows = dict(db.execute("SELECT request_id, kind FROM records WHERE request_id IN ('huge', 'small')").fetchall())
+    body = orjson.loads(db.execute("SELECT body FROM records WHERE request_id = 'huge'").fetchone()[0])
+    db.close()
+    assert rows == {"huge": "exchange_oversized", "small": "exchange"}
+    assert body["data"]["bytes"] > 10_000 and body["data"]["limit"] == 5_000 and body["actor"]["tenant"]
