@@ -11,14 +11,18 @@ Three tables:
 2. Sustained throughput (records/s) with many concurrent writers, ``batch``
    and ``sync``: end to end (``record_exchange``: projection, redaction,
    queue, group commit) and store only (records prepared beforehand).
-3. Added request latency: each simulated request waits ``--upstream-ms``
-   (the provider) and then records its exchange; p50/p99 of the whole request
-   with audit off, ``batch`` and ``sync``, at concurrency 1 and 16.  At 16,
-   two arrival patterns: ``staggered`` (worker k starts k/16 of a provider
-   time late, so requests arrive evenly, as from independent clients) and
+3. Added request latency: each simulated request waits for the provider
+   and then records its exchange; p50/p99 of the whole request with audit
+   off, ``batch``, ``sync`` and ``sync`` with ``fsync = false``, at
+   concurrency 1 and 16.  Two arrival patterns: ``jittered`` (each provider
+   time drawn uniformly from 0.5-1.5x ``--upstream-ms``, the same seeded
+   sequence in every cell, and at 16 worker k starts k/16 of a provider time
+   late: requests arrive as from independent clients) and, at 16,
    ``lockstep`` (all 16 start together and, with a constant provider time,
    finish together forever: every record queues behind 15 others' projection
-   on the one event loop — the worst case).
+   on the one event loop, and a group commit releases them together — the
+   worst case).  A constant provider time with staggered starts drifts into
+   lockstep too: each group commit releases its requests at the same moment.
 
 The database lives in a temporary directory on the same disk as the repo
 (``--dir`` to choose); ``synchronous=FULL`` in sync mode really fsyncs.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import sqlite3
 import statistics
 import sys
@@ -101,25 +106,30 @@ async def throughput(tmp: Path, mode: str, n: int, writers: int, prepared: bool)
 
 
 async def latency(
-    tmp: Path, mode: str | None, n: int, concurrency: int, upstream_s: float, stagger: bool = True
+    tmp: Path, mode: str | None, n: int, concurrency: int, upstream_s: float, jitter: bool = True, fsync: bool = True
 ) -> tuple[list[float], list[float]]:
     log = None
     if mode is not None:
         log = SQLiteAuditLog(
-            AuditConfig(durability=mode), tmp / f"lat-{mode}-{concurrency}.db", upstream_key=UPSTREAM_KEY, provider="openai"
-        )  # type: ignore[arg-type]
+            AuditConfig(durability=mode, fsync=fsync),  # type: ignore[arg-type]
+            tmp / f"lat-{mode}-{fsync}-{concurrency}-{jitter}.db",
+            upstream_key=UPSTREAM_KEY,
+            provider="openai",
+        )
         await log.start()
     exs = [make_exchange() for _ in range(n)]
+    rnd = random.Random(7)
+    waits = [upstream_s * rnd.uniform(0.5, 1.5) if jitter else upstream_s for _ in range(n)]
     it = iter(range(n))
     out: list[float] = []
     calls: list[float] = []
 
     async def worker(k: int) -> None:
-        if stagger:
+        if jitter:
             await asyncio.sleep(upstream_s * k / concurrency)
         for i in it:
             t0 = time.perf_counter()
-            await asyncio.sleep(upstream_s)
+            await asyncio.sleep(waits[i])
             t1 = time.perf_counter()
             if log is not None:
                 await log.record_exchange(exs[i])
@@ -209,22 +219,24 @@ async def main() -> None:
     for sync in ("NORMAL", "FULL"):
         f50, f99 = commit_floor(tmp, min(args.requests, 300), args.upstream_ms / 1000, sync)
         print(f"   floor: one bare SQLite commit, synchronous={sync}: p50 {f50 * 1e3:.3f} ms, p99 {f99 * 1e3:.3f} ms")
-    head = f"   {'audit':<8}{'conc':>5}  {'arrivals':<10}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'added p99':>11}"
+    head = f"   {'audit':<12}{'conc':>5}  {'arrivals':<10}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'added p99':>11}"
     print(head + f"{'call p50':>10}{'call p99':>10}")
-    for conc, stagger in ((1, True), (16, True), (16, False)):
-        arrivals = "-" if conc == 1 else "staggered" if stagger else "lockstep"
-        up = args.upstream_ms / 1000
-        base, _ = await latency(tmp, None, args.requests, conc, up, stagger)
+    up = args.upstream_ms / 1000
+    for conc, jitter in ((1, True), (16, True), (16, False)):
+        arrivals = "jittered" if jitter else "lockstep"
+        base, _ = await latency(tmp, None, args.requests, conc, up, jitter)
         b50, b99 = pct(base, 0.5), pct(base, 0.99)
-        print(f"   {'off':<8}{conc:>5}  {arrivals:<10}{b50 * 1e3:>9.3f}{b99 * 1e3:>9.3f}{'-':>11}{'-':>11}{'-':>10}{'-':>10}")
-        for mode in ("batch", "sync"):
-            xs, cs = await latency(tmp, mode, args.requests, conc, up, stagger)
+        print(f"   {'off':<12}{conc:>5}  {arrivals:<10}{b50 * 1e3:>9.3f}{b99 * 1e3:>9.3f}{'-':>11}{'-':>11}{'-':>10}{'-':>10}")
+        for mode, fsync in (("batch", True), ("sync", True), ("sync", False)):
+            xs, cs = await latency(tmp, mode, args.requests, conc, up, jitter, fsync)
             p50, p99 = pct(xs, 0.5), pct(xs, 0.99)
+            label = mode if fsync or mode != "sync" else "sync nofsync"
             print(
-                f"   {mode:<8}{conc:>5}  {arrivals:<10}{p50 * 1e3:>9.3f}{p99 * 1e3:>9.3f}{(p50 - b50) * 1e3:>11.3f}{(p99 - b99) * 1e3:>11.3f}"
+                f"   {label:<12}{conc:>5}  {arrivals:<10}{p50 * 1e3:>9.3f}{p99 * 1e3:>9.3f}{(p50 - b50) * 1e3:>11.3f}{(p99 - b99) * 1e3:>11.3f}"
                 f"{pct(cs, 0.5) * 1e3:>10.3f}{pct(cs, 0.99) * 1e3:>10.3f}"
             )
-
+    print("   (sync nofsync = [audit] fsync = false: the response still waits for the commit, which survives a")
+    print("   crash or SIGKILL of Warden but not a power cut)")
 
 if __name__ == "__main__":
     import logging
