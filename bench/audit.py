@@ -43,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.delay import Delays  # noqa: E402
 from proxy.audit.record import Projector  # noqa: E402
 from proxy.audit.sqlite import SQLiteAuditLog  # noqa: E402
 from proxy.config import AuditConfig  # noqa: E402
@@ -124,12 +125,15 @@ async def latency(
     out: list[float] = []
     calls: list[float] = []
 
+    provider = Delays()
+    await provider.start()
+
     async def worker(k: int) -> None:
         if jitter:
-            await asyncio.sleep(upstream_s * k / concurrency)
+            await provider.sleep(upstream_s * k / concurrency)
         for i in it:
             t0 = time.perf_counter()
-            await asyncio.sleep(waits[i])
+            await provider.sleep(waits[i])  # kept by another process (bench/delay.py: uvloop's timers count whole ms)
             t1 = time.perf_counter()
             if log is not None:
                 await log.record_exchange(exs[i])
@@ -138,6 +142,7 @@ async def latency(
             calls.append(t2 - t1)
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    await provider.close()
     if log is not None:
         await log.stop()
     return out, calls
@@ -188,13 +193,7 @@ async def main() -> None:
     ap.add_argument("--projections", type=int, default=2000)
     ap.add_argument("--dir", help="where the databases go (default: a temp dir)")
     args = ap.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-        loop_name = "uvloop"
-    except ImportError:
-        loop_name = "asyncio"
+    loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]  # "uvloop" or "asyncio"
     tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="warden-audit-bench-"))
 
     print(f"audit benchmark ({loop_name}, databases in {tmp})\n")
@@ -242,4 +241,10 @@ if __name__ == "__main__":
     import logging
 
     logging.getLogger("warden.audit").setLevel(logging.ERROR)  # each fresh store logs its generated key: keep the table readable
+    try:
+        import uvloop
+
+        uvloop.install()  # before the loop is made, as `warden serve` does
+    except ImportError:
+        pass
     asyncio.run(main())

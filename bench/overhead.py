@@ -10,6 +10,14 @@ uvloop (REFERENCE.md: the least any Python proxy of this stack can add); and
 ``warden serve`` with JWT auth (RS256) on.  The load generator keeps one
 keep-alive connection per worker.  Reported: p50/p99 latency, requests/s,
 and the latency added over the direct path, at concurrency 1 and 16.
+
+    python bench/overhead.py --provider-ms 20 --variants 'warden+audit(sync)'
+
+With ``--provider-ms`` the fake provider takes 0.5-1.5x that long per request
+(seeded jitter), as a real one does; concurrency 16 then no longer saturates
+the CPUs (by default the provider answers at once and load generator, provider
+and proxy compete for the machine's cores), and the added latency is what a
+request waits for Warden, not for a CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -47,9 +56,20 @@ def free_port() -> int:
 
 FAKE = """
 import asyncio, sys, uvloop
+from bench.delay import Delays
 from tests.fakeprovider import FakeProvider
 async def main():
     fp = FakeProvider()
+    chat, delays = fp._chat, Delays()
+    async def slow(request):
+        # --provider-ms: the load generator says in metadata.delay_ms how long this request takes,
+        # kept by another process (bench/delay.py: uvloop's timers count whole milliseconds).
+        body = await request.json()
+        await delays.sleep(float(body["metadata"]["delay_ms"]) / 1000)
+        return await chat(request)
+    if float(sys.argv[2]):
+        await delays.start()
+        fp._chat = slow
     await fp.start(int(sys.argv[1]))
     fp.requests = _Sink()
     await asyncio.Event().wait()
@@ -111,13 +131,16 @@ async def wait_up(url: str, within_s: float = 20.0) -> None:
     raise RuntimeError(f"{url} did not come up; process logs in {LOGS}")
 
 
-async def load(url: str, token: str, body: bytes, n: int, concurrency: int, stream: bool) -> tuple[list[float], float]:
+async def load(url: str, token: str, bodies: list[bytes], n: int, concurrency: int, stream: bool) -> tuple[list[float], float]:
+    """``n`` requests (``bodies[i % len(bodies)]`` for the i-th, whichever worker sends it) from ``concurrency`` workers."""
     lat: list[float] = []
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    per = n // concurrency
+    todo = iter(range(n - n % concurrency))
+    body = bodies[0]
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        for _ in range(per):
+        for i in todo:
+            body = bodies[i % len(bodies)]
             t0 = time.perf_counter()
             async with session.post(url, data=body, headers=headers) as r:
                 await r.read()
@@ -177,6 +200,12 @@ async def main() -> None:
         default=["warden+audit(batch)", "warden+audit(sync)", "warden+all"],
         help="Warden configurations besides plain 'warden' (headers plugin, audit off)",
     )
+    ap.add_argument(
+        "--provider-ms",
+        type=float,
+        default=0.0,
+        help="the fake provider answers after 0.5-1.5x this many ms (default 0: at once, so concurrency 16 saturates the CPUs)",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="warden-bench-"))
@@ -190,7 +219,7 @@ async def main() -> None:
     chosen = ["warden", *[v for v in args.variants if v != "warden"]]
     variants = {name: parse_variant(name) for name in chosen}
     procs = [
-        spawn([sys.executable, "-c", FAKE, str(fport)]),
+        spawn([sys.executable, "-c", FAKE, str(fport), str(args.provider_ms)]),
         spawn([sys.executable, "-c", FLOOR, str(lport), f"http://127.0.0.1:{fport}/v1", str(tmp / "pub.pem")]),
     ]
     ports: dict[str, tuple[int, int]] = {}
@@ -249,14 +278,21 @@ read_only = false
         modes = [("chat", False)] + ([("chat stream", True)] if args.stream else [])
         rows = []
         for label, stream in modes:
-            body = orjson.dumps({"model": "gpt-bench", "messages": messages, "stream": stream})
+            base = {"model": "gpt-bench", "messages": messages, "stream": stream}
+            if args.provider_ms:
+                # The same seeded provider times, in the same order, for every path: their medians compare.
+                rnd = random.Random(7)
+                delays = [round(args.provider_ms * rnd.uniform(0.5, 1.5), 3) for _ in range(997)]
+                bodies = [orjson.dumps({**base, "metadata": {"delay_ms": str(d)}}) for d in delays]
+            else:
+                bodies = [orjson.dumps(base)]
             for conc in (1, 16):
                 rounds: dict[str, list[tuple[float, float, float]]] = {k: [] for k in targets}
                 for _ in range(args.rounds):
                     for name, url in targets.items():
                         if stream and name == "floor":
                             continue
-                        lat, wall = await load(url, token, body, args.requests // args.rounds, conc, stream)
+                        lat, wall = await load(url, token, bodies, args.requests // args.rounds, conc, stream)
                         rounds[name].append((pct(lat, 0.5), pct(lat, 0.99), len(lat) / wall))
                 res = {k: sorted(v)[len(v) // 2] for k, v in rounds.items() if v}
                 rows.append((label, conc, res))
