@@ -121,6 +121,11 @@ class SQLiteAuditLog:
     called after every successful group commit.
     """
 
+    prune_chunk = 2000
+    """Records deleted per retention transaction (a few ms to tens of ms of write lock)."""
+    prune_pause_s = 0.01
+    """Least pause between two retention chunks (it is at least as long as the chunk took)."""
+
     def __init__(
         self,
         cfg: AuditConfig,
@@ -161,6 +166,7 @@ class SQLiteAuditLog:
         self._key: Ed25519PrivateKey | None = None
         self._checkpoint_path = Path(cfg.checkpoint_file) if cfg.checkpoint_file else None
         self._wp: WriterProcess | None = None
+        self._prune_lock = asyncio.Lock()
 
     # -- AuditSink -----------------------------------------------------------
 
@@ -599,13 +605,45 @@ class SQLiteAuditLog:
     async def prune(self, now_us: int | None = None) -> int:
         """Delete records older than ``retention_days``, up to a checkpoint (kept).
 
-        Returns the new pruned-through sequence number (0 when nothing moved).
+        First one short transaction moves ``meta['pruned_through']`` to the
+        newest checkpoint at or before the first young record; then the
+        records at or below it are deleted in chunks of ``prune_chunk``, each
+        its own short ``BEGIN IMMEDIATE`` transaction, with a pause between
+        chunks at least as long as the chunk took.  So the write lock is never
+        held for long: the writer process (and other Warden processes on the
+        file) commit between chunks instead of waiting past their busy
+        timeout.
+
+        An interrupted prune (crash, stop) leaves records below the mark; the
+        log still verifies (``partial_prune`` warning: the checkpoint at the
+        mark vouches for them through the chain) and the next prune deletes
+        them first.  Returns the pruned-through sequence number of the records
+        this call deleted (0 when nothing was deleted).
         """
         if not self.cfg.retention_days:
             return 0
         db = self._db
         assert db is not None
         cutoff = (now_us or _now_us()) - self.cfg.retention_days * 86_400 * 1_000_000
+        async with self._prune_lock:
+            through = await self._prune_mark(db, cutoff)
+            if not through:
+                return 0
+            deleted = await self._prune_delete(db, through)
+        if not deleted:
+            return 0
+        log.info("audit: retention pruned %d records through seq %d", deleted, through)
+        data = {"through": through, "deleted": deleted, "cutoff_us": cutoff}
+        if self._writer is not None and not self._stopping:
+            await self.record_event("retention_prune", {"subject": "warden"}, data)
+        else:
+            note = await self._append([self.projector.event("retention_prune", {"subject": "warden"}, data, ts=time.time())])
+            if note is not None:
+                await self._export_checkpoint(note)
+        return through
+
+    async def _prune_mark(self, db: aiosqlite.Connection, cutoff: int) -> int:
+        """Move ``pruned_through`` to the newest checkpoint eligible for ``cutoff``; the mark to delete through (0: none)."""
         await db.execute("BEGIN IMMEDIATE")
         try:
             async with db.execute("SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'pruned_through'), 0)") as cur:
@@ -618,34 +656,42 @@ class SQLiteAuditLog:
                     bound = int((await cur.fetchone() or (0,))[0])
             async with db.execute("SELECT MAX(size) FROM checkpoints WHERE size > ? AND size <= ?", (pruned, bound)) as cur:
                 row = await cur.fetchone()
-            through = int(row[0]) if row is not None and row[0] is not None else 0
-            if not through:
-                await db.execute("COMMIT")
-                return 0
-            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_through', ?)", (str(through),))
-            cur2 = await db.execute("DELETE FROM records WHERE seq <= ?", (through,))
-            deleted = cur2.rowcount
-            await cur2.close()
+            moved = int(row[0]) if row is not None and row[0] is not None else 0
+            if moved:
+                await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_through', ?)", (str(moved),))
             await db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
                 await db.execute("ROLLBACK")
             raise
-        log.info("audit: retention pruned %d records through seq %d", deleted, through)
-        if self._writer is not None and not self._stopping:
-            await self.record_event("retention_prune", {"subject": "warden"}, {"through": through, "deleted": deleted, "cutoff_us": cutoff})
-        else:
-            await self._append(
-                [
-                    self.projector.event(
-                        "retention_prune",
-                        {"subject": "warden"},
-                        {"through": through, "deleted": deleted, "cutoff_us": cutoff},
-                        ts=time.time(),
-                    )
-                ]
-            )
-        return through
+        return moved or pruned
+
+    async def _prune_delete(self, db: aiosqlite.Connection, through: int) -> int:
+        """Delete the records at or below ``through`` in short transactions; returns how many."""
+        deleted = 0
+        while True:
+            t0 = time.monotonic()
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                async with db.execute("SELECT MIN(seq) FROM records") as cur:
+                    row = await cur.fetchone()
+                lo = int(row[0]) if row is not None and row[0] is not None else None
+                if lo is None or lo > through:
+                    await db.execute("COMMIT")
+                    return deleted
+                hi = min(through, lo + self.prune_chunk - 1)
+                cur2 = await db.execute("DELETE FROM records WHERE seq <= ?", (hi,))
+                deleted += cur2.rowcount
+                await cur2.close()
+                await db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await db.execute("ROLLBACK")
+                raise
+            if hi >= through:
+                return deleted
+            # Let the writer (and other processes) in: they poll for the lock while it is held.
+            await asyncio.sleep(max(self.prune_pause_s, time.monotonic() - t0))
 
     async def _prune_loop(self) -> None:
         while True:

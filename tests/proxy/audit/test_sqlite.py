@@ -412,3 +412,78 @@ def test_leaf_hash_fed_in_pieces_is_the_plain_formula() -> None:
     for size in (0, 1, 2046, 2047, 2048, 2049, 4094, 4095, 10_000):
         body = bytes(range(256)) * (size // 256) + bytes(size % 256)
         assert leaf_hash(prev, 7, body) == hashlib.sha256(b"\x00" + prev + struct.pack(">Q", 7) + body).digest()
+
+
+async def _old_records(log: SQLiteAuditLog, n: int, prefix: str = "old") -> None:
+    old = time.time() - 40 * 86400
+    for i in range(n):
+        ex = make_exchange(request_id=f"{prefix}_{i}")
+        ex.wall_time = old + i
+        await log.record_exchange(ex)
+
+
+def _min_seq(path: Path) -> int:
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        return int(db.execute("SELECT COALESCE(MIN(seq), 0) FROM records").fetchone()[0])
+    finally:
+        db.close()
+
+
+async def test_retention_deletes_in_short_transactions_that_appends_interleave_with(make_log: LogFactory) -> None:
+    """A prune never holds the write lock for the whole cut: records commit between its chunks."""
+    log = await make_log(durability="sync", fsync=False, checkpoint_every=5, retention_days=30)
+    await _old_records(log, 60)
+    log.prune_chunk = 7
+    pruning = asyncio.create_task(log.prune())
+    between: list[int] = []  # the first remaining seq after each append that committed while the cut was half done
+    i = 0
+    while not pruning.done():
+        await log.record_exchange(make_exchange(request_id=f"during_{i}"))
+        i += 1
+        first = await asyncio.to_thread(_min_seq, log.path)
+        if 1 < first <= 60:
+            between.append(first)
+    assert await pruning == 60
+    assert len(set(between)) >= 2, f"appends should commit between the prune's chunks (saw {between})"
+    assert _min_seq(log.path) == 61
+    await log.stop()
+    report = await verify_db(log.path)
+    assert report.ok and report.first_seq == 61 and not [f for f in report.findings if f.severity == "warning"], report.render()
+
+
+async def test_an_interrupted_prune_verifies_and_the_next_one_finishes_it(make_log: LogFactory, tmp_path: Path) -> None:
+    log = await make_log(durability="sync", fsync=False, checkpoint_every=5, retention_days=30, checkpoint_file=str(tmp_path / "cp.txt"))
+    await _old_records(log, 40)
+    await log.record_exchange(make_exchange(request_id="young"))
+    log.prune_chunk = 6
+    log.prune_pause_s = 0.5
+    pruning = asyncio.create_task(log.prune())
+    for _ in range(500):
+        if _min_seq(log.path) > 1:
+            break
+        await asyncio.sleep(0.005)
+    pruning.cancel()  # as a stop (or a crash) between two chunks
+    with pytest.raises(asyncio.CancelledError):
+        await pruning
+    first = _min_seq(log.path)
+    assert 1 < first <= 40, "the prune was cut between chunks"
+    report = await verify_db(log.path, checkpoint_file=tmp_path / "cp.txt")
+    assert report.ok, report.render()
+    # (and torn_tail: the running log's records after its last checkpoint)
+    assert {f.kind for f in report.findings if f.severity == "warning"} == {"partial_prune", "torn_tail"}, report.render()
+    # Tampering inside the part left to delete is still caught.
+    db = sqlite3.connect(log.path, timeout=10)
+    db.execute("DROP TRIGGER records_no_update")
+    db.execute("UPDATE records SET body = CAST(REPLACE(CAST(body AS TEXT), 'old_', 'OLD_') AS BLOB) WHERE seq = ?", (first + 1,))
+    db.commit()
+    assert not (await verify_db(log.path)).ok
+    db.execute("UPDATE records SET body = CAST(REPLACE(CAST(body AS TEXT), 'OLD_', 'old_') AS BLOB) WHERE seq = ?", (first + 1,))
+    db.commit()
+    db.close()
+    log.prune_pause_s = 0.0
+    assert await log.prune() == 40  # resumes: deletes what is left below the mark
+    assert _min_seq(log.path) == 41
+    await log.stop()
+    report = await verify_db(log.path, checkpoint_file=tmp_path / "cp.txt")
+    assert report.ok and report.first_seq == 41 and not [f for f in report.findings if f.severity == "warning"], report.render()

@@ -56,7 +56,10 @@ async def test_a_plugin_failing_at_start_stops_the_audit_store(base_config: dict
     assert not _running(writer), "the audit writer child was reaped"
     assert BrokenAtStart.stopped == 1, "the failing plugin's stop ran, so it can release what it opened"
     # The event loop's executor threads (asyncio_N) are joined at exit; aiosqlite's connection threads are not.
-    left = [t for t in threading.enumerate() if t.ident not in threads_before and not t.daemon and not t.name.startswith("asyncio_")]
+    new_threads = [t for t in threading.enumerate() if t.ident not in threads_before and not t.daemon and not t.name.startswith("asyncio_")]
+    for t in new_threads:
+        await asyncio.to_thread(t.join, 5)  # a closed connection's thread ends a moment after close()
+    left = [t for t in new_threads if t.is_alive()]
     assert not left, f"threads left that would hold the process open: {left}"
     # The store closed cleanly: the log verifies, nothing unsealed.
     from proxy.audit.verify import verify_db
