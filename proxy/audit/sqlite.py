@@ -125,6 +125,8 @@ class SQLiteAuditLog:
     """Records deleted per retention transaction (a few ms to tens of ms of write lock)."""
     prune_pause_s = 0.01
     """Least pause between two retention chunks (it is at least as long as the chunk took)."""
+    stale_writer_s = 86_400.0
+    """A writer's batch marker unchanged this long after a start first saw it is deleted (see :meth:`_forget_stale_writers`)."""
 
     def __init__(
         self,
@@ -205,6 +207,7 @@ class SQLiteAuditLog:
             await db.execute("PRAGMA busy_timeout = 10000")
             await db.execute("PRAGMA journal_mode = WAL")
             await self._init_schema()
+            await self._forget_stale_writers()
             self._wp = WriterProcess(
                 str(self.path),
                 synchronous="FULL" if self.sync and self.cfg.fsync else "NORMAL",
@@ -582,6 +585,53 @@ class SQLiteAuditLog:
         if await asyncio.to_thread(self.key_path.exists):
             pub = self.key_path.with_name(self.key_path.name + ".pub")
             await asyncio.to_thread(pub.write_text, self.verifier + "\n")
+
+    async def _forget_stale_writers(self) -> None:
+        """Delete the batch markers of writers that stopped committing long ago (servers that crashed).
+
+        Every server run's writer keeps ``meta['writer:<token>']`` (the highest
+        batch id it committed, see :mod:`proxy.audit.writer`); a clean stop
+        deletes it, a crash leaves it.  Only that run reads it — its writer,
+        to skip resent frames, and the run itself after its writer died — and
+        only in the seconds between a commit and learning its outcome.  Several
+        processes may share the file, so whether an owner still runs cannot be
+        told from here (another host's pid namespace, a container); instead
+        each start notes the value it sees (``meta['writer-seen:<token>']`` =
+        ``"<value> <µs>"``), and a marker whose value has not changed for
+        ``stale_writer_s`` since a start first saw it is deleted, with its
+        note.  Its owner, if it still runs, has committed nothing since, so no
+        commit of it awaits an outcome; its next commit writes the marker
+        again.  Notes whose marker is gone (a clean stop) are deleted too.
+        """
+        db = self._db
+        assert db is not None
+        now = _now_us()
+        bound = int(self.stale_writer_s * 1_000_000)
+        forgotten = 0
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            async with db.execute("SELECT key, value FROM meta WHERE key LIKE 'writer:%' OR key LIKE 'writer-seen:%'") as cur:
+                rows = {str(k): str(v) for k, v in await cur.fetchall()}
+            for key, value in rows.items():
+                if not key.startswith("writer:"):
+                    if "writer:" + key[len("writer-seen:") :] not in rows:
+                        await db.execute("DELETE FROM meta WHERE key = ?", (key,))
+                    continue
+                seen_key = "writer-seen:" + key[len("writer:") :]
+                seen_value, _, seen_at = rows.get(seen_key, "").partition(" ")
+                if seen_value == value and seen_at.isdigit() and now - int(seen_at) >= bound:
+                    await db.execute("DELETE FROM meta WHERE key IN (?, ?)", (key, seen_key))
+                    forgotten += 1
+                elif seen_value != value or not seen_at.isdigit():
+                    await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (seen_key, f"{value} {now}"))
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
+        if forgotten:
+            self.recovery["stale_writer_markers"] = forgotten
+            log.info("audit: deleted %d batch markers of writers idle for %.0f s or more (servers that did not stop cleanly)", forgotten, self.stale_writer_s)
 
     async def _recover(self) -> None:
         """Repair what a crash can leave: a torn checkpoint-file note, an unsealed tail."""

@@ -487,3 +487,59 @@ async def test_an_interrupted_prune_verifies_and_the_next_one_finishes_it(make_l
     await log.stop()
     report = await verify_db(log.path, checkpoint_file=tmp_path / "cp.txt")
     assert report.ok and report.first_seq == 41 and not [f for f in report.findings if f.severity == "warning"], report.render()
+
+
+def _meta(path: Path, like: str) -> dict[str, str]:
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        return {str(k): str(v) for k, v in db.execute("SELECT key, value FROM meta WHERE key LIKE ?", (like,))}
+    finally:
+        db.close()
+
+
+async def test_stale_writer_markers_are_deleted_and_live_writers_keep_exactly_once(
+    make_log: LogFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(SQLiteAuditLog, "stale_writer_s", 0.2)
+    path = tmp_path / "shared.db"
+    live = await make_log(path, durability="sync", fsync=False)
+    await live.record_exchange(make_exchange(request_id="live_0"))
+    (live_marker,) = _meta(path, "writer:%")
+    # What two servers that crashed left behind (a clean stop deletes its own marker).
+    crashed = {"writer:0123456789abcdef01234567": "17", "writer:76543210fedcba9876543210": "3"}
+    db = sqlite3.connect(path, timeout=10)
+    db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", crashed.items())
+    db.commit()
+    db.close()
+    first = await make_log(path)  # a start sees them first: it only notes them
+    assert set(crashed) | {live_marker} <= set(_meta(path, "writer:%"))
+    await first.stop()
+    await asyncio.sleep(0.3)
+    await live.record_exchange(make_exchange(request_id="live_1"))  # the live one commits: its marker moves
+    second = await make_log(path)
+    assert second.recovery.get("stale_writer_markers") == 2
+    markers = _meta(path, "writer:%")
+    assert not set(crashed) & set(markers) and live_marker in markers, "only the crashed servers' markers go"
+    assert not {"writer-seen:" + k[7:] for k in crashed} & set(_meta(path, "writer-seen:%"))
+    await second.stop()
+    # A live writer idle for longer than the bound loses its marker: harmless, its next commit writes it
+    # again; a writer killed after that still writes nothing twice.
+    await asyncio.sleep(0.3)
+    third = await make_log(path)
+    await third.stop()
+    assert live_marker not in _meta(path, "writer:%")
+    await live.record_exchange(make_exchange(request_id="live_2"))
+    assert live_marker in _meta(path, "writer:%")
+    pid = live.writer_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    for i in range(3, 8):
+        await live.record_exchange(make_exchange(request_id=f"live_{i}"))
+    await live.stop()
+    assert _meta(path, "writer:%") == {}
+    db = sqlite3.connect(path)
+    ids = [r[0] for r in db.execute("SELECT request_id FROM records WHERE kind = 'exchange' ORDER BY seq")]
+    db.close()
+    assert ids == [f"live_{i}" for i in range(8)]
+    report = await verify_db(path)
+    assert report.ok, report.render()
