@@ -30,8 +30,9 @@ import dataclasses
 import logging
 import os
 import secrets
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ from proxy.audit.chain import (
     genesis_hash,
     load_or_create_key,
     load_private_key,
+    read_checkpoint_file,
     repair_checkpoint_file,
     verifier_key,
 )
@@ -169,6 +171,9 @@ class SQLiteAuditLog:
         self._checkpoint_path = Path(cfg.checkpoint_file) if cfg.checkpoint_file else None
         self._wp: WriterProcess | None = None
         self._prune_lock = asyncio.Lock()
+        self._export_lock = asyncio.Lock()
+        self._file_through = 0  # every checkpoint in the database up to this size is in checkpoint_file
+        self._seen_restarts = 0
 
     # -- AuditSink -----------------------------------------------------------
 
@@ -224,6 +229,7 @@ class SQLiteAuditLog:
             await self._recover()
             if self.cfg.retention_days:
                 await self.prune()
+            await self._export_missing()
         except BaseException:
             await self._close()
             raise
@@ -261,6 +267,8 @@ class SQLiteAuditLog:
                 log.exception("audit: could not write the shutdown checkpoint")
         if self._exports:
             await asyncio.gather(*self._exports, return_exceptions=True)
+        if self._reader is not None:
+            await self._export_missing()
         await self._close()
         self._healthy = False
 
@@ -494,7 +502,10 @@ class SQLiteAuditLog:
     def _spawn_export(self, note: str) -> None:
         if self._checkpoint_path is None:
             return
-        task = asyncio.get_running_loop().create_task(self._export_checkpoint(note))
+        self._track_export(self._export_checkpoint(note))
+
+    def _track_export(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._exports.add(task)
         task.add_done_callback(self._exports.discard)
 
@@ -508,6 +519,12 @@ class SQLiteAuditLog:
             raise AuditUnavailable(f"the audit log cannot be written: {e}", rule="audit.durability") from None
 
     def _committed(self, seconds: float, records: int) -> None:
+        if self._wp is not None and self._wp.restarts != self._seen_restarts:
+            # The first commit of a restarted writer: the notes of commits whose answers died with the old
+            # one were never exported.
+            self._seen_restarts = self._wp.restarts
+            if self._checkpoint_path is not None and not self._stopping:
+                self._track_export(self._export_missing())
         if self.on_commit is not None:
             try:
                 self.on_commit(seconds, records)
@@ -524,10 +541,46 @@ class SQLiteAuditLog:
     async def _export_checkpoint(self, note: str) -> None:
         if self._checkpoint_path is None:
             return
+        async with self._export_lock:
+            if _note_size(note) <= self._file_through:
+                return  # already appended by _export_missing
+            try:
+                await asyncio.to_thread(append_checkpoint_file, self._checkpoint_path, note)
+            except OSError as e:
+                log.error("audit: could not append the checkpoint to %s: %s", self._checkpoint_path, e)
+
+    async def _export_missing(self) -> int:
+        """Append to ``checkpoint_file`` every checkpoint in the database that it lacks; returns how many.
+
+        A note reaches the file with the writer's answer; an answer lost with
+        a writer that died after its commit, or a checkpoint written by
+        another process on the database, leaves a gap.  Run at start, after a
+        writer restart and at stop.  Checkpoints below ``pruned_through`` are
+        skipped (verify does not compare them); the file gets whole notes, so
+        it may end up out of size order, which verify does not mind.
+        """
+        path = self._checkpoint_path
+        if path is None or self._reader is None:
+            return 0
+        db = self._reader.db
         try:
-            await asyncio.to_thread(append_checkpoint_file, self._checkpoint_path, note)
-        except OSError as e:
-            log.error("audit: could not append the checkpoint to %s: %s", self._checkpoint_path, e)
+            async with self._export_lock:
+                have = await asyncio.to_thread(_file_sizes, path, self.origin)
+                async with db.execute(
+                    "SELECT size, note FROM checkpoints WHERE size >= "
+                    "COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'pruned_through'), 0) ORDER BY size"
+                ) as cur:
+                    rows = [(int(r[0]), str(r[1])) for r in await cur.fetchall()]
+                missing = [note for size, note in rows if size not in have]
+                if missing:
+                    await asyncio.to_thread(append_checkpoint_file, path, "".join(missing))
+                    log.warning("audit: appended %d checkpoint notes missing from %s", len(missing), path)
+                if rows:
+                    self._file_through = max(self._file_through, rows[-1][0])
+        except (OSError, sqlite3.Error) as e:
+            log.error("audit: could not bring %s up to date with the database's checkpoints: %s", path, e)
+            return 0
+        return len(missing)
 
     # -- start-up ------------------------------------------------------------
 
@@ -761,6 +814,23 @@ class SQLiteAuditLog:
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+
+def _note_size(note: str) -> int:
+    """The tree size (second line) of a checkpoint note; 0 when unreadable."""
+    parts = note.split("\n", 2)
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
+
+
+def _file_sizes(path: Path, origin: str) -> set[int]:
+    """The sizes of this log's notes in a checkpoint file (blocking)."""
+    if not path.exists():
+        return set()
+    sizes = set()
+    for note in read_checkpoint_file(path).notes:
+        if note.split("\n", 1)[0] == origin:
+            sizes.add(_note_size(note))
+    return sizes
 
 
 def build_audit(cfg: Config) -> AuditSink | None:

@@ -543,3 +543,63 @@ async def test_stale_writer_markers_are_deleted_and_live_writers_keep_exactly_on
     assert ids == [f"live_{i}" for i in range(8)]
     report = await verify_db(path)
     assert report.ok, report.render()
+
+
+def _db_checkpoint_sizes(path: Path) -> set[int]:
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        return {int(r[0]) for r in db.execute("SELECT size FROM checkpoints")}
+    finally:
+        db.close()
+
+
+def _file_checkpoint_sizes(path: Path) -> list[int]:
+    from proxy.audit.chain import parse_checkpoint, read_checkpoint_file
+
+    return [parse_checkpoint(n).size for n in read_checkpoint_file(path).notes] if path.exists() else []
+
+
+async def test_start_appends_the_checkpoints_the_file_lacks(make_log: LogFactory, tmp_path: Path) -> None:
+    path, cp = tmp_path / "audit.db", tmp_path / "cp.txt"
+    log = await make_log(path, checkpoint_every=5)  # written while no checkpoint_file was set: none exported
+    for i in range(12):
+        await log.record_exchange(make_exchange(request_id=f"c{i}"))
+    await log.stop()
+    assert _db_checkpoint_sizes(path) == {5, 10, 12} and not cp.exists()
+    log = await make_log(path, checkpoint_every=5, checkpoint_file=str(cp))
+    assert sorted(_file_checkpoint_sizes(cp)) == [5, 10, 12]
+    await log.record_exchange(make_exchange(request_id="c12"))
+    await log.stop()
+    sizes = _file_checkpoint_sizes(cp)
+    assert sorted(sizes) == [5, 10, 12, 13] == sorted(set(sizes)), "each note once"
+    report = await verify_db(path, checkpoint_file=cp)
+    assert report.ok and report.external_checkpoints == 4, report.render()
+
+
+async def test_a_writer_restart_appends_the_checkpoints_the_file_lacks(make_log: LogFactory, tmp_path: Path) -> None:
+    """Notes not in the file (here: another process's, as after an answer lost with a dead writer) follow a restart."""
+    path, cp = tmp_path / "audit.db", tmp_path / "cp.txt"
+    log = await make_log(path, durability="sync", checkpoint_every=5, checkpoint_file=str(cp))
+    other = await make_log(path, durability="sync", checkpoint_every=5)
+    for i in range(7):
+        await other.record_exchange(make_exchange(request_id=f"o{i}"))
+    assert 5 in _db_checkpoint_sizes(path) and 5 not in _file_checkpoint_sizes(cp)
+    pid = log.writer_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        if log.writer_pid not in (None, pid):
+            break
+        await asyncio.sleep(0.01)
+    await log.record_exchange(make_exchange(request_id="after_restart"))
+    for _ in range(200):
+        if 5 in _file_checkpoint_sizes(cp):
+            break
+        await asyncio.sleep(0.01)
+    assert 5 in _file_checkpoint_sizes(cp), "the restart's first commit brought the file up to date"
+    await other.stop()
+    await log.stop()
+    sizes = _file_checkpoint_sizes(cp)
+    assert set(sizes) == _db_checkpoint_sizes(path) and len(sizes) == len(set(sizes)), sizes
+    report = await verify_db(path, checkpoint_file=cp)
+    assert report.ok, report.render()
