@@ -97,35 +97,59 @@ class Warden:
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.upstream.start()
-        if self.audit is not None:
-            await self.audit.start()
-            self.services["audit"] = self.audit
-            self.metrics.bind_audit(self.audit)
-        for plugin in self.chain.plugins:
-            ctx = PluginContext(
-                config=self.config,
-                section=plugin.section,
-                services=self.services,
-                audit_event=self.record_event,
-            )
-            await plugin.start(ctx)
-            self.admin_routes.extend(ctx.admin_routes)
+        """Start the upstream client, the audit store and every plugin, in that order.
+
+        When any step fails, what already started is stopped again before the
+        error propagates — plugins in reverse (the failing one too, so it can
+        release what it opened before raising), then the audit store (its
+        writer process reaped) and the clients.  Otherwise the store's
+        threads and writer child would keep the process from exiting.
+        """
+        started: list[Plugin] = []
+        try:
+            await self.upstream.start()
+            if self.audit is not None:
+                await self.audit.start()
+                self.services["audit"] = self.audit
+                self.metrics.bind_audit(self.audit)
+            for plugin in self.chain.plugins:
+                ctx = PluginContext(
+                    config=self.config,
+                    section=plugin.section,
+                    services=self.services,
+                    audit_event=self.record_event,
+                )
+                started.append(plugin)
+                try:
+                    await plugin.start(ctx)
+                except Exception as e:
+                    log.error("plugin %s failed to start: %s: %s", plugin.name, type(e).__name__, e)
+                    raise
+                self.admin_routes.extend(ctx.admin_routes)
+        except BaseException:
+            await self._shutdown(started)
+            raise
         self.ready = True
 
     async def stop(self) -> None:
+        await self._shutdown(self.chain.plugins)
+
+    async def _shutdown(self, plugins: list[Plugin]) -> None:
+        """Stop ``plugins`` (in reverse), the audit store and the clients; every step runs even when one fails."""
         self.ready = False
-        for plugin in reversed(self.chain.plugins):
+        for plugin in reversed(plugins):
             try:
                 await plugin.stop()
             except Exception:
                 log.exception("plugin %s failed to stop cleanly", plugin.name)
-        if self.audit is not None:
-            await self.audit.stop()
-        await self.upstream.close()
-        await self.auth.close()
-        if self.tracing is not None:
-            await self.tracing.shutdown()
+        try:
+            if self.audit is not None:
+                await self.audit.stop()
+        finally:
+            await self.upstream.close()
+            await self.auth.close()
+            if self.tracing is not None:
+                await self.tracing.shutdown()
 
     async def reload(self, path: str | None = None) -> dict[str, Any]:
         """Re-read the config file and apply plugin sections (policy, tools, limits...).

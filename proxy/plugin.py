@@ -88,7 +88,12 @@ class Plugin:
         """Called once when the server starts, before it is ready."""
 
     async def stop(self) -> None:
-        """Called once at shutdown, after in-flight requests drained."""
+        """Called once at shutdown, after in-flight requests drained.
+
+        Also called when the server's start failed after this plugin's
+        ``start`` was entered (its own or a later one's failed), so it must
+        cope with a start that did not finish.
+        """
 
     async def reload(self, section: Any, **extra_sections: Any) -> None:
         """Apply a new validated config section (SIGHUP / file change).

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.app import Warden
 from proxy.config import Config, parse_hostport
+from proxy.errors import ConfigError
 
 log = logging.getLogger("warden")
 
@@ -57,7 +58,14 @@ def build_warden(config: Config) -> Warden:
 
 async def run(config: Config, *, watch_interval_s: float = 2.0) -> int:
     w = build_warden(config)
-    await w.start()
+    try:
+        await w.start()
+    except ConfigError:
+        raise  # reported by the CLI, naming the key (exit 2)
+    except Exception as e:
+        # Warden.start has stopped what it started (the audit writer included), so the process can exit.
+        log.error("cannot start: %s: %s", type(e).__name__, e)
+        return 1
     host, port = parse_hostport(config.server.listen, "server.listen")
     ahost, aport = parse_hostport(config.server.admin_listen, "server.admin_listen")
     data_runner = web.AppRunner(w.data_app(), access_log=None, handle_signals=False, shutdown_timeout=config.server.drain_s)

@@ -30,8 +30,9 @@ import dataclasses
 import logging
 import os
 import secrets
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ from proxy.audit.chain import (
     genesis_hash,
     load_or_create_key,
     load_private_key,
+    read_checkpoint_file,
     repair_checkpoint_file,
     verifier_key,
 )
@@ -142,6 +144,13 @@ class SQLiteAuditLog:
     called after every successful group commit.
     """
 
+    prune_chunk = 2000
+    """Records deleted per retention transaction (a few ms to tens of ms of write lock)."""
+    prune_pause_s = 0.01
+    """Least pause between two retention chunks (it is at least as long as the chunk took)."""
+    stale_writer_s = 86_400.0
+    """A writer's batch marker unchanged this long after a start first saw it is deleted (see :meth:`_forget_stale_writers`)."""
+
     def __init__(
         self,
         cfg: AuditConfig,
@@ -182,6 +191,10 @@ class SQLiteAuditLog:
         self._key: Ed25519PrivateKey | None = None
         self._checkpoint_path = Path(cfg.checkpoint_file) if cfg.checkpoint_file else None
         self._wp: WriterProcess | None = None
+        self._prune_lock = asyncio.Lock()
+        self._export_lock = asyncio.Lock()
+        self._file_through = 0  # every checkpoint in the database up to this size is in checkpoint_file
+        self._seen_restarts = 0
 
     # -- AuditSink -----------------------------------------------------------
 
@@ -220,6 +233,7 @@ class SQLiteAuditLog:
             await db.execute("PRAGMA busy_timeout = 10000")
             await db.execute("PRAGMA journal_mode = WAL")
             await self._init_schema()
+            await self._forget_stale_writers()
             self._wp = WriterProcess(
                 str(self.path),
                 synchronous="FULL" if self.sync and self.cfg.fsync else "NORMAL",
@@ -236,6 +250,7 @@ class SQLiteAuditLog:
             await self._recover()
             if self.cfg.retention_days:
                 await self.prune()
+            await self._export_missing()
         except BaseException:
             await self._close()
             raise
@@ -273,6 +288,8 @@ class SQLiteAuditLog:
                 log.exception("audit: could not write the shutdown checkpoint")
         if self._exports:
             await asyncio.gather(*self._exports, return_exceptions=True)
+        if self._reader is not None:
+            await self._export_missing()
         await self._close()
         self._healthy = False
 
@@ -517,7 +534,10 @@ class SQLiteAuditLog:
     def _spawn_export(self, note: str) -> None:
         if self._checkpoint_path is None:
             return
-        task = asyncio.get_running_loop().create_task(self._export_checkpoint(note))
+        self._track_export(self._export_checkpoint(note))
+
+    def _track_export(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._exports.add(task)
         task.add_done_callback(self._exports.discard)
 
@@ -531,6 +551,12 @@ class SQLiteAuditLog:
             raise AuditUnavailable(f"the audit log cannot be written: {e}", rule="audit.durability") from None
 
     def _committed(self, seconds: float, records: int) -> None:
+        if self._wp is not None and self._wp.restarts != self._seen_restarts:
+            # The first commit of a restarted writer: the notes of commits whose answers died with the old
+            # one were never exported.
+            self._seen_restarts = self._wp.restarts
+            if self._checkpoint_path is not None and not self._stopping:
+                self._track_export(self._export_missing())
         if self.on_commit is not None:
             try:
                 self.on_commit(seconds, records)
@@ -547,10 +573,46 @@ class SQLiteAuditLog:
     async def _export_checkpoint(self, note: str) -> None:
         if self._checkpoint_path is None:
             return
+        async with self._export_lock:
+            if _note_size(note) <= self._file_through:
+                return  # already appended by _export_missing
+            try:
+                await asyncio.to_thread(append_checkpoint_file, self._checkpoint_path, note)
+            except OSError as e:
+                log.error("audit: could not append the checkpoint to %s: %s", self._checkpoint_path, e)
+
+    async def _export_missing(self) -> int:
+        """Append to ``checkpoint_file`` every checkpoint in the database that it lacks; returns how many.
+
+        A note reaches the file with the writer's answer; an answer lost with
+        a writer that died after its commit, or a checkpoint written by
+        another process on the database, leaves a gap.  Run at start, after a
+        writer restart and at stop.  Checkpoints below ``pruned_through`` are
+        skipped (verify does not compare them); the file gets whole notes, so
+        it may end up out of size order, which verify does not mind.
+        """
+        path = self._checkpoint_path
+        if path is None or self._reader is None:
+            return 0
+        db = self._reader.db
         try:
-            await asyncio.to_thread(append_checkpoint_file, self._checkpoint_path, note)
-        except OSError as e:
-            log.error("audit: could not append the checkpoint to %s: %s", self._checkpoint_path, e)
+            async with self._export_lock:
+                have = await asyncio.to_thread(_file_sizes, path, self.origin)
+                async with db.execute(
+                    "SELECT size, note FROM checkpoints WHERE size >= "
+                    "COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'pruned_through'), 0) ORDER BY size"
+                ) as cur:
+                    rows = [(int(r[0]), str(r[1])) for r in await cur.fetchall()]
+                missing = [note for size, note in rows if size not in have]
+                if missing:
+                    await asyncio.to_thread(append_checkpoint_file, path, "".join(missing))
+                    log.warning("audit: appended %d checkpoint notes missing from %s", len(missing), path)
+                if rows:
+                    self._file_through = max(self._file_through, rows[-1][0])
+        except (OSError, sqlite3.Error) as e:
+            log.error("audit: could not bring %s up to date with the database's checkpoints: %s", path, e)
+            return 0
+        return len(missing)
 
     # -- start-up ------------------------------------------------------------
 
@@ -609,6 +671,53 @@ class SQLiteAuditLog:
             pub = self.key_path.with_name(self.key_path.name + ".pub")
             await asyncio.to_thread(pub.write_text, self.verifier + "\n")
 
+    async def _forget_stale_writers(self) -> None:
+        """Delete the batch markers of writers that stopped committing long ago (servers that crashed).
+
+        Every server run's writer keeps ``meta['writer:<token>']`` (the highest
+        batch id it committed, see :mod:`proxy.audit.writer`); a clean stop
+        deletes it, a crash leaves it.  Only that run reads it — its writer,
+        to skip resent frames, and the run itself after its writer died — and
+        only in the seconds between a commit and learning its outcome.  Several
+        processes may share the file, so whether an owner still runs cannot be
+        told from here (another host's pid namespace, a container); instead
+        each start notes the value it sees (``meta['writer-seen:<token>']`` =
+        ``"<value> <µs>"``), and a marker whose value has not changed for
+        ``stale_writer_s`` since a start first saw it is deleted, with its
+        note.  Its owner, if it still runs, has committed nothing since, so no
+        commit of it awaits an outcome; its next commit writes the marker
+        again.  Notes whose marker is gone (a clean stop) are deleted too.
+        """
+        db = self._db
+        assert db is not None
+        now = _now_us()
+        bound = int(self.stale_writer_s * 1_000_000)
+        forgotten = 0
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            async with db.execute("SELECT key, value FROM meta WHERE key LIKE 'writer:%' OR key LIKE 'writer-seen:%'") as cur:
+                rows = {str(k): str(v) for k, v in await cur.fetchall()}
+            for key, value in rows.items():
+                if not key.startswith("writer:"):
+                    if "writer:" + key[len("writer-seen:") :] not in rows:
+                        await db.execute("DELETE FROM meta WHERE key = ?", (key,))
+                    continue
+                seen_key = "writer-seen:" + key[len("writer:") :]
+                seen_value, _, seen_at = rows.get(seen_key, "").partition(" ")
+                if seen_value == value and seen_at.isdigit() and now - int(seen_at) >= bound:
+                    await db.execute("DELETE FROM meta WHERE key IN (?, ?)", (key, seen_key))
+                    forgotten += 1
+                elif seen_value != value or not seen_at.isdigit():
+                    await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (seen_key, f"{value} {now}"))
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
+        if forgotten:
+            self.recovery["stale_writer_markers"] = forgotten
+            log.info("audit: deleted %d batch markers of writers idle for %.0f s or more (servers that did not stop cleanly)", forgotten, self.stale_writer_s)
+
     async def _recover(self) -> None:
         """Repair what a crash can leave: a torn checkpoint-file note, an unsealed tail."""
         if self._checkpoint_path is not None:
@@ -631,13 +740,45 @@ class SQLiteAuditLog:
     async def prune(self, now_us: int | None = None) -> int:
         """Delete records older than ``retention_days``, up to a checkpoint (kept).
 
-        Returns the new pruned-through sequence number (0 when nothing moved).
+        First one short transaction moves ``meta['pruned_through']`` to the
+        newest checkpoint at or before the first young record; then the
+        records at or below it are deleted in chunks of ``prune_chunk``, each
+        its own short ``BEGIN IMMEDIATE`` transaction, with a pause between
+        chunks at least as long as the chunk took.  So the write lock is never
+        held for long: the writer process (and other Warden processes on the
+        file) commit between chunks instead of waiting past their busy
+        timeout.
+
+        An interrupted prune (crash, stop) leaves records below the mark; the
+        log still verifies (``partial_prune`` warning: the checkpoint at the
+        mark vouches for them through the chain) and the next prune deletes
+        them first.  Returns the pruned-through sequence number of the records
+        this call deleted (0 when nothing was deleted).
         """
         if not self.cfg.retention_days:
             return 0
         db = self._db
         assert db is not None
         cutoff = (now_us or _now_us()) - self.cfg.retention_days * 86_400 * 1_000_000
+        async with self._prune_lock:
+            through = await self._prune_mark(db, cutoff)
+            if not through:
+                return 0
+            deleted = await self._prune_delete(db, through)
+        if not deleted:
+            return 0
+        log.info("audit: retention pruned %d records through seq %d", deleted, through)
+        data = {"through": through, "deleted": deleted, "cutoff_us": cutoff}
+        if self._writer is not None and not self._stopping:
+            await self.record_event("retention_prune", {"subject": "warden"}, data)
+        else:
+            note = await self._append([self.projector.event("retention_prune", {"subject": "warden"}, data, ts=time.time())])
+            if note is not None:
+                await self._export_checkpoint(note)
+        return through
+
+    async def _prune_mark(self, db: aiosqlite.Connection, cutoff: int) -> int:
+        """Move ``pruned_through`` to the newest checkpoint eligible for ``cutoff``; the mark to delete through (0: none)."""
         await db.execute("BEGIN IMMEDIATE")
         try:
             async with db.execute("SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'pruned_through'), 0)") as cur:
@@ -650,34 +791,42 @@ class SQLiteAuditLog:
                     bound = int((await cur.fetchone() or (0,))[0])
             async with db.execute("SELECT MAX(size) FROM checkpoints WHERE size > ? AND size <= ?", (pruned, bound)) as cur:
                 row = await cur.fetchone()
-            through = int(row[0]) if row is not None and row[0] is not None else 0
-            if not through:
-                await db.execute("COMMIT")
-                return 0
-            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_through', ?)", (str(through),))
-            cur2 = await db.execute("DELETE FROM records WHERE seq <= ?", (through,))
-            deleted = cur2.rowcount
-            await cur2.close()
+            moved = int(row[0]) if row is not None and row[0] is not None else 0
+            if moved:
+                await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_through', ?)", (str(moved),))
             await db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
                 await db.execute("ROLLBACK")
             raise
-        log.info("audit: retention pruned %d records through seq %d", deleted, through)
-        if self._writer is not None and not self._stopping:
-            await self.record_event("retention_prune", {"subject": "warden"}, {"through": through, "deleted": deleted, "cutoff_us": cutoff})
-        else:
-            await self._append(
-                [
-                    self.projector.event(
-                        "retention_prune",
-                        {"subject": "warden"},
-                        {"through": through, "deleted": deleted, "cutoff_us": cutoff},
-                        ts=time.time(),
-                    )
-                ]
-            )
-        return through
+        return moved or pruned
+
+    async def _prune_delete(self, db: aiosqlite.Connection, through: int) -> int:
+        """Delete the records at or below ``through`` in short transactions; returns how many."""
+        deleted = 0
+        while True:
+            t0 = time.monotonic()
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                async with db.execute("SELECT MIN(seq) FROM records") as cur:
+                    row = await cur.fetchone()
+                lo = int(row[0]) if row is not None and row[0] is not None else None
+                if lo is None or lo > through:
+                    await db.execute("COMMIT")
+                    return deleted
+                hi = min(through, lo + self.prune_chunk - 1)
+                cur2 = await db.execute("DELETE FROM records WHERE seq <= ?", (hi,))
+                deleted += cur2.rowcount
+                await cur2.close()
+                await db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await db.execute("ROLLBACK")
+                raise
+            if hi >= through:
+                return deleted
+            # Let the writer (and other processes) in: they poll for the lock while it is held.
+            await asyncio.sleep(max(self.prune_pause_s, time.monotonic() - t0))
 
     async def _prune_loop(self) -> None:
         while True:
@@ -697,6 +846,23 @@ class SQLiteAuditLog:
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+
+def _note_size(note: str) -> int:
+    """The tree size (second line) of a checkpoint note; 0 when unreadable."""
+    parts = note.split("\n", 2)
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
+
+
+def _file_sizes(path: Path, origin: str) -> set[int]:
+    """The sizes of this log's notes in a checkpoint file (blocking)."""
+    if not path.exists():
+        return set()
+    sizes = set()
+    for note in read_checkpoint_file(path).notes:
+        if note.split("\n", 1)[0] == origin:
+            sizes.add(_note_size(note))
+    return sizes
 
 
 def build_audit(cfg: Config) -> AuditSink | None:

@@ -10,8 +10,10 @@ missing at the end that a checkpoint covers (``truncated``), index columns that
 disagree with the hashed record (``index_mismatch``).
 
 Warnings (exit code 0): an unsealed tail — records after the last checkpoint,
-left by an unclean stop and sealed at the next start — and a torn last note
-in the checkpoint file.  Both are what a crash leaves, not tampering.
+left by an unclean stop and sealed at the next start —, a torn last note
+in the checkpoint file, and an interrupted retention prune (``partial_prune``:
+records still below ``pruned_through``, deleted by the next prune).  All are
+what a crash leaves, not tampering.
 
 A chain kept only in its own database cannot prove its tail was not cut:
 pass the latest checkpoint kept elsewhere (``--checkpoint FILE``) and the
@@ -210,7 +212,21 @@ async def _verify(reader: AuditReader, report: Report, keys: list[str] | None, c
         report.records += 1
         if report.first_seq is None:
             report.first_seq = seq
-            if seq == 1:
+            if seq <= pruned:
+                # Retention marks pruned_through first, then deletes in chunks: an interrupted (or running)
+                # prune leaves records seq..pruned, vouched for by the checkpoint at the mark via the chain.
+                if pruned in cps:
+                    report.add(
+                        "warning",
+                        "partial_prune",
+                        f"retention pruning through {pruned} was interrupted or is running: records {seq}..{pruned} are "
+                        "still there; the next prune deletes them",
+                        seq,
+                    )
+                else:
+                    report.add("fault", "deleted", f"records were pruned through {pruned} but no checkpoint at {pruned} vouches for the cut", seq)
+                expected_prev = genesis_hash(origin) if seq == 1 else (cps[seq - 1].head if seq - 1 in cps else None)
+            elif seq == 1:
                 expected_prev = genesis_hash(origin)
             elif seq - 1 == pruned and pruned in cps:
                 expected_prev = cps[pruned].head
