@@ -144,6 +144,9 @@ async def verify_db(path: Path, *, keys: list[str] | None = None, checkpoint_fil
     report = Report(str(path))
     reader = await AuditReader.open(path)
     try:
+        # One read transaction: every query below sees the same snapshot. Paged reads outside one would
+        # see a prune or an append that commits meanwhile as a gap (a "deleted" record that never was).
+        await reader.db.execute("BEGIN")
         await _verify(reader, report, keys, checkpoint_file)
     finally:
         await reader.close()

@@ -677,3 +677,25 @@ async def test_a_writer_restart_appends_the_checkpoints_the_file_lacks(make_log:
     assert set(sizes) == _db_checkpoint_sizes(path) and len(sizes) == len(set(sizes)), sizes
     report = await verify_db(path, checkpoint_file=cp)
     assert report.ok, report.render()
+
+
+async def test_verify_reads_one_snapshot_while_a_prune_runs(make_log: LogFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prune that commits between verify's pages is not reported as deleted records."""
+    import proxy.audit.verify as verify
+
+    log = await make_log(durability="sync", fsync=False, checkpoint_every=5, retention_days=30)
+    await _old_records(log, 40)
+    await log.record_exchange(make_exchange(request_id="young"))
+    real = verify._rows
+    pruned: list[int] = []
+
+    async def prune_after_the_first_page(reader, page=1000):  # type: ignore[no-untyped-def]
+        async for row in real(reader, page=3):
+            yield row
+            if not pruned:
+                pruned.append(await log.prune())
+
+    monkeypatch.setattr(verify, "_rows", prune_after_the_first_page)
+    report = await verify_db(log.path)
+    assert pruned and pruned[0] > 0 and _min_seq(log.path) > 1, "the prune ran while verify read"
+    assert report.ok, report.findings
