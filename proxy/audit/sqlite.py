@@ -8,7 +8,7 @@ one fsync per group, not per request.  Each group is one ``BEGIN IMMEDIATE``
 transaction that reads the chain head, appends, moves the head and (every
 ``checkpoint_every`` records) writes a signed checkpoint — so several
 processes writing one database keep one correct chain.  The schema, start-up
-repair and retention run on an aiosqlite connection of the server's own;
+repair and retention (:mod:`proxy.audit.upkeep`) run on an aiosqlite connection of the server's own;
 queries on a second one.
 
 Durability:
@@ -44,12 +44,12 @@ from proxy.audit.chain import (
     genesis_hash,
     load_or_create_key,
     load_private_key,
-    read_checkpoint_file,
     repair_checkpoint_file,
     verifier_key,
 )
 from proxy.audit.reader import AuditReader
 from proxy.audit.record import Prepared, Projector
+from proxy.audit.upkeep import SCHEMA, file_sizes, forget_stale_writers, note_size, prune_delete, prune_mark, wall_us
 from proxy.audit.writer import AppendResult, WriterError, WriterGone, WriterProcess
 from proxy.config import AuditConfig
 from proxy.errors import AuditUnavailable, ConfigError
@@ -60,45 +60,6 @@ if TYPE_CHECKING:
     from proxy.config import Config
 
 log = logging.getLogger("warden.audit")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY,
-    ts_us INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    request_id TEXT,
-    tenant TEXT,
-    subject TEXT,
-    tools TEXT,
-    call_ids TEXT,
-    status INTEGER,
-    prev_hash BLOB NOT NULL,
-    hash BLOB NOT NULL,
-    body BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS records_request ON records (request_id);
-CREATE INDEX IF NOT EXISTS records_tenant_ts ON records (tenant, ts_us);
-CREATE INDEX IF NOT EXISTS records_ts ON records (ts_us);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    size INTEGER PRIMARY KEY,
-    hash BLOB NOT NULL,
-    note TEXT NOT NULL,
-    created_us INTEGER NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, verifier TEXT NOT NULL, added_us INTEGER NOT NULL);
-CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
-BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
-WHEN OLD.seq > COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'pruned_through'), 0)
-BEGIN SELECT RAISE(ABORT, 'audit records are append-only (only retention pruning deletes)'); END;
-CREATE TRIGGER IF NOT EXISTS checkpoints_no_update BEFORE UPDATE ON checkpoints
-BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS checkpoints_no_delete BEFORE DELETE ON checkpoints
-BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
-"""
 
 _STOP = object()
 _WAKE = object()
@@ -130,10 +91,6 @@ def _groups(items: list[_Item], max_records: int) -> list[list[_Item]]:
     if group:
         out.append(group)
     return out
-
-
-def _now_us() -> int:
-    return int(time.time() * 1_000_000)
 
 
 class SQLiteAuditLog:
@@ -574,7 +531,7 @@ class SQLiteAuditLog:
         if self._checkpoint_path is None:
             return
         async with self._export_lock:
-            if _note_size(note) <= self._file_through:
+            if note_size(note) <= self._file_through:
                 return  # already appended by _export_missing
             try:
                 await asyncio.to_thread(append_checkpoint_file, self._checkpoint_path, note)
@@ -597,7 +554,7 @@ class SQLiteAuditLog:
         db = self._reader.db
         try:
             async with self._export_lock:
-                have = await asyncio.to_thread(_file_sizes, path, self.origin)
+                have = await asyncio.to_thread(file_sizes, path, self.origin)
                 async with db.execute(
                     "SELECT size, note FROM checkpoints WHERE size >= "
                     "COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'pruned_through'), 0) ORDER BY size"
@@ -651,7 +608,7 @@ class SQLiteAuditLog:
             if row is None:
                 origin = self.cfg.origin or f"warden-audit/{secrets.token_hex(8)}"
                 await db.execute(
-                    "INSERT INTO meta (key, value) VALUES ('origin', ?), ('created_us', ?), ('schema', '1')", (origin, str(_now_us()))
+                    "INSERT INTO meta (key, value) VALUES ('origin', ?), ('created_us', ?), ('schema', '1')", (origin, str(wall_us()))
                 )
                 await db.execute("INSERT INTO head (id, seq, hash) VALUES (1, 0, ?)", (genesis_hash(origin),))
             else:
@@ -661,7 +618,7 @@ class SQLiteAuditLog:
             self.origin = origin
             self.verifier = verifier_key(origin, self._key.public_key())
             kid = self.verifier.split("+")[1]
-            await db.execute("INSERT OR IGNORE INTO keys (key_id, verifier, added_us) VALUES (?,?,?)", (kid, self.verifier, _now_us()))
+            await db.execute("INSERT OR IGNORE INTO keys (key_id, verifier, added_us) VALUES (?,?,?)", (kid, self.verifier, wall_us()))
             await db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
@@ -690,30 +647,7 @@ class SQLiteAuditLog:
         """
         db = self._db
         assert db is not None
-        now = _now_us()
-        bound = int(self.stale_writer_s * 1_000_000)
-        forgotten = 0
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            async with db.execute("SELECT key, value FROM meta WHERE key LIKE 'writer:%' OR key LIKE 'writer-seen:%'") as cur:
-                rows = {str(k): str(v) for k, v in await cur.fetchall()}
-            for key, value in rows.items():
-                if not key.startswith("writer:"):
-                    if "writer:" + key[len("writer-seen:") :] not in rows:
-                        await db.execute("DELETE FROM meta WHERE key = ?", (key,))
-                    continue
-                seen_key = "writer-seen:" + key[len("writer:") :]
-                seen_value, _, seen_at = rows.get(seen_key, "").partition(" ")
-                if seen_value == value and seen_at.isdigit() and now - int(seen_at) >= bound:
-                    await db.execute("DELETE FROM meta WHERE key IN (?, ?)", (key, seen_key))
-                    forgotten += 1
-                elif seen_value != value or not seen_at.isdigit():
-                    await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (seen_key, f"{value} {now}"))
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await db.execute("ROLLBACK")
-            raise
+        forgotten = await forget_stale_writers(db, wall_us(), int(self.stale_writer_s * 1_000_000))
         if forgotten:
             self.recovery["stale_writer_markers"] = forgotten
             log.info("audit: deleted %d batch markers of writers idle for %.0f s or more (servers that did not stop cleanly)", forgotten, self.stale_writer_s)
@@ -759,12 +693,12 @@ class SQLiteAuditLog:
             return 0
         db = self._db
         assert db is not None
-        cutoff = (now_us or _now_us()) - self.cfg.retention_days * 86_400 * 1_000_000
+        cutoff = (now_us or wall_us()) - self.cfg.retention_days * 86_400 * 1_000_000
         async with self._prune_lock:
-            through = await self._prune_mark(db, cutoff)
+            through = await prune_mark(db, cutoff)
             if not through:
                 return 0
-            deleted = await self._prune_delete(db, through)
+            deleted = await prune_delete(db, through, self.prune_chunk, self.prune_pause_s)
         if not deleted:
             return 0
         log.info("audit: retention pruned %d records through seq %d", deleted, through)
@@ -776,57 +710,6 @@ class SQLiteAuditLog:
             if note is not None:
                 await self._export_checkpoint(note)
         return through
-
-    async def _prune_mark(self, db: aiosqlite.Connection, cutoff: int) -> int:
-        """Move ``pruned_through`` to the newest checkpoint eligible for ``cutoff``; the mark to delete through (0: none)."""
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            async with db.execute("SELECT COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'pruned_through'), 0)") as cur:
-                pruned = int((await cur.fetchone() or (0,))[0])
-            async with db.execute("SELECT MIN(seq) FROM records WHERE ts_us >= ?", (cutoff,)) as cur:
-                row = await cur.fetchone()
-            bound = (int(row[0]) - 1) if row is not None and row[0] is not None else None
-            if bound is None:
-                async with db.execute("SELECT seq FROM head WHERE id = 1") as cur:
-                    bound = int((await cur.fetchone() or (0,))[0])
-            async with db.execute("SELECT MAX(size) FROM checkpoints WHERE size > ? AND size <= ?", (pruned, bound)) as cur:
-                row = await cur.fetchone()
-            moved = int(row[0]) if row is not None and row[0] is not None else 0
-            if moved:
-                await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_through', ?)", (str(moved),))
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await db.execute("ROLLBACK")
-            raise
-        return moved or pruned
-
-    async def _prune_delete(self, db: aiosqlite.Connection, through: int) -> int:
-        """Delete the records at or below ``through`` in short transactions; returns how many."""
-        deleted = 0
-        while True:
-            t0 = time.monotonic()
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                async with db.execute("SELECT MIN(seq) FROM records") as cur:
-                    row = await cur.fetchone()
-                lo = int(row[0]) if row is not None and row[0] is not None else None
-                if lo is None or lo > through:
-                    await db.execute("COMMIT")
-                    return deleted
-                hi = min(through, lo + self.prune_chunk - 1)
-                cur2 = await db.execute("DELETE FROM records WHERE seq <= ?", (hi,))
-                deleted += cur2.rowcount
-                await cur2.close()
-                await db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await db.execute("ROLLBACK")
-                raise
-            if hi >= through:
-                return deleted
-            # Let the writer (and other processes) in: they poll for the lock while it is held.
-            await asyncio.sleep(max(self.prune_pause_s, time.monotonic() - t0))
 
     async def _prune_loop(self) -> None:
         while True:
@@ -846,23 +729,6 @@ class SQLiteAuditLog:
         if self._db is not None:
             await self._db.close()
             self._db = None
-
-
-def _note_size(note: str) -> int:
-    """The tree size (second line) of a checkpoint note; 0 when unreadable."""
-    parts = note.split("\n", 2)
-    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
-
-
-def _file_sizes(path: Path, origin: str) -> set[int]:
-    """The sizes of this log's notes in a checkpoint file (blocking)."""
-    if not path.exists():
-        return set()
-    sizes = set()
-    for note in read_checkpoint_file(path).notes:
-        if note.split("\n", 1)[0] == origin:
-            sizes.add(_note_size(note))
-    return sizes
 
 
 def build_audit(cfg: Config) -> AuditSink | None:
