@@ -205,8 +205,6 @@ class SQLiteAuditLog:
             self._reader = AuditReader(await aiosqlite.connect(str(self.path)))
             await self._reader.db.execute("PRAGMA busy_timeout = 10000")
             await self._recover()
-            if self.cfg.retention_days:
-                await self.prune()
             await self._export_missing()
         except BaseException:
             await self._close()
@@ -712,12 +710,14 @@ class SQLiteAuditLog:
         return through
 
     async def _prune_loop(self) -> None:
+        """Prune at once, then hourly: in the background, so that a backlog (retention turned on for a
+        large log, a long downtime) does not hold up readiness while it is deleted chunk by chunk."""
         while True:
-            await asyncio.sleep(_PRUNE_EVERY_S)
             try:
                 await self.prune()
             except Exception:
                 log.exception("audit: retention pruning failed")
+            await asyncio.sleep(_PRUNE_EVERY_S)
 
     async def _close(self) -> None:
         if self._wp is not None:

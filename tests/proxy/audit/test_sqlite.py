@@ -699,3 +699,25 @@ async def test_verify_reads_one_snapshot_while_a_prune_runs(make_log: LogFactory
     report = await verify_db(log.path)
     assert pruned and pruned[0] > 0 and _min_seq(log.path) > 1, "the prune ran while verify read"
     assert report.ok, report.findings
+
+
+async def test_a_retention_backlog_is_pruned_in_the_background_after_start(make_log: LogFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turning retention on for a large log must not hold up readiness while the backlog is deleted."""
+    first = await make_log(durability="sync", fsync=False, checkpoint_every=5)
+    await _old_records(first, 40)
+    await first.record_exchange(make_exchange(request_id="young"))
+    await first.stop()
+    monkeypatch.setattr(SQLiteAuditLog, "prune_chunk", 4)
+    monkeypatch.setattr(SQLiteAuditLog, "prune_pause_s", 0.05)
+    t0 = time.monotonic()
+    log = await make_log(first.path, durability="sync", fsync=False, checkpoint_every=5, retention_days=30)
+    started_in = time.monotonic() - t0
+    assert log.healthy and _min_seq(log.path) == 1, "ready before the backlog is gone"
+    await log.record_exchange(make_exchange(request_id="while_pruning"))
+    for _ in range(400):
+        if _min_seq(log.path) > 40:
+            break
+        await asyncio.sleep(0.01)
+    assert _min_seq(log.path) == 41 and started_in < 0.5, started_in
+    await log.stop()
+    assert (await verify_db(log.path)).ok
