@@ -246,7 +246,8 @@ async def test_two_writers_on_one_database_keep_one_chain(make_log: LogFactory, 
 
 
 async def test_retention_prunes_to_a_checkpoint_and_verify_stays_green(make_log: LogFactory, tmp_path: Path) -> None:
-    log = await make_log(durability="sync", checkpoint_every=5, retention_days=30)
+    log = await make_log(durability="sync", checkpoint_every=5)
+    log.cfg.retention_days = 30  # after start: no background prune races the records this test writes
     old = time.time() - 40 * 86400
     for i in range(12):
         ex = make_exchange(request_id=f"old_{i}")
@@ -506,7 +507,8 @@ def _min_seq(path: Path) -> int:
 
 async def test_retention_deletes_in_short_transactions_that_appends_interleave_with(make_log: LogFactory) -> None:
     """A prune never holds the write lock for the whole cut: records commit between its chunks."""
-    log = await make_log(durability="sync", fsync=False, checkpoint_every=5, retention_days=30)
+    log = await make_log(durability="sync", fsync=False, checkpoint_every=5)
+    log.cfg.retention_days = 30  # after start: no background prune races the records this test writes
     await _old_records(log, 60)
     log.prune_chunk = 7
     pruning = asyncio.create_task(log.prune())
@@ -527,7 +529,8 @@ async def test_retention_deletes_in_short_transactions_that_appends_interleave_w
 
 
 async def test_an_interrupted_prune_verifies_and_the_next_one_finishes_it(make_log: LogFactory, tmp_path: Path) -> None:
-    log = await make_log(durability="sync", fsync=False, checkpoint_every=5, retention_days=30, checkpoint_file=str(tmp_path / "cp.txt"))
+    log = await make_log(durability="sync", fsync=False, checkpoint_every=5, checkpoint_file=str(tmp_path / "cp.txt"))
+    log.cfg.retention_days = 30  # after start: no background prune races the records this test writes
     await _old_records(log, 40)
     await log.record_exchange(make_exchange(request_id="young"))
     log.prune_chunk = 6
@@ -683,7 +686,8 @@ async def test_verify_reads_one_snapshot_while_a_prune_runs(make_log: LogFactory
     """A prune that commits between verify's pages is not reported as deleted records."""
     import proxy.audit.verify as verify
 
-    log = await make_log(durability="sync", fsync=False, checkpoint_every=5, retention_days=30)
+    log = await make_log(durability="sync", fsync=False, checkpoint_every=5)
+    log.cfg.retention_days = 30  # after start: no background prune races the records this test writes
     await _old_records(log, 40)
     await log.record_exchange(make_exchange(request_id="young"))
     real = verify._rows
