@@ -488,14 +488,11 @@ def _system_hash(body: dict[str, Any], cache: _HashCache | None = None) -> str |
 
 
 def _tool_results_from(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tool messages of a request: read like ``Exchange.tool_results`` (``tool_call_id``, ``name``, ``content``)."""
     msgs = body.get("messages")
     if not isinstance(msgs, list):
         return []
-    return [
-        {"tool_call_id": m.get("tool_call_id"), "name": m.get("name"), "content": m.get("content")}
-        for m in msgs
-        if isinstance(m, dict) and m.get("role") == "tool"
-    ]
+    return [m for m in msgs if isinstance(m, dict) and m.get("role") == "tool"]
 
 
 def _chunk(r: Any) -> dict[str, Any]:

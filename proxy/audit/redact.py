@@ -640,7 +640,7 @@ class _HyperscanNeedles:
         found: set[int] = set()
         data = raw if raw.isascii() else raw.decode().lower().encode()
         try:
-            self.db.scan(data, match_event_handler=_add_id, context=found)
+            self.db.scan(data, _add_id, 0, found)  # (data, match_event_handler, flags, context): positional is cheaper
         except hyperscan.ScratchInUseError:
-            self.db.scan(data, match_event_handler=_add_id, context=found, scratch=hyperscan.Scratch(self.db))
+            self.db.scan(data, _add_id, 0, found, hyperscan.Scratch(self.db))
         return found
