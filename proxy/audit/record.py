@@ -142,12 +142,19 @@ class Projector:
         ex_turns = ex.turns
         body = ex.body
         modified = ex.body_modified
+        # Content items: each turn's request (the client's parsed body when that was sent as is) and response,
+        # then the tool-call arguments, the tool results, the answer text and the final response body.
+        items: list[Any] = []
         if body is not None and not modified:
             raw_body = ex.raw_body
-            bodies = [body if t.body is raw_body else _parse(t.body) for t in ex_turns]
+            for t in ex_turns:
+                items.append(body if t.body is raw_body else _parse(t.body))
+                items.append(t.response)
         else:
-            bodies = [_parse(t.body) for t in ex_turns]
-        first = bodies[0] if bodies and isinstance(bodies[0], dict) else (body or {})
+            for t in ex_turns:
+                items.append(_parse(t.body))
+                items.append(t.response)
+        first = items[0] if items and isinstance(items[0], dict) else (body or {})
         client = body or {}
         if modified and ex.raw_body:
             parsed = _parse(ex.raw_body)
@@ -156,10 +163,6 @@ class Projector:
         last_resp = ex_turns[-1].response if ex_turns else None
         resp_body = None if ex.response_body is last_resp else ex.response_body
 
-        items: list[Any] = []
-        for t, b in zip(ex_turns, bodies, strict=True):
-            items.append(b)
-            items.append(t.response)
         decisions = ex.tool_decisions
         for d in decisions:
             items.append(d.call.arguments)
