@@ -442,8 +442,8 @@ def _params(client: dict[str, Any], sent: dict[str, Any], tools_sent: list[str])
 class _HashCache:
     """SHA-256 hex digests of recent texts, keyed by the text itself (so never stale).
 
-    System prompts repeat across requests; hashing one again costs far more
-    than a dict look-up (OpenSSL's per-call setup dominates for a few KB).
+    System prompts repeat across requests; hashing one again (OpenSSL's
+    per-call setup, then the text) costs several times the dict look-up.
     Bounded in entries and in the characters held: when either bound would
     be passed, the cache is emptied and starts over.
     """

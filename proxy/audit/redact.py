@@ -40,7 +40,7 @@ from proxy.errors import ConfigError
 
 try:
     import hyperscan
-except ImportError:  # no wheel for this platform (x86-64 only): the Aho-Corasick automata serve alone
+except ImportError:  # no wheel for this platform (Linux on ARM has none): the Aho-Corasick automata serve alone
     hyperscan = None  # type: ignore[assignment]
 
 PLACEHOLDER = "[REDACTED:{}]"
@@ -257,6 +257,8 @@ class Redactor:
     custom rules; ``upstream_key`` is the provider key value, redacted
     verbatim wherever it appears.  Methods taking ``pii=False`` apply the
     secret and custom rules only (how a record's metadata is redacted).
+    ``use_hyperscan=False`` finds the rule needles with the Aho-Corasick
+    automata even where Hyperscan is installed (the two select the same rules).
     """
 
     def __init__(
