@@ -95,6 +95,7 @@ class Projector:
         self.tool_result_max_bytes = tool_result_max_bytes
         # Content gets every rule; metadata (``pii=False``) the secret and custom rules only.
         self.redactor = Redactor(patterns=patterns, pii=pii or [], apply_pii=mode != "full", upstream_key=upstream_key)
+        self._system_hashes = _HashCache()
 
     # -- content -------------------------------------------------------------
 
@@ -138,21 +139,32 @@ class Projector:
         metadata is stored as built.
         """
         counts: dict[str, int] = {}
-        bodies = [ex.body if (t.body is ex.raw_body and not ex.body_modified and ex.body is not None) else _parse(t.body) for t in ex.turns]
-        first = bodies[0] if bodies and isinstance(bodies[0], dict) else (ex.body or {})
-        client = ex.body or {}
-        if ex.body_modified and ex.raw_body:
+        ex_turns = ex.turns
+        body = ex.body
+        modified = ex.body_modified
+        # Content items: each turn's request (the client's parsed body when that was sent as is) and response,
+        # then the tool-call arguments, the tool results, the answer text and the final response body.
+        items: list[Any] = []
+        if body is not None and not modified:
+            raw_body = ex.raw_body
+            for t in ex_turns:
+                items.append(body if t.body is raw_body else _parse(t.body))
+                items.append(t.response)
+        else:
+            for t in ex_turns:
+                items.append(_parse(t.body))
+                items.append(t.response)
+        first = items[0] if items and isinstance(items[0], dict) else (body or {})
+        client = body or {}
+        if modified and ex.raw_body:
             parsed = _parse(ex.raw_body)
             client = parsed if isinstance(parsed, dict) else client
         results = ex.tool_results or _tool_results_from(client)
-        last_resp = ex.turns[-1].response if ex.turns else None
+        last_resp = ex_turns[-1].response if ex_turns else None
         resp_body = None if ex.response_body is last_resp else ex.response_body
 
-        items: list[Any] = []
-        for t, b in zip(ex.turns, bodies, strict=True):
-            items.append(b)
-            items.append(t.response)
-        for d in ex.tool_decisions:
+        decisions = ex.tool_decisions
+        for d in decisions:
             items.append(d.call.arguments)
         limit = self.tool_result_max_bytes
         result_meta: list[dict[str, Any]] = []
@@ -160,15 +172,9 @@ class Projector:
             content = r.get("content")
             text = content if isinstance(content, str) else orjson.dumps(content).decode()
             raw = text.encode()
-            result_meta.append(
-                {
-                    "tool_call_id": r.get("tool_call_id"),
-                    "name": r.get("name"),
-                    "bytes": len(raw),
-                    "truncated": len(raw) > limit,
-                }
-            )
-            items.append(raw[:limit].decode("utf-8", "ignore") if len(raw) > limit else text)
+            n = len(raw)
+            result_meta.append({"tool_call_id": r.get("tool_call_id"), "name": r.get("name"), "bytes": n, "truncated": n > limit})
+            items.append(raw[:limit].decode("utf-8", "ignore") if n > limit else text)
         items.append(ex.response_text)
         items.append(resp_body)
         try:
@@ -180,22 +186,24 @@ class Projector:
         # The entries that hold content are built before the metadata and get their content after the scan,
         # so that what can fail is evaluated in the order it always was (the first failure names the
         # "exchange_unprojectable" record); only the content's redaction walk now comes after the metadata.
+        # Durations: int(round(seconds * 1e6)), written out (as _us) to save a call each.
         turns: list[dict[str, Any]] = []
-        for t in ex.turns:
+        for t in ex_turns:
+            dur, ttft = t.duration_s, t.ttft_s
             turns.append(
                 {
                     "index": t.index,
                     "reason": t.reason,
                     "status": t.status,
-                    "duration_us": _us(t.duration_s),
-                    "ttft_us": _us(t.ttft_s),
+                    "duration_us": None if dur is None else int(round(dur * 1_000_000)),
+                    "ttft_us": None if ttft is None else int(round(ttft * 1_000_000)),
                     "error": t.error,
                 }
             )
         calls: list[dict[str, Any]] = []
         names: set[str] = set()
         ids: list[str] = []
-        for d in ex.tool_decisions:
+        for d in decisions:
             call, dec = d.call, d.decision
             calls.append(
                 {
@@ -218,6 +226,7 @@ class Projector:
         p = ex.principal
         err = ex.error
         tools_sent = _tool_names(first)
+        msgs = first.get("messages")
         meta: dict[str, Any] = {
             "request_id": ex.request_id,
             "trace_id": ex.trace_id,
@@ -231,83 +240,103 @@ class Projector:
             "stream": ex.stream,
             "params": _params(client, first, tools_sent),
             "prompt": {
-                "system_sha256": _system_hash(first),
+                "system_sha256": _system_hash(first, self._system_hashes),
                 "template_sha256": ex.annotations.get("prompt_template_sha256"),
-                "messages": len(first.get("messages") or []) if isinstance(first.get("messages"), list) else None,
+                "messages": len(msgs) if isinstance(msgs, list) else None,
             },
             "retrieval": ex.retrieval,
             "retrieved": [_chunk(r) for r in ex.retrieved] if ex.retrieved else [],
             "citations": ex.citations,
             "usage": ex.usage,
-            "latency_us": {
-                "total": _us(ex.latency_s),
-                "upstream": _us(ex.upstream_s) if ex.turns else None,
-                "ttft": _us(ex.turns[0].ttft_s) if ex.turns else None,
-            },
-            "timings_us": {k: _us(v) for k, v in ex.timings.items()} if ex.timings else {},
-            "status": ex.status,
-            "error": (
-                {"status": err.status, "type": err.type, "code": err.code, "rule": err.rule, "message": err.message}
-                if err is not None
-                else None
-            ),
-            "error_detail": ex.error_detail,
-            "client_disconnected": ex.client_disconnected,
-            "request_headers": {k: v for k, v in ex.request_headers.items() if k.lower() not in _DROP_HEADERS},
-            "response_headers": ex.response_headers,
-            "annotations": ex.annotations,
         }
-        meta_scope, content_scope = self.redactor.record_scopes(scan_bytes(meta), parts)
-        c = iter(self._stored(*self.redactor.values_in(items, parts, content_scope, counts)))
+        # Built in the order the keys always had (what scan_bytes() sees) and the values were always evaluated.
+        if ex_turns:
+            t0 = ex_turns[0]
+            total = _us(ex.latency_s)
+            # ex.upstream_s (a sum over the turns) without the generator when there is one turn: sum() adds to 0.
+            upstream = 0 + (t0.duration_s or 0.0) if len(ex_turns) == 1 else ex.upstream_s
+            meta["latency_us"] = {
+                "total": total,
+                "upstream": int(round(upstream * 1_000_000)),
+                "ttft": None if t0.ttft_s is None else int(round(t0.ttft_s * 1_000_000)),
+            }
+        else:
+            meta["latency_us"] = {"total": _us(ex.latency_s), "upstream": None, "ttft": None}
+        meta["timings_us"] = {k: _us(v) for k, v in ex.timings.items()} if ex.timings else {}
+        meta["status"] = ex.status
+        meta["error"] = (
+            {"status": err.status, "type": err.type, "code": err.code, "rule": err.rule, "message": err.message}
+            if err is not None
+            else None
+        )
+        meta["error_detail"] = ex.error_detail
+        meta["client_disconnected"] = ex.client_disconnected
+        meta["request_headers"] = {k: v for k, v in ex.request_headers.items() if k.lower() not in _DROP_HEADERS}
+        meta["response_headers"] = ex.response_headers
+        meta["annotations"] = ex.annotations
+        redactor = self.redactor
+        meta_scope, content_scope = redactor.record_scopes(scan_bytes(meta), parts)
+        stored = self._stored(*redactor.values_in(items, parts, content_scope, counts))
+        i = 0
         for entry in turns:
-            entry["request"] = next(c)
-            entry["response"] = next(c)
+            entry["request"] = stored[i]
+            entry["response"] = stored[i + 1]
+            i += 2
         for entry in calls:
-            entry["arguments"] = next(c)
+            entry["arguments"] = stored[i]
+            i += 1
         for entry in result_meta:
-            entry["content"] = next(c)
-        response["text"] = next(c)
-        response["body"] = next(c)
+            entry["content"] = stored[i]
+            i += 1
+        response["text"] = stored[i]
+        response["body"] = stored[i + 1]
 
         # Free text the core and plugins write about the exchange: an upstream error may quote the key, a
         # schema refusal may quote the argument it refused. Redacted like content (PII too, per mode),
         # one scan for all of them, and only when there is any.
-        free = [(e, k) for e in turns if e["error"] for k in ("error",)]
-        free += [(e, k) for e in calls for k in ("reason", "details", "parse_error") if e[k]]
-        free += [(e, "name") for e in result_meta if e["name"]]
+        free: list[tuple[dict[str, Any], str]] = []
+        for e in turns:
+            if e["error"]:
+                free.append((e, "error"))
+        for e in calls:
+            if e["reason"]:
+                free.append((e, "reason"))
+            if e["details"]:
+                free.append((e, "details"))
+            if e["parse_error"]:
+                free.append((e, "parse_error"))
+        for e in result_meta:
+            if e["name"]:
+                free.append((e, "name"))
         if free:
-            red = self.redactor.value([e[k] for e, k in free], counts)
+            red = redactor.value([e[k] for e, k in free], counts)
             for (e, k), v in zip(free, red, strict=True):
                 e[k] = v
 
         # The (redacted) metadata dict is ours, so it becomes the record rather than being copied into one
         # (stored with sorted keys: the order of insertion does not matter).
-        record: dict[str, Any] = self.redactor.value_in(meta, meta_scope, counts)
+        record: dict[str, Any] = redactor.value_in(meta, meta_scope, counts)
         ts_us = int(ex.wall_time * 1_000_000)
-        record.update(
-            {
-                "v": RECORD_VERSION,
-                "kind": "exchange",
-                "ts": _iso(ts_us),
-                "ts_us": ts_us,
-                "tools_sent": tools_sent,
-                "turns": turns,
-                "tool_calls": calls,
-                "tool_results": result_meta,
-                "response": response,
-                "redaction": {"mode": self.mode, "rules": counts},
-            }
-        )
+        record["v"] = RECORD_VERSION
+        record["kind"] = "exchange"
+        record["ts"] = _iso(ts_us)
+        record["ts_us"] = ts_us
+        record["tools_sent"] = tools_sent
+        record["turns"] = turns
+        record["tool_calls"] = calls
+        record["tool_results"] = result_meta
+        record["response"] = response
+        record["redaction"] = {"mode": self.mode, "rules": counts}
         return Prepared(
-            kind="exchange",
-            ts_us=ts_us,
-            request_id=ex.request_id,
-            tenant=p.tenant if p else None,
-            subject=p.subject if p else None,
-            tools=f",{','.join(sorted(names))}," if names else None,
-            call_ids=f",{','.join(ids)}," if ids else None,
-            status=ex.status,
-            body=canonical(record),
+            "exchange",
+            ts_us,
+            ex.request_id,
+            p.tenant if p else None,
+            p.subject if p else None,
+            f",{','.join(sorted(names))}," if names else None,
+            f",{','.join(ids)}," if ids else None,
+            ex.status,
+            canonical(record),
         )
 
     # -- events --------------------------------------------------------------
@@ -410,7 +439,40 @@ def _params(client: dict[str, Any], sent: dict[str, Any], tools_sent: list[str])
     return out
 
 
-def _system_hash(body: dict[str, Any]) -> str | None:
+class _HashCache:
+    """SHA-256 hex digests of recent texts, keyed by the text itself (so never stale).
+
+    System prompts repeat across requests; hashing one again (OpenSSL's
+    per-call setup, then the text) costs several times the dict look-up.
+    Bounded in entries and in the characters held: when either bound would
+    be passed, the cache is emptied and starts over.
+    """
+
+    MAX_ENTRIES = 256
+    MAX_CHARS = 1 << 20
+
+    __slots__ = ("digests", "chars")
+
+    def __init__(self) -> None:
+        self.digests: dict[str, str] = {}
+        self.chars = 0
+
+    def sha256(self, text: str) -> str:
+        digest = self.digests.get(text)
+        if digest is None:
+            # Encoded first: text that cannot be encoded raises here every time and is never cached.
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            n = len(text)
+            if n <= self.MAX_CHARS:
+                if len(self.digests) >= self.MAX_ENTRIES or self.chars + n > self.MAX_CHARS:
+                    self.digests.clear()
+                    self.chars = 0
+                self.digests[text] = digest
+                self.chars += n
+        return digest
+
+
+def _system_hash(body: dict[str, Any], cache: _HashCache | None = None) -> str | None:
     msgs = body.get("messages")
     if not isinstance(msgs, list):
         return None
@@ -424,18 +486,16 @@ def _system_hash(body: dict[str, Any]) -> str | None:
                 parts.extend(p.get("text", "") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
     if not parts:
         return None
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    text = "\n".join(parts)
+    return cache.sha256(text) if cache is not None else hashlib.sha256(text.encode()).hexdigest()
 
 
 def _tool_results_from(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tool messages of a request: read like ``Exchange.tool_results`` (``tool_call_id``, ``name``, ``content``)."""
     msgs = body.get("messages")
     if not isinstance(msgs, list):
         return []
-    return [
-        {"tool_call_id": m.get("tool_call_id"), "name": m.get("name"), "content": m.get("content")}
-        for m in msgs
-        if isinstance(m, dict) and m.get("role") == "tool"
-    ]
+    return [m for m in msgs if isinstance(m, dict) and m.get("role") == "tool"]
 
 
 def _chunk(r: Any) -> dict[str, Any]:

@@ -18,7 +18,10 @@ rules that fired are counted per name; the values are never kept.
 
 Patterns are compiled once.  Each rule has a cheap pre-check (a literal
 substring, a digit, ``@``) so the common string that holds no secret costs a
-few substring tests, not a regex scan per rule.
+few substring tests, not a regex scan per rule.  A whole record is first
+scanned once for every rule's needles (Hyperscan where it is installed, else
+Aho-Corasick automata: the same rules either way), and only the rules whose
+needles occur are tried on its strings.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ from ahocorasick_rs import AhoCorasick, BytesAhoCorasick, Implementation
 
 from proxy.audit.chain import canonical
 from proxy.errors import ConfigError
+
+try:
+    import hyperscan
+except ImportError:  # no wheel for this platform (Linux on ARM has none): the Aho-Corasick automata serve alone
+    hyperscan = None  # type: ignore[assignment]
 
 PLACEHOLDER = "[REDACTED:{}]"
 
@@ -249,6 +257,8 @@ class Redactor:
     custom rules; ``upstream_key`` is the provider key value, redacted
     verbatim wherever it appears.  Methods taking ``pii=False`` apply the
     secret and custom rules only (how a record's metadata is redacted).
+    ``use_hyperscan=False`` finds the rule needles with the Aho-Corasick
+    automata even where Hyperscan is installed (the two select the same rules).
     """
 
     def __init__(
@@ -258,6 +268,7 @@ class Redactor:
         pii: Iterable[str] = (),
         apply_pii: bool = True,
         upstream_key: str | None = None,
+        use_hyperscan: bool = True,
     ) -> None:
         rules: list[Rule] = []
         if upstream_key and len(upstream_key) >= 8:
@@ -298,11 +309,14 @@ class Redactor:
             for n in ns:
                 needles.append(n)
                 self._owner.append(i)
-        self._ac = AhoCorasick(needles, implementation=Implementation.DFA) if needles else None
+        # The needles are found by Hyperscan where it is installed and works, else by Aho-Corasick automata:
+        # the same rules either way (tests/proxy/audit/test_redact.py runs both).
+        self._hs = _HyperscanNeedles.build(needles, self._owner) if use_hyperscan and needles else None
+        self._ac = AhoCorasick(needles, implementation=Implementation.DFA) if needles and self._hs is None else None
         # The byte automaton runs on ``_FOLD``-ed text, so its needles are folded too; one with a digit (from
         # the upstream key) then matches other digits as well, and its hits are checked on the text.
         folded = [n.encode().translate(_FOLD) for n in needles]
-        self._bac = BytesAhoCorasick(folded, implementation=Implementation.DFA) if needles else None
+        self._bac = BytesAhoCorasick(folded, implementation=Implementation.DFA) if self._ac is not None else None
         self._digit_needles = {i: n.encode() for i, n in enumerate(needles) if folded[i] != n.encode()}
 
     @property
@@ -314,8 +328,8 @@ class Redactor:
         """The rules that can fire somewhere in ``blob`` (a whole record
         serialized once), and whether digit rules may fire.
 
-        One Aho-Corasick pass over the lower-cased blob finds every rule
-        needle; rules without needles (custom patterns) are always in.
+        One pass over the lower-cased blob (Hyperscan or Aho-Corasick) finds
+        every rule needle; rules without needles (custom patterns) are always in.
         """
         return self._active(blob.encode(), blob)
 
@@ -324,6 +338,9 @@ class Redactor:
         return self._active(raw, None, pii)
 
     def _active(self, raw: bytes, blob: str | None, pii: bool = True) -> Scope:
+        if self._hs is not None:
+            rules = self._scope_rules(self._hs.rules_in(raw), pii)
+            return rules, pii and bool(self.digit_rules) and self._digits_possible(raw)
         folded = None
         if self._ac is not None:
             owner = self._owner
@@ -359,10 +376,18 @@ class Redactor:
         """The scopes of a record's metadata (``pii=False``) and of its content ``parts``, from one scan.
 
         The same as ``active_raw(meta, pii=False)`` and ``active_raw(b"\\n".join(parts))``
-        (what :meth:`values` scans): one automaton pass over the metadata and
-        the parts joined by newlines, its hits split at the first one (a needle
-        never holds a newline, which JSON escapes).
+        (what :meth:`values` scans).  With Hyperscan: one scan of each (its
+        per-scan cost is small) and the digit runs of the content alone.
+        Without: one automaton pass over the metadata and the parts joined by
+        newlines, its hits split at the first one (a needle never holds a
+        newline, which JSON escapes).
         """
+        if self._hs is not None:
+            content = b"\n".join(parts)
+            in_meta = self._hs.rules_in(meta)
+            in_content = self._hs.rules_in(content)
+            digits = bool(self.digit_rules) and self._digits_possible(content)
+            return (self._scope_rules(in_meta, False), False), (self._scope_rules(in_content, True), digits)
         joined = b"\n".join([meta, *parts])
         content_at = len(meta) + 1
         if self._ac is None:
@@ -378,8 +403,8 @@ class Redactor:
             hits = self._ac.find_matches_as_indexes(f"{low}\n{joined[content_at:].decode().lower()}", overlapping=True)
             cut = len(low)
         owner = self._owner
-        in_meta: set[int] = set()
-        in_content: set[int] = set()
+        in_meta = set()
+        in_content = set()
         for idx, start, _ in hits:
             (in_meta if start < cut else in_content).add(owner[idx])
         digits = bool(self.digit_rules) and self._digits_possible(joined, folded, content_at)
@@ -397,23 +422,26 @@ class Redactor:
         if folded is None:
             folded = raw.translate(_FOLD)
         need = self._digit_min
-        probe: list[tuple[int, int, str]] = []
         for m in _DIGIT_RUN_FOLDED.finditer(folded, at):
             a, b = m.span()
             if folded.count(b"0", a, b) < need:
                 continue
-            window = raw[max(at, a - 1) : b + 1]
-            hit = self._probe_cache.get(window)
-            if hit is None:
-                self._digit_spans(window.decode("utf-8", "replace"), probe)
-                hit = bool(probe)
-                if len(window) <= 64:
-                    if len(self._probe_cache) >= _PROBE_CACHE_MAX:
-                        self._probe_cache.clear()
-                    self._probe_cache[window] = hit
-            if hit:
+            if self._probe(raw[max(at, a - 1) : b + 1]):
                 return True
         return False
+
+    def _probe(self, window: bytes) -> bool:
+        """Whether a digit rule matches in ``window`` (a run with one byte of context each side); cached."""
+        hit = self._probe_cache.get(window)
+        if hit is None:
+            probe: list[tuple[int, int, str]] = []
+            self._digit_spans(window.decode("utf-8", "replace"), probe)
+            hit = bool(probe)
+            if len(window) <= 64:
+                if len(self._probe_cache) >= _PROBE_CACHE_MAX:
+                    self._probe_cache.clear()
+                self._probe_cache[window] = hit
+        return hit
 
     def text(self, s: str, counts: dict[str, int], scope: Scope | None = None) -> str:
         """Redact one string; add the rules that fired to ``counts``.
@@ -566,3 +594,55 @@ def json_default(v: Any) -> Any:
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         return dataclasses.asdict(v)
     return str(v)
+
+
+def _add_id(i: int, start: int, end: int, flags: int, found: set[int]) -> None:
+    found.add(i)
+
+
+class _HyperscanNeedles:
+    """Which rule needles occur in a text, found by Hyperscan.
+
+    Hyperscan's literal matcher is SIMD: a few times faster than the
+    Aho-Corasick DFA on a record, and no case-folding copy is needed.  The
+    needles (lower-cased, as for the automaton) match ASCII-caselessly on
+    ASCII text, which is matching them in its ``lower()``; other text is
+    lower-cased as ``str`` first, as the automaton path does.  Each needle
+    is reported once per scan, under the index of its rule.
+
+    A database's scratch space serves one scan at a time; a scan that finds
+    it in use (another thread) takes a fresh one.
+    """
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    @classmethod
+    def build(cls, needles: list[str], owner: list[int]) -> _HyperscanNeedles | None:
+        """The compiled needles (``owner[i]``: the rule of ``needles[i]``), or ``None`` without a usable Hyperscan."""
+        if hyperscan is None:
+            return None
+        db = hyperscan.Database()
+        try:
+            db.compile(
+                expressions=[n.encode() for n in needles],
+                ids=owner,
+                elements=len(needles),
+                flags=hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_SINGLEMATCH,
+                literal=True,
+            )
+        except hyperscan.error:  # e.g. a CPU without the instructions it needs
+            return None
+        return cls(db)
+
+    def rules_in(self, raw: bytes) -> set[int]:
+        """The indices of the rules with a needle in ``raw`` (UTF-8), as the automaton finds them."""
+        found: set[int] = set()
+        data = raw if raw.isascii() else raw.decode().lower().encode()
+        try:
+            self.db.scan(data, _add_id, 0, found)  # (data, match_event_handler, flags, context): positional is cheaper
+        except hyperscan.ScratchInUseError:
+            self.db.scan(data, _add_id, 0, found, hyperscan.Scratch(self.db))
+        return found

@@ -107,3 +107,47 @@ def test_free_text_about_the_exchange_is_redacted_too() -> None:
     # In full mode PII stays, secrets still go.
     full = orjson.loads(Projector("full").exchange(ex).body)
     assert card in full["tool_calls"][0]["reason"] and key not in orjson.dumps(full).decode()
+
+
+def test_system_hash_cache_is_keyed_by_the_text_and_bounded() -> None:
+    """Cached digests are those of the very text asked about; the cache empties itself at its bounds."""
+    import hashlib
+
+    from proxy.audit.record import _HashCache
+
+    cache = _HashCache()
+    texts = [f"system prompt {i}" for i in range(_HashCache.MAX_ENTRIES * 3)]
+    for rnd in range(2):
+        for t in texts:
+            assert cache.sha256(t) == hashlib.sha256(t.encode()).hexdigest(), (rnd, t)
+            assert len(cache.digests) <= _HashCache.MAX_ENTRIES
+            assert cache.chars == sum(map(len, cache.digests)) <= _HashCache.MAX_CHARS
+    big = "x" * (_HashCache.MAX_CHARS // 2 + 1)
+    cache.sha256(big)
+    cache.sha256(big + "y")
+    assert cache.chars <= _HashCache.MAX_CHARS and big not in cache.digests
+    huge = "z" * (_HashCache.MAX_CHARS + 1)
+    assert cache.sha256(huge) == hashlib.sha256(huge.encode()).hexdigest()
+    assert huge not in cache.digests
+    # Text that cannot be encoded fails every time: it is never cached.
+    for _ in range(2):
+        with pytest.raises(UnicodeEncodeError):
+            cache.sha256("lone \ud800 surrogate")
+
+
+def test_system_prompt_hash_follows_the_prompt_across_records() -> None:
+    """The same projector hashes each record's own system prompt (no stale digest from an earlier record)."""
+    import hashlib
+
+    pj = Projector("redacted", pii=["email"])
+    for i in [0, 1, 0, 2, 1]:
+        ex = make_exchange()
+        assert ex.body is not None
+        ex.body["messages"][0]["content"] = f"You are assistant {i}."
+        rec = orjson.loads(pj.exchange(ex).body)
+        assert rec["prompt"]["system_sha256"] == hashlib.sha256(f"You are assistant {i}.".encode()).hexdigest()
+    ex = make_exchange()
+    assert ex.body is not None
+    ex.body["messages"] = [{"role": "system", "content": "a"}, {"role": "developer", "content": [{"text": "b"}, {"text": 3}]}]
+    rec = orjson.loads(pj.exchange(ex).body)
+    assert rec["prompt"]["system_sha256"] == hashlib.sha256(b"a\nb").hexdigest()

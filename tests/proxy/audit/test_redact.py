@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from proxy.audit import redact
 from proxy.audit.redact import Redactor, Rule, luhn_ok
 from proxy.errors import ConfigError
 
@@ -26,6 +27,16 @@ SECRETS = {
     "url_credentials": "postgres://app:hunter2secret@db.internal:5432/main",
     "generic_secret": 'config password: "Tr0ub4dor&3xyz"',
 }
+
+
+@pytest.fixture(autouse=True, params=["hyperscan", "aho-corasick"])
+def needle_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with each way of finding the rule needles: both must select the same rules."""
+    if request.param == "aho-corasick":
+        monkeypatch.setattr(redact, "hyperscan", None)
+    elif redact.hyperscan is None:
+        pytest.skip("hyperscan is not installed on this platform")
+    return str(request.param)
 
 
 def secret_value(kind: str, text: str) -> str:
@@ -228,3 +239,61 @@ def test_an_upstream_key_with_digits_selects_its_rule_only_where_it_is() -> None
     counts: dict[str, int] = {}
     assert r.value({"n": "it is 20240806-key-abcdefghijklmnop"}, counts) == {"n": "it is [REDACTED:upstream_key]"}
     assert counts == {"upstream_key": 1}
+
+
+def test_hyperscan_and_the_automata_select_the_same_rules(needle_engine: str) -> None:
+    """The needles found by Hyperscan (caseless on ASCII, on str.lower() otherwise) are those the automata find."""
+    import random
+
+    import orjson
+
+    if needle_engine != "hyperscan":
+        pytest.skip("compares the two engines once")
+    pieces = [
+        *SECRETS.values(),
+        *(v.upper() for v in SECRETS.values()),
+        UPSTREAM.swapcase(),
+        "20240806-KEY-abcdefghijklmnop",
+        "12345678-key",
+        "plain",
+        "bob@example.com",
+        "+1 415-555-0134",
+        "2024-08-06",
+        "é ünï",
+        "api_\u212aey=x",
+        "PASSW\u0130RD=x",
+        "\u212a",
+        "Asia",
+        "ACCESS-TOKEN",
+        "Private Key",
+        "",
+    ]
+    rng = random.Random(11)
+    for key in (UPSTREAM, "20240806-key-abcdefghijklmnop", "Ünïcödé-key-value", None):
+        for pii in ([], ["email", "phone", "card", "ssn"]):
+            hs = Redactor(pii=pii, upstream_key=key)
+            ac = Redactor(pii=pii, upstream_key=key, use_hyperscan=False)
+            assert hs._hs is not None and ac._hs is None
+            for _ in range(200):
+                meta = orjson.dumps({"h": " ".join(rng.choice(pieces) for _ in range(rng.randint(0, 3)))})
+                parts = [orjson.dumps([" ".join(rng.choice(pieces) for _ in range(rng.randint(0, 3)))]) for _ in range(rng.randint(0, 3))]
+                got = hs.record_scopes(meta, parts)
+                want = ac.record_scopes(meta, parts)
+                assert (_names(got[0]), _names(got[1])) == (_names(want[0]), _names(want[1])), (meta, parts)
+                assert _names(hs.active_raw(meta)) == _names(ac.active_raw(meta))
+
+
+def test_a_scan_that_finds_the_scratch_space_in_use_takes_its_own() -> None:
+    """Two scans at once (another thread; here one started from inside the other) both complete."""
+    if redact.hyperscan is None:
+        pytest.skip("hyperscan is not installed on this platform")
+    r = Redactor(upstream_key=UPSTREAM)
+    hs = r._hs
+    assert hs is not None
+    inner: list[set[int]] = []
+
+    def on_match(i: int, start: int, end: int, flags: int, ctx: object) -> None:
+        inner.append(hs.rules_in(b"a bearer token and sk-proj-x"))
+
+    hs.db.scan(b"a slack xoxb- token", match_event_handler=on_match)
+    assert inner and {r.rules[i].name for i in inner[0]} == {"bearer", "provider_key"}
