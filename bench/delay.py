@@ -77,6 +77,8 @@ class Delays:
         theirs.close()
         reader, self._writer = await asyncio.open_connection(sock=mine)
         self._task = asyncio.create_task(self._answers(reader))
+        # One round trip: the child is up (a Python start takes tens of ms) before the first timed sleep.
+        await self.sleep(0)
 
     async def _answers(self, reader: asyncio.StreamReader) -> None:
         while True:
