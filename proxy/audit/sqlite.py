@@ -50,7 +50,8 @@ from proxy.audit.chain import (
 from proxy.audit.reader import AuditReader
 from proxy.audit.record import Prepared, Projector
 from proxy.audit.upkeep import SCHEMA, file_sizes, forget_stale_writers, note_size, prune_delete, prune_mark, wall_us
-from proxy.audit.writer import AppendResult, WriterError, WriterGone, WriterProcess
+from proxy.audit.writer import AppendResult, WriterError, WriterGone
+from proxy.audit.writer_process import WriterProcess
 from proxy.config import AuditConfig
 from proxy.errors import AuditUnavailable, ConfigError
 from proxy.exchange import Exchange

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from proxy.audit import writer as writer_mod
+from proxy.audit import writer_process as writer_mod
 from proxy.audit.sqlite import SQLiteAuditLog
 from proxy.audit.verify import verify_db
 from proxy.audit.writer import WriterGone
