@@ -124,17 +124,23 @@ async def test_sync_mode_fails_closed_when_the_database_cannot_be_written(make_l
     assert report.ok, report.render()
 
 
-async def test_a_killed_writer_process_is_restarted_and_nothing_is_lost(make_log: LogFactory) -> None:
-    log = await make_log(durability="sync")
-    await log.record_exchange(make_exchange(request_id="k_before"))
+async def _kill_writer(log: SQLiteAuditLog) -> int:
+    """SIGKILL the writer process and wait (up to 2 s) until another runs; returns the killed pid."""
     pid = log.writer_pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    # Replaced without waiting for traffic.
     for _ in range(200):
         if log.writer_pid not in (None, pid):
             break
         await asyncio.sleep(0.01)
+    return pid
+
+
+async def test_a_killed_writer_process_is_restarted_and_nothing_is_lost(make_log: LogFactory) -> None:
+    log = await make_log(durability="sync")
+    await log.record_exchange(make_exchange(request_id="k_before"))
+    pid = await _kill_writer(log)
+    # Replaced without waiting for traffic.
     assert log.writer_pid not in (None, pid) and log.writer_restarts == 1
     await asyncio.gather(*(log.record_exchange(make_exchange(request_id=f"k_after_{i}")) for i in range(5)))
     assert log.healthy
@@ -661,13 +667,7 @@ async def test_a_writer_restart_appends_the_checkpoints_the_file_lacks(make_log:
     for i in range(7):
         await other.record_exchange(make_exchange(request_id=f"o{i}"))
     assert 5 in _db_checkpoint_sizes(path) and 5 not in _file_checkpoint_sizes(cp)
-    pid = log.writer_pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    for _ in range(200):
-        if log.writer_pid not in (None, pid):
-            break
-        await asyncio.sleep(0.01)
+    await _kill_writer(log)
     await log.record_exchange(make_exchange(request_id="after_restart"))
     for _ in range(200):
         if 5 in _file_checkpoint_sizes(cp):
