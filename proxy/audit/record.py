@@ -186,17 +186,15 @@ class Projector:
         # The entries that hold content are built before the metadata and get their content after the scan,
         # so that what can fail is evaluated in the order it always was (the first failure names the
         # "exchange_unprojectable" record); only the content's redaction walk now comes after the metadata.
-        # Durations: int(round(seconds * 1e6)), written out (as _us) to save a call each.
         turns: list[dict[str, Any]] = []
         for t in ex_turns:
-            dur, ttft = t.duration_s, t.ttft_s
             turns.append(
                 {
                     "index": t.index,
                     "reason": t.reason,
                     "status": t.status,
-                    "duration_us": None if dur is None else int(round(dur * 1_000_000)),
-                    "ttft_us": None if ttft is None else int(round(ttft * 1_000_000)),
+                    "duration_us": _us(t.duration_s),
+                    "ttft_us": _us(t.ttft_s),
                     "error": t.error,
                 }
             )
@@ -250,18 +248,11 @@ class Projector:
             "usage": ex.usage,
         }
         # Built in the order the keys always had (what scan_bytes() sees) and the values were always evaluated.
-        if ex_turns:
-            t0 = ex_turns[0]
-            total = _us(ex.latency_s)
-            # ex.upstream_s (a sum over the turns) without the generator when there is one turn: sum() adds to 0.
-            upstream = 0 + (t0.duration_s or 0.0) if len(ex_turns) == 1 else ex.upstream_s
-            meta["latency_us"] = {
-                "total": total,
-                "upstream": int(round(upstream * 1_000_000)),
-                "ttft": None if t0.ttft_s is None else int(round(t0.ttft_s * 1_000_000)),
-            }
-        else:
-            meta["latency_us"] = {"total": _us(ex.latency_s), "upstream": None, "ttft": None}
+        meta["latency_us"] = {
+            "total": _us(ex.latency_s),
+            "upstream": _us(ex.upstream_s) if ex_turns else None,
+            "ttft": _us(ex_turns[0].ttft_s) if ex_turns else None,
+        }
         meta["timings_us"] = {k: _us(v) for k, v in ex.timings.items()} if ex.timings else {}
         meta["status"] = ex.status
         meta["error"] = (
@@ -472,7 +463,7 @@ class _HashCache:
         return digest
 
 
-def _system_hash(body: dict[str, Any], cache: _HashCache | None = None) -> str | None:
+def _system_hash(body: dict[str, Any], cache: _HashCache) -> str | None:
     msgs = body.get("messages")
     if not isinstance(msgs, list):
         return None
@@ -486,8 +477,7 @@ def _system_hash(body: dict[str, Any], cache: _HashCache | None = None) -> str |
                 parts.extend(p.get("text", "") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
     if not parts:
         return None
-    text = "\n".join(parts)
-    return cache.sha256(text) if cache is not None else hashlib.sha256(text.encode()).hexdigest()
+    return cache.sha256("\n".join(parts))
 
 
 def _tool_results_from(body: dict[str, Any]) -> list[dict[str, Any]]:

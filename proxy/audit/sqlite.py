@@ -701,13 +701,7 @@ class SQLiteAuditLog:
         if not deleted:
             return 0
         log.info("audit: retention pruned %d records through seq %d", deleted, through)
-        data = {"through": through, "deleted": deleted, "cutoff_us": cutoff}
-        if self._writer is not None and not self._stopping:
-            await self.record_event("retention_prune", {"subject": "warden"}, data)
-        else:
-            note = await self._append([self.projector.event("retention_prune", {"subject": "warden"}, data, ts=time.time())])
-            if note is not None:
-                await self._export_checkpoint(note)
+        await self.record_event("retention_prune", {"subject": "warden"}, {"through": through, "deleted": deleted, "cutoff_us": cutoff})
         return through
 
     async def _prune_loop(self) -> None:

@@ -444,7 +444,7 @@ async def test_batch_frames_stay_within_the_byte_budget(make_log: LogFactory, mo
     for i in range(30):
         await log.record_exchange(make_exchange(request_id=f"cap_{i}", user_text="z" * 3000))
     await log.stop()
-    assert sum(1 for _ in sizes) >= 4, sizes
+    assert len(sizes) >= 4, sizes
     # A frame stops growing once it reaches the budget: at most one record past it.
     assert all(s < 20_000 + 12_000 for s in sizes), sizes
     db = sqlite3.connect(log.path)
