@@ -33,6 +33,18 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     drain_s: float = 20.0
     use_uvloop: bool = True
+    passthrough_routes: list[str] = field(default_factory=list)
+    """Extra ``"METHOD /v1/path"`` routes relayed to the provider (authenticated, limited, audited, not interpreted).
+
+    A path segment may be a ``{name}`` placeholder matching one segment of
+    letters, digits, ``.``, ``_`` and ``-``.  Every other route is refused.
+    """
+    max_json_depth: int = 64
+    """Deepest nesting of arrays and objects a request body may have (400 ``request.json_depth``)."""
+    max_messages: int = 4096
+    """Most entries in ``messages`` of one request (400 ``request.max_messages``)."""
+    max_tools: int = 512
+    """Most entries in ``tools`` (and legacy ``functions``) of one request (400 ``request.max_tools``)."""
 
     def validate(self, key: str) -> None:
         parse_hostport(self.listen, f"{key}.listen")
@@ -43,6 +55,15 @@ class ServerConfig:
             raise ConfigError(f"{key}.max_body_bytes", "must be positive")
         if self.drain_s < 0:
             raise ConfigError(f"{key}.drain_s", "must be >= 0")
+        if not 2 <= self.max_json_depth <= 500:
+            raise ConfigError(f"{key}.max_json_depth", "must be between 2 and 500")
+        for name in ("max_messages", "max_tools"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}", "must be positive")
+        from proxy.routes import parse_route_spec
+
+        for i, spec in enumerate(self.passthrough_routes):
+            parse_route_spec(spec, f"{key}.passthrough_routes[{i}]")
 
 
 @dataclass
