@@ -2,7 +2,7 @@
 
 Both take a whole request's checks at once (every matching rule, requests and
 tokens) and admit all or nothing.  The Redis backend runs the same integer GCRA
-as :mod:`plugins.ratelimit.gcra` in one Lua script (one ``EVALSHA`` round trip),
+as :mod:`proxy.gcra` in one Lua script (one ``EVALSHA`` round trip),
 with Redis' own clock (``TIME``) so replicas with skewed clocks still agree,
 and keys that expire when their bucket is full again.
 
@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any, Protocol
 
-from plugins.ratelimit.gcra import LimitResult, MemoryGCRA, Rate, to_result
+from proxy.gcra import LimitResult, MemoryGCRA, Rate, to_result
 
 log = logging.getLogger("warden.limits")
 

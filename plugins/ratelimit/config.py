@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlparse
 
-from plugins.ratelimit.gcra import Rate, parse_rate
 from proxy.errors import ConfigError
+from proxy.gcra import Rate, parse_rate
 
 Scope = Literal["tenant", "user", "model", "tenant+model", "user+model"]
 

@@ -15,8 +15,8 @@ from urllib.parse import urlparse
 
 import jsonschema_rs
 
-from plugins.ratelimit.gcra import Rate, parse_rate
 from proxy.errors import ConfigError
+from proxy.gcra import Rate, parse_rate
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_ERRORS_REPORTED = 20

@@ -24,12 +24,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from plugins.ratelimit.gcra import MemoryGCRA
 from plugins.tools.canonical import call_key, canonical_json, fingerprint
 from plugins.tools.config import CompiledTool, PolicyConfig, ToolRegistry
 from plugins.tools.policy import ModeState, permission_failure, quote
 from plugins.tools.store import StateBackendDown, ToolStore
 from proxy.exchange import Decision, Exchange, ToolCall
+from proxy.gcra import MemoryGCRA
 from proxy.tooling import loads_arguments
 
 log = logging.getLogger("warden.tools")

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from plugins.ratelimit.backends import BackendDown, MemoryBackend, RedisBackend, RedisClient
-from plugins.ratelimit.gcra import parse_rate
+from proxy.gcra import parse_rate
 from tests.plugins.ratelimit.limits_helpers import REDIS_URL
 
 
@@ -98,7 +98,7 @@ _WORKER = textwrap.dedent(
     """
     import asyncio, sys, time
     from plugins.ratelimit.backends import RedisBackend, RedisClient
-    from plugins.ratelimit.gcra import parse_rate
+    from proxy.gcra import parse_rate
 
     async def main(key, start_at, k):
         c = RedisClient(sys.argv[4], 1.0, 8, 1.0, False)
