@@ -80,8 +80,18 @@ class UpstreamConfig:
     max_response_bytes: int = 64 * 1024 * 1024
     stream_usage: bool = True
     provider_name: str = "openai"
+    max_sse_event_bytes: int = 1024 * 1024
+    """Largest single event of a streamed answer, in bytes (1 KiB .. 256 MiB).
+
+    A larger event fails the stream (an error event, rule ``upstream.protocol``)
+    instead of being buffered.  Providers that send a whole tool call in one
+    event (Ollama) cap its arguments here, not at the 16 MiB streamed-arguments
+    bound.
+    """
 
     def validate(self, key: str) -> None:
+        if not 1024 <= self.max_sse_event_bytes <= 256 * 1024 * 1024:
+            raise ConfigError(f"{key}.max_sse_event_bytes", "must be between 1024 and 268435456")
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{key}.base_url", "must start with http:// or https://")
         for name in ("timeout_s", "connect_timeout_s"):

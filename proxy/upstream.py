@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.sse import SSEParser
 
 log = logging.getLogger("warden.upstream")
 
@@ -94,6 +95,10 @@ class Upstream:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+    def sse_parser(self) -> SSEParser:
+        """A parser for one streamed answer, bounded by ``[upstream] max_sse_event_bytes``."""
+        return SSEParser(self.cfg.max_sse_event_bytes)
 
     def build_headers(self, incoming: Any, extra: dict[str, str]) -> dict[str, str]:
         headers: dict[str, str] = {}
