@@ -109,27 +109,54 @@ class UpstreamConfig:
 
 @dataclass
 class AuthConfig:
-    """``[auth]``: how callers are identified."""
+    """``[auth]``: how callers are identified (see :mod:`proxy.auth` for what is checked)."""
 
     mode: Literal["jwt", "none"] = "jwt"
+    """``jwt``: every request needs a valid bearer JWT; ``none``: every request runs as the dev principal (local trials only)."""
     algorithms: list[str] = field(default_factory=lambda: ["RS256"])
+    """Accepted ``alg`` values, never read from the token; HS* cannot be mixed with asymmetric algorithms."""
     issuer: str = ""
+    """Required ``iss`` claim (exact match); required in jwt mode."""
     audience: str = ""
+    """Required ``aud`` claim (the string, or one entry of the list); required in jwt mode."""
     public_key_file: str = ""
+    """PEM public key (RS*/PS*/ES*/EdDSA), relative to the config file; exactly one key source is set."""
     jwks_url: str = ""
+    """JWKS endpoint; cached, refetched on an unknown ``kid`` at most every ``jwks_min_refresh_s``."""
     hs256_secret_env: str = ""
+    """Environment variable holding an HS* secret of at least 32 bytes (redacted by value from logs and the audit log)."""
     tenant_claim: str = "tenant"
+    """Claim holding the tenant: a non-empty printable string of at most ``max_claim_chars``."""
     subject_claim: str = "sub"
+    """Claim holding the user or service id: a non-empty printable string of at most ``max_claim_chars``."""
     groups_claim: str = "groups"
+    """Claim holding a list of group names (each non-empty, printable, at most ``max_claim_chars``)."""
     scopes_claim: str = "scope"
+    """Claim holding the scopes: a space-separated string or a list of strings."""
     leeway_s: float = 30.0
+    """Clock skew allowed on ``exp``, ``nbf`` and ``iat``."""
     max_token_bytes: int = 8192
+    """Longest token accepted; a longer one is refused (401 ``auth.max_token_bytes``) before any decoding.
+
+    The whole ``Authorization`` header line must also fit the HTTP
+    server's header-line limit (``[server] max_header_bytes``).
+    """
+    max_claim_chars: int = 256
+    """Longest tenant, subject, group name or scope (401 ``auth.max_claim_chars``): they become header values and log fields."""
+    max_claim_items: int = 256
+    """Most entries in the groups claim and in the scopes claim (401 ``auth.max_claim_items``)."""
     cache_size: int = 10000
+    """Verified tokens kept (keyed by a hash of the token, never past ``exp`` nor, with ``jwks_url``, ``jwks_cache_s``); 0 = off."""
     jwks_cache_s: float = 300.0
+    """JWKS cache lifetime."""
     jwks_min_refresh_s: float = 30.0
+    """At most one JWKS refetch per this interval on unknown ``kid`` values."""
     dev_tenant: str = "dev"
+    """Tenant of the dev principal (``mode = "none"``)."""
     dev_subject: str = "dev-user"
+    """Subject of the dev principal (``mode = "none"``)."""
     dev_groups: list[str] = field(default_factory=list)
+    """Groups of the dev principal (``mode = "none"``)."""
 
     def validate(self, key: str) -> None:
         if self.mode == "none":
@@ -155,8 +182,12 @@ class AuthConfig:
             raise ConfigError(f"{key}.hs256_secret_env", "requires algorithms = [\"HS256\"]")
         if hs and not self.hs256_secret_env:
             raise ConfigError(f"{key}.algorithms", "HS* algorithms need hs256_secret_env")
-        if self.max_token_bytes < 256:
-            raise ConfigError(f"{key}.max_token_bytes", "must be at least 256")
+        if not 256 <= self.max_token_bytes <= 1 << 20:
+            raise ConfigError(f"{key}.max_token_bytes", "must be between 256 and 1048576")
+        if not 1 <= self.max_claim_chars <= 4096:
+            raise ConfigError(f"{key}.max_claim_chars", "must be between 1 and 4096")
+        if not 1 <= self.max_claim_items <= 10000:
+            raise ConfigError(f"{key}.max_claim_items", "must be between 1 and 10000")
         if self.cache_size < 0:
             raise ConfigError(f"{key}.cache_size", "must be >= 0")
 
@@ -166,7 +197,9 @@ class AdminConfig:
     """``[admin]``: who may call the admin API."""
 
     token_env: str = "WARDEN_ADMIN_TOKEN"
+    """Environment variable holding the bootstrap admin token (at least 24 characters; redacted by value from logs and the audit log)."""
     scope: str = "warden:admin"
+    """Scope an admin JWT must carry."""
 
 
 @dataclass
