@@ -8,6 +8,37 @@ embeddings and the model list, exactly as the official ``openai`` SDK expects.
 Script answers with :meth:`FakeProvider.push` (chat) and :meth:`FakeProvider.push_embedding`; with nothing scripted it
 answers ``"Hello from the fake provider."``.  Every request it receives is kept
 in :attr:`FakeProvider.requests` (path, headers, parsed body).
+
+Answers that break the wire format (for ``proxy.wire`` and the
+``upstream.protocol`` refusals): ``Reply(malformed=NAME)`` with NAME one of
+:data:`MALFORMED`.  A non-streamed request gets the normal answer with that one
+defect (status 201 for ``error_beside_tool_calls``, else 200); a streamed
+request gets ``malformed_after`` good events (role chunk, content words), then
+one chunk with the defect, then the rest of the normal stream and
+``[DONE]``, so a test sees what was relayed before the stream went bad.
+
+- ``error_beside_tool_calls``: an ``error`` object next to valid tool calls;
+- ``error_only``: a 2xx body (or stream event) that is only an ``error`` object;
+- ``not_an_object``: the answer/chunk is a JSON array;
+- ``choices_object`` / ``choices_missing``: ``choices`` an object / absent;
+- ``choices_empty``: ``choices: []`` (malformed non-streamed; legal in a chunk,
+  so the stream just never finishes);
+- ``choice_index_string``: ``choices[0].index`` is ``"0"``;
+- ``message_missing``: no ``message`` (non-streamed) / ``delta`` a string (streamed);
+- ``role_not_assistant``: ``role`` is ``"system"``;
+- ``content_number``: ``content`` is ``42``;
+- ``tool_calls_object``: ``tool_calls`` an object, not a list;
+- ``tool_call_id_number``: a tool call's ``id`` is ``42``;
+- ``tool_call_type_custom``: a tool call's ``type`` is ``"custom"``;
+- ``arguments_not_string``: ``function.arguments`` is a JSON object;
+- ``duplicate_tool_call_ids``: two calls with the same ``id`` (streamed: two
+  deltas of one chunk, indexes 0 and 1, with the same ``id``);
+- ``tool_call_index_negative``: a tool call with ``index`` -1 (a delta's index;
+  in a non-streamed message the extra key is harmless, so that answer is valid);
+- ``unknown_finish_reason``: ``finish_reason`` is ``"xyz"``;
+- ``abort_finish_reason``: ``finish_reason`` is ``"abort"`` (vLLM's aborted request);
+- ``negative_usage``: ``usage.prompt_tokens`` is ``-5``;
+- ``truncated_json``: the body / one event's data cut in the middle of the JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +49,7 @@ import itertools
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +70,9 @@ class Reply:
     - ``raw_events``: SSE data payloads sent as they are (for malformed streams);
     - ``comment``: an SSE comment line (``: ...``) sent first, as keep-alive providers do;
     - ``cut_after``: close the connection after that many events (a stream cut mid-way);
-    - ``usage``: override the reported usage; ``model``: the reported model.
+    - ``usage``: override the reported usage; ``model``: the reported model;
+    - ``malformed``: one of :data:`MALFORMED`, an answer that breaks the wire format
+      (see the module docstring); ``malformed_after``: good events before the bad one.
     """
 
     content: str | None = "Hello from the fake provider."
@@ -56,6 +90,12 @@ class Reply:
     usage: dict[str, int] | None = None
     model: str | None = None
     finish_reason: str | None = None
+    malformed: str | None = None
+    malformed_after: int = 2
+
+    def __post_init__(self) -> None:
+        if self.malformed is not None and self.malformed not in MALFORMED:
+            raise ValueError(f"unknown malformed answer {self.malformed!r} (known: {', '.join(sorted(MALFORMED))})")
 
 
 @dataclass
@@ -199,6 +239,9 @@ class FakeProvider:
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": usage,
         }
+        if reply.malformed is not None:
+            status = 201 if reply.malformed == "error_beside_tool_calls" else 200
+            return web.Response(status=status, body=malformed_payload(reply.malformed, out, "message"), content_type="application/json", headers=reply.headers)
         return web.Response(body=orjson.dumps(out), content_type="application/json", headers=reply.headers)
 
     async def _stream(
@@ -240,6 +283,9 @@ class FakeProvider:
             if isinstance(opts, dict) and opts.get("include_usage"):
                 events.append(orjson.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage}))
             events.append(b"[DONE]")
+            if reply.malformed is not None:
+                base = orjson.loads(chunk({"content": " more"}))
+                events.insert(min(reply.malformed_after, len(events) - 1), malformed_payload(reply.malformed, base, "delta"))
         try:
             for n, payload in enumerate(events):
                 if reply.cut_after is not None and n >= reply.cut_after:
@@ -256,3 +302,118 @@ class FakeProvider:
             self.disconnects += 1
             raise
         return resp
+
+
+def _first(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """The message (``where="message"``) or delta (``"delta"``) of choice 0."""
+    part: dict[str, Any] = obj["choices"][0][where]
+    return part
+
+
+def _call(where: str, **overrides: Any) -> dict[str, Any]:
+    call: dict[str, Any] = {"id": "call_bad", "type": "function", "function": {"name": "lookup", "arguments": '{"q": 1}'}}
+    if where == "delta":
+        call["index"] = 0
+    call.update(overrides)
+    return call
+
+
+def _error_beside_tool_calls(obj: dict[str, Any], where: str) -> Any:
+    _first(obj, where)["tool_calls"] = [_call(where)]
+    obj["error"] = {"message": "the model failed half-way", "type": "server_error", "code": None, "param": None}
+    return obj
+
+
+def _error_only(obj: dict[str, Any], where: str) -> Any:
+    return {"error": {"message": "overloaded", "type": "server_error", "code": None, "param": None}}
+
+
+def _choices_missing(obj: dict[str, Any], where: str) -> Any:
+    del obj["choices"]
+    return obj
+
+
+def _message_missing(obj: dict[str, Any], where: str) -> Any:
+    if where == "message":
+        del obj["choices"][0]["message"]
+    else:
+        obj["choices"][0]["delta"] = "more"
+    return obj
+
+
+def _set_first(key: str, value: Any) -> Callable[[dict[str, Any], str], Any]:
+    def mutate(obj: dict[str, Any], where: str) -> Any:
+        _first(obj, where)[key] = value
+        return obj
+
+    return mutate
+
+
+def _set_choice(key: str, value: Any) -> Callable[[dict[str, Any], str], Any]:
+    def mutate(obj: dict[str, Any], where: str) -> Any:
+        obj["choices"][0][key] = value
+        return obj
+
+    return mutate
+
+
+def _set_top(key: str, value: Any) -> Callable[[dict[str, Any], str], Any]:
+    def mutate(obj: dict[str, Any], where: str) -> Any:
+        obj[key] = value
+        return obj
+
+    return mutate
+
+
+def _with_call(**overrides: Any) -> Callable[[dict[str, Any], str], Any]:
+    def mutate(obj: dict[str, Any], where: str) -> Any:
+        _first(obj, where)["tool_calls"] = [_call(where, **overrides)]
+        return obj
+
+    return mutate
+
+
+def _duplicate_tool_call_ids(obj: dict[str, Any], where: str) -> Any:
+    if where == "message":
+        _first(obj, where)["tool_calls"] = [_call(where), _call(where)]
+    else:
+        _first(obj, where)["tool_calls"] = [_call(where, index=0), _call(where, index=1)]
+    return obj
+
+
+def _negative_usage(obj: dict[str, Any], where: str) -> Any:
+    obj["usage"] = {"prompt_tokens": -5, "completion_tokens": 1, "total_tokens": -4}
+    return obj
+
+
+MALFORMED: dict[str, Callable[[dict[str, Any], str], Any]] = {
+    "error_beside_tool_calls": _error_beside_tool_calls,
+    "error_only": _error_only,
+    "not_an_object": lambda obj, where: [obj],
+    "choices_object": lambda obj, where: {**obj, "choices": {"0": obj["choices"][0]}},
+    "choices_missing": _choices_missing,
+    "choices_empty": _set_top("choices", []),
+    "choice_index_string": _set_choice("index", "0"),
+    "message_missing": _message_missing,
+    "role_not_assistant": _set_first("role", "system"),
+    "content_number": _set_first("content", 42),
+    "tool_calls_object": _set_first("tool_calls", {"0": {"id": "call_bad"}}),
+    "tool_call_id_number": _with_call(id=42),
+    "tool_call_type_custom": _with_call(type="custom"),
+    "arguments_not_string": _with_call(function={"name": "lookup", "arguments": {"q": 1}}),
+    "duplicate_tool_call_ids": _duplicate_tool_call_ids,
+    "tool_call_index_negative": _with_call(index=-1),
+    "unknown_finish_reason": _set_choice("finish_reason", "xyz"),
+    "abort_finish_reason": _set_choice("finish_reason", "abort"),
+    "negative_usage": _negative_usage,
+    "truncated_json": lambda obj, where: obj,  # cut after serialization, in malformed_payload
+}
+"""Named answers that break the chat-completions wire format (``Reply(malformed=NAME)``)."""
+
+
+def malformed_payload(name: str, obj: dict[str, Any], where: str) -> bytes:
+    """The bytes of ``obj`` (a completion, ``where="message"``, or a chunk, ``"delta"``) with the defect ``name``."""
+    raw = orjson.dumps(MALFORMED[name](obj, where))
+    if name == "truncated_json":
+        return raw[: len(raw) // 2]
+    return raw
