@@ -45,6 +45,27 @@ class ServerConfig:
     """Most entries in ``messages`` of one request (400 ``request.max_messages``)."""
     max_tools: int = 512
     """Most entries in ``tools`` (and legacy ``functions``) of one request (400 ``request.max_tools``)."""
+    max_url_bytes: int = 8192
+    """Longest request target (path and query) accepted; longer: 414 ``server.max_url_bytes``."""
+    max_header_bytes: int = 16384
+    """Longest header line (name and value) accepted; longer: 431 ``server.max_header_bytes``.
+
+    A bearer token travels in one header line: keep this above
+    ``[auth] max_token_bytes`` plus about 30 bytes.
+    """
+    max_headers: int = 100
+    """Most header lines in one request; more: 431 ``server.max_headers``."""
+    header_timeout_s: float = 10.0
+    """A request's headers must be complete this long after the connection opened (its first request)
+    or after its first byte (a later request on a kept-alive connection); otherwise 408
+    ``server.header_timeout_s`` and the connection closes.  A connection that sent nothing is closed silently."""
+    body_timeout_s: float = 60.0
+    """A request's whole body must arrive this long after its headers; otherwise 408 ``server.body_timeout_s`` and close."""
+    keepalive_timeout_s: float = 75.0
+    """An idle kept-alive connection is closed after this long (keep it above the clients' own idle timeout)."""
+    max_connections: int = 1024
+    """Most open connections per listener (data and admin each); beyond it a new connection gets 503
+    ``server.max_connections`` and is closed before its request is read.  Mind the process's open-files limit."""
 
     def validate(self, key: str) -> None:
         parse_hostport(self.listen, f"{key}.listen")
@@ -60,6 +81,12 @@ class ServerConfig:
         for name in ("max_messages", "max_tools"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}", "must be positive")
+        for name, low, high in (("max_url_bytes", 256, 1 << 20), ("max_header_bytes", 1024, 1 << 20), ("max_headers", 8, 1000), ("max_connections", 1, 1 << 20)):
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(f"{key}.{name}", f"must be between {low} and {high}")
+        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+            if not 0 < getattr(self, name) <= 86400:
+                raise ConfigError(f"{key}.{name}", "must be positive (and at most 86400)")
         from proxy.routes import parse_route_spec
 
         for i, spec in enumerate(self.passthrough_routes):
