@@ -6,13 +6,14 @@ Nothing is built at import time; ``Warden(config)`` composes the parts and
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import re
 import time
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from aiohttp import web
 
 from proxy import dataplane
@@ -20,10 +21,12 @@ from proxy.admin import build_admin_app
 from proxy.audit.base import AuditSink
 from proxy.auth import Authenticator
 from proxy.config import Config, load_config
-from proxy.errors import AuditUnavailable, ConfigError, ServiceUnavailable, WardenError, error_body
+from proxy.errors import ConfigError, WardenError
 from proxy.exchange import Exchange, UpstreamTurn
+from proxy.headers import safe_text
 from proxy.logs import add_secret
 from proxy.metrics import Metrics
+from proxy.pipeline import Pipeline
 from proxy.plugin import Plugin, PluginChain, PluginContext, available_plugins
 from proxy.upstream import Upstream, UpstreamResponse
 
@@ -33,20 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("warden")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-
-
-async def _feedback_flow(w: Warden, request: web.Request, ex: Exchange) -> web.StreamResponse:
-    """``POST /v1/feedback``: the authenticated principal's verdict on one of its tenant's exchanges."""
-    from proxy.audit.feedback import submit_feedback
-
-    if w.audit is None:
-        raise ServiceUnavailable("feedback needs the audit log, which is disabled", rule="audit.enabled")
-    assert ex.principal is not None
-    result = await submit_feedback(w.audit, ex.principal, ex.body)  # type: ignore[arg-type]
-    ex.status = 200
-    ex.response_body = result
-    await w.finish(ex)
-    return web.Response(status=200, body=orjson.dumps(result), headers=w.response_headers(ex, {"Content-Type": "application/json"}))
 
 
 async def _reload_plugin(plugin: Plugin, sections: dict[str, Any]) -> None:
@@ -86,7 +75,10 @@ class Warden:
             section = config.plugin_sections.get(cls.config_section) if cls.config_section else None
             plugins.append(cls(section))
         self.chain = PluginChain(plugins)
-        self._forward_extra = {"X-Warden-Proxy": "1"}
+        self.pipeline = Pipeline(self, dataplane.FLOWS)
+        self.stream_cut = asyncio.Event()
+        """Set at the drain deadline: every open stream ends at once with an error event (rule ``server.drain``)."""
+        self._cut_watch: asyncio.Task[None] | None = None
         if config.auth.mode == "none":
             log.warning(
                 "AUTH IS OFF ([auth] mode = \"none\"): every request runs as tenant %r, user %r. Use this for local trials only.",
@@ -129,7 +121,14 @@ class Warden:
         except BaseException:
             await self._shutdown(started)
             raise
+        self._cut_watch = asyncio.create_task(self._watch_cut())
         self.ready = True
+
+    async def _watch_cut(self) -> None:
+        await self.stream_cut.wait()
+        n = self.pipeline.cut_streams()
+        if n:
+            log.warning("drain deadline: %d open stream(s) ended with an error event", n)
 
     async def stop(self) -> None:
         await self._shutdown(self.chain.plugins)
@@ -137,6 +136,11 @@ class Warden:
     async def _shutdown(self, plugins: list[Plugin]) -> None:
         """Stop ``plugins`` (in reverse), the audit store and the clients; every step runs even when one fails."""
         self.ready = False
+        if self._cut_watch is not None:
+            self._cut_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cut_watch
+            self._cut_watch = None
         for plugin in reversed(plugins):
             try:
                 await plugin.stop()
@@ -200,10 +204,6 @@ class Warden:
 
     # -- apps ----------------------------------------------------------------------
 
-    def extra_data_routes(self) -> list[tuple[str, str, str, Any, bool]]:
-        """Data-plane routes owned by core parts other than the proxy flows: (method, path, route name, flow, parse JSON)."""
-        return [("POST", "/v1/feedback", "feedback", _feedback_flow, True)]
-
     def data_app(self) -> web.Application:
         return dataplane.build_data_app(self)
 
@@ -212,12 +212,21 @@ class Warden:
 
     # -- per request ---------------------------------------------------------------
 
-    def new_exchange(self, request: web.Request, route: str) -> Exchange:
+    def new_exchange(self, request: web.Request) -> Exchange:
+        """The identify stage: request id, trace context and client address of a new exchange.
+
+        The caller's ``x-request-id`` is kept only when it is a strict token
+        (it becomes an index key and a header); otherwise the exchange gets a
+        new id and the caller's value is recorded, escaped and redacted.
+        """
         rand = os.urandom(36).hex()
         rid = request.headers.get("x-request-id")
+        ex = Exchange(request_id="", route="unrouted", method=safe_text(request.method, 32), path=safe_text(request.path, 2048))
         if rid is None or not _REQUEST_ID.match(rid):
+            if rid is not None:
+                ex.client_request_id = safe_text(rid, 256)
             rid = "req_" + rand[:24]
-        ex = Exchange(request_id=rid, route=route, method=request.method, path=request.path)
+        ex.request_id = rid
         tp = request.headers.get("traceparent")
         m = _TRACEPARENT.match(tp) if tp else None
         if m and m.group(1) != "ff" and m.group(2) != "0" * 32 and m.group(3) != "0" * 16:
@@ -235,93 +244,25 @@ class Warden:
             h["traceparent"] = ex.traceparent
         return h
 
-    def response_headers(self, ex: Exchange, base: dict[str, str]) -> dict[str, str]:
-        out = dict(base)
-        out.update(ex.response_headers)
-        out["x-request-id"] = ex.request_id
-        return out
-
-    async def finish(self, ex: Exchange) -> None:
-        """End the exchange and write its audit record (once).
-
-        In ``sync`` durability this returns only after the record is
-        committed, and raises ``AuditUnavailable`` (503) when it cannot be.
-        """
-        if ex.recorded:
-            return
-        ex.recorded = True
-        ex.ended = time.perf_counter()
-        if self.audit is None:
-            return
-        try:
-            await self.audit.record_exchange(ex)
-        except AuditUnavailable:
-            self.metrics.audit_write_failures.inc()
-            raise
-        except Exception:
-            self.metrics.audit_write_failures.inc()
-            log.exception("audit write failed for %s", ex.request_id)
-            raise AuditUnavailable("the audit log cannot be written; refusing to answer without a record", rule="audit.durability") from None
-        self.metrics.audit_records.labels(kind="exchange").inc()
-
     async def record_event(self, kind: str, actor: dict[str, Any], data: dict[str, Any]) -> None:
         if self.audit is None:
             return
         await self.audit.record_event(kind, actor, data)
         self.metrics.audit_records.labels(kind=kind).inc()
 
-    def error_response(self, ex: Exchange, err: WardenError) -> web.Response:
-        headers = {"Content-Type": "application/json", **err.headers}
-        if err.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="warden"'
-        return web.Response(status=err.status, body=error_body(err), headers=self.response_headers(ex, headers))
-
-    async def refuse(self, ex: Exchange, err: WardenError) -> web.Response:
-        """Answer with an OpenAI-format error, recorded in the audit log first."""
-        ex.error = err
-        ex.status = err.status
-        if err.rule:
-            self.metrics.refusals.labels(rule=err.rule[:64], status=str(err.status)).inc()
-        try:
-            await self.finish(ex)
-        except WardenError as audit_err:
-            ex.error = audit_err
-            ex.status = audit_err.status
-            return self.error_response(ex, audit_err)
-        return self.error_response(ex, err)
-
-    async def relay_upstream_error(self, ex: Exchange, ur: UpstreamResponse, raw: bytes) -> web.Response:
-        """Relay a provider error status with its body (made OpenAI-shaped if it is not)."""
-        ex.status = ur.status
-        try:
-            parsed = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if not (isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)):
-            text = raw[:500].decode("utf-8", "replace") if raw else ""
-            parsed = {"error": {"message": f"provider answered {ur.status}: {text}".strip(), "type": "api_error", "code": "upstream_error", "param": None}}
-            raw = orjson.dumps(parsed)
-        ex.response_body = parsed
-        ex.error_detail = str(parsed["error"].get("message", ""))[:500]
-        await self.finish(ex)
-        headers = {"Content-Type": "application/json", **ur.relay_headers()}
-        headers["Content-Type"] = "application/json"
-        return web.Response(status=ur.status, body=raw, headers=self.response_headers(ex, headers))
-
-    async def send_turn(self, ex: Exchange, method: str, path: str, body: bytes | None, headers: dict[str, str], reason: str = "initial") -> tuple[UpstreamTurn, UpstreamResponse]:
-        """Start one upstream turn of ``ex``: recorded on the exchange, failures counted and kept on the turn."""
-        turn = UpstreamTurn(index=len(ex.turns), body=body or b"", started=time.perf_counter(), reason=reason)
+    async def send_turn(self, ex: Exchange, method: str, path: str, body: bytes | None, headers: dict[str, str], reason: str = "initial", payload: Any = None) -> tuple[UpstreamTurn, UpstreamResponse]:
+        """Start one upstream turn of ``ex``: recorded on the exchange, with its own span id in ``traceparent``; a failure is kept on the turn."""
+        span_id = os.urandom(8).hex()
+        turn = UpstreamTurn(index=len(ex.turns), body=body or b"", started=time.perf_counter(), reason=reason, payload=payload, span_id=span_id)
         ex.turns.append(turn)
+        if ex.traceparent:
+            headers["traceparent"] = f"00-{ex.trace_id}-{span_id}-{ex.traceparent[-2:]}"
         try:
             ur = await self.upstream.send(method, path, body, headers)
         except WardenError as e:
             turn.error = e.message
+            turn.error_kind = "timeout" if e.status == 504 else "connection"
             turn.duration_s = time.perf_counter() - turn.started
-            self.count_upstream_error(e)
             raise
         turn.status = ur.status
         return turn, ur
-
-    def count_upstream_error(self, err: WardenError) -> None:
-        kind = "timeout" if err.status == 504 else "connection"
-        self.metrics.upstream_errors.labels(kind=kind).inc()

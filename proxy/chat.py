@@ -1,48 +1,36 @@
-"""``POST /v1/chat/completions``: non-streamed and streamed, with corrective turns.
+"""The chat flow (``POST /v1/chat/completions``): non-streamed and streamed, with corrective turns.
 
-Streaming is relayed event by event (time to first token preserved); only
-tool-call deltas are held, assembled and judged before they are shown.  When
-no plugin judges tool calls and none watches the stream, events are forwarded
-as the provider sent them.
+A flow returns a reply; the pipeline sends it.  Streaming is relayed event
+by event (time to first token preserved); only tool-call deltas are held,
+assembled and judged before they are shown.  When no plugin judges tool
+calls and none watches the stream, events are forwarded as the provider sent
+them.  Provider answers that do not match the wire format are refused
+(502, rule ``upstream.protocol``) before anything of them is relayed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
-from proxy import sse, tooling
+from proxy import sse, tooling, wire
 from proxy.errors import BadRequest, UpstreamError, UpstreamTimeout, WardenError
 from proxy.exchange import Exchange, ToolCall, UpstreamTurn
+from proxy.jsonbounds import depth_exceeds
+from proxy.pipeline import Incoming, JsonReply, Reply, StreamReply, provider_error_reply
 from proxy.plugin import StreamEvent
 
 if TYPE_CHECKING:
     from proxy.app import Warden
+    from proxy.upstream import UpstreamResponse
 
 PATH = "/chat/completions"
-_CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError, ConnectionError)
-STARTED = web.RequestKey("warden.started", web.StreamResponse)
-"""Request key of the response whose status line was already sent (a stream)."""
-
-
-def mark_started(request: web.Request, resp: web.StreamResponse) -> None:
-    """Record that ``resp`` is prepared: a later error must end it, not start another response."""
-    request[STARTED] = resp
-
-
-def add_usage(ex: Exchange, usage: Any) -> None:
-    if not isinstance(usage, dict):
-        return
-    if ex.usage is None:
-        ex.usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        v = usage.get(k)
-        if isinstance(v, int) and not isinstance(v, bool):
-            ex.usage[k] += v
+MAX_ANSWER_DEPTH = 128
+"""Deepest nesting a provider answer may have (a chat completion nests about six levels)."""
 
 
 def upstream_body(ex: Exchange) -> bytes:
@@ -52,20 +40,21 @@ def upstream_body(ex: Exchange) -> bytes:
     return ex.raw_body
 
 
-async def run(w: Warden, request: web.Request, ex: Exchange) -> web.StreamResponse:
+async def run(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     assert ex.body is not None
     if w.chain.tool:
         _single_choice(ex.body)
     if ex.stream:
+        client_usage = True
         if w.config.upstream.stream_usage:
             opts = ex.body.get("stream_options")
             if not (isinstance(opts, dict) and opts.get("include_usage") is True):
-                ex.annotations["client_usage"] = False
+                client_usage = False
                 new = dict(ex.body)
                 new["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
                 ex.set_body(new)
-        return await _stream(w, request, ex)
-    return await _non_stream(w, request, ex)
+        return await _ChatStream(w, req, ex, client_usage).start()
+    return await _non_stream(w, req, ex)
 
 
 def _single_choice(body: dict[str, Any]) -> None:
@@ -83,61 +72,64 @@ def _unjudgeable(choices: list[Any]) -> str | None:
             continue
         if i > 0 and (message.get("tool_calls") or message.get("function_call")):
             return "tool calls in more than one choice"
-        tcs = message.get("tool_calls")
-        if tcs is not None and not isinstance(tcs, list):
-            return "tool_calls is not a list"
     return None
 
 
-async def _call(w: Warden, request: web.Request, ex: Exchange, body: bytes, reason: str) -> tuple[UpstreamTurn, Any]:
-    headers = w.upstream.build_headers(request.headers, w.upstream_extra_headers(ex))
-    return await w.send_turn(ex, "POST", PATH, body, headers, reason)
+def _malformed(turn: UpstreamTurn, why: str) -> UpstreamError:
+    turn.error = f"malformed answer from provider: {why}"
+    turn.error_kind = "malformed"
+    return UpstreamError(f"the provider returned an answer Warden cannot accept: {why}", rule="upstream.protocol")
 
 
-async def _non_stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamResponse:
+async def _call(w: Warden, req: Incoming, ex: Exchange, body: bytes, reason: str, payload: Any) -> tuple[UpstreamTurn, UpstreamResponse]:
+    headers = w.upstream.build_headers(req.headers, w.upstream_extra_headers(ex))
+    return await w.send_turn(ex, "POST", PATH, body, headers, reason, payload)
+
+
+async def _read(w: Warden, turn: UpstreamTurn, ur: UpstreamResponse, limit: int) -> bytes:
+    try:
+        return await w.upstream.read_body(ur, limit)
+    except WardenError as e:
+        turn.error = e.message
+        turn.error_kind = "timeout" if e.status == 504 else "connection"
+        raise
+    finally:
+        turn.duration_s = time.perf_counter() - turn.started
+
+
+async def _non_stream(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     assert ex.body is not None
     body_bytes = upstream_body(ex)
     body = ex.body
     judging = bool(w.chain.tool)
-    limit = tooling.max_corrections(ex)
+    limit = ex.max_corrections
     while True:
         reason = "initial" if not ex.turns else "correction"
-        turn, ur = await _call(w, request, ex, body_bytes, reason)
-        try:
-            raw = await w.upstream.read_body(ur, w.config.upstream.max_response_bytes)
-        except WardenError as e:
-            turn.error = e.message
-            w.count_upstream_error(e)
-            raise
-        finally:
-            turn.duration_s = time.perf_counter() - turn.started
+        turn, ur = await _call(w, req, ex, body_bytes, reason, body)
+        raw = await _read(w, turn, ur, w.config.upstream.max_response_bytes)
         if ur.status != 200:
-            turn.error = f"provider status {ur.status}"
-            w.metrics.upstream_errors.labels(kind=f"status_{ur.status // 100}xx").inc()
-            return await w.relay_upstream_error(ex, ur, raw)
+            return provider_error_reply(ex, turn, ur, raw)
         try:
             resp = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            resp = None
-        if not isinstance(resp, dict):
-            turn.error = "malformed JSON from provider"
-            w.metrics.upstream_errors.labels(kind="malformed").inc()
-            raise UpstreamError("the provider returned a malformed answer", rule="upstream.protocol")
+            raise _malformed(turn, "the answer is not JSON") from None
+        if depth_exceeds(resp, raw, MAX_ANSWER_DEPTH):
+            raise _malformed(turn, f"the answer nests deeper than {MAX_ANSWER_DEPTH} levels")
+        why = wire.check_completion(resp)
+        if why is not None:
+            raise _malformed(turn, why)
+        assert isinstance(resp, dict)
         turn.response = resp
-        add_usage(ex, resp.get("usage"))
+        ex.add_usage(resp.get("usage"))
         if isinstance(resp.get("model"), str):
             ex.response_model = resp["model"]
-        raw_choices = resp.get("choices")
-        choices: list[Any] = raw_choices if isinstance(raw_choices, list) else []
-        first: dict[str, Any] = choices[0] if choices and isinstance(choices[0], dict) else {}
-        raw_message = first.get("message")
-        message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
+        choices: list[Any] = resp.get("choices") or []
+        first: dict[str, Any] = choices[0] if choices else {}
+        message: dict[str, Any] = first.get("message") or {}
         if judging:
             why = _unjudgeable(choices)
             if why is not None:
-                turn.error = f"malformed answer from provider: {why}"
-                w.metrics.upstream_errors.labels(kind="malformed").inc()
-                raise UpstreamError(f"the provider returned an answer Warden cannot judge: {why}", rule="upstream.protocol")
+                raise _malformed(turn, why)
         calls = tooling.calls_from_message(message) if judging else []
         if calls:
             decisions = await tooling.judge(w.chain, ex, calls, len(ex.turns) - 1)
@@ -153,24 +145,17 @@ async def _non_stream(w: Warden, request: web.Request, ex: Exchange) -> web.Stre
                 body_bytes = orjson.dumps(body)
                 continue
         break
-    ex.finish_reasons = [str(c.get("finish_reason")) for c in choices if isinstance(c, dict)]
+    ex.finish_reasons = [str(c.get("finish_reason")) for c in choices]
     content = message.get("content")
     ex.response_text = content if isinstance(content, str) else None
     if len(ex.turns) > 1 and ex.usage is not None:
-        resp["usage"] = dict(ex.usage)
+        resp["usage"] = ex.usage.as_dict()
         ex.response_modified = True
     ex.response_body = resp
-    ex.status = 200
-    await w.chain.run_response(ex)
-    out = orjson.dumps(ex.response_body) if ex.response_modified else raw
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        ex.client_disconnected = True
-    await w.finish(ex)
-    return web.Response(body=out, status=200, headers=w.response_headers(ex, {"Content-Type": "application/json", **ur.relay_headers()}))
+    return JsonReply(200, raw, ur.relay_headers())
 
 
-class _StreamState:
+class _TurnState:
     """What the relay learned from the events of the current turn."""
 
     __slots__ = ("calls", "held_finish", "text", "last", "finish_reason", "usage_chunk", "role_sent")
@@ -185,290 +170,237 @@ class _StreamState:
         self.role_sent = False
 
 
-async def _stream(w: Warden, request: web.Request, ex: Exchange) -> web.StreamResponse:
-    assert ex.body is not None
-    body = ex.body
-    body_bytes = upstream_body(ex)
-    judging = bool(w.chain.tool)
-    watching = bool(w.chain.stream)
-    limit = tooling.max_corrections(ex)
-    client_usage = ex.annotations.get("client_usage", True) is not False
-    resp: web.StreamResponse | None = None
-    all_text: list[str] = []
-    last_usage_chunk: dict[str, Any] | None = None
-    final_calls: list[ToolCall] = []
-    model_seen: str | None = None
-    chunk_id: str | None = None
-    created: int | None = None
+class _ChatStream:
+    """One streamed chat exchange: the first upstream turn, then an event source for the pipeline to send."""
 
-    async def write(data: bytes) -> None:
-        assert resp is not None
-        try:
-            await resp.write(data)
-        except _CLIENT_GONE:
-            ex.client_disconnected = True
-            raise
+    def __init__(self, w: Warden, req: Incoming, ex: Exchange, client_usage: bool) -> None:
+        self.w = w
+        self.req = req
+        self.ex = ex
+        self.client_usage = client_usage
+        self.judging = bool(w.chain.tool)
+        self.watching = bool(w.chain.stream)
+        self.all_text: list[str] = []
+        self.last_usage_chunk: dict[str, Any] | None = None
+        self.final_calls: list[ToolCall] = []
+        self.model_seen: str | None = None
+        self.chunk_id: Any = None
+        self.created: Any = None
 
-    while True:
-        reason = "initial" if not ex.turns else "correction"
-        try:
-            turn, ur = await _call(w, request, ex, body_bytes, reason)
-        except WardenError as e:
-            if resp is None:
-                raise
-            await stream_error(w, ex, resp, e)
-            return resp
+    async def start(self) -> Reply:
+        ex = self.ex
+        turn, ur = await _call(self.w, self.req, ex, upstream_body(ex), "initial", ex.body)
         if ur.status != 200:
-            try:
-                raw = await w.upstream.read_body(ur, 1024 * 1024)
-            except WardenError:
-                raw = b""
-            turn.duration_s = time.perf_counter() - turn.started
-            turn.error = f"provider status {ur.status}"
-            w.metrics.upstream_errors.labels(kind=f"status_{ur.status // 100}xx").inc()
-            if resp is None:
-                return await w.relay_upstream_error(ex, ur, raw)
-            await stream_error(w, ex, resp, UpstreamError(f"the provider answered {ur.status} during a corrective turn", rule="upstream.status"))
-            return resp
-        if resp is None:
-            resp = web.StreamResponse(
-                status=200, headers=w.response_headers(ex, {**ur.relay_headers(), "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-            )
-            ex.status = 200
-            try:
-                await resp.prepare(request)
-            except BaseException:
-                ur.close()
-                raise
-            mark_started(request, resp)
-        st = _StreamState()
+            raw = await _read(self.w, turn, ur, 1024 * 1024)
+            return provider_error_reply(ex, turn, ur, raw)
+        headers = {**ur.relay_headers(), "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        self._ur = ur
+        return StreamReply(200, headers, self.events(turn, ur), trailer=self.trailer, release=self._release)
+
+    def _release(self) -> None:
+        self._ur.close()
+
+    def trailer(self) -> list[bytes]:
+        """The usage chunk the client asked for (totals over every turn), then ``[DONE]``."""
+        out: list[bytes] = []
+        if self.last_usage_chunk is not None and self.client_usage:
+            usage_out = dict(self.last_usage_chunk)
+            if self.ex.usage is not None:
+                usage_out["usage"] = self.ex.usage.as_dict()
+            out.append(sse.encode_json(usage_out))
+        out.append(sse.DONE_EVENT)
+        return out
+
+    async def events(self, turn: UpstreamTurn, ur: UpstreamResponse) -> AsyncIterator[bytes]:
+        ex = self.ex
+        assert ex.body is not None
+        body = ex.body
+        st = _TurnState()
+        try:
+            while True:
+                st = _TurnState()
+                async for out in self._relay_turn(turn, ur, st):
+                    yield out
+                if st.last is not None:
+                    self.model_seen = st.last.get("model") or self.model_seen
+                    self.chunk_id = st.last.get("id") or self.chunk_id
+                    self.created = st.last.get("created") or self.created
+                if st.usage_chunk is not None:
+                    self.last_usage_chunk = st.usage_chunk
+                if st.calls:
+                    calls = st.calls.calls()
+                    decisions = await tooling.judge(self.w.chain, ex, calls, len(ex.turns) - 1)
+                    if any(d.kind != "allow" for d in decisions):
+                        corrections = len(ex.turns) - 1
+                        if corrections >= ex.max_corrections:
+                            raise tooling.exhausted_error(calls, decisions, corrections)
+                        for d in decisions:
+                            if d.kind != "allow":
+                                self.w.metrics.corrective_turns.labels(reason=d.kind).inc()
+                        turn_text = "".join(st.text)
+                        self._collect(st)
+                        body = tooling.corrective_body(body, turn_text, calls, decisions)
+                        turn, ur = await _call(self.w, self.req, ex, orjson.dumps(body), "correction", body)
+                        self._ur = ur
+                        if ur.status != 200:
+                            await _read(self.w, turn, ur, 1024 * 1024)
+                            turn.error = f"provider status {ur.status}"
+                            turn.error_kind = f"status_{ur.status // 100}xx"
+                            raise UpstreamError(f"the provider answered {ur.status} during a corrective turn", rule="upstream.status")
+                        continue
+                    self.final_calls = calls
+                    base = st.held_finish or st.last or {}
+                    out_chunk = {
+                        "id": base.get("id", self.chunk_id),
+                        "object": "chat.completion.chunk",
+                        "created": base.get("created", self.created),
+                        "model": base.get("model", self.model_seen),
+                        "choices": [{"index": 0, "delta": tooling.call_delta(calls), "finish_reason": None}],
+                    }
+                    yield sse.encode_json(out_chunk)
+                    if st.held_finish is not None:
+                        yield sse.encode_json(st.held_finish)
+                break
+        finally:
+            self._collect(st)
+            ex.response_body = self._assembled()
+
+    async def _relay_turn(self, turn: UpstreamTurn, ur: UpstreamResponse, st: _TurnState) -> AsyncIterator[bytes]:
+        """The events of one upstream turn, as they are to be relayed; raises a ``WardenError`` when the stream goes bad."""
         parser = sse.SSEParser()
         done = False
         try:
             try:
                 async for chunk in ur.resp.content.iter_any():
                     for ev in parser.feed(chunk):
-                        if await _relay_event(w, ex, ev, st, judging, watching, write, turn):
-                            done = True
+                        out, done = await self._relay_event(ev, st, turn)
+                        if out is not None:
+                            yield out
+                        if done:
                             break
                     if done:
                         break
                 if not done:
                     for ev in parser.close():
-                        if await _relay_event(w, ex, ev, st, judging, watching, write, turn):
-                            done = True
+                        out, done = await self._relay_event(ev, st, turn)
+                        if out is not None:
+                            yield out
             finally:
                 turn.duration_s = time.perf_counter() - turn.started
                 ur.close()
-        except _CLIENT_GONE:
-            ex.client_disconnected = True
-            turn.error = "client disconnected"
-            _collect(ex, all_text, st)
-            return resp
         except sse.SSEError as e:
-            turn.error = str(e)
-            w.metrics.upstream_errors.labels(kind="malformed").inc()
-            await stream_error(w, ex, resp, UpstreamError("the provider sent a malformed stream", rule="upstream.protocol"))
-            return resp
-        except _UpstreamStreamError as e:
-            turn.error = str(e.err.message)
-            await stream_error(w, ex, resp, e.err)
-            return resp
+            turn.error, turn.error_kind = str(e), "malformed"
+            raise UpstreamError("the provider sent a malformed stream", rule="upstream.protocol") from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            turn.error = "timeout"
-            w.metrics.upstream_errors.labels(kind="timeout").inc()
-            await stream_error(w, ex, resp, UpstreamTimeout("the provider stream stalled", rule="upstream.timeout_s"))
-            return resp
+            turn.error, turn.error_kind = "timeout", "timeout"
+            raise UpstreamTimeout("the provider stream stalled", rule="upstream.timeout_s") from None
         except aiohttp.ClientError as e:
-            turn.error = type(e).__name__
-            w.metrics.upstream_errors.labels(kind="connection").inc()
-            await stream_error(w, ex, resp, UpstreamError("the provider stream broke off", rule="upstream.base_url"))
-            return resp
-        if st.last is not None:
-            model_seen = st.last.get("model") or model_seen
-            chunk_id = st.last.get("id") or chunk_id
-            created = st.last.get("created") or created
-        if st.usage_chunk is not None:
-            last_usage_chunk = st.usage_chunk
+            turn.error, turn.error_kind = type(e).__name__, "connection"
+            raise UpstreamError("the provider stream broke off", rule="upstream.base_url") from None
         if not done and st.finish_reason is None:
-            turn.error = "stream ended early"
-            w.metrics.upstream_errors.labels(kind="truncated").inc()
-            _collect(ex, all_text, st)
-            await stream_error(w, ex, resp, UpstreamError("the provider stream ended before the answer was complete", rule="upstream.protocol"))
-            return resp
-        if st.calls:
-            calls = st.calls.calls()
-            decisions = await tooling.judge(w.chain, ex, calls, len(ex.turns) - 1)
-            if any(d.kind != "allow" for d in decisions):
-                corrections = len(ex.turns) - 1
-                if corrections >= limit:
-                    _collect(ex, all_text, st)
-                    await stream_error(w, ex, resp, tooling.exhausted_error(calls, decisions, corrections))
-                    return resp
-                for d in decisions:
-                    if d.kind != "allow":
-                        w.metrics.corrective_turns.labels(reason=d.kind).inc()
-                all_text.extend(st.text)
-                body = tooling.corrective_body(body, "".join(st.text), calls, decisions)
-                body_bytes = orjson.dumps(body)
-                continue
-            final_calls = calls
-            base = st.held_finish or st.last or {}
-            out = {
-                "id": base.get("id", chunk_id),
-                "object": "chat.completion.chunk",
-                "created": base.get("created", created),
-                "model": base.get("model", model_seen),
-                "choices": [{"index": 0, "delta": tooling.call_delta(calls), "finish_reason": None}],
-            }
-            try:
-                await write(sse.encode_json(out))
-                if st.held_finish is not None:
-                    await write(sse.encode_json(st.held_finish))
-            except _CLIENT_GONE:
-                _collect(ex, all_text, st)
-                return resp
-        _collect(ex, all_text, st)
-        break
-    ex.response_text = "".join(all_text)
-    ex.response_body = _assembled(ex, chunk_id, created, model_seen, final_calls)
-    try:
-        await w.chain.run_response(ex)
-        if last_usage_chunk is not None and client_usage:
-            usage_out = dict(last_usage_chunk)
-            if ex.usage is not None:
-                usage_out["usage"] = dict(ex.usage)
-            await write(sse.encode_json(usage_out))
-        await w.finish(ex)
-        await write(sse.DONE_EVENT)
-        await resp.write_eof()
-    except _CLIENT_GONE:
-        pass
-    except WardenError as e:
-        await stream_error(w, ex, resp, e)
-    return resp
+            turn.error, turn.error_kind = "stream ended early", "truncated"
+            raise UpstreamError("the provider stream ended before the answer was complete", rule="upstream.protocol")
 
-
-class _UpstreamStreamError(Exception):
-    def __init__(self, err: WardenError) -> None:
-        self.err = err
-
-
-async def _relay_event(w: Warden, ex: Exchange, ev: sse.RawEvent, st: _StreamState, judging: bool, watching: bool, write: Any, turn: UpstreamTurn) -> bool:
-    """Relay one upstream event; returns True on ``[DONE]``."""
-    data = ev.data
-    if data is None:
-        if ev.raw.startswith(b":"):
-            await write(ev.raw)  # a keep-alive comment: relayed, so idle clients do not give up before the first token
-        return False
-    if data == sse.DONE:
-        return True
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise sse.SSEError("an upstream event is not JSON") from None
-    if not isinstance(obj, dict):
-        raise sse.SSEError("an upstream event is not a JSON object")
-    if "error" in obj:
-        err = obj["error"] if isinstance(obj["error"], dict) else {}
-        msg = str(err.get("message", "provider error"))[:500]
-        w.metrics.upstream_errors.labels(kind="stream_error").inc()
-        raise _UpstreamStreamError(UpstreamError(f"the provider reported an error mid-stream: {msg}", rule="upstream.stream"))
-    st.last = obj
-    modified = False
-    usage = obj.get("usage")
-    choices = obj.get("choices")
-    if usage:
-        add_usage(ex, usage)
-        if not choices:
-            st.usage_chunk = obj
-            return False
-    if isinstance(obj.get("model"), str):
-        ex.response_model = obj["model"]
-    if isinstance(choices, list):
-        visible = False
-        for ch in choices:
-            if not isinstance(ch, dict):
-                continue
-            delta = ch.get("delta")
-            fr = ch.get("finish_reason")
-            if isinstance(delta, dict):
-                content = delta.get("content")
-                if isinstance(content, str) and ch.get("index", 0) == 0:
-                    st.text.append(content)
-                if judging and (delta.get("tool_calls") or delta.get("function_call")) and ch.get("index", 0) != 0:
-                    w.metrics.upstream_errors.labels(kind="malformed").inc()
-                    raise _UpstreamStreamError(UpstreamError("the provider streamed tool calls in more than one choice", rule="upstream.protocol"))
-                if judging and ("tool_calls" in delta or "function_call" in delta) and ch.get("index", 0) == 0:
-                    tcs = delta.get("tool_calls")
-                    if isinstance(tcs, list):
-                        st.calls.add(tcs)
-                    if "function_call" in delta:
-                        st.calls.add_legacy(delta["function_call"])
-                    delta = {k: v for k, v in delta.items() if k not in ("tool_calls", "function_call")}
-                    ch["delta"] = delta
-                    modified = True
-                if delta and (delta.keys() - {"role"} or not st.role_sent):
+    async def _relay_event(self, ev: sse.RawEvent, st: _TurnState, turn: UpstreamTurn) -> tuple[bytes | None, bool]:
+        """What to relay of one upstream event (``None``: nothing), and whether it was ``[DONE]``."""
+        ex = self.ex
+        data = ev.data
+        if data is None:
+            # A keep-alive comment is relayed, so idle clients do not give up before the first token.
+            return (ev.raw if ev.raw.startswith(b":") else None), False
+        if data == sse.DONE:
+            return None, True
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise sse.SSEError("an upstream event is not JSON") from None
+        if not isinstance(obj, dict):
+            raise sse.SSEError("an upstream event is not a JSON object")
+        if "error" in obj:
+            err = obj["error"] if isinstance(obj["error"], dict) else {}
+            turn.error_kind = "stream_error"
+            turn.error = str(err.get("message", "provider error"))[:500]
+            raise UpstreamError("the provider reported an error mid-stream", rule="upstream.stream")
+        if depth_exceeds(obj, data, MAX_ANSWER_DEPTH):
+            raise sse.SSEError(f"an upstream event nests deeper than {MAX_ANSWER_DEPTH} levels")
+        why = wire.check_chunk(obj)
+        if why is not None:
+            raise sse.SSEError(f"an upstream event is malformed: {why}")
+        st.last = obj
+        modified = False
+        usage = obj.get("usage")
+        choices = obj.get("choices")
+        if usage:
+            ex.add_usage(usage)
+            if not choices:
+                st.usage_chunk = obj
+                return None, False
+        if isinstance(obj.get("model"), str):
+            ex.response_model = obj["model"]
+        judging = self.judging
+        if isinstance(choices, list):
+            visible = False
+            for ch in choices:
+                delta = ch.get("delta")
+                fr = ch.get("finish_reason")
+                first = ch.get("index", 0) == 0
+                if isinstance(delta, dict):
+                    content = delta.get("content")
+                    if isinstance(content, str) and first:
+                        st.text.append(content)
+                    if judging and (delta.get("tool_calls") or delta.get("function_call")) and not first:
+                        raise UpstreamError("the provider streamed tool calls in more than one choice", rule="upstream.protocol")
+                    if judging and ("tool_calls" in delta or "function_call" in delta) and first:
+                        tcs = delta.get("tool_calls")
+                        if isinstance(tcs, list):
+                            st.calls.add(tcs)
+                        if "function_call" in delta:
+                            st.calls.add_legacy(delta["function_call"])
+                        delta = {k: v for k, v in delta.items() if k not in ("tool_calls", "function_call")}
+                        ch["delta"] = delta
+                        modified = True
+                    if delta and (delta.keys() - {"role"} or not st.role_sent):
+                        visible = True
+                        if "role" in delta:
+                            st.role_sent = True
+                if fr is not None:
+                    if first:
+                        st.finish_reason = str(fr)
+                        ex.finish_reasons = [str(fr)]
+                    if judging and st.calls and first:
+                        st.held_finish = obj
+                        return None, False
                     visible = True
-                    if "role" in delta:
-                        st.role_sent = True
-            if fr is not None:
-                if ch.get("index", 0) == 0:
-                    st.finish_reason = str(fr)
-                    ex.finish_reasons = [str(fr)]
-                if judging and st.calls and ch.get("index", 0) == 0:
-                    st.held_finish = obj
-                    return False
-                visible = True
-        if modified and not visible:
-            return False
-    if "ttft" not in ex.timings:
-        now = time.perf_counter()
-        ex.timings["ttft"] = now - ex.started
-        turn.ttft_s = now - turn.started
-    if watching:
-        event = StreamEvent(raw=ev.raw, data=obj, modified=modified)
-        await w.chain.run_stream_event(ex, event)
-        if event.drop:
-            return False
-        modified = event.modified
-    await write(sse.encode_json(obj) if modified else ev.raw)
-    return False
+            if modified and not visible:
+                return None, False
+        if "ttft" not in ex.timings:
+            now = time.perf_counter()
+            ex.timings["ttft"] = now - ex.started
+            turn.ttft_s = now - turn.started
+        if self.watching:
+            event = StreamEvent(raw=ev.raw, data=obj, modified=modified)
+            await self.w.chain.run_stream_event(ex, event)
+            if event.drop:
+                return None, False
+            modified = event.modified
+        return (sse.encode_json(obj) if modified else ev.raw), False
 
+    def _collect(self, st: _TurnState) -> None:
+        self.all_text.extend(st.text)
+        st.text = []
+        self.ex.response_text = "".join(self.all_text)
 
-def _collect(ex: Exchange, all_text: list[str], st: _StreamState) -> None:
-    all_text.extend(st.text)
-    st.text = []
-    ex.response_text = "".join(all_text)
-
-
-def _assembled(ex: Exchange, chunk_id: Any, created: Any, model: Any, calls: list[ToolCall]) -> dict[str, Any]:
-    """The streamed answer as one chat.completion (for the audit log, idempotent replay, citations)."""
-    message: dict[str, Any] = {"role": "assistant", "content": ex.response_text or None}
-    if calls:
-        message.update({k: v for k, v in tooling.assistant_message(None, calls).items() if k in ("tool_calls", "function_call")})
-    return {
-        "id": chunk_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": ex.finish_reasons[0] if ex.finish_reasons else None}],
-        "usage": ex.usage,
-    }
-
-
-async def stream_error(w: Warden, ex: Exchange, resp: web.StreamResponse, err: WardenError) -> None:
-    """End a started stream with an OpenAI-format error event (the status line is already sent)."""
-    ex.error = err
-    ex.status = err.status
-    if ex.client_disconnected:
-        return
-    try:
-        await w.finish(ex)
-    except WardenError as audit_err:
-        err = audit_err
-    try:
-        await resp.write(sse.encode_json(err.to_dict()))
-        await resp.write_eof()
-    except _CLIENT_GONE:
-        ex.client_disconnected = True
+    def _assembled(self) -> dict[str, Any]:
+        """The streamed answer as one chat.completion (for the audit log, idempotent replay, citations)."""
+        ex = self.ex
+        message: dict[str, Any] = {"role": "assistant", "content": ex.response_text or None}
+        if self.final_calls:
+            message.update({k: v for k, v in tooling.assistant_message(None, self.final_calls).items() if k in ("tool_calls", "function_call")})
+        return {
+            "id": self.chunk_id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model_seen,
+            "choices": [{"index": 0, "message": message, "finish_reason": ex.finish_reasons[0] if ex.finish_reasons else None}],
+            "usage": ex.usage.as_dict() if ex.usage is not None else None,
+        }

@@ -69,6 +69,10 @@ class NotFound(WardenError):
     status, type, code = 404, "invalid_request_error", "not_found"
 
 
+class MethodNotAllowed(WardenError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
 class Conflict(WardenError):
     status, type, code = 409, "invalid_request_error", "conflict"
 

@@ -9,10 +9,66 @@ here.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar, cast
 
 from proxy.errors import WardenError
+
+T = TypeVar("T")
+
+
+class StateKey(Generic[T]):
+    """A typed slot for one plugin's per-exchange state (in the spirit of aiohttp's ``AppKey``).
+
+    Declared once at module level by the plugin that owns it::
+
+        STATE = StateKey("tools", ToolState)
+        st = ex.slots.setdefault(STATE, ToolState)
+
+    Slots are private to their owner: the audit record never serialises
+    them.  What a plugin wants recorded it returns from
+    :meth:`~proxy.plugin.Plugin.audit_fields`.
+    """
+
+    __slots__ = ("name", "type")
+
+    def __init__(self, name: str, t: type[T]) -> None:
+        self.name = name
+        self.type = t
+
+    def __repr__(self) -> str:
+        return f"<StateKey {self.name}: {self.type.__qualname__}>"
+
+
+class Slots:
+    """The typed slots of one exchange (see :class:`StateKey`)."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[StateKey[Any], Any] = {}
+
+    def get(self, key: StateKey[T]) -> T | None:
+        return cast("T | None", self._values.get(key))
+
+    def __getitem__(self, key: StateKey[T]) -> T:
+        return cast(T, self._values[key])
+
+    def __setitem__(self, key: StateKey[T], value: T) -> None:
+        self._values[key] = value
+
+    def __contains__(self, key: StateKey[Any]) -> bool:
+        return key in self._values
+
+    def setdefault(self, key: StateKey[T], factory: Callable[[], T]) -> T:
+        v = self._values.get(key)
+        if v is None:
+            v = self._values[key] = factory()
+        return cast(T, v)
+
+    def pop(self, key: StateKey[T]) -> T | None:
+        return cast("T | None", self._values.pop(key, None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +162,79 @@ class UpstreamTurn:
     ttft_s: float | None = None
     error: str | None = None
     reason: str = "initial"
+    error_kind: str | None = None
+    """How the turn failed, for metrics: ``timeout``, ``connection``, ``status_4xx``, ``status_5xx``, ``malformed``, ``truncated``, ``stream_error``."""
+    payload: Any = None
+    """``body`` parsed, when Warden built it (so the record never parses it again)."""
+    span_id: str = ""
+    """The span id sent upstream in this turn's ``traceparent`` (the turn's CLIENT span)."""
+
+
+@dataclass(slots=True)
+class Usage:
+    """Tokens the provider reported for the exchange, summed over its turns."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def add(self, reported: Any) -> None:
+        """Add a provider ``usage`` object (non-integers and booleans are ignored)."""
+        if not isinstance(reported, dict):
+            return
+        for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            v = reported.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                setattr(self, k, getattr(self, k) + v)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens}
+
+
+@dataclass(slots=True)
+class RetrievalSummary:
+    """What retrieval did for the exchange (the chunks themselves are ``Exchange.retrieved``).
+
+    ``skipped`` names why it did not search (``header``, ``no_documents``,
+    ``no_query``, ``error``...); ``None`` when it searched.
+    """
+
+    skipped: str | None = None
+    query: str | None = None
+    mode: str | None = None
+    top_k: int | None = None
+    candidates: int | None = None
+    injected: int = 0
+    excluded: dict[str, int] = field(default_factory=dict)
+    context_tokens: int | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as recorded (``None`` fields left out)."""
+        out: dict[str, Any] = {}
+        for k in ("skipped", "query", "mode", "top_k", "candidates", "context_tokens", "error"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        if self.skipped is None:
+            out["injected"] = self.injected
+            out["excluded"] = dict(self.excluded)
+            out["timings_ms"] = dict(self.timings_ms)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """One ``[n]`` marker of the answer, mapped back to the document it cites (``valid`` false: never given)."""
+
+    n: int
+    valid: bool
+    doc_id: str | None = None
+    chunk_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "valid": self.valid, "doc_id": self.doc_id, "chunk_id": self.chunk_id}
 
 
 @dataclass(slots=True)
@@ -141,7 +270,13 @@ class LocalReply:
 
 @dataclass(slots=True)
 class Exchange:
-    """One application request from arrival to final answer."""
+    """One application request from arrival to final answer.
+
+    The core's typed fields are what the audit record, metrics and traces
+    read.  Plugin-private state lives in ``slots`` (see :class:`StateKey`);
+    what a plugin wants recorded comes from its ``audit_fields`` hook and
+    lands in ``plugin_fields`` at the record stage.
+    """
 
     request_id: str
     route: str
@@ -149,43 +284,69 @@ class Exchange:
     path: str
     started: float = field(default_factory=time.perf_counter)
     wall_time: float = field(default_factory=time.time)
+    protocol: str = "openai.chat"
+    phase: str = "identify"
+    """The pipeline stage the exchange is in (see :mod:`proxy.pipeline`)."""
     principal: Principal | None = None
     trace_id: str | None = None
     traceparent: str | None = None
     client_ip: str | None = None
+    client_request_id: str | None = None
+    """The caller's ``x-request-id`` when it was refused as an id (recorded redacted)."""
     request_headers: dict[str, str] = field(default_factory=dict)
     raw_body: bytes = b""
+    client_body: dict[str, Any] | None = None
+    """The body as the client sent it, parsed once (never changed by hooks)."""
     body: dict[str, Any] | None = None
+    """The body as it goes upstream: ``client_body`` until a hook calls :meth:`set_body`."""
     body_modified: bool = False
+    body_refused: str | None = None
+    """The rule under which the body was refused unparsed (recorded by size and digest only)."""
     stream: bool = False
     model: str | None = None
     response_model: str | None = None
     turns: list[UpstreamTurn] = field(default_factory=list)
+    tools_offered: frozenset[str] | None = None
+    """Tool names offered to the model after every request hook ran (``None``: no tools offered)."""
+    max_corrections: int = 2
     tool_decisions: list[ToolDecisionRecord] = field(default_factory=list)
     tool_results: list[dict[str, Any]] = field(default_factory=list)
-    retrieval: dict[str, Any] | None = None
+    retrieval: RetrievalSummary | None = None
     retrieved: list[RetrievedChunk] = field(default_factory=list)
-    citations: list[dict[str, Any]] = field(default_factory=list)
+    citations: list[Citation] = field(default_factory=list)
+    prompt_template_sha256: str | None = None
     response_body: Any = None
     response_modified: bool = False
     response_text: str | None = None
     finish_reasons: list[str] = field(default_factory=list)
-    usage: dict[str, Any] | None = None
+    usage: Usage | None = None
     status: int | None = None
     error: WardenError | None = None
     error_detail: str | None = None
     client_disconnected: bool = False
+    cut: str | None = None
+    """Why a started stream ended before its answer was whole (``client``, ``drain``, ``upstream``, ``refused``)."""
+    relayed_events: int = 0
+    relayed_bytes: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)
     local_reply: LocalReply | None = None
-    annotations: dict[str, Any] = field(default_factory=dict)
+    slots: Slots = field(default_factory=Slots)
+    plugin_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     ended: float | None = None
-    recorded: bool = False
 
     def set_body(self, body: dict[str, Any]) -> None:
         """Replace the parsed body; the core re-serializes it before sending upstream."""
         self.body = body
         self.body_modified = True
+
+    def add_usage(self, reported: Any) -> None:
+        """Add a provider-reported ``usage`` object to the exchange's total."""
+        if not isinstance(reported, dict):
+            return
+        if self.usage is None:
+            self.usage = Usage()
+        self.usage.add(reported)
 
     @property
     def latency_s(self) -> float | None:

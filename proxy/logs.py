@@ -195,21 +195,23 @@ def request_line(ex: Exchange, status: int, total_s: float, upstream_s: float, c
     ttft = ex.timings.get("ttft")
     if ttft is not None:
         line["ttft_ms"] = round(ttft * 1000, 3)
-    if ex.usage:
-        line["tokens_in"] = ex.usage.get("prompt_tokens")
-        line["tokens_out"] = ex.usage.get("completion_tokens")
+    if ex.usage is not None:
+        line["tokens_in"] = ex.usage.prompt_tokens
+        line["tokens_out"] = ex.usage.completion_tokens
     if ex.error is not None:
         line["rule"] = ex.error.rule
         line["error"] = ex.error.code
-    if ex.error_detail and ex.error is None:
+    elif ex.error_detail or any(t.error_kind for t in ex.turns):
         line["error"] = "upstream_error"
     if ex.tool_decisions:
         line["decisions"] = [{"tool": d.call.name[:64], "decision": d.decision.kind, "rule": d.decision.rule, "turn": d.turn} for d in ex.tool_decisions]
     if ex.retrieval is not None:
         r = ex.retrieval
-        line["retrieval"] = {k: r[k] for k in ("injected", "skipped", "excluded") if k in r}
+        line["retrieval"] = {"skipped": r.skipped} if r.skipped is not None else {"injected": r.injected, "excluded": dict(r.excluded)}
     if ex.citations:
-        line["citations_invalid"] = sum(1 for c in ex.citations if not c.get("valid"))
+        line["citations_invalid"] = sum(1 for c in ex.citations if not c.valid)
     if ex.client_disconnected:
         line["client_disconnected"] = True
+    if ex.cut is not None:
+        line["cut"] = ex.cut
     return line

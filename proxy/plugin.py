@@ -5,8 +5,10 @@ subclasses :class:`Plugin` and overrides only the hooks it needs; the chain
 precomputes, at load, which plugins implement which hook, so an unused hook
 costs nothing on the hot path.
 
-Order: request hooks run in the configured order, response hooks in reverse
-(like Envoy filters).  A hook refuses by raising a :class:`~proxy.errors.WardenError`.
+Order: request hooks run in the configured order, response and complete
+hooks in reverse (like Envoy filters); the runner in :mod:`proxy.pipeline`
+calls them, once each, for every data-plane request whatever its fate.  A
+hook refuses by raising a :class:`~proxy.errors.WardenError`.
 
 The core never imports a plugin by name: plugin classes are found through the
 ``warden.plugins`` entry point group (see ``pyproject.toml``), whose single
@@ -105,15 +107,24 @@ class Plugin:
         self.section = section
 
     async def on_request(self, ex: Exchange) -> None:
-        """Fires after auth and body parsing, before the first upstream call.
+        """Fires after auth, routing and body parsing, before the flow (the first upstream call).
 
-        May change ``ex.body`` through ``ex.set_body`` and add
-        ``ex.response_headers``.  Raise a ``WardenError`` to refuse.
+        May change ``ex.body`` through ``ex.set_body``, add
+        ``ex.response_headers`` or set ``ex.local_reply``.  Raise a
+        ``WardenError`` to refuse.  Not called when an earlier stage refused.
         """
 
     async def on_response(self, ex: Exchange) -> None:
-        """Fires once the final answer is known (non-streaming: before it is
-        sent; streaming: after the last event, before ``[DONE]``)."""
+        """Fires once the reply is known, before it is sent (non-streaming) or
+        after the last relayed event and before the stream's end (streaming).
+
+        Called for every whole reply — the provider's answer, a relayed
+        provider error, a local reply, or Warden's own refusal (then
+        ``ex.error`` is set).  Not called for a stream that was cut.  May
+        change ``ex.response_body`` (setting ``ex.response_modified``) and
+        ``ex.response_headers``; raising a ``WardenError`` turns the reply
+        into that refusal.
+        """
 
     async def on_stream_event(self, ex: Exchange, event: StreamEvent) -> None:
         """Fires for every whole SSE event relayed to the client.  Tool-call
@@ -125,15 +136,26 @@ class Plugin:
         return None
 
     async def on_complete(self, ex: Exchange) -> None:
-        """Fires after the exchange ended (response sent, or refused), for
-        reconciliation and bookkeeping.  Must not raise."""
+        """Fires once for every exchange, after the response hooks and before
+        the audit record is written (so what it settles is recorded), whatever
+        the fate of the request.  For reconciliation and bookkeeping; must not
+        raise (an exception is logged and ignored)."""
+
+    def audit_fields(self, ex: Exchange) -> dict[str, Any] | None:
+        """What this plugin wants in the exchange's audit record (under
+        ``plugins.<name>``), asked at the record stage after every hook ran.
+
+        Plain JSON values only; redacted like the rest of the record.
+        Plugin-private state (``ex.slots``) is never recorded otherwise.
+        """
+        return None
 
     @classmethod
     def add_cli(cls, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         """Add ``warden`` subcommands; each must set ``func(args) -> int``."""
 
 
-HOOKS = ("on_request", "on_response", "on_stream_event", "on_tool_call", "on_complete")
+HOOKS = ("on_request", "on_response", "on_stream_event", "on_tool_call", "on_complete", "audit_fields")
 
 
 def available_plugins() -> dict[str, type[Plugin]]:
@@ -162,6 +184,7 @@ class PluginChain:
         self.stream = list(reversed(self.by_hook["on_stream_event"]))
         self.tool = self.by_hook["on_tool_call"]
         self.complete = list(reversed(self.by_hook["on_complete"]))
+        self.audit = self.by_hook["audit_fields"]
 
     def get(self, name: str) -> Plugin | None:
         for p in self.plugins:

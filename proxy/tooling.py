@@ -21,7 +21,6 @@ from proxy.exchange import Decision, Exchange, ToolCall, ToolDecisionRecord
 from proxy.plugin import PluginChain
 from proxy.sse import SSEError
 
-DEFAULT_MAX_CORRECTIONS = 2
 MAX_STREAMED_CALLS = 128
 MAX_STREAMED_ARGS_BYTES = 16 * 1024 * 1024
 NOT_EXECUTED = "Not executed: another tool call in the same turn was refused. Issue it again if it is still needed."
@@ -239,10 +238,26 @@ def call_delta(calls: list[ToolCall]) -> dict[str, Any]:
     return delta
 
 
+def offer_check(ex: Exchange, call: ToolCall) -> Decision | None:
+    """The core's own rule: a call is judged further only if its tool was offered to the model in this request.
+
+    "Offered" is what went upstream after every request hook ran (a tool
+    Warden removed was not offered), so a model cannot reach a declared tool
+    the application did not offer, or any tool when none was offered.
+    """
+    offered = ex.tools_offered
+    if offered is None:
+        return Decision.deny("tools.offered", "no tools were offered to the model in this request")
+    if call.name not in offered:
+        return Decision.deny("tools.offered", f"the tool {call.name[:64]!r} was not offered to the model in this request")
+    return None
+
+
 async def judge(chain: PluginChain, ex: Exchange, calls: list[ToolCall], turn: int) -> list[Decision]:
+    """Judge each call: the offer first, then the plugins (the first non-allow verdict wins)."""
     decisions = []
     for call in calls:
-        d = await chain.judge_tool_call(ex, call)
+        d = offer_check(ex, call) or await chain.judge_tool_call(ex, call)
         ex.tool_decisions.append(ToolDecisionRecord(turn=turn, call=call, decision=d))
         decisions.append(d)
     return decisions
@@ -279,6 +294,3 @@ def exhausted_error(calls: list[ToolCall], decisions: list[Decision], correction
     return Forbidden(msg, rule=d.rule, param="tool_calls", code="tool_call_forbidden")
 
 
-def max_corrections(ex: Exchange) -> int:
-    value = ex.annotations.get("max_corrections", DEFAULT_MAX_CORRECTIONS)
-    return value if isinstance(value, int) and value >= 0 else DEFAULT_MAX_CORRECTIONS

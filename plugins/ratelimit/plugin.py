@@ -30,6 +30,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote
 
 import orjson
@@ -53,7 +54,7 @@ from plugins.ratelimit.idempotency import (
 )
 from plugins.ratelimit.tokens import TokenEstimator, load_encoder, reported_tokens
 from proxy.errors import BadRequest, ConfigError, Conflict, RateLimited, ServiceUnavailable
-from proxy.exchange import Exchange
+from proxy.exchange import Exchange, StateKey
 from proxy.plugin import Plugin, PluginContext
 
 log = logging.getLogger("warden.limits")
@@ -71,6 +72,12 @@ class _State:
     reserved: int = 0
     claim: tuple[str, str, str, str] | None = None  # tenant, key hash, body hash, owner
     slot: asyncio.Semaphore | None = None
+    finished: bool = False
+    record: dict[str, Any] = field(default_factory=dict)
+    """What the audit record gets (``audit_fields``): the decision, the idempotency outcome, the token reconciliation."""
+
+
+_STATE = StateKey("limits", _State)
 
 
 def format_duration(seconds: float) -> str:
@@ -121,7 +128,6 @@ class LimitsPlugin(Plugin):
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.replays = 0
         self.conflicts = 0
-        self._states: dict[int, _State] = {}  # by id(ex): request ids come from clients and may repeat
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._provider = "default"
         self._sweeper: asyncio.Task[None] | None = None
@@ -221,8 +227,7 @@ class LimitsPlugin(Plugin):
 
     async def on_request(self, ex: Exchange) -> None:
         """Replay/claim the Idempotency-Key, decide all matching budgets at once, take an upstream slot."""
-        st = _State()
-        self._states[id(ex)] = st
+        st = ex.slots[_STATE] = _State()
         try:
             s = self.section
             if s.idempotency and self.idem is not None:
@@ -236,6 +241,11 @@ class LimitsPlugin(Plugin):
         except BaseException:
             await self._finish(ex, failed=True)
             raise
+
+    def audit_fields(self, ex: Exchange) -> dict[str, Any] | None:
+        """The limits decision, the idempotency outcome and the token reconciliation of this exchange."""
+        st = ex.slots.get(_STATE)
+        return dict(st.record) if st is not None and st.record else None
 
     async def on_complete(self, ex: Exchange) -> None:
         """Reconcile tokens with reported usage, record or release the idempotency claim, free the slot."""
@@ -268,7 +278,7 @@ class LimitsPlugin(Plugin):
             except BackendDown:
                 if s.fail_open:
                     self.decisions[(rule, "fail_open")] += 1
-                    ex.annotations["limits.idempotency"] = "skipped: backend down"
+                    st.record["idempotency"] = "skipped: backend down"
                     return False
                 self.decisions[(rule, "fail_closed")] += 1
                 raise ServiceUnavailable(
@@ -279,13 +289,13 @@ class LimitsPlugin(Plugin):
                 raise Conflict("this Idempotency-Key was already used with a different request body", rule=rule, param="Idempotency-Key")
             if c.kind == "claimed":
                 st.claim = (tenant, kh, bh, owner)
-                ex.annotations["limits.idempotency"] = "first"
+                st.record["idempotency"] = "first"
                 return False
             if c.kind == "done" and c.record is not None:
                 self.replays += 1
                 opts = ex.body.get("stream_options") if isinstance(ex.body, dict) else None
                 ex.local_reply = replay_reply(c.record, include_usage=isinstance(opts, dict) and opts.get("include_usage") is True)
-                ex.annotations["limits.idempotency"] = "replay after wait" if waited else "replay"
+                st.record["idempotency"] = "replay after wait" if waited else "replay"
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -362,7 +372,7 @@ class LimitsPlugin(Plugin):
         except BackendDown:
             if self.section.fail_open:
                 self.decisions[("limits.backend", "fail_open")] += 1
-                ex.annotations["limits"] = {"rules": labels, "decision": "fail_open"}
+                st.record["decision"] = {"rules": labels, "decision": "fail_open"}
                 return
             self.decisions[("limits.backend", "fail_closed")] += 1
             raise ServiceUnavailable(
@@ -382,7 +392,7 @@ class LimitsPlugin(Plugin):
             else:
                 retry = max(1, math.ceil(res.retry_after_s))
                 msg = f"rate limit exceeded by {label}; retry after {retry} s"
-            ex.annotations["limits"] = {"rules": labels, "decision": "deny", "rule": label, "tokens_estimated": tokens}
+            st.record["decision"] = {"rules": labels, "decision": "deny", "rule": label, "tokens_estimated": tokens}
             ex.response_headers.update(headers)
             raise RateLimited(msg, rule=label, headers={**headers, "Retry-After": str(retry)})
         for label in labels:
@@ -390,7 +400,7 @@ class LimitsPlugin(Plugin):
         ex.response_headers.update(headers)
         st.token_items = [it for it, kind in zip(items, kinds, strict=True) if kind == "tokens"]
         st.reserved = tokens if st.token_items else 0
-        ex.annotations["limits"] = {"rules": labels, "decision": "allow", "tokens_reserved": st.reserved}
+        st.record["decision"] = {"rules": labels, "decision": "allow", "tokens_reserved": st.reserved}
 
     @staticmethod
     def _headers(results: list[LimitResult], kinds: list[str]) -> dict[str, str]:
@@ -405,14 +415,14 @@ class LimitsPlugin(Plugin):
         return out
 
     async def _reconcile(self, ex: Exchange, st: _State) -> None:
-        actual = reported_tokens(ex.usage)
+        actual = reported_tokens(ex.usage.as_dict() if ex.usage is not None else None)
         if actual is not None:
             delta = actual - st.reserved
         elif not ex.turns:
             delta = -st.reserved  # never reached the provider
         else:
             return  # provider called but no usage reported: keep the reservation
-        ex.annotations["limits.tokens_reconciled"] = {"reserved": st.reserved, "actual": actual}
+        st.record["tokens_reconciled"] = {"reserved": st.reserved, "actual": actual}
         if delta:
             try:
                 await self.backend.adjust([(k, rate, delta) for k, rate, _ in st.token_items])
@@ -422,7 +432,7 @@ class LimitsPlugin(Plugin):
     # -- upstream concurrency -------------------------------------------
 
     async def _take_slot(self, ex: Exchange, st: _State) -> None:
-        provider = str(ex.annotations.get("provider") or self._provider)
+        provider = self._provider
         sem = self._slots.get(provider)
         if sem is None:
             sem = self._slots[provider] = asyncio.Semaphore(self.section.upstream_concurrency)
@@ -445,9 +455,10 @@ class LimitsPlugin(Plugin):
     # -- end of exchange -------------------------------------------------
 
     async def _finish(self, ex: Exchange, failed: bool) -> None:
-        st = self._states.pop(id(ex), None)
-        if st is None:
+        st = ex.slots.get(_STATE)
+        if st is None or st.finished:
             return
+        st.finished = True
         if st.slot is not None:
             st.slot.release()
             st.slot = None

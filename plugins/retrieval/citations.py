@@ -9,10 +9,9 @@ chunk_id, valid}``; a number that was never provided is ``valid: false``
 from __future__ import annotations
 
 import re
-from typing import Any
 from urllib.parse import quote
 
-from proxy.exchange import RetrievedChunk
+from proxy.exchange import Citation, RetrievedChunk
 
 _MARKER_RE = re.compile(r"\[(\d{1,4}(?:\s*,\s*\d{1,4})*)\]")
 MAX_CITATIONS = 100
@@ -29,27 +28,27 @@ def find_markers(text: str) -> list[int]:
     return list(seen)
 
 
-def map_citations(text: str | None, retrieved: list[RetrievedChunk]) -> list[dict[str, Any]]:
-    """Citation records for the markers in ``text`` against the injected chunks."""
+def map_citations(text: str | None, retrieved: list[RetrievedChunk]) -> list[Citation]:
+    """Citations for the markers in ``text`` against the injected chunks."""
     if not text:
         return []
     provided = {c.citation: c for c in retrieved if c.injected and c.citation is not None}
-    out: list[dict[str, Any]] = []
+    out: list[Citation] = []
     for n in find_markers(text):
         chunk = provided.get(n)
         if chunk is None:
-            out.append({"n": n, "doc_id": None, "chunk_id": None, "valid": False})
+            out.append(Citation(n, False))
         else:
-            out.append({"n": n, "doc_id": chunk.doc_id, "chunk_id": chunk.chunk_id, "valid": True})
+            out.append(Citation(n, True, chunk.doc_id, chunk.chunk_id))
     return out
 
 
-def header_value(citations: list[dict[str, Any]]) -> tuple[str, str]:
+def header_value(citations: list[Citation]) -> tuple[str, str]:
     """(``x-warden-citations``, ``x-warden-citations-invalid``) values: ``1=doc-a,3=doc-b`` and ``7,9``.
 
     Document ids are percent-encoded so a comma, ``=`` or line break in an id
     cannot forge another entry or header.
     """
-    valid = ",".join(f"{c['n']}={quote(str(c['doc_id']), safe='-._~/:@')}" for c in citations if c["valid"])
-    invalid = ",".join(str(c["n"]) for c in citations if not c["valid"])
+    valid = ",".join(f"{c.n}={quote(str(c.doc_id), safe='-._~/:@')}" for c in citations if c.valid)
+    invalid = ",".join(str(c.n) for c in citations if not c.valid)
     return valid, invalid

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
+import hashlib
 import logging
 import time
 from typing import Any
@@ -28,10 +30,16 @@ from plugins.retrieval.config import RetrievalConfig
 from plugins.retrieval.inject import build_query, insert_context, render_context
 from plugins.retrieval.service import RetrievalService, build_service
 from proxy.errors import ConfigError, ServiceUnavailable, WardenError
-from proxy.exchange import Exchange
+from proxy.exchange import Exchange, RetrievalSummary
 from proxy.plugin import Plugin, PluginContext
 
 log = logging.getLogger("warden.retrieval")
+
+
+@functools.lru_cache(maxsize=8)
+def _template_digest(template: str) -> str:
+    """SHA-256 of the injection template (recorded with every exchange it shaped)."""
+    return hashlib.sha256(template.encode()).hexdigest()
 
 OFF_HEADER = "x-warden-retrieval"
 RESTART_KEYS = ("db", "index_dir", "embedder", "embedding_base_url", "embedding_api_key_env", "embedding_model", "embedding_dim", "chunk_tokens")
@@ -97,17 +105,17 @@ class RetrievalPlugin(Plugin):
         if not cfg.enabled or self.service is None or not self.applies(ex):
             return
         if ex.request_headers.get(OFF_HEADER, "").strip().lower() in ("off", "false", "0", "no"):
-            ex.retrieval = {"skipped": "header"}
+            ex.retrieval = RetrievalSummary(skipped="header")
             return
         if ex.principal is None or not isinstance(ex.body, dict):
-            ex.retrieval = {"skipped": "no_principal" if ex.principal is None else "no_body"}
+            ex.retrieval = RetrievalSummary(skipped="no_principal" if ex.principal is None else "no_body")
             return
         if not self.service.has_documents(ex.principal.tenant):
-            ex.retrieval = {"skipped": "no_documents"}
+            ex.retrieval = RetrievalSummary(skipped="no_documents")
             return
         query = build_query(ex.body.get("messages"), cfg.query_turns, cfg.query_max_chars)
         if not query.strip():
-            ex.retrieval = {"skipped": "no_query"}
+            ex.retrieval = RetrievalSummary(skipped="no_query")
             return
         reader = Reader.from_principal(ex.principal)
         t0 = time.perf_counter()
@@ -115,22 +123,28 @@ class RetrievalPlugin(Plugin):
             result = await self.service.search(reader, query)
         except Exception as e:
             detail = e.message if isinstance(e, WardenError) else f"{e.__class__.__name__}"
-            ex.retrieval = {"query": query, "mode": cfg.mode, "skipped": "error", "error": detail}
+            ex.retrieval = RetrievalSummary(skipped="error", query=query, mode=cfg.mode, error=detail)
             if cfg.on_error == "fail":
                 raise ServiceUnavailable(f"retrieval failed: {detail}", rule="retrieval.on_error") from None
             log.warning("retrieval failed for %s, forwarding without context: %s", ex.request_id, detail)
             return
         if result.hits:
             ex.set_body(insert_context(ex.body, render_context(result.hits, cfg.template)))
+            ex.prompt_template_sha256 = _template_digest(cfg.template)
         ex.retrieved = [h.to_retrieved() for h in result.hits] + [h.to_retrieved() for h in result.excluded]
         excluded: dict[str, int] = {}
         for h in result.excluded:
             excluded[h.excluded_reason or "unknown"] = excluded.get(h.excluded_reason or "unknown", 0) + 1
-        ex.retrieval = {
-            "query": query, "mode": cfg.mode, "top_k": cfg.top_k, "candidates": result.candidates,
-            "injected": len(result.hits), "excluded": excluded, "context_tokens": result.context_tokens,
-            "timings_ms": {k.removesuffix("_ms"): round(v, 3) for k, v in result.timings.items()},
-        }
+        ex.retrieval = RetrievalSummary(
+            query=query,
+            mode=cfg.mode,
+            top_k=cfg.top_k,
+            candidates=result.candidates,
+            injected=len(result.hits),
+            excluded=excluded,
+            context_tokens=result.context_tokens,
+            timings_ms={k.removesuffix("_ms"): round(v, 3) for k, v in result.timings.items()},
+        )
         ex.timings["retrieval_s"] = time.perf_counter() - t0
 
     async def on_response(self, ex: Exchange) -> None:

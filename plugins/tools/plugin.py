@@ -26,7 +26,7 @@ from plugins.tools.policy import ModeState, permission_failure
 from plugins.tools.request import fence_tools, scan_history
 from plugins.tools.store import StateBackendDown, ToolStateStore, ToolStore
 from proxy.errors import BadRequest, ConfigError, ServiceUnavailable
-from proxy.exchange import Decision, Exchange, ToolCall
+from proxy.exchange import Decision, Exchange, StateKey, ToolCall
 from proxy.plugin import Plugin, PluginContext
 
 log = logging.getLogger("warden.tools")
@@ -60,7 +60,7 @@ def decisions_header(ex: Exchange) -> str:
     return out
 
 
-STATE_KEY = "tools.state"
+STATE_KEY = StateKey("tools", ExchangeState)
 
 
 class ToolsPlugin(Plugin):
@@ -246,10 +246,7 @@ class ToolsPlugin(Plugin):
         Not keyed by request id: ``x-request-id`` comes from the client and
         two concurrent requests may carry the same one.
         """
-        st = ex.annotations.get(STATE_KEY)
-        if st is None:
-            st = ex.annotations[STATE_KEY] = ExchangeState()
-        return st
+        return ex.slots.setdefault(STATE_KEY, ExchangeState)
 
     async def on_request(self, ex: Exchange) -> None:
         """Fence offered tools; enforce the registry schemas; link tool results.
@@ -257,7 +254,7 @@ class ToolsPlugin(Plugin):
         Raises ``Forbidden`` when ``tool_choice``/``function_call`` forces a
         tool the principal may not use.
         """
-        ex.annotations["max_corrections"] = self.policy.max_corrections
+        ex.max_corrections = self.policy.max_corrections
         body = ex.body
         if not isinstance(body, dict):
             return
@@ -295,7 +292,7 @@ class ToolsPlugin(Plugin):
 
             new_body, removed = fence_tools(body, gate, lookup)
             if removed:
-                ex.annotations["tools_removed"] = {name: rule for name, (rule, _) in removed.items()}
+                self._state(ex).removed = {name: rule for name, (rule, _) in removed.items()}
             if new_body is not None:
                 ex.set_body(new_body)
                 body = new_body
@@ -319,6 +316,11 @@ class ToolsPlugin(Plugin):
     async def on_response(self, ex: Exchange) -> None:
         """Add ``x-warden-tool-decisions`` summarising every verdict of the exchange."""
         ex.response_headers[HEADER] = decisions_header(ex)
+
+    def audit_fields(self, ex: Exchange) -> dict[str, Any] | None:
+        """The tools Warden removed from the offer before the upstream call, with the rule for each."""
+        st = ex.slots.get(STATE_KEY)
+        return {"removed": dict(st.removed)} if st is not None and st.removed else None
 
     def metrics(self) -> dict[str, Any]:
         """Counters for the metrics exporter: decisions by (tool, kind), pending approvals."""

@@ -27,6 +27,9 @@ class AuditSink(Protocol):
     async def record_event(self, kind: str, actor: dict[str, Any], data: dict[str, Any]) -> None:
         """Record an admin action or feedback (always committed before returning)."""
 
+    async def find(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """The exchange record of ``request_id`` (of ``tenant``, when given), or ``None``."""
+
     @property
     def healthy(self) -> bool:
         """False while the store cannot be written."""

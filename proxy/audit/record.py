@@ -62,6 +62,10 @@ _SAMPLING = (
 _SAMPLING_SET = frozenset(_SAMPLING)
 
 
+class RecordStageError(RuntimeError):
+    """An exchange was handed to the audit log outside the pipeline's record stage (a programming error)."""
+
+
 @dataclass(slots=True)
 class Prepared:
     """A record ready for the chain: its canonical bytes and the indexed columns."""
@@ -138,27 +142,29 @@ class Projector:
         none can: the content bytes go into the record as they are and the
         metadata is stored as built.
         """
+        if ex.phase != "record":
+            raise RecordStageError(f"exchange {ex.request_id} is in stage {ex.phase!r}: only the pipeline's record stage records an exchange")
+        try:
+            return self._exchange(ex, scrub=False)
+        except (TypeError, ValueError, RecursionError):
+            # A value the record cannot hold as it is (undecodable text, nesting past the serializer's
+            # limit): the same record, every value made storable, so the exchange is still fully recorded.
+            return self._exchange(ex, scrub=True)
+
+    def _exchange(self, ex: Exchange, scrub: bool) -> Prepared:
         counts: dict[str, int] = {}
         ex_turns = ex.turns
         body = ex.body
-        modified = ex.body_modified
-        # Content items: each turn's request (the client's parsed body when that was sent as is) and response,
+        # Content items: each turn's request (the object Warden sent, never parsed again) and response,
         # then the tool-call arguments, the tool results, the answer text and the final response body.
         items: list[Any] = []
-        if body is not None and not modified:
-            raw_body = ex.raw_body
-            for t in ex_turns:
-                items.append(body if t.body is raw_body else _parse(t.body))
-                items.append(t.response)
-        else:
-            for t in ex_turns:
-                items.append(_parse(t.body))
-                items.append(t.response)
+        for t in ex_turns:
+            items.append(t.payload if t.payload is not None else _parse(t.body))
+            items.append(t.response)
+        if ex.body_refused is not None:
+            items.append(_refused_body(ex.body_refused, ex.raw_body))
         first = items[0] if items and isinstance(items[0], dict) else (body or {})
-        client = body or {}
-        if modified and ex.raw_body:
-            parsed = _parse(ex.raw_body)
-            client = parsed if isinstance(parsed, dict) else client
+        client = ex.client_body or {}
         results = ex.tool_results or _tool_results_from(client)
         last_resp = ex_turns[-1].response if ex_turns else None
         resp_body = None if ex.response_body is last_resp else ex.response_body
@@ -177,15 +183,15 @@ class Projector:
             items.append(raw[:limit].decode("utf-8", "ignore") if n > limit else text)
         items.append(ex.response_text)
         items.append(resp_body)
+        if scrub:
+            items = [_scrub(v, 0) for v in items]
         try:
             # canonical()'s fast path for all items at once (the same bytes); any item that needs more takes canonical().
             parts = [orjson.dumps(v, option=orjson.OPT_SORT_KEYS) for v in items]
         except TypeError:
             parts = [canonical(v) for v in items]
 
-        # The entries that hold content are built before the metadata and get their content after the scan,
-        # so that what can fail is evaluated in the order it always was (the first failure names the
-        # "exchange_unprojectable" record); only the content's redaction walk now comes after the metadata.
+        # The entries that hold content are built before the metadata and get their content after the scan.
         turns: list[dict[str, Any]] = []
         for t in ex_turns:
             turns.append(
@@ -196,6 +202,8 @@ class Projector:
                     "duration_us": _us(t.duration_s),
                     "ttft_us": _us(t.ttft_s),
                     "error": t.error,
+                    "error_kind": t.error_kind,
+                    "span_id": t.span_id or None,
                 }
             )
         calls: list[dict[str, Any]] = []
@@ -227,7 +235,9 @@ class Projector:
         msgs = first.get("messages")
         meta: dict[str, Any] = {
             "request_id": ex.request_id,
+            "client_request_id": ex.client_request_id,
             "trace_id": ex.trace_id,
+            "protocol": ex.protocol,
             "route": ex.route,
             "method": ex.method,
             "path": ex.path,
@@ -239,13 +249,13 @@ class Projector:
             "params": _params(client, first, tools_sent),
             "prompt": {
                 "system_sha256": _system_hash(first, self._system_hashes),
-                "template_sha256": ex.annotations.get("prompt_template_sha256"),
+                "template_sha256": ex.prompt_template_sha256,
                 "messages": len(msgs) if isinstance(msgs, list) else None,
             },
-            "retrieval": ex.retrieval,
+            "retrieval": ex.retrieval.as_dict() if ex.retrieval is not None else None,
             "retrieved": [_chunk(r) for r in ex.retrieved] if ex.retrieved else [],
-            "citations": ex.citations,
-            "usage": ex.usage,
+            "citations": [c.as_dict() for c in ex.citations],
+            "usage": ex.usage.as_dict() if ex.usage is not None else None,
         }
         # Built in the order the keys always had (what scan_bytes() sees) and the values were always evaluated.
         meta["latency_us"] = {
@@ -262,9 +272,12 @@ class Projector:
         )
         meta["error_detail"] = ex.error_detail
         meta["client_disconnected"] = ex.client_disconnected
+        meta["stream_end"] = {"cut": ex.cut, "events": ex.relayed_events, "bytes": ex.relayed_bytes} if ex.stream else None
         meta["request_headers"] = {k: v for k, v in ex.request_headers.items() if k.lower() not in _DROP_HEADERS}
         meta["response_headers"] = ex.response_headers
-        meta["annotations"] = ex.annotations
+        meta["plugins"] = ex.plugin_fields
+        if scrub:
+            meta = _scrub(meta, 0)
         redactor = self.redactor
         meta_scope, content_scope = redactor.record_scopes(scan_bytes(meta), parts)
         stored = self._stored(*redactor.values_in(items, parts, content_scope, counts))
@@ -279,6 +292,11 @@ class Projector:
         for entry in result_meta:
             entry["content"] = stored[i]
             i += 1
+        if ex.body_refused is not None:
+            record_request = stored[i]
+            i += 1
+        else:
+            record_request = None
         response["text"] = stored[i]
         response["body"] = stored[i + 1]
 
@@ -317,11 +335,14 @@ class Projector:
         record["tool_calls"] = calls
         record["tool_results"] = result_meta
         record["response"] = response
+        record["refused_request"] = record_request
         record["redaction"] = {"mode": self.mode, "rules": counts}
+        rid = record.get("request_id")
         return Prepared(
             "exchange",
             ts_us,
-            ex.request_id,
+            # The indexed id is the stored one: an id the redactor changed is indexed as stored, so verify agrees.
+            rid if isinstance(rid, str) else ex.request_id,
             p.tenant if p else None,
             p.subject if p else None,
             f",{','.join(sorted(names))}," if names else None,
@@ -401,6 +422,38 @@ def _parse(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         return body.decode("utf-8", "replace")
+
+
+_SCRUB_DEPTH = 64
+
+
+def _scrub(v: Any, depth: int) -> Any:
+    """``v`` made storable: text escaped where it cannot be encoded, nesting past a bound replaced by its size."""
+    t = type(v)
+    if t is str:
+        try:
+            v.encode()
+            return v
+        except UnicodeEncodeError:
+            return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if t is int:
+        return v if -(2**63) <= v < 2**64 else str(v)
+    if v is None or t is bool or t is float:
+        return v
+    if depth >= _SCRUB_DEPTH:
+        return {"unrecorded": "nesting past the record's bound", "type": t.__name__}
+    if t is dict:
+        return {_scrub(str(k), depth): _scrub(x, depth + 1) for k, x in v.items()}
+    if t is list or t is tuple:
+        return [_scrub(x, depth + 1) for x in v]
+    if isinstance(v, orjson.Fragment):
+        return v
+    return {"unrecorded": "not a JSON value", "type": t.__name__}
+
+
+def _refused_body(rule: str, raw: bytes) -> dict[str, Any]:
+    """A request body Warden refused to parse: its size and digest, never its bytes."""
+    return {"refused": rule, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def _tool_names(body: dict[str, Any]) -> list[str]:

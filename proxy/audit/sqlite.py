@@ -48,7 +48,7 @@ from proxy.audit.chain import (
     verifier_key,
 )
 from proxy.audit.reader import AuditReader
-from proxy.audit.record import Prepared, Projector
+from proxy.audit.record import Prepared, Projector, RecordStageError
 from proxy.audit.upkeep import SCHEMA, file_sizes, forget_stale_writers, note_size, prune_delete, prune_mark, wall_us
 from proxy.audit.writer import AppendResult, WriterError, WriterGone
 from proxy.audit.writer_process import WriterProcess
@@ -253,6 +253,8 @@ class SQLiteAuditLog:
         """Record one finished exchange (sync: after its commit; batch: once queued)."""
         try:
             prep = self.projector.exchange(ex)
+        except RecordStageError:
+            raise
         except Exception as e:
             log.exception("audit: could not project exchange %s; recording a minimal record", ex.request_id)
             prep = self.projector.event(

@@ -21,7 +21,7 @@ class ByName(Plugin):
     name = "by_name"
 
     async def on_request(self, ex: Exchange) -> None:
-        ex.annotations["max_corrections"] = 2
+        ex.max_corrections = 2
 
     async def on_tool_call(self, ex: Exchange, call: ToolCall) -> Decision | None:
         if call.parse_error:

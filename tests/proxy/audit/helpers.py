@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from proxy.exchange import Decision, Exchange, Principal, ToolCall, ToolDecisionRecord, UpstreamTurn
+from proxy.exchange import Decision, Exchange, Principal, ToolCall, ToolDecisionRecord, UpstreamTurn, Usage
 
 _ids = itertools.count(1)
 
@@ -64,7 +64,7 @@ def make_exchange(
     ex.client_ip = "10.0.0.7"
     ex.request_headers = {"user-agent": "openai-python/1.0", "authorization": "Bearer secret-token-value"}
     ex.raw_body = raw
-    ex.body = body
+    ex.body = ex.client_body = body
     ex.stream = stream
     ex.model = "gpt-4o"
     ex.response_model = "gpt-4o-2024-08-06"
@@ -75,8 +75,9 @@ def make_exchange(
     ex.response_body = answer
     ex.response_text = "Your order shipped yesterday [1]."
     ex.finish_reasons = ["stop"]
-    ex.usage = answer["usage"]
+    ex.usage = Usage(**answer["usage"])
     ex.status = 200
+    ex.phase = "record"  # as the pipeline hands a finished exchange to the audit log
     ex.ended = ex.started + 0.0131
     return ex
 

@@ -1,0 +1,510 @@
+"""The one pipeline every data-plane request runs, and its one exit.
+
+::
+
+    identify ─▶ canonical path ─▶ authenticate ─▶ route ─▶ parse (bounded) ─▶ request hooks
+      ─▶ flow (upstream turns, tool judging, corrective turns) ─▶ response hooks (reverse)
+      ─▶ complete hooks (reverse) ─▶ audit record ─▶ send ─▶ observe
+
+Whatever the route, method or fate of a request — refused at any stage,
+answered by a plugin's local reply, relayed from the provider, streamed, cut
+by the client or by a drain — it passes these stages in this order.  A flow
+(``chat``, ``relay``, ``feedback``) *returns* a reply value; only this runner
+sends, and only after the record is written from the finished exchange.  A
+stream is sent as it is produced, but its end (the usage chunk and
+``[DONE]``, or an error event) is sent only after the response and complete
+hooks ran and the record was written, so the record holds what was relayed.
+
+The record is written in exactly one place (:meth:`Pipeline._record`): the
+exchange's ``phase`` is ``"record"`` only there, and the projector refuses
+any other phase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy.errors import (
+    AuditUnavailable,
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    WardenError,
+    error_body,
+    internal_error,
+)
+from proxy.exchange import Exchange, UpstreamTurn
+from proxy.headers import safe_headers, safe_text
+from proxy.jsonbounds import depth_exceeds
+from proxy.logs import request_line
+from proxy.routes import Match, RouteTable, path_error, ungoverned_reason
+
+if TYPE_CHECKING:
+    from proxy.app import Warden
+    from proxy.upstream import UpstreamResponse
+
+log = logging.getLogger("warden.pipeline")
+_SKIP_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+MAX_MODEL_CHARS = 256
+_CLIENT_GONE = (ConnectionError,)
+
+
+@dataclass(slots=True)
+class JsonReply:
+    """A whole answer: ``body`` is sent as is unless a response hook changed ``ex.response_body``."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StreamReply:
+    """A streamed answer.
+
+    ``events`` yields the bytes to relay as they arrive; it raises a
+    ``WardenError`` when the stream goes bad (the runner ends the stream
+    with ``error_event``).  ``trailer`` gives what ends a whole stream (it
+    is called after the response hooks, so it sees their changes).
+    """
+
+    status: int
+    headers: dict[str, str]
+    events: AsyncIterator[bytes]
+    trailer: Callable[[], list[bytes]] = lambda: []
+    error_event: Callable[[WardenError], bytes] = lambda err: b"data: " + error_body(err) + b"\n\n"
+    release: Callable[[], None] | None = None
+    """Frees the upstream response when the stream ends, also when ``events`` never started."""
+
+
+Reply = JsonReply | StreamReply
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """What a flow may know of the HTTP request (it never gets the response to send on)."""
+
+    headers: CIMultiDictProxy[str]
+    match: Match
+    query_string: str
+    content_type: str | None
+
+
+Flow = Callable[["Warden", Incoming, Exchange], Awaitable[Reply]]
+
+
+def _error_reply(ex: Exchange, err: WardenError) -> JsonReply:
+    ex.error = err
+    ex.status = err.status
+    headers = dict(err.headers)
+    if err.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="warden"'
+    return JsonReply(err.status, error_body(err), headers)
+
+
+def provider_error_reply(ex: Exchange, turn: UpstreamTurn, ur: UpstreamResponse, raw: bytes) -> JsonReply:
+    """A provider error status relayed with its body (made OpenAI-shaped, without its bytes, when it is not)."""
+    turn.error = f"provider status {ur.status}"
+    turn.error_kind = f"status_{ur.status // 100}xx"
+    ex.status = ur.status
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        ex.error_detail = safe_text(str(parsed["error"].get("message", "")), 500)
+    else:
+        ex.error_detail = safe_text(raw[:500].decode("utf-8", "replace"), 500)
+        parsed = {"error": {"message": f"the provider answered {ur.status} without an OpenAI-format error", "type": "api_error", "code": "upstream_error", "param": None}}
+        raw = orjson.dumps(parsed)
+    turn.response = ex.response_body = parsed
+    return JsonReply(ur.status, raw, {**ur.relay_headers(), "Content-Type": "application/json"})
+
+
+def check_model(model: Any) -> str:
+    """A request's ``model``: a non-empty string of at most 256 printable characters (it becomes a header and a label)."""
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string", param="model", rule="request.schema")
+    if len(model) > MAX_MODEL_CHARS or not model.isprintable():
+        raise BadRequest(f"'model' must be at most {MAX_MODEL_CHARS} printable characters", param="model", rule="request.model")
+    return model
+
+
+class Pipeline:
+    """The runner: owns the stages, the record and the send."""
+
+    def __init__(self, w: Warden, flows: dict[str, Flow]) -> None:
+        self.w = w
+        self.flows = flows
+        self.routes = RouteTable(w.config.server.passthrough_routes)
+        self.streams: set[asyncio.Task[Any]] = set()
+        self.cutting = False
+
+    # -- the one handler ----------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        w = self.w
+        ex = w.new_exchange(request)
+        span = w.tracing.start_exchange(ex, request) if w.tracing is not None else None
+        w.inflight += 1
+        w.metrics.inflight.inc()
+        resp: web.StreamResponse | None = None
+        try:
+            reply = await self._produce(request, ex)
+            if isinstance(reply, StreamReply):
+                resp = await self._stream(request, ex, reply)
+            else:
+                reply = await self._conclude(request, ex, reply)
+                resp = self._send(ex, reply)
+            return resp
+        finally:
+            ex.phase = "observe"
+            self._observe(ex, resp, span)
+            w.inflight -= 1
+            w.metrics.inflight.dec()
+
+    # -- identify .. flow ---------------------------------------------------------
+
+    async def _produce(self, request: web.Request, ex: Exchange) -> Reply:
+        """Every stage up to the flow; a refusal at any of them is an error reply, never an exception."""
+        w = self.w
+        try:
+            try:
+                raw_path = request.raw_path.partition("?")[0]
+                why = path_error(raw_path)
+                if why is not None:
+                    raise BadRequest(f"the request path is not canonical: {why}", rule="request.path")
+                ex.phase = "authenticate"
+                ex.principal = await w.auth.authenticate(request.headers.get("Authorization"))
+                ex.request_headers = _captured_headers(request)
+                ex.phase = "route"
+                found = self.routes.lookup(request.method, raw_path)
+                if not isinstance(found, Match):
+                    if found:
+                        raise MethodNotAllowed(
+                            f"{request.method} is not allowed on this route", rule="server.routes", headers={"Allow": ", ".join(found)}
+                        )
+                    reason = ungoverned_reason(raw_path)
+                    if reason is not None:
+                        raise NotFound(f"no route: {reason}", rule="server.routes.ungoverned")
+                    raise NotFound("no route for this method and path", rule="server.routes")
+                route = found.route
+                ex.route = route.name
+                ex.protocol = route.protocol
+                ex.phase = "parse"
+                await self._parse(request, ex, route.parse_json, route.flow == "chat")
+                ex.phase = "request"
+                await w.chain.run_request(ex)
+                ex.tools_offered = _offered(ex.body)
+                ex.phase = "flow"
+                if ex.local_reply is not None:
+                    return self._local_reply(ex)
+                incoming = Incoming(request.headers, found, request.query_string, request.headers.get("Content-Type"))
+                return await self.flows[route.flow](w, incoming, ex)
+            except WardenError as e:
+                return _error_reply(ex, e)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unexpected error in request %s (stage %s)", ex.request_id, ex.phase)
+            return _error_reply(ex, internal_error(ex.request_id))
+
+    async def _parse(self, request: web.Request, ex: Exchange, parse_json: bool, chat: bool) -> None:
+        cfg = self.w.config.server
+        if request.can_read_body:
+            limit = cfg.max_body_bytes
+            if request.content_length is not None and request.content_length > limit:
+                ex.body_refused = "server.max_body_bytes"
+                raise PayloadTooLarge(f"request body is {request.content_length} bytes; the limit is {limit}", rule="server.max_body_bytes")
+            try:
+                ex.raw_body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                ex.body_refused = "server.max_body_bytes"
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes", rule="server.max_body_bytes") from None
+        if not parse_json:
+            return
+        try:
+            body = orjson.loads(ex.raw_body)
+        except orjson.JSONDecodeError as e:
+            ex.body_refused = "request.json"
+            raise BadRequest(f"request body is not valid JSON: {safe_text(e.msg, 120)}", rule="request.json") from None
+        if not isinstance(body, dict):
+            ex.body_refused = "request.json"
+            raise BadRequest("request body must be a JSON object", rule="request.json")
+        if depth_exceeds(body, ex.raw_body, cfg.max_json_depth):
+            ex.body_refused = "request.json_depth"
+            raise BadRequest(f"request body nests deeper than {cfg.max_json_depth} levels", rule="request.json_depth")
+        ex.client_body = ex.body = body
+        if "model" in body or chat:
+            ex.model = check_model(body.get("model"))
+        if chat:
+            _check_chat(ex, body, cfg.max_messages, cfg.max_tools)
+
+    def _local_reply(self, ex: Exchange) -> Reply:
+        lr = ex.local_reply
+        assert lr is not None
+        ex.status = lr.status
+        if lr.sse_events is not None and ex.stream:
+            events = list(lr.sse_events)
+
+            async def relay() -> AsyncIterator[bytes]:
+                for payload in events:
+                    yield b"data: " + payload + b"\n\n"
+
+            headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **lr.headers}
+            return StreamReply(lr.status, headers, relay(), trailer=lambda: [b"data: [DONE]\n\n"])
+        return JsonReply(lr.status, lr.body, {"Content-Type": "application/json", **lr.headers})
+
+    # -- response hooks .. record -------------------------------------------------
+
+    async def _conclude(self, request: web.Request, ex: Exchange, reply: JsonReply) -> JsonReply:
+        """Response hooks, complete hooks and the record for a whole answer; the reply that will be sent."""
+        if ex.status is None:
+            ex.status = reply.status
+        ex.phase = "response"
+        try:
+            await self.w.chain.run_response(ex)
+        except WardenError as e:
+            if ex.error is None:
+                reply = _error_reply(ex, e)
+        except Exception:
+            log.exception("a response hook failed in request %s", ex.request_id)
+            if ex.error is None:
+                reply = _error_reply(ex, internal_error(ex.request_id))
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            ex.client_disconnected = True
+        await self._complete(ex)
+        try:
+            await self._record(ex)
+        except AuditUnavailable as e:
+            reply = _error_reply(ex, e)
+        return reply
+
+    async def _complete(self, ex: Exchange) -> None:
+        ex.phase = "complete"
+        ex.ended = time.perf_counter()
+        for p in self.w.chain.complete:
+            try:
+                await p.on_complete(ex)
+            except Exception:
+                log.exception("plugin %s failed in on_complete", p.name)
+
+    async def _record(self, ex: Exchange) -> None:
+        """The record stage: the only place an exchange is written to the audit log."""
+        w = self.w
+        ex.phase = "record"
+        for p in w.chain.audit:
+            try:
+                fields = p.audit_fields(ex)
+            except Exception:
+                log.exception("plugin %s failed in audit_fields", p.name)
+                fields = {"error": "audit_fields failed"}
+            if fields:
+                ex.plugin_fields[p.name] = fields
+        try:
+            if w.audit is None:
+                return
+            try:
+                await w.audit.record_exchange(ex)
+            except AuditUnavailable:
+                w.metrics.audit_write_failures.inc()
+                raise
+            except Exception:
+                w.metrics.audit_write_failures.inc()
+                log.exception("audit write failed for %s", ex.request_id)
+                raise AuditUnavailable("the audit log cannot be written; refusing to answer without a record", rule="audit.durability") from None
+            w.metrics.audit_records.labels(kind="exchange").inc()
+        finally:
+            ex.phase = "send"
+
+    # -- send -------------------------------------------------------------------
+
+    def _headers(self, ex: Exchange, base: dict[str, str]) -> dict[str, str]:
+        """The reply's headers, then the hooks', then the request id: one entry per name (names are case-insensitive)."""
+        out = {k.lower(): v for k, v in base.items()}
+        for k, v in ex.response_headers.items():
+            out[k.lower()] = v
+        out["x-request-id"] = ex.request_id
+        return safe_headers(out, ex.request_id)
+
+    def _send(self, ex: Exchange, reply: JsonReply) -> web.Response:
+        body = reply.body
+        if ex.error is None and ex.response_modified and ex.response_body is not None:
+            body = orjson.dumps(ex.response_body)
+        base = {"Content-Type": "application/json", **reply.headers}
+        return web.Response(status=reply.status, body=body, headers=self._headers(ex, base))
+
+    async def _stream(self, request: web.Request, ex: Exchange, reply: StreamReply) -> web.StreamResponse:
+        """Send a stream as it is produced; its end only after the hooks ran and the record is written."""
+        if ex.status is None:
+            ex.status = reply.status
+        resp = web.StreamResponse(status=reply.status, headers=self._headers(ex, reply.headers))
+        task = asyncio.current_task()
+        err: WardenError | None = None
+        if task is not None:
+            self.streams.add(task)
+        try:
+            try:
+                if self.cutting:
+                    raise asyncio.CancelledError("warden.drain")
+                await resp.prepare(request)
+                async for chunk in reply.events:
+                    await resp.write(chunk)
+                    ex.relayed_events += 1
+                    ex.relayed_bytes += len(chunk)
+            except WardenError as e:
+                err = e
+                ex.cut = ex.cut or "refused"
+            except _CLIENT_GONE:
+                ex.client_disconnected = True
+                ex.cut = "client"
+            except asyncio.CancelledError:
+                if not self.cutting or task is None:
+                    raise
+                task.uncancel()
+                ex.cut = "drain"
+                err = ServiceUnavailable("Warden is shutting down; the stream was cut at the drain deadline", rule="server.drain")
+            except Exception:
+                log.exception("unexpected error in stream %s", ex.request_id)
+                err = internal_error(ex.request_id)
+                ex.cut = "refused"
+        finally:
+            await _aclose(reply.events)
+            if reply.release is not None:
+                reply.release()
+            if task is not None:
+                self.streams.discard(task)
+        if err is not None:
+            ex.error = err
+            ex.status = err.status
+        tail: list[bytes] = []
+        if err is None and not ex.client_disconnected:
+            ex.phase = "response"
+            try:
+                await self.w.chain.run_response(ex)
+                tail = reply.trailer()
+            except WardenError as e:
+                err = ex.error = e
+                ex.status = e.status
+            except Exception:
+                log.exception("a response hook failed in stream %s", ex.request_id)
+                err = ex.error = internal_error(ex.request_id)
+                ex.status = 500
+        await self._complete(ex)
+        try:
+            await self._record(ex)
+        except AuditUnavailable as e:
+            err, tail = e, []
+        if err is not None:
+            tail = [reply.error_event(err)]
+        if not ex.client_disconnected and resp.prepared:
+            try:
+                for chunk in tail:
+                    await resp.write(chunk)
+                await resp.write_eof()
+            except _CLIENT_GONE:
+                ex.client_disconnected = True
+        return resp
+
+    def cut_streams(self) -> int:
+        """End every open stream now with an error event (the drain deadline); new ones are cut at once."""
+        self.cutting = True
+        for task in list(self.streams):
+            task.cancel("warden.drain")
+        return len(self.streams)
+
+    # -- observe ----------------------------------------------------------------
+
+    def _observe(self, ex: Exchange, resp: web.StreamResponse | None, span: Any) -> None:
+        """Metrics, the request log line and the trace of one finished exchange; never raises."""
+        w = self.w
+        try:
+            total = (ex.ended or time.perf_counter()) - ex.started
+            status = ex.status or (resp.status if resp is not None else 500)
+            upstream = w.metrics.observe_exchange(ex, status, total)
+            err = ex.error
+            if err is not None and err.rule:
+                w.metrics.refusals.labels(rule=err.rule[:64], status=str(err.status)).inc()
+            if w.config.logging.access_log:
+                log_ = logging.getLogger("warden.dataplane")
+                log_.log(logging.WARNING if status >= 500 else logging.INFO, "request", extra=request_line(ex, status, total, upstream, w.config.logging))
+            if span is not None and w.tracing is not None:
+                w.tracing.end_exchange(ex, span, status)
+        except Exception:
+            log.exception("observing request %s failed", ex.request_id)
+
+
+async def _aclose(events: AsyncIterator[bytes]) -> None:
+    close = getattr(events, "aclose", None)
+    if close is None:
+        return
+    try:
+        await close()
+    except Exception:
+        log.exception("closing a stream's event source failed")
+
+
+def _captured_headers(request: web.Request) -> dict[str, str]:
+    """Request headers as recorded: credentials left out, values that are not clean text escaped."""
+    out: dict[str, str] = {}
+    for k, v in request.headers.items():
+        lk = k.lower()
+        if lk in _SKIP_HEADERS:
+            continue
+        out[safe_text(lk, 256)] = safe_text(v, 8192)
+    return out
+
+
+def _check_chat(ex: Exchange, body: dict[str, Any], max_messages: int, max_tools: int) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise BadRequest("'messages' must be a non-empty list of message objects", param="messages", rule="request.schema")
+    if len(messages) > max_messages:
+        raise BadRequest(f"'messages' has more than {max_messages} entries", param="messages", rule="request.max_messages")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean", param="stream", rule="request.schema")
+    for key in ("tools", "functions"):
+        tools = body.get(key)
+        if tools is not None:
+            if not isinstance(tools, list):
+                raise BadRequest(f"'{key}' must be a list", param=key, rule="request.schema")
+            if len(tools) > max_tools:
+                raise BadRequest(f"'{key}' has more than {max_tools} entries", param=key, rule="request.max_tools")
+    ex.stream = bool(stream)
+
+
+def _offered(body: dict[str, Any] | None) -> frozenset[str] | None:
+    """The tool names the model is offered in the body going upstream (``None`` when none are)."""
+    if body is None:
+        return None
+    names: set[str] = set()
+    offered = False
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        offered = True
+        for t in tools:
+            fn = t.get("function") if isinstance(t, dict) else None
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if isinstance(name, str):
+                names.add(name)
+    functions = body.get("functions")
+    if isinstance(functions, list):
+        offered = True
+        for f in functions:
+            name = f.get("name") if isinstance(f, dict) else None
+            if isinstance(name, str):
+                names.add(name)
+    return frozenset(names) if offered else None
