@@ -1,14 +1,39 @@
-"""Each plugin's live state shows on /metrics (read at scrape time)."""
+"""Each plugin defines its own metrics at start and its live state shows on /metrics (read at scrape time)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 
-from tests.conftest import ADMIN_TOKEN
+from proxy.config import MetricsConfig
+from proxy.metrics import Metrics
+from tests.conftest import ADMIN_TOKEN, deep_merge
 from tests.fakeprovider import FakeProvider, Reply
+
+PLUGIN_METRICS = {
+    "warden_approvals_pending": "gauge",
+    "warden_read_only": "gauge",
+    "warden_limits_backend_up": "gauge",
+    "warden_ratelimit_decisions": "counter",
+    "warden_retrieval_index_documents": "gauge",
+    "warden_retrieval_index_staleness_seconds": "gauge",
+}
+"""What the tools, limits and retrieval plugins define (the dashboard and alert rules read them)."""
+
+
+def all_plugins_config(tmp_path: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Config overrides that run every plugin with metrics (local stores under ``tmp_path``)."""
+    cfg = {
+        "plugins": {"enabled": ["limits", "retrieval", "tools", "headers"]},
+        "limits": {"idempotency_db": str(tmp_path / "idem.db"), "rules": [{"scope": "user", "requests": "2/minute"}]},
+        "retrieval": {"db": str(tmp_path / "r.db"), "index_dir": str(tmp_path / "idx"), "mode": "bm25", "embedder": "none"},
+        "policy": {"state_db": str(tmp_path / "state.db"), "read_only": True},
+        "tools": [{"name": "refund", "effect": "write", "approval": "required", "schema": {"type": "object"}}],
+    }
+    return deep_merge(cfg, extra or {})
 
 
 def _value(text: str, prefix: str) -> float:
@@ -18,16 +43,8 @@ def _value(text: str, prefix: str) -> float:
     raise AssertionError(f"{prefix} not in /metrics")
 
 
-async def test_plugin_gauges_and_counters(warden_factory: Any, token: Any, fake: FakeProvider, tmp_path: Any) -> None:
-    w = await warden_factory(
-        {
-            "plugins": {"enabled": ["limits", "retrieval", "tools", "headers"]},
-            "limits": {"idempotency_db": str(tmp_path / "idem.db"), "rules": [{"scope": "user", "requests": "2/minute"}]},
-            "retrieval": {"db": str(tmp_path / "r.db"), "index_dir": str(tmp_path / "idx"), "mode": "bm25", "embedder": "none"},
-            "policy": {"state_db": str(tmp_path / "state.db"), "read_only": True},
-            "tools": [{"name": "refund", "effect": "write", "approval": "required", "schema": {"type": "object"}}],
-        }
-    )
+async def test_plugin_gauges_and_counters(warden_factory: Any, token: Any, fake: FakeProvider, tmp_path: Path) -> None:
+    w = await warden_factory(all_plugins_config(tmp_path))
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     async with aiohttp.ClientSession() as s:
         async with s.put(f"{w.admin_url}/admin/documents/acme/handbook", json={"title": "Handbook", "text": "Vacation is 25 days.", "acl": {"public": True}}, headers=admin) as r:
@@ -55,3 +72,14 @@ async def test_plugin_gauges_and_counters(warden_factory: Any, token: Any, fake:
     assert _value(text, "warden_retrieval_index_documents ") == 1.0
     assert _value(text, "warden_retrieval_index_staleness_seconds ") == 0.0
     assert _value(text, 'warden_tool_calls_total{decision="hold",tool="refund"}') == 1.0, "counted once, by the core"
+
+
+async def test_plugins_define_their_metrics_documented(warden_factory: Any, tmp_path: Path) -> None:
+    w = await warden_factory(all_plugins_config(tmp_path))
+    m: Metrics = w.warden.metrics
+    core = {f.name for f in Metrics(MetricsConfig()).registry.collect()}
+    families = {f.name: f for f in m.registry.collect()}
+    assert {n: f.type for n, f in families.items() if n not in core} == PLUGIN_METRICS
+    assert set(m.defined) == set(PLUGIN_METRICS), "defined through the registration API, not by the core"
+    for name in PLUGIN_METRICS:
+        assert families[name].documentation.strip(), f"{name} has no HELP text"
