@@ -4,11 +4,13 @@ Imported only when ``[tracing] enabled = true`` (needs the ``otel`` extra);
 with tracing off Warden never imports OpenTelemetry and a request pays one
 ``is None`` check.
 
-Shape of a trace (one per exchange, continuing an incoming ``traceparent``):
+Shape of a trace (one per exchange of every route, continuing an incoming ``traceparent``):
 
-- ``chat {model}`` — kind SERVER: the whole exchange as the application saw
-  it, from arrival to the last byte, with the GenAI request/response
-  attributes (``gen_ai.operation.name``, ``gen_ai.provider.name``,
+- ``{operation} {model}`` (``chat m``, ``embeddings m``; a route that is not
+  inference: ``{method} {route}``, the bounded route name, never the raw
+  path) — kind SERVER: the whole exchange as the application saw it, from
+  arrival to the last byte, with the GenAI request/response attributes
+  (``gen_ai.operation.name``, ``gen_ai.provider.name``,
   ``gen_ai.request.model``, ``gen_ai.response.model``, ``gen_ai.response.id``,
   ``gen_ai.response.finish_reasons``, ``gen_ai.usage.input_tokens`` /
   ``output_tokens`` summed over all turns, sampling parameters,
@@ -18,8 +20,11 @@ Shape of a trace (one per exchange, continuing an incoming ``traceparent``):
   instrumentation (if any) holds the CLIENT span above it.
 - ``retrieval {tenant}`` — kind INTERNAL, child: the permission-scoped search
   (in process), from ``ex.retrieval`` and ``ex.timings["retrieval_s"]``.
-- ``chat {model}`` — kind CLIENT, one child per upstream turn (the initial
-  call and every corrective turn): the real inference calls, with
+- the same name, kind CLIENT, one child per upstream turn (the initial call
+  and every corrective turn): the real provider calls, each with the span id
+  the turn sent upstream in its ``traceparent`` (``UpstreamTurn.span_id``), so
+  a provider's spans hang below the turn that caused them.  Each carries its
+  own answer's ``gen_ai.response.*`` and ``gen_ai.usage.*`` where known,
   ``warden.turn.index`` / ``warden.turn.reason``, the provider's HTTP status,
   ``gen_ai.response.time_to_first_chunk`` for streams, and ``error.type``.
 - ``execute_tool {tool}`` — kind INTERNAL, child, one per tool call the
@@ -30,8 +35,7 @@ Shape of a trace (one per exchange, continuing an incoming ``traceparent``):
 
 Child spans are written when the exchange ends, with the start and end times
 the exchange recorded (``UpstreamTurn.started`` / ``duration_s``), so the
-request path does no tracing work beyond starting the SERVER span.  The
-upstream request carries ``traceparent`` with the SERVER span as parent.
+request path does no tracing work beyond starting the SERVER span.
 
 Content (prompts, answers, retrieval query and documents, tool arguments,
 refusal reasons) is recorded only with ``capture_content = true``.
@@ -43,7 +47,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -52,11 +56,13 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from proxy.config import Config
+from proxy.metrics import turn_outcome
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -65,7 +71,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("warden.tracing")
 
-_OPERATIONS = {"chat": "chat", "embeddings": "embeddings"}
+_OPERATIONS = {"openai.chat": "chat", "openai.embeddings": "embeddings"}
+"""``gen_ai.operation.name`` by ``Exchange.protocol``; other protocols are not inference (no GenAI attributes)."""
 _SAMPLING = (("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"), ("seed", "gen_ai.request.seed"))
 _PENALTIES = (("frequency_penalty", "gen_ai.request.frequency_penalty"), ("presence_penalty", "gen_ai.request.presence_penalty"))
 
@@ -90,6 +97,40 @@ def _version() -> str:
         return "dev"
 
 
+class TurnIdGenerator(RandomIdGenerator):
+    """Random ids, except the span id of a span started right after :meth:`preset`.
+
+    The SDK asks its ``IdGenerator`` for the id of every new span; a turn's
+    CLIENT span must carry the id that turn already sent upstream in its
+    ``traceparent``.  Spans are started on the event loop thread only, and
+    the preset is consumed by the very next ``start_span``.
+    """
+
+    def __init__(self) -> None:
+        self._next: int | None = None
+
+    def preset(self, span_id: int | None) -> None:
+        self._next = span_id
+
+    def generate_span_id(self) -> int:
+        sid = self._next
+        if sid is not None:
+            self._next = None
+            return sid
+        return super().generate_span_id()
+
+
+def _span_id(hex16: str) -> int | None:
+    """A turn's ``span_id`` (16 hex digits, not all zero) as an int, else ``None``."""
+    if len(hex16) != 16:
+        return None
+    try:
+        v = int(hex16, 16)
+    except ValueError:
+        return None
+    return v or None
+
+
 class Tracing:
     """The tracer of one Warden: a private TracerProvider (never the global one) and its exporter."""
 
@@ -107,10 +148,12 @@ class Tracing:
         self.server_address = u.hostname or ""
         self.server_port = u.port or (443 if u.scheme == "https" else 80)
         version = _version()
+        self.ids = TurnIdGenerator()
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": cfg.service_name, "service.version": version}),
             sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)),
             shutdown_on_exit=False,
+            id_generator=self.ids,
         )
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -141,7 +184,7 @@ class Tracing:
                 carrier["tracestate"] = headers["tracestate"]
             parent = self.propagator.extract(carrier)
         span = self.tracer.start_span(
-            _OPERATIONS.get(ex.route, f"{ex.method} {ex.route}"),
+            span_name(ex),
             context=parent,
             kind=SpanKind.SERVER,
             start_time=int(ex.wall_time * 1e9),
@@ -158,17 +201,17 @@ class Tracing:
         if not span.is_recording():
             span.end(end_time=end_ns)
             return
-        op = _OPERATIONS.get(ex.route)
-        if op is not None and ex.model:
-            span.update_name(f"{op} {ex.model}")
+        op = _OPERATIONS.get(ex.protocol)
+        span.update_name(span_name(ex))
         span.set_attributes(self._exchange_attributes(ex, status, op))
         if status >= 500:
             span.set_status(Status(StatusCode.ERROR, ex.error.message[:200] if ex.error else f"status {status}"))
         ctx = trace.set_span_in_context(span)
         if ex.retrieval is not None:
             self._retrieval_span(ex, ctx)
-        for turn in ex.turns:
-            self._turn_span(ex, turn, ctx, op)
+        last = len(ex.turns) - 1
+        for i, turn in enumerate(ex.turns):
+            self._turn_span(ex, turn, ctx, op, last == 0, ex.cut if i == last else None)
         if ex.tool_decisions:
             self._tool_spans(ex, ctx)
         span.end(end_time=end_ns)
@@ -178,34 +221,27 @@ class Tracing:
         return int((ex.wall_time + (perf - ex.started)) * 1e9)
 
     def _exchange_attributes(self, ex: Exchange, status: int, op: str | None) -> dict[str, Any]:
-        a: dict[str, Any] = {"http.response.status_code": status, "warden.stream": ex.stream, "warden.turns": len(ex.turns)}
+        a: dict[str, Any] = {"http.response.status_code": status, "warden.stream": ex.stream, "warden.turns": len(ex.turns), "warden.protocol": ex.protocol}
         if ex.principal is not None:
             a["warden.tenant"] = ex.principal.tenant
         if op is not None:
-            a["gen_ai.operation.name"] = op
-            a["gen_ai.provider.name"] = self.provider_name
-            a["server.address"] = self.server_address
-            a["server.port"] = self.server_port
-            if ex.model:
-                a["gen_ai.request.model"] = ex.model
+            a.update(self._client_base(ex, op))
             if ex.stream:
                 a["gen_ai.request.stream"] = True
             body = ex.body
             if isinstance(body, dict):
-                _request_params(body, a)
-        if ex.response_model:
-            a["gen_ai.response.model"] = ex.response_model
-        rb = ex.response_body
-        if isinstance(rb, dict) and isinstance(rb.get("id"), str):
-            a["gen_ai.response.id"] = rb["id"]
-        if ex.finish_reasons:
-            a["gen_ai.response.finish_reasons"] = tuple(ex.finish_reasons)
-        usage = ex.usage
-        if usage:
-            if isinstance(usage.get("prompt_tokens"), int):
-                a["gen_ai.usage.input_tokens"] = usage["prompt_tokens"]
-            if isinstance(usage.get("completion_tokens"), int):
-                a["gen_ai.usage.output_tokens"] = usage["completion_tokens"]
+                _request_params(body, op, a)
+            rb = ex.response_body
+            _answer_attributes(op, rb if isinstance(rb, dict) else None, a)
+            if ex.response_model:
+                a["gen_ai.response.model"] = ex.response_model
+            if ex.finish_reasons and op == "chat":
+                a["gen_ai.response.finish_reasons"] = tuple(ex.finish_reasons)
+            usage = ex.usage
+            if usage is not None:
+                a["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+                if op == "chat":
+                    a["gen_ai.usage.output_tokens"] = usage.completion_tokens
         corrections = sum(1 for t in ex.turns if t.reason != "initial")
         if corrections:
             a["warden.corrective_turns"] = corrections
@@ -215,11 +251,13 @@ class Tracing:
                 a["warden.rule"] = ex.error.rule
         elif status >= 400:
             a["error.type"] = str(status)
+        if ex.cut:
+            a["warden.cut"] = ex.cut
         if ex.client_disconnected:
             a["warden.client_disconnected"] = True
         if ex.citations:
             a["warden.citations"] = len(ex.citations)
-            a["warden.citations_invalid"] = sum(1 for c in ex.citations if not c.get("valid"))
+            a["warden.citations_invalid"] = sum(1 for c in ex.citations if not c.valid)
         if self.capture and op == "chat":
             body = ex.body if isinstance(ex.body, dict) else {}
             a["gen_ai.input.messages"] = self._clip(orjson.dumps(_input_messages(body.get("messages"))).decode())
@@ -228,42 +266,68 @@ class Tracing:
                 a["gen_ai.output.messages"] = self._clip(orjson.dumps(out).decode())
         return a
 
+    def _client_base(self, ex: Exchange, op: str) -> dict[str, Any]:
+        a: dict[str, Any] = {
+            "gen_ai.operation.name": op,
+            "gen_ai.provider.name": self.provider_name,
+            "server.address": self.server_address,
+            "server.port": self.server_port,
+        }
+        if ex.model:
+            a["gen_ai.request.model"] = ex.model
+        return a
+
     def _clip(self, text: str) -> str:
         n = self.cfg.content_max_chars
         return text if len(text) <= n else text[:n] + "…"
 
     # -- children ----------------------------------------------------------------------
 
-    def _turn_span(self, ex: Exchange, turn: UpstreamTurn, ctx: Any, op: str | None) -> None:
+    def _turn_span(self, ex: Exchange, turn: UpstreamTurn, ctx: Any, op: str | None, only: bool, cut: str | None) -> None:
+        """The CLIENT span of one upstream turn, with the span id the turn sent upstream.
+
+        Its answer's attributes come from ``turn.response`` (a non-streamed
+        turn's parsed answer); the single turn of an exchange also takes the
+        exchange's own (streamed answers, relayed bodies), which are then
+        that turn's.
+        """
         start = self._ns(ex, turn.started)
         end = self._ns(ex, turn.started + turn.duration_s) if turn.duration_s is not None else time.time_ns()
-        a: dict[str, Any] = {
-            "gen_ai.provider.name": self.provider_name,
-            "server.address": self.server_address,
-            "server.port": self.server_port,
-            "warden.turn.index": turn.index,
-            "warden.turn.reason": turn.reason,
-        }
+        a: dict[str, Any] = {"http.request.method": ex.method, "warden.turn.index": turn.index, "warden.turn.reason": turn.reason}
         if op is not None:
-            a["gen_ai.operation.name"] = op
-        if ex.model:
-            a["gen_ai.request.model"] = ex.model
-        resp = turn.response
-        if isinstance(resp, dict):
-            if isinstance(resp.get("model"), str):
-                a["gen_ai.response.model"] = resp["model"]
-            if isinstance(resp.get("id"), str):
-                a["gen_ai.response.id"] = resp["id"]
+            a.update(self._client_base(ex, op))
+            resp = turn.response
+            if isinstance(resp, dict):
+                _answer_attributes(op, resp, a)
+            elif only:
+                rb = ex.response_body
+                _answer_attributes(op, rb if isinstance(rb, dict) else None, a)
+                if ex.response_model:
+                    a["gen_ai.response.model"] = ex.response_model
+                if ex.finish_reasons and op == "chat":
+                    a["gen_ai.response.finish_reasons"] = tuple(ex.finish_reasons)
+                if ex.usage is not None and "gen_ai.usage.input_tokens" not in a:
+                    a["gen_ai.usage.input_tokens"] = ex.usage.prompt_tokens
+                    if op == "chat":
+                        a["gen_ai.usage.output_tokens"] = ex.usage.completion_tokens
+        else:
+            a["server.address"] = self.server_address
+            a["server.port"] = self.server_port
         if turn.status is not None:
             a["http.response.status_code"] = turn.status
         if turn.ttft_s is not None:
             a["gen_ai.response.time_to_first_chunk"] = turn.ttft_s
-        error = _turn_error(turn)
+        error = _turn_error(turn, cut)
         if error is not None:
             a["error.type"] = error
             a["warden.turn.error"] = (turn.error or "")[:200]
-        name = f"{op} {ex.model}" if op and ex.model else f"{ex.method} {ex.path}"
-        span = self.tracer.start_span(name, context=ctx, kind=SpanKind.CLIENT, start_time=start, attributes=a)
+        sid = _span_id(turn.span_id)
+        if sid is not None:
+            self.ids.preset(sid)
+        try:
+            span = self.tracer.start_span(span_name(ex), context=ctx, kind=SpanKind.CLIENT, start_time=start, attributes=a)
+        finally:
+            self.ids.preset(None)
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, error))
         span.end(end_time=max(end, start))
@@ -272,6 +336,8 @@ class Tracing:
         r = ex.retrieval
         assert r is not None
         took = ex.timings.get("retrieval_s")
+        if took is None and "total" in r.timings_ms:
+            took = r.timings_ms["total"] / 1000.0
         started = ex.timings.get("retrieval_started")
         if started is None:
             # Retrieval runs in the request hooks, just before the first upstream turn.
@@ -281,34 +347,30 @@ class Tracing:
         end = self._ns(ex, started + (took or 0.0))
         source = ex.principal.tenant if ex.principal else "warden"
         a: dict[str, Any] = {"gen_ai.operation.name": "retrieval", "gen_ai.data_source.id": source}
-        if isinstance(r.get("top_k"), int):
-            a["gen_ai.retrieval.top_k"] = r["top_k"]
-        for key in ("mode", "candidates", "injected", "context_tokens", "skipped"):
-            v = r.get(key)
-            if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+        if r.top_k is not None:
+            a["gen_ai.request.top_k"] = r.top_k
+        for key in ("mode", "candidates", "context_tokens", "skipped"):
+            v = getattr(r, key)
+            if v is not None:
                 a[f"warden.retrieval.{key}"] = v
-        excluded = r.get("excluded")
-        if isinstance(excluded, Mapping):
-            for reason, count in excluded.items():
-                if isinstance(count, int):
-                    a[f"warden.retrieval.excluded.{reason}"] = count
-        timings = r.get("timings_ms")
-        if isinstance(timings, Mapping):
-            for stage, ms in timings.items():
-                if isinstance(ms, (int, float)) and not isinstance(ms, bool):
-                    a[f"warden.retrieval.{stage}_ms"] = float(ms)
-        failed = r.get("skipped") == "error"
+        if r.skipped is None:
+            a["warden.retrieval.injected"] = r.injected
+        for reason, count in r.excluded.items():
+            a[f"warden.retrieval.excluded.{reason}"] = count
+        for stage, ms in r.timings_ms.items():
+            a[f"warden.retrieval.{stage}_ms"] = float(ms)
+        failed = r.skipped == "error" or r.error is not None
         if failed:
             a["error.type"] = "retrieval_error"
         if self.capture:
-            if isinstance(r.get("query"), str):
-                a["gen_ai.retrieval.query.text"] = self._clip(r["query"])
+            if r.query is not None:
+                a["gen_ai.retrieval.query.text"] = self._clip(r.query)
             docs = [{"id": c.doc_id, "score": c.score} for c in ex.retrieved if c.injected]
             if docs:
                 a["gen_ai.retrieval.documents"] = self._clip(orjson.dumps(docs).decode())
         span = self.tracer.start_span(f"retrieval {source}", context=ctx, kind=SpanKind.INTERNAL, start_time=start, attributes=a)
         if failed:
-            span.set_status(Status(StatusCode.ERROR, str(r.get("error", "retrieval failed"))[:200]))
+            span.set_status(Status(StatusCode.ERROR, (r.error or "retrieval failed")[:200]))
         span.end(end_time=max(end, start))
 
     def _tool_spans(self, ex: Exchange, ctx: Any) -> None:
@@ -336,8 +398,58 @@ class Tracing:
             span.end(end_time=at)
 
 
-def _request_params(body: dict[str, Any], a: dict[str, Any]) -> None:
-    """Sampling parameters of a request body as ``gen_ai.request.*`` attributes."""
+def span_name(ex: Exchange) -> str:
+    """The name of an exchange's SERVER span and of its turns' CLIENT spans (bounded: never the raw path).
+
+    Inference: ``{gen_ai.operation.name} {model}`` (or the operation alone
+    while the model is unknown); any other route: ``{method} {route}``, the
+    route being the bounded route name (for pass-through routes derived from
+    the configured template, ids never included).
+    """
+    op = _OPERATIONS.get(ex.protocol)
+    if op is not None:
+        return f"{op} {ex.model}" if ex.model else op
+    words = ex.route.split(" ")
+    if ex.method in words:
+        # A route name that carries its method already (pass-through routes): the method leads, once.
+        words.remove(ex.method)
+    return " ".join((ex.method, *words))
+
+
+def _answer_attributes(op: str, resp: dict[str, Any] | None, a: dict[str, Any]) -> None:
+    """``gen_ai.response.*`` and ``gen_ai.usage.*`` from one parsed provider answer (what it reported, nothing invented)."""
+    if resp is None:
+        return
+    if isinstance(resp.get("model"), str):
+        a["gen_ai.response.model"] = resp["model"]
+    if isinstance(resp.get("id"), str):
+        a["gen_ai.response.id"] = resp["id"]
+    usage = resp.get("usage")
+    if isinstance(usage, dict):
+        v = usage.get("prompt_tokens")
+        if isinstance(v, int) and not isinstance(v, bool):
+            a["gen_ai.usage.input_tokens"] = v
+        v = usage.get("completion_tokens")
+        if op == "chat" and isinstance(v, int) and not isinstance(v, bool):
+            a["gen_ai.usage.output_tokens"] = v
+    if op == "chat":
+        choices = resp.get("choices")
+        if isinstance(choices, list):
+            reasons = tuple(str(c["finish_reason"]) for c in choices if isinstance(c, dict) and c.get("finish_reason") is not None)
+            if reasons:
+                a["gen_ai.response.finish_reasons"] = reasons
+
+
+def _request_params(body: dict[str, Any], op: str, a: dict[str, Any]) -> None:
+    """Request parameters of a body as ``gen_ai.request.*`` attributes."""
+    if op == "embeddings":
+        fmt = body.get("encoding_format")
+        if isinstance(fmt, str):
+            a["gen_ai.request.encoding_formats"] = (fmt,)
+        dims = body.get("dimensions")
+        if isinstance(dims, int) and not isinstance(dims, bool):
+            a["gen_ai.embeddings.dimension.count"] = dims
+        return
     for key, attr in _SAMPLING + _PENALTIES:
         v = body.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -355,17 +467,12 @@ def _request_params(body: dict[str, Any], a: dict[str, Any]) -> None:
         a["gen_ai.request.stop_sequences"] = tuple(stop)
 
 
-def _turn_error(turn: UpstreamTurn) -> str | None:
-    """``error.type`` of a turn: the provider's status, or a low-cardinality class of the failure."""
-    if turn.status is not None and turn.status >= 400:
-        return str(turn.status)
-    if not turn.error:
-        return None
-    e = turn.error.lower()
-    for needle, kind in (("timeout", "timeout"), ("timed out", "timeout"), ("disconnect", "client_disconnected"), ("malformed", "malformed_response"), ("ended", "truncated"), ("broke", "truncated"), ("reach", "connection")):
-        if needle in e:
-            return kind
-    return "_OTHER"
+def _turn_error(turn: UpstreamTurn, cut: str | None) -> str | None:
+    """``error.type`` of a turn: the provider's status code, else the failure kind of ``warden_upstream_errors_total`` (or ``cancelled``)."""
+    status = turn.status
+    if status is not None and status >= 400:
+        return str(status)
+    return turn_outcome(turn, cut)
 
 
 def _output_messages(ex: Exchange) -> list[dict[str, Any]]:

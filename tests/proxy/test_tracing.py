@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
@@ -20,7 +22,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from proxy.app import Warden
 from proxy.config import load_config
 from proxy.errors import ConfigError
-from proxy.exchange import Decision, Exchange, ToolCall
+from proxy.exchange import Decision, Exchange, Principal, RetrievalSummary, ToolCall, UpstreamTurn, Usage
 from proxy.plugin import Plugin, available_plugins
 from proxy.testing import RunningWarden
 from proxy.tracing import Tracing
@@ -49,20 +51,14 @@ class Retrieval(Plugin):
 
     async def on_request(self, ex: Exchange) -> None:
         await asyncio.sleep(0.01)
-        ex.retrieval = {
-            "query": "refund policy",
-            "mode": "hybrid",
-            "top_k": 4,
-            "candidates": 9,
-            "injected": 2,
-            "excluded": {"acl": 3},
-            "context_tokens": 120,
-            "timings_ms": {"bm25": 1.25, "total": 9.5},
-        }
+        ex.retrieval = RetrievalSummary(
+            query="refund policy", mode="hybrid", top_k=4, candidates=9, injected=2, excluded={"acl": 3}, context_tokens=120, timings_ms={"bm25": 1.25, "total": 9.5}
+        )
         ex.timings["retrieval_s"] = 0.01
 
 
 PLUGINS = {"judge": Judge, "retrieval_stand_in": Retrieval}
+TOOLS: Any = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("bad", "lookup", "ok")]
 
 
 async def traced(warden_factory: Any, overrides: dict[str, Any] | None = None) -> tuple[Any, InMemorySpanExporter]:
@@ -90,7 +86,7 @@ async def test_streamed_exchange_with_retrieval_and_a_tool_decision(warden_facto
         Reply(content="Refunds within 30 days [1].", usage={"prompt_tokens": 40, "completion_tokens": 8, "total_tokens": 48}),
     )
     c = openai.AsyncOpenAI(base_url=w.base_url, api_key=token(), max_retries=0)
-    stream = await c.chat.completions.create(**BODY, stream=True, extra_headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+    stream = await c.chat.completions.create(**BODY, tools=TOOLS, stream=True, extra_headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
     async for _ in stream:
         pass
     spans = await finished(exporter)
@@ -140,7 +136,8 @@ async def test_streamed_exchange_with_retrieval_and_a_tool_decision(warden_facto
     assert r.parent is not None and r.parent.span_id == server_id
     ra = dict(r.attributes or {})
     assert ra["gen_ai.operation.name"] == "retrieval"
-    assert ra["gen_ai.retrieval.top_k"] == 4
+    assert ra["gen_ai.request.top_k"] == 4
+    assert "gen_ai.retrieval.top_k" not in ra, "not a registered attribute"
     assert ra["warden.retrieval.injected"] == 2 and ra["warden.retrieval.excluded.acl"] == 3
     assert ra["warden.retrieval.bm25_ms"] == 1.25
     assert (r.end_time or 0) - (r.start_time or 0) == pytest.approx(10_000_000, rel=0.01)
@@ -161,14 +158,130 @@ async def test_streamed_exchange_with_retrieval_and_a_tool_decision(warden_facto
         assert secret not in everything, f"{secret!r} must not be in spans without capture_content"
 
     sent = fake.chat_requests()
-    assert [r.headers["traceparent"] for r in sent] == [f"00-{TRACE_ID}-{server_id:016x}-01"] * 2, "the provider sees Warden's span as parent"
+    want = [f"00-{TRACE_ID}-{t.context.span_id:016x}-01" for t in turns if t.context is not None]
+    assert [r.headers["traceparent"] for r in sent] == want, "each turn's provider call has that turn's CLIENT span as parent"
+    assert len(set(want)) == 2
+
+
+async def test_turn_spans_carry_their_own_usage_and_the_span_id_sent_upstream(warden_factory: Any, token: Any, fake: FakeProvider) -> None:
+    w, exporter = await traced(warden_factory)
+    fake.push(
+        Reply(content=None, tool_calls=[{"id": "call_1", "name": "bad", "arguments": '{"x": "nope"}'}], usage={"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}),
+        Reply(content="Done.", usage={"prompt_tokens": 40, "completion_tokens": 8, "total_tokens": 48}),
+    )
+    c = openai.AsyncOpenAI(base_url=w.base_url, api_key=token(), max_retries=0)
+    await c.chat.completions.create(**BODY, tools=TOOLS)
+    spans = await finished(exporter)
+    (server,) = [s for s in spans if s.kind == SpanKind.SERVER]
+    turns = sorted((s for s in spans if s.kind == SpanKind.CLIENT), key=lambda s: s.start_time or 0)
+    assert server.context is not None
+    a = dict(server.attributes or {})
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (60, 13), "the exchange's totals"
+    got = [dict(t.attributes or {}) for t in turns]
+    assert [(g["gen_ai.usage.input_tokens"], g["gen_ai.usage.output_tokens"]) for g in got] == [(20, 5), (40, 8)], "each turn its own"
+    assert [g["gen_ai.response.finish_reasons"] for g in got] == [("tool_calls",), ("stop",)]
+    assert all(str(g["gen_ai.response.id"]).startswith("chatcmpl-") and g["gen_ai.response.model"] == "m" for g in got)
+    sent = [r.headers["traceparent"].split("-")[2] for r in fake.chat_requests()]
+    assert [f"{t.context.span_id:016x}" for t in turns if t.context is not None] == sent
+    assert all(t.parent is not None and t.parent.span_id == server.context.span_id for t in turns)
+    assert all(t.context is not None and t.context.trace_id == server.context.trace_id for t in turns)
+
+
+async def test_embeddings_spans(warden_factory: Any, token: Any, fake: FakeProvider) -> None:
+    w, exporter = await traced(warden_factory)
+    c = openai.AsyncOpenAI(base_url=w.base_url, api_key=token(), max_retries=0)
+    await c.embeddings.create(model="e", input="hello there", encoding_format="float")
+    spans = await finished(exporter)
+    (server,) = [s for s in spans if s.kind == SpanKind.SERVER]
+    (client,) = [s for s in spans if s.kind == SpanKind.CLIENT]
+    assert server.name == client.name == "embeddings e"
+    for span in (server, client):
+        a = dict(span.attributes or {})
+        assert a["gen_ai.operation.name"] == "embeddings"
+        assert a["gen_ai.request.model"] == "e"
+        assert a["gen_ai.response.model"] == "e"
+        assert a["gen_ai.usage.input_tokens"] == 2
+        assert "gen_ai.usage.output_tokens" not in a, "the provider reported no output tokens"
+        assert "gen_ai.response.finish_reasons" not in a
+    assert dict(server.attributes or {})["gen_ai.request.encoding_formats"] == ("float",)
+
+
+async def test_passthrough_spans_are_named_by_the_route_template(warden_factory: Any, token: Any, fake: FakeProvider) -> None:
+    w, exporter = await traced(warden_factory, {"server": {"passthrough_routes": ["POST /v1/files/{file_id}/content"]}})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{w.base_url}/files/file-abc123/content", json={"x": 1}, headers={"Authorization": f"Bearer {token()}"}) as r:
+            assert r.status == 200, await r.text()
+    spans = await finished(exporter)
+    (server,) = [s for s in spans if s.kind == SpanKind.SERVER]
+    (client,) = [s for s in spans if s.kind == SpanKind.CLIENT]
+    assert server.name == client.name == "POST passthrough /v1/files/{file_id}/content"
+    assert not any("file-abc123" in s.name for s in spans), "no id in a span name"
+    assert not any(k.startswith("gen_ai.") for k in dict(client.attributes or {})), "not inference"
+    assert client.parent is not None and server.context is not None and client.parent.span_id == server.context.span_id
+
+
+async def test_connection_failure_is_error_type_connection(warden_factory: Any, token: Any) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    w, exporter = await traced(warden_factory, {"upstream": {"base_url": f"http://127.0.0.1:{port}/v1", "provider_name": "openai"}})
+    c = openai.AsyncOpenAI(base_url=w.base_url, api_key=token(), max_retries=0)
+    with pytest.raises(openai.APIStatusError):
+        await c.chat.completions.create(**BODY)
+    spans = await finished(exporter)
+    client = [sp for sp in spans if sp.kind == SpanKind.CLIENT]
+    assert client, [sp.name for sp in spans]
+    for sp in client:
+        assert dict(sp.attributes or {})["error.type"] == "connection"
+        assert sp.status.status_code == StatusCode.ERROR
+
+
+class _Request:
+    """What ``Tracing.start_exchange`` reads of an aiohttp request."""
+
+    def __init__(self, headers: dict[str, str] | None = None) -> None:
+        self.headers = headers or {}
+
+
+def _tracing(exporter: InMemorySpanExporter) -> Tracing:
+    return Tracing(load_config({"auth": {"mode": "none"}, "audit": {"enabled": False}}, available_plugins()), exporter=exporter)
+
+
+def test_client_spans_take_the_turns_span_ids_and_error_types() -> None:
+    exporter = InMemorySpanExporter()
+    tr = _tracing(exporter)
+    ex = Exchange(request_id="req_1", route="chat", method="POST", path="/v1/chat/completions", protocol="openai.chat")
+    ex.principal = Principal(tenant="acme", subject="alice")
+    span = tr.start_exchange(ex, _Request({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}))  # type: ignore[arg-type]
+    ex.model = "m"
+    t0 = ex.started
+    ex.turns = [
+        UpstreamTurn(index=0, body=b"", status=None, started=t0, duration_s=0.01, error="cannot connect", error_kind="connection", span_id="1111111111111111"),
+        UpstreamTurn(index=1, body=b"", status=503, started=t0 + 0.02, duration_s=0.01, error="provider status 503", span_id="00000000000000ab", reason="correction"),
+        UpstreamTurn(index=2, body=b"", status=200, started=t0 + 0.04, duration_s=0.01, error="client disconnected", span_id="", reason="correction"),
+    ]
+    ex.cut = "client"
+    ex.usage = Usage(1, 2, 3)
+    tr.end_exchange(ex, span, 499)
+    spans = exporter.get_finished_spans()
+    (server,) = [s for s in spans if s.kind == SpanKind.SERVER]
+    client = sorted((s for s in spans if s.kind == SpanKind.CLIENT), key=lambda s: s.start_time or 0)
+    assert server.context is not None and format(server.context.trace_id, "032x") == TRACE_ID
+    assert [c.context.span_id for c in client if c.context is not None][:2] == [0x1111111111111111, 0xAB]
+    third = client[2].context
+    assert third is not None and third.span_id not in (0, 0x1111111111111111, 0xAB, server.context.span_id), "no span id given: a random one"
+    assert [dict(c.attributes or {})["error.type"] for c in client] == ["connection", "503", "cancelled"]
+    assert all(c.parent is not None and c.parent.span_id == server.context.span_id for c in client)
+    assert all("gen_ai.usage.input_tokens" not in dict(c.attributes or {}) for c in client), "several streamed turns: no turn's own usage is known"
+    assert dict(server.attributes or {})["warden.cut"] == "client"
 
 
 async def test_capture_content_records_prompt_answer_and_arguments(warden_factory: Any, token: Any, fake: FakeProvider) -> None:
     w, exporter = await traced(warden_factory, {"tracing": {"capture_content": True, "content_max_chars": 200}})
     fake.push(Reply(content=None, tool_calls=[{"id": "c9", "name": "lookup", "arguments": '{"q": "refunds"}'}]))
     c = openai.AsyncOpenAI(base_url=w.base_url, api_key=token(), max_retries=0)
-    await c.chat.completions.create(**BODY)
+    await c.chat.completions.create(**BODY, tools=TOOLS)
     spans = {s.name: s for s in await finished(exporter) if s.kind != SpanKind.CLIENT}
     a = dict(spans["chat m"].attributes or {})
     assert "what is our refund policy" in str(a["gen_ai.input.messages"])
