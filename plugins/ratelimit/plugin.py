@@ -157,8 +157,13 @@ class LimitsPlugin(Plugin):
         ctx.services["limits"] = self
         metrics = ctx.services.get("metrics")
         if metrics is not None:
-            metrics.register_gauge_callback("limits_backend_up", lambda: 1.0 if self.backend_up else 0.0)
-            metrics.register_counter_callback("ratelimit_decisions", lambda: dict(self.decisions))
+            metrics.gauge("warden_limits_backend_up", "1 while the limits backend answers (always 1 for memory).", callback=lambda: 1.0 if self.backend_up else 0.0)
+            metrics.counter(
+                "warden_ratelimit_decisions",
+                "Limit decisions by rule and decision (allow, deny, fail_open, fail_closed).",
+                ("rule", "decision"),
+                callback=lambda: dict(self.decisions),
+            )
 
     async def _load_estimator(self, s: LimitsConfig) -> None:
         encoder, name = await asyncio.to_thread(load_encoder, s.tokenizer, s.chars_per_token)

@@ -72,8 +72,12 @@ class RetrievalPlugin(Plugin):
         metrics = ctx.services.get("metrics")
         if metrics is not None:
             service = self.service
-            metrics.register_gauge_callback("retrieval_index_documents", lambda: float(service.documents))
-            metrics.register_gauge_callback("retrieval_index_staleness", service.staleness_s)
+            metrics.gauge("warden_retrieval_index_documents", "Documents in the retrieval store.", callback=lambda: float(service.documents))
+            metrics.gauge(
+                "warden_retrieval_index_staleness_seconds",
+                "Age of the oldest change not yet searchable (0 when the indexes are up to date).",
+                callback=service.staleness_s,
+            )
 
     async def stop(self) -> None:
         if self.service is not None:

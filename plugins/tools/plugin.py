@@ -135,8 +135,8 @@ class ToolsPlugin(Plugin):
         """
         if metrics is None:
             return
-        metrics.register_gauge_callback("approvals_pending", lambda: float(self.approvals_pending))
-        metrics.register_gauge_callback("read_only", self._read_only_gauge)
+        metrics.gauge("warden_approvals_pending", "Tool-call approvals waiting for a reviewer.", callback=lambda: float(self.approvals_pending))
+        metrics.gauge("warden_read_only", "1 while read-only mode is on, per tenant ('*' = global).", ("tenant",), callback=self._read_only_gauge)
 
     def _read_only_gauge(self) -> dict[str, float]:
         out = {"*": 1.0 if self.mode.global_read_only else 0.0}
