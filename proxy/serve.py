@@ -1,9 +1,28 @@
-"""Run Warden: both listeners, signals, config reload, graceful drain.
+"""Run Warden: both listeners, signals, config reload, and a drain that keeps its deadline.
 
-SIGTERM/SIGINT: readiness turns false, the listeners stop accepting, in-flight
-requests and streams get up to ``[server] drain_s`` to finish, then plugins,
-audit and clients close and the process exits 0.  SIGHUP, or a change to the
-config file (including a ConfigMap's symlink swap), reloads plugin policy.
+SIGTERM/SIGINT start the drain; with ``D = [server] drain_s``:
+
+1. at once: ``/readyz`` answers 503, the data listener closes its socket (new
+   connections are refused), idle kept-alive connections close, and every
+   response still to come carries ``Connection: close``;
+2. in-flight requests and streams run on; as soon as none is left the drain
+   ends early;
+3. at ``D - cut_lead(D)`` (see :func:`cut_lead`: 10 % of ``D``, at least 1 s,
+   at most half of ``D``) ``Warden.stream_cut`` is set: every open stream ends
+   with an OpenAI-format error event (rule ``server.drain``) and its audit
+   record, and the handlers return;
+4. at ``D``: whatever still runs is cancelled and its connection closed
+   (at most :data:`FORCE_GRACE_S` for the cancelled handlers to clean up);
+5. plugins, the audit log and the clients stop (at most :data:`STOP_BUDGET_S`),
+   then the admin listener closes, and the process exits: 0, or 1 when the
+   stores did not stop in time.
+
+So the process exits at most ``D + EXIT_MARGIN_S`` after the signal.  A
+second SIGTERM/SIGINT skips straight to step 3.  The admin listener keeps
+answering probes and scrapes until step 5.
+
+SIGHUP, or a change to the config file (including a ConfigMap's symlink
+swap), reloads plugin policy.
 """
 
 from __future__ import annotations
@@ -14,13 +33,26 @@ import logging
 import os
 import signal
 
-from aiohttp import web
-
 from proxy.app import Warden
 from proxy.config import Config, parse_hostport
+from proxy.edge import Listener
 from proxy.errors import ConfigError
 
 log = logging.getLogger("warden")
+
+FORCE_GRACE_S = 1.0
+"""After the drain deadline: how long cancelled handlers get to record and close."""
+STOP_BUDGET_S = 3.0
+"""How long plugins, the audit log and the clients get to stop."""
+ADMIN_CLOSE_S = 0.5
+"""How long the admin listener's last requests get."""
+EXIT_MARGIN_S = FORCE_GRACE_S + STOP_BUDGET_S + ADMIN_CLOSE_S + 0.5
+"""The process exits at most ``drain_s`` plus this long after SIGTERM (0.5 s of slack for the interpreter's exit)."""
+
+
+def cut_lead(drain_s: float) -> float:
+    """How long before the drain deadline open streams are cut: 10 % of ``drain_s``, at least 1 s, at most half of it."""
+    return min(max(1.0, 0.1 * drain_s), drain_s / 2)
 
 
 def _file_signature(path: str) -> tuple[str, int, int] | None:
@@ -56,6 +88,45 @@ def build_warden(config: Config) -> Warden:
     return Warden(config, audit=audit)
 
 
+def _stream_cut(w: Warden) -> asyncio.Event | None:
+    cut = getattr(w, "stream_cut", None)
+    return cut if isinstance(cut, asyncio.Event) else None
+
+
+async def drain(w: Warden, data: Listener, drain_s: float, hurry: asyncio.Event | None = None) -> bool:
+    """Drain the data listener within ``drain_s`` (steps 1-4 of the module docstring); True when nothing had to be cancelled.
+
+    ``hurry``, once set, moves the stream cut to now.
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    deadline = start + drain_s
+    w.draining = True
+    await data.stop_accepting()
+    data.begin_drain()
+    hurry = hurry or asyncio.Event()
+    cut_at = deadline - cut_lead(drain_s)
+    waiting = loop.create_task(data.wait_closed(cut_at - start))
+    hurried = loop.create_task(hurry.wait())
+    await asyncio.wait({waiting, hurried}, return_when=asyncio.FIRST_COMPLETED)
+    hurried.cancel()
+    if not waiting.done():
+        waiting.cancel()
+    if data.open_connections == 0:
+        return True
+    cut = _stream_cut(w)
+    if cut is not None:
+        log.warning("drain: cutting open streams", extra={"connections": data.open_connections, "left_s": round(deadline - loop.time(), 3)})
+        cut.set()
+    else:
+        log.error("this Warden has no stream_cut event: open streams run until the drain deadline and are then cut off without an error event")
+    if await data.wait_closed(deadline - loop.time()):
+        return True
+    log.error("drain deadline: cancelling what still runs", extra={"connections": data.open_connections})
+    await data.abort(FORCE_GRACE_S)
+    return False
+
+
 async def run(config: Config, *, watch_interval_s: float = 2.0) -> int:
     w = build_warden(config)
     try:
@@ -68,25 +139,32 @@ async def run(config: Config, *, watch_interval_s: float = 2.0) -> int:
         return 1
     host, port = parse_hostport(config.server.listen, "server.listen")
     ahost, aport = parse_hostport(config.server.admin_listen, "server.admin_listen")
-    data_runner = web.AppRunner(w.data_app(), access_log=None, handle_signals=False, shutdown_timeout=config.server.drain_s)
-    admin_runner = web.AppRunner(w.admin_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
-    await data_runner.setup()
-    await admin_runner.setup()
+    data = Listener(w.data_app(), "data", config.server, w.metrics, force_grace_s=FORCE_GRACE_S)
+    admin = Listener(w.admin_app(), "admin", config.server, w.metrics, force_grace_s=ADMIN_CLOSE_S)
+    await data.setup()
+    await admin.setup()
     try:
-        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
-        await web.TCPSite(data_runner, host, port, reuse_address=True, backlog=1024).start()
+        await admin.start(ahost, aport)
+        await data.start(host, port, backlog=1024)
     except OSError as e:
         log.error("cannot listen: %s", e)
-        await data_runner.cleanup()
-        await admin_runner.cleanup()
+        await data.cleanup()
+        await admin.cleanup()
         await w.stop()  # flush and checkpoint the audit log, close stores
         return 1
     log.info("warden listening", extra={"listen": config.server.listen, "admin_listen": config.server.admin_listen, "upstream": config.upstream.base_url})
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    hurry = asyncio.Event()
+
+    def on_term() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
     reloads: set[asyncio.Task[object]] = set()
 
     def on_hup() -> None:
@@ -97,16 +175,23 @@ async def run(config: Config, *, watch_interval_s: float = 2.0) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     watcher = loop.create_task(_watch_config(w, watch_interval_s))
     await stop.wait()
-    log.info("draining", extra={"inflight": w.inflight, "drain_s": config.server.drain_s})
-    w.draining = True
+    drain_s = config.server.drain_s
+    log.info("draining", extra={"inflight": w.inflight, "connections": data.open_connections, "drain_s": drain_s})
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
-    await data_runner.cleanup()
-    await w.stop()
-    await admin_runner.cleanup()
-    log.info("stopped")
-    return 0
+    clean = await drain(w, data, drain_s, hurry)
+    await data.cleanup()
+    code = 0
+    try:
+        await asyncio.wait_for(w.stop(), STOP_BUDGET_S)
+    except TimeoutError:
+        log.error("plugins, the audit log or the clients did not stop within %.1f s; exiting anyway", STOP_BUDGET_S)
+        code = 1
+    await admin.abort(0)
+    await admin.cleanup()
+    log.info("stopped", extra={"clean": clean})
+    return code
 
 
 def serve(config: Config) -> int:
