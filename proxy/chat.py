@@ -107,8 +107,10 @@ async def _non_stream(w: Warden, req: Incoming, ex: Exchange) -> Reply:
         reason = "initial" if not ex.turns else "correction"
         turn, ur = await _call(w, req, ex, body_bytes, reason, body)
         raw = await _read(w, turn, ur, w.config.upstream.max_response_bytes)
-        if ur.status != 200:
+        if ur.status >= 400:
             return provider_error_reply(ex, turn, ur, raw)
+        if ur.status != 200:
+            raise _malformed(turn, f"status {ur.status} where a chat completion answers 200")
         try:
             resp = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -192,7 +194,9 @@ class _ChatStream:
         turn, ur = await _call(self.w, self.req, ex, upstream_body(ex), "initial", ex.body)
         if ur.status != 200:
             raw = await _read(self.w, turn, ur, 1024 * 1024)
-            return provider_error_reply(ex, turn, ur, raw)
+            if ur.status >= 400:
+                return provider_error_reply(ex, turn, ur, raw)
+            raise _malformed(turn, f"status {ur.status} where a chat completion answers 200")
         headers = {**ur.relay_headers(), "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         self._ur = ur
         return StreamReply(200, headers, self.events(turn, ur), trailer=self.trailer, release=self._release)

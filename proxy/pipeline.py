@@ -358,7 +358,8 @@ class Pipeline:
         try:
             try:
                 if self.cutting:
-                    raise asyncio.CancelledError("warden.drain")
+                    ex.cut = "drain"
+                    raise _drain_error()
                 await resp.prepare(request)
                 async for chunk in reply.events:
                     await resp.write(chunk)
@@ -375,7 +376,7 @@ class Pipeline:
                     raise
                 task.uncancel()
                 ex.cut = "drain"
-                err = ServiceUnavailable("Warden is shutting down; the stream was cut at the drain deadline", rule="server.drain")
+                err = _drain_error()
             except Exception:
                 log.exception("unexpected error in stream %s", ex.request_id)
                 err = internal_error(ex.request_id)
@@ -409,7 +410,10 @@ class Pipeline:
             err, tail = e, []
         if err is not None:
             tail = [reply.error_event(err)]
-        if not ex.client_disconnected and resp.prepared:
+        if not resp.prepared:
+            # Nothing was sent yet: the refusal is a whole answer.
+            return self._send(ex, _error_reply(ex, err or internal_error(ex.request_id)))
+        if not ex.client_disconnected:
             try:
                 for chunk in tail:
                     await resp.write(chunk)
@@ -444,6 +448,10 @@ class Pipeline:
                 w.tracing.end_exchange(ex, span, status)
         except Exception:
             log.exception("observing request %s failed", ex.request_id)
+
+
+def _drain_error() -> WardenError:
+    return ServiceUnavailable("Warden is shutting down; the stream was cut at the drain deadline", rule="server.drain", headers={"Retry-After": "1"})
 
 
 async def _aclose(events: AsyncIterator[bytes]) -> None:

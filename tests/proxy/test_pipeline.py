@@ -189,3 +189,30 @@ def test_an_exchange_outside_the_record_stage_cannot_be_recorded() -> None:
 def test_warden_errors_are_typed_values_not_bare_exceptions() -> None:
     err = Forbidden("x", rule="r")
     assert isinstance(err, WardenError) and err.to_dict()["error"]["code"]
+
+
+async def test_the_drain_deadline_cuts_open_streams_with_an_error_event_and_a_truthful_record(
+    warden_factory: WardenFactory, token: Callable[..., str], fake: FakeProvider
+) -> None:
+    trail: list[str] = []
+    rw, sink = await _start(warden_factory, trail, {"a": tracer("a", trail)})
+    fake.push(Reply(content="w " * 200, chunk_delay_s=0.05))
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    lines: list[bytes] = []
+    async with aiohttp.ClientSession() as s, s.post(rw.base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {token()}"}) as r:
+        async for line in r.content:
+            if line.startswith(b"data: "):
+                lines.append(line.strip())
+                if len(lines) == 3:
+                    rw.warden.stream_cut.set()
+    assert len(lines) < 50, "the stream ended at the cut, not at its natural end"
+    last = lines[-1]
+    assert b"server.drain" in last and b"[DONE]" not in last
+    (ex,) = sink.records
+    assert ex.cut == "drain" and ex.error is not None and ex.error.rule == "server.drain"
+    assert ex.relayed_events == len(lines) - 1 and ex.response_text
+    assert "a.response" not in trail and "a.complete" in trail, "a cut stream skips the response hooks, never the complete hooks"
+    # A stream that starts after the deadline is cut at once.
+    async with aiohttp.ClientSession() as s, s.post(rw.base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {token()}"}) as r:
+        text = await r.read()
+    assert b"server.drain" in text
