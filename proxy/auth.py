@@ -259,7 +259,7 @@ class Authenticator:
         if not authorization:
             raise Unauthorized("missing bearer token in the Authorization header", rule="auth.missing", code="missing_token")
         scheme, _, token = authorization.partition(" ")
-        token = token.strip()
+        token = token.strip(" \t")  # HTTP optional whitespace only; anything else around a token is refused
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("the Authorization header must be 'Bearer <token>'", rule="auth.scheme")
         if len(token) > self.cfg.max_token_bytes:
