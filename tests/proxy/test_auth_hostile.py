@@ -136,6 +136,15 @@ async def test_characters_outside_base64url_are_refused_before_decoding(hs_auth:
     await refused(hs_auth, "Bearer " + mangle(hs_sign(H, claims())), "auth.malformed")
 
 
+@pytest.mark.parametrize("around", ["\r", "\n", "\x85", "\u2028", "\x0b", "\x1c", "\u3000"])
+async def test_only_http_whitespace_around_a_token_is_ignored(hs_auth: Authenticator, around: str) -> None:
+    """Fuzzer finding: str.strip() removed any Unicode whitespace around the token, which was then accepted."""
+    token = hs_sign(H, claims())
+    await refused(hs_auth, f"Bearer {around}{token}", "auth.malformed")
+    await refused(hs_auth, f"Bearer {token}{around}", "auth.malformed")
+    assert (await hs_auth.authenticate(f"Bearer \t {token} \t")).subject == "alice"
+
+
 @pytest.mark.parametrize("name", ["exp", "nbf", "iat"])
 @pytest.mark.parametrize(
     "json_value",
