@@ -50,7 +50,6 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
-from prometheus_client import Counter, Gauge
 
 from proxy.config import ServerConfig
 from proxy.errors import WardenError, error_body
@@ -179,20 +178,25 @@ def _raw_response(status: int, reason: str, err: WardenError, extra: str = "") -
 
 
 class EdgeMetrics:
-    """The edge's metrics, registered once on a server's :class:`~proxy.metrics.Metrics` registry."""
+    """The edge's metrics, defined once on a server's :class:`~proxy.metrics.Metrics`."""
 
     def __init__(self, metrics: Metrics) -> None:
-        r = metrics.registry
-        self.open = Gauge("warden_connections_open", "Open client connections, by listener (data, admin); a closed connection counts until its handler ends.", ["listener"], registry=r)
-        self.refused = Counter("warden_connections_refused", "Connections refused because the listener had [server] max_connections open, by listener.", ["listener"], registry=r)
-        self.errors = Counter("warden_http_errors", "Requests refused at the HTTP layer (malformed, too large, too slow), by listener and rule.", ["listener", "rule"], registry=r)
+        self.listeners: dict[str, Listener] = {}
+        self.open = metrics.gauge(
+            "warden_connections_open",
+            "Open client connections, by listener (data, admin); a closed connection counts until its handler ends.",
+            ["listener"],
+            callback=lambda: {name: len(lst.connections) for name, lst in self.listeners.items()},
+        )
+        self.refused = metrics.counter("warden_connections_refused", "Connections refused because the listener had [server] max_connections open, by listener.", ["listener"])
+        self.errors = metrics.counter("warden_http_errors", "Requests refused at the HTTP layer (malformed, too large, too slow), by listener and rule.", ["listener", "rule"])
 
 
 _METRICS: weakref.WeakKeyDictionary[Metrics, EdgeMetrics] = weakref.WeakKeyDictionary()
 
 
 def edge_metrics(metrics: Metrics) -> EdgeMetrics:
-    """The edge metrics on ``metrics``' registry (registered the first time)."""
+    """The edge metrics on ``metrics`` (defined the first time)."""
     found = _METRICS.get(metrics)
     if found is None:
         found = _METRICS[metrics] = EdgeMetrics(metrics)
@@ -446,7 +450,7 @@ class Listener:
         }
         self.runner = EdgeRunner(app, self, handler_kwargs, handle_signals=False, shutdown_timeout=force_grace_s)
         self.site: web.TCPSite | None = None
-        self.metrics.open.labels(listener=name).set_function(lambda: len(self.connections))
+        self.metrics.listeners[name] = self
 
     @property
     def open_connections(self) -> int:
