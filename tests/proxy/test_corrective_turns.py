@@ -43,7 +43,13 @@ def tclient(tw: Any, token: Any) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=tw.base_url, api_key=token(), max_retries=0)
 
 
-BODY: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "do it"}]}
+def _tool(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+
+
+# Every tool the fake provider calls is offered: the core refuses calls of tools never offered
+# (rule tools.offered) before any plugin judges, and these tests are about the plugin's verdicts.
+BODY: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "do it"}], "tools": [_tool("ok"), _tool("bad"), _tool("forbidden")]}
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -117,11 +123,12 @@ async def test_exhausted_corrections_are_an_error(tclient: openai.AsyncOpenAI, f
             async for _ in s:
                 pass
         assert f"tool call '{name}' still refused after 2 corrective turn(s)" in str(ei.value)
+        assert f"rule: test.{'schema' if name == 'bad' else 'policy'}" in str(ei.value)
     else:
         with pytest.raises(openai.APIStatusError) as ei2:
             await tclient.chat.completions.create(**BODY)
         assert ei2.value.status_code == status
-        assert "rule: test." in str(ei2.value)
+        assert f"rule: test.{'schema' if name == 'bad' else 'policy'}" in str(ei2.value)
     assert len(fake.chat_requests()) == 3, "initial turn plus max_corrections"
 
 
@@ -141,4 +148,38 @@ async def test_mixed_turn_refuses_all_and_explains(tclient: openai.AsyncOpenAI, 
 async def test_corrective_body_is_valid_json_for_provider(tclient: openai.AsyncOpenAI, fake: FakeProvider) -> None:
     fake.push(Reply(content=None, tool_calls=[{"id": "c", "name": "bad", "arguments": '{"x": "\\u0000"}'}]), Reply(content="ok"))
     await tclient.chat.completions.create(**BODY)
-    assert orjson.loads(orjson.dumps(fake.chat_requests()[1].body))
+    second = fake.chat_requests()[1].body
+    assert orjson.loads(orjson.dumps(second))
+    assert "rule test.schema" in second["messages"][-1]["content"], "corrected for the plugin's verdict, not the offer"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("offer", ["another_tool", "no_tools"])
+async def test_a_call_of_a_tool_never_offered_is_refused_by_the_core(tclient: openai.AsyncOpenAI, fake: FakeProvider, stream: bool, offer: str) -> None:
+    # "ok" is allowed by the plugin: only the core's offer rule can refuse it.
+    body: dict[str, Any] = {"model": "m", "messages": BODY["messages"]}
+    if offer == "another_tool":
+        body["tools"] = [_tool("bad")]
+    fake.push(Reply(content=None, tool_calls=[{"id": "c1", "name": "ok", "arguments": "{}"}]), Reply(content="fine"))
+    if stream:
+        s = await tclient.chat.completions.create(**body, stream=True)
+        text, names = [], []
+        async for chunk in s:
+            for ch in chunk.choices:
+                text.append(ch.delta.content or "")
+                names += [tc.function.name for tc in ch.delta.tool_calls or [] if tc.function]
+        assert names == [] and "".join(text) == "fine"
+    else:
+        r = await tclient.chat.completions.create(**body)
+        assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == "fine"
+    refusal = fake.chat_requests()[1].body["messages"][-1]
+    assert refusal["role"] == "tool" and refusal["tool_call_id"] == "c1"
+    assert "rule tools.offered" in refusal["content"]
+
+
+async def test_legacy_functions_are_an_offer(tclient: openai.AsyncOpenAI, fake: FakeProvider) -> None:
+    body = {"model": "m", "messages": BODY["messages"], "functions": [{"name": "ok", "parameters": {"type": "object"}}]}
+    fake.push(Reply(content=None, tool_calls=[{"id": "c1", "name": "ok", "arguments": "{}"}]))
+    r = await tclient.chat.completions.create(**body)
+    assert [tc.function.name for tc in r.choices[0].message.tool_calls or []] == ["ok"]  # type: ignore[union-attr]
+    assert len(fake.chat_requests()) == 1
