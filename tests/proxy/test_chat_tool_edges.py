@@ -18,7 +18,9 @@ from proxy.plugin import Plugin
 from tests.fakeprovider import FakeProvider, Reply
 
 BODY: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-TOOLS = [{"type": "function", "function": {"name": "rm", "parameters": {"type": "object"}}}]
+# Every tool the provider calls is offered: the core refuses calls of tools never offered (rule
+# tools.offered) before the plugin judges, and these tests are about what reaches the plugin.
+TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("rm", "get", "lookup")]
 CALL = {"id": "c1", "type": "function", "function": {"name": "rm", "arguments": "{}"}}
 
 
@@ -68,7 +70,7 @@ async def test_n_above_one_with_tools_is_refused(rw: Any, token: Any, fake: Fake
 async def test_tool_calls_in_a_second_choice_are_not_relayed(rw: Any, token: Any, fake: FakeProvider) -> None:
     fake.push(Reply(body=_completion({"role": "assistant", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [CALL]})))
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{rw.base_url}/chat/completions", json=BODY, headers=_auth(token)) as r:
+        async with s.post(f"{rw.base_url}/chat/completions", json={**BODY, "tools": TOOLS}, headers=_auth(token)) as r:
             text = await r.text()
             assert r.status == 502, text
             assert '"rm"' not in text and "upstream.protocol" in text
@@ -77,7 +79,7 @@ async def test_tool_calls_in_a_second_choice_are_not_relayed(rw: Any, token: Any
 async def test_tool_calls_that_are_not_a_list_are_not_relayed(rw: Any, token: Any, fake: FakeProvider) -> None:
     fake.push(Reply(body=_completion({"role": "assistant", "content": None, "tool_calls": CALL})))
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{rw.base_url}/chat/completions", json=BODY, headers=_auth(token)) as r:
+        async with s.post(f"{rw.base_url}/chat/completions", json={**BODY, "tools": TOOLS}, headers=_auth(token)) as r:
             text = await r.text()
             assert r.status == 502, text
             assert '"rm"' not in text
@@ -87,7 +89,7 @@ async def test_streamed_tool_calls_in_a_second_choice_are_not_relayed(rw: Any, t
     events = [_chunk({"tool_calls": [{"index": 0, **CALL}]}, index=1), _chunk({"content": "hi"}, "stop"), b"[DONE]"]
     fake.push(Reply(raw_events=events))
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{rw.base_url}/chat/completions", json={**BODY, "stream": True}, headers=_auth(token)) as r:
+        async with s.post(f"{rw.base_url}/chat/completions", json={**BODY, "stream": True, "tools": TOOLS}, headers=_auth(token)) as r:
             text = await r.text()
     assert '"rm"' not in text
     assert "upstream.protocol" in text and "[DONE]" not in text
@@ -106,7 +108,7 @@ async def test_streamed_deltas_without_index_are_assembled(rw: Any, token: Any, 
     ]
     fake.push(Reply(raw_events=events))
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{rw.base_url}/chat/completions", json={**BODY, "stream": True}, headers=_auth(token)) as r:
+        async with s.post(f"{rw.base_url}/chat/completions", json={**BODY, "stream": True, "tools": TOOLS}, headers=_auth(token)) as r:
             text = await r.text()
     assert Recorder.seen == [("c1", "get", '{"a":1}'), ("c2", "get", '{"b": 2}')]
     relayed = [orjson.loads(line[6:]) for line in text.split("\n") if line.startswith("data: {")]
