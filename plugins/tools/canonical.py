@@ -10,31 +10,53 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import orjson
 
+from plugins.tools.bounds import MAX_DEPTH_LIMIT
 
-def _normalize(value: Any) -> Any:
+
+class NotCanonical(ValueError):
+    """A value with no canonical JSON form: nested deeper than
+    :data:`~plugins.tools.bounds.MAX_DEPTH_LIMIT`, a NaN or infinite number,
+    or an integer too long to write (over Python's 4300 digits)."""
+
+
+def _normalize(value: Any, depth: int) -> Any:
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise NotCanonical("NaN and infinite numbers are not JSON")
         if value.is_integer() and abs(value) < 2**63:
             return int(value)
         return value
-    if isinstance(value, dict):
-        return {str(k): _normalize(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_normalize(v) for v in value]
+    if isinstance(value, dict | list):
+        # The recursion is bounded here, whatever parser produced the value.
+        if depth >= MAX_DEPTH_LIMIT:
+            raise NotCanonical(f"nested deeper than {MAX_DEPTH_LIMIT} levels")
+        if isinstance(value, dict):
+            return {str(k): _normalize(v, depth + 1) for k, v in value.items()}
+        return [_normalize(v, depth + 1) for v in value]
     return value
 
 
 def canonical_json(value: Any) -> str:
-    """Sorted keys, no whitespace, integral floats as integers."""
-    norm = _normalize(value)
+    """Sorted keys, no whitespace, integral floats as integers.
+
+    Raises :class:`NotCanonical` for values JSON cannot carry faithfully.
+    """
+    norm = _normalize(value, 0)
     try:
         return orjson.dumps(norm, option=orjson.OPT_SORT_KEYS).decode()
     except (orjson.JSONEncodeError, TypeError):
-        # Integers beyond 64 bits: orjson refuses them, the stdlib does not.
+        pass
+    # Integers beyond 64 bits: orjson refuses them, the stdlib does not
+    # (up to the interpreter's limit on integer digits).
+    try:
         return json.dumps(norm, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except ValueError as e:
+        raise NotCanonical(str(e).split(";")[0]) from None
 
 
 def fingerprint(tenant: str, subject: str, tool: str, canonical_args: str) -> str:

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import jsonschema_rs
 
+from plugins.tools.bounds import MAX_BYTES_LIMIT, MAX_DEPTH_LIMIT
 from proxy.errors import ConfigError
 from proxy.gcra import Rate, parse_rate
 
@@ -167,6 +168,14 @@ class PolicyConfig:
     mode_refresh_s: float = 1.0
     """How often the persisted mode and approvals count are re-read (other
     worker processes may change them); 0 disables."""
+    max_argument_depth: int = 32
+    """Deepest nesting of objects and arrays accepted in one call's arguments
+    (``{"a": [1]}`` is 2 deep); deeper calls are sent back to the model to
+    fix (rule ``tools.argument_depth``).  1 to 128."""
+    max_argument_bytes: int = 65536
+    """Largest arguments (UTF-8 bytes of the JSON text) accepted in one call;
+    longer calls are sent back to the model to fix (rule
+    ``tools.argument_bytes``).  16 to 16 MiB."""
 
     def validate(self, key: str) -> None:
         if not 0 <= self.max_corrections <= 10:
@@ -177,6 +186,10 @@ class PolicyConfig:
             raise ConfigError(f"{key}.tool_result_max_bytes", "must be >= 0")
         if self.mode_refresh_s < 0:
             raise ConfigError(f"{key}.mode_refresh_s", "must be >= 0")
+        if not 1 <= self.max_argument_depth <= MAX_DEPTH_LIMIT:
+            raise ConfigError(f"{key}.max_argument_depth", f"must be between 1 and {MAX_DEPTH_LIMIT}")
+        if not 16 <= self.max_argument_bytes <= MAX_BYTES_LIMIT:
+            raise ConfigError(f"{key}.max_argument_bytes", f"must be between 16 and {MAX_BYTES_LIMIT}")
         if not self.state_db:
             raise ConfigError(f"{key}.state_db", "must name a file")
         if self.state_backend not in ("sqlite", "redis"):

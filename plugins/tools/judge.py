@@ -6,14 +6,19 @@ fixing the arguments of a call that would be refused anyway:
 1. unknown tool (``policy.unknown_tools``)
 2. permission (``tools[i].allow_tenants`` / ``allow_groups`` / ``allow_scopes``)
 3. read-only mode for write tools (``policy.read_only``)
-4. JSON syntax of the arguments (``tool_call.json``)
-5. the registry schema, every error with its JSON path (``tools[i].schema``)
-6. duplicate mutation: the same write call already has a result in the
+4. size and nesting depth of the raw arguments text (``tools.argument_bytes``,
+   ``tools.argument_depth``; ``[policy] max_argument_bytes`` / ``max_argument_depth``),
+   before anything parses or walks them
+5. JSON syntax of the arguments (``tool_call.json``)
+6. the registry schema, every error with its JSON path (``tools[i].schema``)
+7. duplicate mutation: the same write call already has a result in the
    conversation, or appears twice in one response (``tools.duplicate``)
-7. per-principal rate limit (``tools[i].rate_limit``)
-8. human approval (``tools[i].approval`` / ``tools[i].approval_if``)
+8. per-principal rate limit (``tools[i].rate_limit``)
+9. human approval (``tools[i].approval`` / ``tools[i].approval_if``)
 
-Every ``reason`` is written for the model to read and act on.
+Every ``reason`` is written for the model to read and act on.  Arguments the
+validator cannot handle, whatever the reason, are sent back for repair: a
+hostile call never becomes a server error.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from plugins.tools.canonical import call_key, canonical_json, fingerprint
+from plugins.tools.bounds import bounds_failure
+from plugins.tools.canonical import NotCanonical, call_key, canonical_json, fingerprint
 from plugins.tools.config import CompiledTool, PolicyConfig, ToolRegistry
 from plugins.tools.policy import ModeState, permission_failure, quote
 from plugins.tools.store import StateBackendDown, ToolStore
@@ -43,6 +49,8 @@ class ExchangeState:
 
     executed: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Write calls with a result in the application's history (see ``scan_history``)."""
+    removed: dict[str, str] = field(default_factory=dict)
+    """Tools removed from the offer before the upstream call, with the rule that removed each."""
     turn: int = -1
     turn_allowed: dict[str, Decision] = field(default_factory=dict)
     """Calls allowed in the current turn, by ``call_key``."""
@@ -62,9 +70,24 @@ def _short(text: str, limit: int = _ARGS_SHOWN) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _validator_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a failure of the check itself, to be turned into a decision.
+
+    Every ``Exception`` is; so is the ``PanicException`` a Rust extension
+    (jsonschema-rs) raises when it panics, which derives from
+    ``BaseException``.  Cancellation and interpreter exits are not.
+    """
+    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {_short(text[0], 200) if text else ''}"
+
+
 def parse_arguments(call: ToolCall) -> tuple[dict[str, Any] | None, str | None]:
     """The call's arguments as an object, or why they are not one."""
-    if call.parsed is not None:
+    if isinstance(call.parsed, dict):
         return call.parsed, None
     if call.parse_error is not None:
         return None, call.parse_error
@@ -122,6 +145,9 @@ class ToolJudge:
                     f"tool {quote(name)} is a write tool and read-only mode is on {where}. "
                     "Nothing was changed. Do not call it again; tell the user that changes are currently disabled.",
                 )
+        bounds = bounds_failure(call.arguments or "", self.policy.max_argument_depth, self.policy.max_argument_bytes)
+        if bounds is not None:
+            return Decision.repair(bounds.rule, bounds.explain(quote(name)), limit=bounds.limit, found=bounds.actual)
         args, parse_error = parse_arguments(call)
         if args is None:
             return Decision.repair(
@@ -130,14 +156,23 @@ class ToolJudge:
                 f"call {quote(name)} again with a single JSON object as its arguments.",
             )
         if tool is not None:
-            errors = tool.schema_errors(args)
+            try:
+                errors = tool.schema_errors(args)
+            except BaseException as e:
+                if not _validator_failure(e):
+                    raise
+                log.warning("schema validation of a %s call failed: %s", quote(name), _describe(e))
+                return self._unvalidatable(f"{tool.key}.schema", name, e)
             if errors:
                 return Decision.repair(
                     f"{tool.key}.schema",
                     f"arguments invalid for {quote(name)}: " + "; ".join(errors) + f"; fix and call {quote(name)} again.",
                     errors=errors,
                 )
-        canonical = canonical_json(args)
+        try:
+            canonical = canonical_json(args)
+        except NotCanonical as e:
+            return self._unvalidatable("tool_call.json", name, e)
         key = call_key(name, canonical)
         if writes:
             done = st.executed.get(key)
@@ -166,6 +201,21 @@ class ToolJudge:
             st.turn_allowed[key] = decision
         return decision
 
+    def _unvalidatable(self, rule: str, name: str, error: BaseException) -> Decision:
+        """A repair for arguments that could not be checked at all (the check failed, not a rule)."""
+        if isinstance(error, NotCanonical):
+            # Its messages are fixed texts that never quote the arguments.
+            what = f"are not plain JSON ({error})"
+        else:
+            what = f"could not be checked ({type(error).__name__})"
+        return Decision.repair(
+            rule,
+            f"the arguments for {quote(name)} {what}. "
+            f"Call {quote(name)} again with plain JSON arguments that follow its schema: finite numbers "
+            f"of ordinary size, at most {self.policy.max_argument_depth} levels of nesting.",
+            error=type(error).__name__,
+        )
+
     async def _judge_declared(self, ex: Exchange, tool: CompiledTool, args: dict[str, Any], canonical: str, tenant: str | None) -> Decision:
         name = tool.spec.name
         principal = ex.principal
@@ -180,7 +230,15 @@ class ToolJudge:
                     f"it can be called again in {res.retry_after_s:.0f} s. Tell the user to try again later.",
                     retry_after_s=res.retry_after_s,
                 )
-        if tool.needs_approval(args):
+        try:
+            needs_approval = tool.needs_approval(args)
+        except BaseException as e:
+            if not _validator_failure(e):
+                raise
+            # Whether approval_if matches is unknown: a human decides (fail closed).
+            log.warning("approval_if of tool %s failed on a call, approval required: %s", name, _describe(e))
+            needs_approval = True
+        if needs_approval:
             return await self._approval(ex, tool, canonical, tenant or "", subject)
         return Decision.allow(tool.key)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from plugins.tools.canonical import call_key, canonical_json
+from plugins.tools.canonical import NotCanonical, call_key, canonical_json
 from proxy.errors import BadRequest, Forbidden
 
 DUPLICATE_QUOTE_BYTES = 1000
@@ -162,7 +162,13 @@ def _content_text(content: Any) -> str:
         parts = [str(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
         if len(parts) == len(content):
             return "".join(parts)
-    return orjson.dumps(content).decode() if content is not None else ""
+    if content is None:
+        return ""
+    try:
+        return orjson.dumps(content).decode()
+    except orjson.JSONEncodeError:
+        # Nested past orjson's 254 levels (the request's depth limit may allow 500).
+        return "(content nested too deeply to record)"
 
 
 def _truncate(text: str, max_bytes: int) -> tuple[str, int, bool]:
@@ -173,15 +179,20 @@ def _truncate(text: str, max_bytes: int) -> tuple[str, int, bool]:
 
 
 def _canonical_args(raw: Any) -> str | None:
-    if isinstance(raw, dict):
-        return canonical_json(raw)
-    if not isinstance(raw, str):
+    """The canonical form of a history call's arguments; ``None`` when they have none."""
+    if isinstance(raw, str):
+        try:
+            raw = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+    elif not isinstance(raw, dict):
         return None
     try:
-        parsed = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        return canonical_json(raw)
+    except NotCanonical:
+        # Too deep or not JSON-representable: such a call cannot be repeated
+        # as-is either (the judge refuses it), so it is recorded unlinked.
         return None
-    return canonical_json(parsed)
 
 
 def scan_history(messages: Any, is_write: Callable[[str], bool], result_max_bytes: int) -> History:
