@@ -222,7 +222,7 @@ class Warden:
         rand = os.urandom(36).hex()
         rid = request.headers.get("x-request-id")
         ex = Exchange(request_id="", route="unrouted", method=safe_text(request.method, 32), path=safe_text(request.path, 2048))
-        if rid is None or not _REQUEST_ID.match(rid):
+        if rid is None or not _REQUEST_ID.match(rid) or self._redacts(rid):
             if rid is not None:
                 ex.client_request_id = safe_text(rid, 256)
             rid = "req_" + rand[:24]
@@ -237,6 +237,13 @@ class Warden:
             ex.traceparent = f"00-{ex.trace_id}-{rand[24:40]}-01"
         ex.client_ip = request.remote
         return ex
+
+    def _redacts(self, text: str) -> bool:
+        """Whether the audit log's redaction would change ``text`` (a secret-looking id is never an index key)."""
+        projector = getattr(self.audit, "projector", None)
+        if projector is None:
+            return False
+        return bool(projector.redactor.value(text, {}, pii=False) != text)
 
     def upstream_extra_headers(self, ex: Exchange) -> dict[str, str]:
         h = {"x-request-id": ex.request_id, "content-type": "application/json"}

@@ -2,7 +2,7 @@
 
 ::
 
-    identify ─▶ canonical path ─▶ authenticate ─▶ route ─▶ parse (bounded) ─▶ request hooks
+    identify ─▶ authenticate ─▶ canonical path, route ─▶ parse (bounded) ─▶ request hooks
       ─▶ flow (upstream turns, tool judging, corrective turns) ─▶ response hooks (reverse)
       ─▶ complete hooks (reverse) ─▶ audit record ─▶ send ─▶ observe
 
@@ -181,14 +181,14 @@ class Pipeline:
         w = self.w
         try:
             try:
+                ex.request_headers = _captured_headers(request)
+                ex.phase = "authenticate"
+                ex.principal = await w.auth.authenticate(request.headers.get("Authorization"))
+                ex.phase = "route"
                 raw_path = request.raw_path.partition("?")[0]
                 why = path_error(raw_path)
                 if why is not None:
                     raise BadRequest(f"the request path is not canonical: {why}", rule="request.path")
-                ex.phase = "authenticate"
-                ex.principal = await w.auth.authenticate(request.headers.get("Authorization"))
-                ex.request_headers = _captured_headers(request)
-                ex.phase = "route"
                 found = self.routes.lookup(request.method, raw_path)
                 if not isinstance(found, Match):
                     if found:
