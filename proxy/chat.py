@@ -271,7 +271,7 @@ class _ChatStream:
 
     async def _relay_turn(self, turn: UpstreamTurn, ur: UpstreamResponse, st: _TurnState) -> AsyncIterator[bytes]:
         """The events of one upstream turn, as they are to be relayed; raises a ``WardenError`` when the stream goes bad."""
-        parser = sse.SSEParser()
+        parser = self.w.upstream.sse_parser()
         done = False
         try:
             try:

@@ -65,3 +65,14 @@ async def test_a_201_with_an_error_beside_tool_calls_is_not_relayed(warden_facto
     fake.push(Reply(malformed="error_beside_tool_calls", tool_calls=[{"name": "lookup", "arguments": "{}"}]))
     status, body, _ = await _chat(rw, token, stream=False)
     assert status == 502 and b"tool_calls" not in body
+
+
+async def test_a_provider_event_over_the_size_bound_ends_the_stream_with_an_error(
+    warden_factory: WardenFactory, token: Callable[..., str], fake: FakeProvider
+) -> None:
+    rw = await warden_factory({"upstream": {"max_sse_event_bytes": 2048}})
+    fake.push(Reply(content="small " + "x" * 10_000))
+    status, body, _ = await _chat(rw, token, stream=True)
+    assert status == 200
+    events = [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert b"x" * 10_000 not in body and b"upstream.protocol" in events[-1]
