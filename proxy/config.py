@@ -234,6 +234,8 @@ class AuditConfig:
     """``[audit]``: the tamper-evident exchange log (see docs/audit.md).
 
     - ``enabled``: write the log at all.
+    - ``backend``: ``sqlite`` (embedded, at ``path``) or ``postgres`` (the
+      database of ``[database]``; one hash chain per running replica).
     - ``path``: the SQLite database (relative to the config file).
     - ``durability``: ``sync`` (a response waits for its record's commit; 503
       when the log cannot be written) or ``batch`` (queued, group-committed,
@@ -262,6 +264,8 @@ class AuditConfig:
     """
 
     enabled: bool = True
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    """Where records go: ``sqlite`` (the file at ``path``) or ``postgres`` (``[database]``, shared by every replica)."""
     path: str = "warden-audit.db"
     durability: Literal["sync", "batch"] = "sync"
     fsync: bool = True
@@ -294,6 +298,33 @@ class AuditConfig:
         from proxy.audit.redact import Redactor
 
         Redactor(patterns=self.redact_patterns, pii=self.redact_pii)
+
+
+@dataclass
+class DatabaseConfig:
+    """``[database]``: the PostgreSQL database shared by the parts that choose ``postgres`` (see docs/audit.md)."""
+
+    dsn_env: str = "WARDEN_DATABASE_URL"
+    """Environment variable holding the ``postgresql://`` URL (credentials never live in the file)."""
+    pool_min: int = 1
+    """Connections each Warden process keeps open to the database, at least."""
+    pool_max: int = 10
+    """Connections each Warden process opens to the database, at most (mind the server's ``max_connections`` across replicas)."""
+
+    def validate(self, key: str) -> None:
+        if not self.dsn_env or not self.dsn_env.replace("_", "a").isalnum() or self.dsn_env[0].isdigit():
+            raise ConfigError(f"{key}.dsn_env", "must name an environment variable (letters, digits, '_')")
+        if not 0 <= self.pool_min <= 1000:
+            raise ConfigError(f"{key}.pool_min", "must be between 0 and 1000")
+        if not 1 <= self.pool_max <= 1000:
+            raise ConfigError(f"{key}.pool_max", "must be between 1 and 1000")
+        if self.pool_min > self.pool_max:
+            raise ConfigError(f"{key}.pool_min", "must not exceed pool_max")
+
+    @property
+    def dsn(self) -> str | None:
+        """The URL from the environment, or ``None`` when the variable is unset or empty."""
+        return os.environ.get(self.dsn_env) or None
 
 
 @dataclass
@@ -395,6 +426,7 @@ CORE_SECTIONS: dict[str, type] = {
     "auth": AuthConfig,
     "admin": AdminConfig,
     "audit": AuditConfig,
+    "database": DatabaseConfig,
     "metrics": MetricsConfig,
     "tracing": TracingConfig,
     "logging": LoggingConfig,
@@ -409,6 +441,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
