@@ -371,6 +371,7 @@ class Metrics:
         for result in ("applied", "refused"):
             self.config_reloads.labels(result=result)
         self.audit_records.labels(kind="exchange")
+        self._core_names = frozenset(self.metric_names())
 
     # -- registration API (plugins) ------------------------------------------------------
 
@@ -442,8 +443,8 @@ class Metrics:
             raise ValueError(f"metric {name} clashes with a metric already defined") from None
         return m
 
-    # Names as plugins passed them before they defined their own metrics: ``"approvals_pending"`` or
-    # ``"warden_approvals_pending"``; a base unit suffix may be left out (``"x_staleness"`` -> ``warden_x_staleness_seconds``).
+    # Names as plugins passed them before they defined their own metrics: ``"x_pending"`` or
+    # ``"warden_x_pending"``; a base unit suffix may be left out (``"x_lag"`` -> ``warden_x_lag_seconds``).
     def _resolve(self, name: str, kind: Kind) -> RegisteredMetric | None:
         full = name if name.startswith("warden_") else f"warden_{name}"
         candidates = [full, *(f"{full}_{u}" for u in _UNITS)]
@@ -451,7 +452,7 @@ class Metrics:
         if len(found) > 1:
             raise KeyError(f"{name!r} is ambiguous: {', '.join(m.name for m in found)}")
         if not found:
-            if any(c in self.metric_names() for c in candidates) or isinstance(getattr(self, name, None), (Counter, Gauge, Histogram, RegisteredMetric)):
+            if any(c in self._core_names for c in candidates) or isinstance(getattr(self, name, None), (Counter, Gauge, Histogram, RegisteredMetric)):
                 raise KeyError(f"{name!r} is a core metric: only metrics a plugin defined take callbacks")
             # Not raised: a plugin that still relies on the core declaring its metrics keeps starting.
             log.warning("metric %r is not defined (define it with metrics.%s(name, documentation, callback=...)); its callback is not exposed", name, kind)
