@@ -12,6 +12,11 @@ keep-alive connection per worker.  Reported: p50/p99 latency, requests/s,
 and the latency added over the direct path, at concurrency 1 and 16.
 
     python bench/overhead.py --provider-ms 20 --variants 'warden+audit(sync)'
+    python bench/overhead.py --compare fe8e7f4 --variants   # this tree against an older commit, same run
+
+With ``--compare REV`` every Warden configuration also runs from a checkout of
+REV (a temporary git worktree), interleaved round by round with this tree's,
+so a change to the hot path is measured against its parent in one sitting.
 
 With ``--provider-ms`` the fake provider takes 0.5-1.5x that long per request
 (seeded jitter), as a real one does; concurrency 16 then no longer saturates
@@ -111,10 +116,10 @@ web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 LOGS = Path(tempfile.mkdtemp(prefix="warden-bench-logs-"))
 
 
-def spawn(code_or_args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start a process; its output goes to a log file named in any failure."""
+def spawn(code_or_args: list[str], env: dict[str, str] | None = None, root: Path = ROOT) -> subprocess.Popen[bytes]:
+    """Start a process (code from ``root``); its output goes to a log file named in any failure."""
     out = open(LOGS / f"proc{len(list(LOGS.iterdir()))}.log", "wb")  # noqa: SIM115 (kept open for the child)
-    return subprocess.Popen(code_or_args, cwd=ROOT, env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen(code_or_args, cwd=root, env={**os.environ, **(env or {}), "PYTHONPATH": str(root)}, stdout=out, stderr=subprocess.STDOUT)
 
 
 async def wait_up(url: str, within_s: float = 20.0) -> None:
@@ -206,6 +211,7 @@ async def main() -> None:
         default=0.0,
         help="the fake provider answers after 0.5-1.5x this many ms (default 0: at once, so concurrency 16 saturates the CPUs)",
     )
+    ap.add_argument("--compare", metavar="REV", help="also run every Warden configuration from a checkout of REV (git worktree), interleaved")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="warden-bench-"))
@@ -218,6 +224,16 @@ async def main() -> None:
     fport, lport = free_port(), free_port()
     chosen = ["warden", *[v for v in args.variants if v != "warden"]]
     variants = {name: parse_variant(name) for name in chosen}
+    roots = {name: ROOT for name in chosen}
+    worktree: Path | None = None
+    if args.compare:
+        worktree = tmp / "compare"
+        git = ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.compare]
+        await asyncio.to_thread(subprocess.run, git, check=True, capture_output=True)
+        for name in list(chosen):
+            variants[f"{name}@{args.compare}"] = variants[name]
+            roots[f"{name}@{args.compare}"] = worktree
+        chosen = [n for name in chosen for n in (name, f"{name}@{args.compare}")]
     procs = [
         spawn([sys.executable, "-c", FAKE, str(fport), str(args.provider_ms)]),
         spawn([sys.executable, "-c", FLOOR, str(lport), f"http://127.0.0.1:{fport}/v1", str(tmp / "pub.pem")]),
@@ -227,7 +243,7 @@ async def main() -> None:
         audit, plugins = variants[name]
         wport, aport = free_port(), free_port()
         ports[name] = (wport, aport)
-        d = tmp / name.replace("+", "_").replace("(", "_").replace(")", "")
+        d = tmp / name.replace("+", "_").replace("(", "_").replace(")", "").replace("@", "_at_")
         d.mkdir()
         (d / "config.toml").write_text(
             f"""
@@ -261,7 +277,7 @@ embedder = "none"
 read_only = false
 """.replace("'", '"')
         )
-        procs.append(spawn([sys.executable, "-m", "proxy", "serve", "--config", str(d / "config.toml")], env={"BENCH_PROVIDER_KEY": "sk-bench"}))
+        procs.append(spawn([sys.executable, "-m", "proxy", "serve", "--config", str(d / "config.toml")], env={"BENCH_PROVIDER_KEY": "sk-bench"}, root=roots[name]))
     try:
         await wait_up(f"http://127.0.0.1:{fport}/v1/models")
         await wait_up(f"http://127.0.0.1:{lport}/v1/chat/completions")
@@ -316,6 +332,9 @@ read_only = false
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if worktree is not None:
+            git = ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)]
+            await asyncio.to_thread(subprocess.run, git, check=False, capture_output=True)
 
 
 if __name__ == "__main__":
