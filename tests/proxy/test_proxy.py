@@ -70,15 +70,19 @@ async def test_models_and_embeddings(client: openai.AsyncOpenAI, fake: FakeProvi
     assert len(emb.data) == 2 and len(emb.data[0].embedding) == fake.embedding_dim
 
 
-async def test_generic_passthrough_is_authenticated(warden: Any, token: Any, fake: FakeProvider) -> None:
+async def test_a_configured_passthrough_is_authenticated(warden_factory: Any, token: Any, fake: FakeProvider) -> None:
+    w = await warden_factory({"server": {"passthrough_routes": ["POST /v1/files/{file_id}"]}})
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{warden.base_url}/files/abc?x=1", json={"a": 1}, headers={"Authorization": f"Bearer {token()}"}) as r:
+        async with s.post(f"{w.base_url}/files/abc?x=1", json={"a": 1}, headers={"Authorization": f"Bearer {token()}"}) as r:
             assert r.status == 200
             body = await r.json()
             assert body["path"] == "/v1/files/abc" and body["body"] == {"a": 1}
-        async with s.post(f"{warden.base_url}/files/abc", json={"a": 1}) as r:
+        async with s.post(f"{w.base_url}/files/abc", json={"a": 1}) as r:
             assert r.status == 401
             assert (await r.json())["error"]["code"] == "missing_token"
+    (req,) = fake.requests
+    assert req.raw_path == "/v1/files/abc?x=1"
+    assert req.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
 
 
 async def test_request_id_propagation(warden: Any, token: Any, fake: FakeProvider) -> None:
@@ -103,21 +107,22 @@ async def test_traceparent_continues_the_trace(warden: Any, token: Any, fake: Fa
 
 
 @pytest.mark.parametrize(
-    "body,param",
+    "body,param,rule",
     [
-        (b"{not json", None),
-        (b"[1,2]", None),
-        (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
-        (b'{"model": "m", "messages": []}', "messages"),
-        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+        (b"{not json", None, "request.json"),
+        (b"[1,2]", None, "request.json"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "model", "request.schema"),
+        (b'{"model": "m", "messages": []}', "messages", "request.schema"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream", "request.schema"),
     ],
 )
-async def test_bad_requests_are_400(warden: Any, token: Any, fake: FakeProvider, body: bytes, param: str | None) -> None:
+async def test_bad_requests_are_400(warden: Any, token: Any, fake: FakeProvider, body: bytes, param: str | None, rule: str) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{warden.base_url}/chat/completions", data=body, headers={"Authorization": f"Bearer {token()}", "Content-Type": "application/json"}) as r:
             assert r.status == 400
             err = (await r.json())["error"]
             assert err["type"] == "invalid_request_error" and err["param"] == param
+            assert f"(rule: {rule})" in err["message"]
             assert "Traceback" not in err["message"]
     assert fake.chat_requests() == []
 
@@ -131,11 +136,18 @@ async def test_oversized_body_is_413(warden_factory: Any, token: Any, fake: Fake
             assert (await r.json())["error"]["code"] == "payload_too_large"
 
 
-async def test_unknown_route_is_openai_404(warden: Any) -> None:
+async def test_unknown_route_is_openai_404(warden: Any, token: Any, fake: FakeProvider) -> None:
     async with aiohttp.ClientSession() as s:
-        async with s.get(warden.base_url.replace("/v1", "/nope")) as r:
-            assert r.status == 404
-            assert (await r.json())["error"]["code"] == "not_found"
+        for url in (warden.base_url.replace("/v1", "/nope"), warden.base_url + "/files/abc"):
+            async with s.get(url, headers={"Authorization": f"Bearer {token()}"}) as r:
+                assert r.status == 404
+                err = (await r.json())["error"]
+                assert err["code"] == "not_found" and "(rule: server.routes)" in err["message"]
+            # Authentication runs before routing: without a token, the allow-list is not revealed.
+            async with s.get(url) as r:
+                assert r.status == 401
+                assert (await r.json())["error"]["code"] == "missing_token"
+    assert fake.requests == []
 
 
 async def test_stream_relays_keepalive_comments_and_provider_headers(warden: Any, token: Any, fake: FakeProvider) -> None:
