@@ -6,7 +6,7 @@ and through Warden — side by side, in one run.
 
 Processes (all on loopback): the fake provider; the *floor* — a minimal aiohttp
 pass-through that checks a cached JWT, parses the body with orjson and runs on
-uvloop (REFERENCE.md: the least any Python proxy of this stack can add); and
+uvloop (the least any Python proxy of this stack can add); and
 ``warden serve`` with JWT auth (RS256) on.  The load generator keeps one
 keep-alive connection per worker.  Reported: p50/p99 latency, requests/s,
 and the latency added over the direct path, at concurrency 1 and 16.
