@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from proxy.config import LoggingConfig
-from proxy.exchange import Decision, Principal, ToolCall, ToolDecisionRecord
+from proxy.exchange import Citation, Decision, Principal, RetrievalSummary, ToolCall, ToolDecisionRecord
 from proxy.logs import JSONFormatter, SecretScrubber, request_line, setup_logging, shutdown_logging
 from proxy.testing import make_exchange
 from tests.conftest import PROVIDER_KEY, Keys, make_token
@@ -76,15 +76,19 @@ async def test_serve_writes_one_json_line_per_request_without_secrets(tmp_path: 
 def test_request_line_fields_and_opt_in_subject() -> None:
     ex = make_exchange({"model": "m", "messages": [{"role": "user", "content": PROMPT}]}, principal=Principal(tenant="acme", subject="alice"))
     ex.tool_decisions.append(ToolDecisionRecord(turn=0, call=ToolCall(id="c1", name="delete_all", arguments='{"really": true}'), decision=Decision.deny("tools.policy", "no")))
-    ex.retrieval = {"query": PROMPT, "injected": 2, "excluded": {"acl": 1}}
+    ex.retrieval = RetrievalSummary(query=PROMPT, mode="hybrid", top_k=4, candidates=3, injected=2, excluded={"acl": 1})
+    ex.citations = [Citation(1, True, "doc-1", "doc-1#0"), Citation(7, False)]
     ex.response_text = "secret answer"
     line = request_line(ex, 200, 0.0123, 0.01, LoggingConfig())
     assert line["decisions"] == [{"tool": "delete_all", "decision": "deny", "rule": "tools.policy", "turn": 0}]
-    assert line["retrieval"] == {"injected": 2, "excluded": {"acl": 1}}
+    assert line["retrieval"] == {"injected": 2, "excluded": {"acl": 1}}, "counts only: never the query"
+    assert line["citations_invalid"] == 1
     assert line["latency_ms"] == 12.3
     text = orjson.dumps(line).decode()
     assert PROMPT not in text and "secret answer" not in text and "really" not in text and "alice" not in text
     assert request_line(ex, 200, 0.01, 0.0, LoggingConfig(include_subject=True))["subject"] == "alice"
+    ex.retrieval = RetrievalSummary(skipped="header", query=PROMPT)
+    assert request_line(ex, 200, 0.01, 0.0, LoggingConfig())["retrieval"] == {"skipped": "header"}
 
 
 def test_scrubber_masks_tokens_keys_and_registered_secrets() -> None:
