@@ -12,7 +12,7 @@ import pytest
 from proxy.audit.chain import CANONICAL_OPTS, canonical
 from proxy.audit.record import Projector, _iso
 from proxy.audit.redact import json_default
-from proxy.exchange import Decision
+from proxy.exchange import Decision, Exchange
 from tests.proxy.audit.helpers import make_exchange
 
 UPSTREAM = "sk-upstream-secret-0123456789abcdefXYZ"
@@ -136,18 +136,33 @@ def test_system_hash_cache_is_keyed_by_the_text_and_bounded() -> None:
 
 
 def test_system_prompt_hash_follows_the_prompt_across_records() -> None:
-    """The same projector hashes each record's own system prompt (no stale digest from an earlier record)."""
+    """The same projector hashes each record's own system prompt (no stale digest from an earlier record).
+
+    The prompt hashed is the one sent upstream in the first turn: its payload when Warden built
+    it, else its bytes parsed.
+    """
     import hashlib
 
-    pj = Projector("redacted", pii=["email"])
-    for i in [0, 1, 0, 2, 1]:
+    def sent(messages: list[dict[str, object]], as_payload: bool) -> Exchange:
         ex = make_exchange()
         assert ex.body is not None
-        ex.body["messages"][0]["content"] = f"You are assistant {i}."
+        body = {**ex.body, "messages": messages}
+        if as_payload:
+            ex.turns[0].payload = body
+        else:
+            ex.turns[0].body = orjson.dumps(body)
+        return ex
+
+    pj = Projector("redacted", pii=["email"])
+    for n, i in enumerate([0, 1, 0, 2, 1]):
+        ex = sent([{"role": "system", "content": f"You are assistant {i}."}, {"role": "user", "content": "hi"}], as_payload=n % 2 == 0)
         rec = orjson.loads(pj.exchange(ex).body)
         assert rec["prompt"]["system_sha256"] == hashlib.sha256(f"You are assistant {i}.".encode()).hexdigest()
-    ex = make_exchange()
-    assert ex.body is not None
-    ex.body["messages"] = [{"role": "system", "content": "a"}, {"role": "developer", "content": [{"text": "b"}, {"text": 3}]}]
+    ex = sent([{"role": "system", "content": "a"}, {"role": "developer", "content": [{"text": "b"}, {"text": 3}]}], as_payload=True)
     rec = orjson.loads(pj.exchange(ex).body)
     assert rec["prompt"]["system_sha256"] == hashlib.sha256(b"a\nb").hexdigest()
+    # A request hook's system prompt is what the model saw; the client's is not what is hashed.
+    ex = sent([{"role": "system", "content": "set by a hook"}], as_payload=True)
+    assert ex.client_body is not None and ex.client_body["messages"][0]["content"] != "set by a hook"
+    rec = orjson.loads(pj.exchange(ex).body)
+    assert rec["prompt"]["system_sha256"] == hashlib.sha256(b"set by a hook").hexdigest()
