@@ -48,7 +48,7 @@ async def test_secrets_never_reach_the_database_files(make_log: LogFactory, tmp_
     ex = make_exchange(user_text=text, request_id="req_secret")
     ex.request_headers["x-debug"] = f"Bearer {UPSTREAM}"
     ex.error_detail = f"upstream said: invalid key {UPSTREAM}"
-    ex.annotations["note"] = SECRETS["aws_access_key"]
+    ex.plugin_fields["notes"] = {"note": SECRETS["aws_access_key"]}  # what a plugin's audit_fields returned
     ex.tool_results = [{"tool_call_id": "call_prev", "content": SECRETS["private_key"]}]
     ex.response_text = "your key " + SECRETS["provider_key"]
     await log.record_exchange(ex)
@@ -66,6 +66,7 @@ async def test_secrets_never_reach_the_database_files(make_log: LogFactory, tmp_
     assert rec is not None
     rules = rec["redaction"]["rules"]
     assert rules.get("upstream_key", 0) >= 3
+    assert set(rec["plugins"]) == {"notes"} and "[REDACTED:aws_access_key]" in rec["plugins"]["notes"]["note"], "recorded, redacted"
     assert set(SECRETS) <= set(rules) | {"upstream_key"}
     await log.stop()
     disk = _disk_bytes(log.path)
