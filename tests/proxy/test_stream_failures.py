@@ -78,6 +78,8 @@ async def test_error_after_the_stream_started_ends_it_with_an_error_event(warden
             assert r.status == 200, "the connection and the server are fine afterwards"
     first = audit.exchanges[0]
     assert first.status == status and first.error is not None
+    assert first.error.rule == ("test.word" if kind == "refusal" else None)
+    assert first.cut == "refused" and first.phase == "observe"
     assert len(audit.exchanges) == 2, "each exchange recorded exactly once"
     assert w.warden.inflight == 0
 

@@ -39,6 +39,7 @@ async def test_timeout_is_504(warden_factory: Any, token: Any, fake: FakeProvide
     with pytest.raises(openai.APIStatusError) as ei:
         await c.chat.completions.create(**BODY)
     assert ei.value.status_code == 504
+    assert "(rule: upstream.timeout_s)" in str(ei.value)
 
 
 async def test_provider_error_status_relayed_with_body(client: openai.AsyncOpenAI, fake: FakeProvider) -> None:
@@ -71,6 +72,7 @@ async def test_malformed_json_answer_is_502(client: openai.AsyncOpenAI, fake: Fa
     with pytest.raises(openai.APIStatusError) as ei:
         await client.chat.completions.create(**BODY)
     assert ei.value.status_code == 502
+    assert "(rule: upstream.protocol)" in str(ei.value) and "broken" not in str(ei.value)
 
 
 async def test_malformed_sse_ends_with_error_event(client: openai.AsyncOpenAI, fake: FakeProvider) -> None:
