@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def _service(args: argparse.Namespace) -> RetrievalService:
     return build_service(RetrievalConfig(), None)
 
 
-def _run(args: argparse.Namespace, fn: Any) -> int:
+def _run(args: argparse.Namespace, fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) -> int:
     try:
         return asyncio.run(fn(args))
     except (ConfigError, IngestError) as e:

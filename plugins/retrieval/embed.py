@@ -48,7 +48,8 @@ def normalize(matrix: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(m, axis=1, keepdims=True)
     if np.any(norms == 0) or not np.all(np.isfinite(norms)):
         raise EmbeddingError("the embedder returned a zero or non-finite vector", rule="retrieval.embedder")
-    return m / norms
+    unit: np.ndarray = m / norms
+    return unit
 
 
 class UpstreamEmbedder:

@@ -219,9 +219,13 @@ async def ingest_paths(
     refs = await asyncio.to_thread(collect_files, paths, svc.cfg.ingest_extensions)
     resolver = AclResolver(default_acl)
     bar = Progress(len(refs), progress)
+
+    def read_batch(part: list[FileRef]) -> list[tuple[DocumentInput | None, str | None, bool]]:
+        return [read_document(r, tenant, resolver, svc.cfg.max_document_bytes) for r in part]
+
     for i in range(0, len(refs), batch):
         part = refs[i : i + batch]
-        read = await asyncio.to_thread(lambda p=part: [read_document(r, tenant, resolver, svc.cfg.max_document_bytes) for r in p])
+        read = await asyncio.to_thread(read_batch, part)
         docs = []
         for doc, skip, had_acl in read:
             if doc is None:

@@ -50,6 +50,14 @@ def doc_key(tenant: str, doc_id: str) -> str:
     return f"{tenant}{_KEY_SEP}{doc_id}"
 
 
+def _stored(doc: tantivy.Document, field: str) -> str:
+    """A stored text field every indexed chunk has (``chunk_id``, ``body``)."""
+    value = doc.get_first(field)
+    if not isinstance(value, str):
+        raise RuntimeError(f"a lexical index document has no {field}; run `warden index rebuild`")
+    return value
+
+
 class LexicalIndex:
     """A tantivy BM25 index of chunks; one writer and any number of concurrent searches.
 
@@ -162,7 +170,7 @@ class LexicalIndex:
         if limit <= 0:
             return []
         hits = searcher.search(q, limit=limit, count=False).hits
-        return [(searcher.doc(addr).get_first("chunk_id"), float(score)) for score, addr in hits]
+        return [(_stored(searcher.doc(addr), "chunk_id"), float(score)) for score, addr in hits]
 
     def count(self) -> int:
         """The number of committed (searchable) chunks."""
@@ -201,11 +209,11 @@ class LexicalIndex:
     def _committed_chunks(self, tenant: str, doc_id: str) -> list[IndexedChunk]:
         searcher = self._index.searcher()
         q = tantivy.Query.term_query(self._schema, "doc_key", doc_key(tenant, doc_id), index_option="basic")
-        n = searcher.search(q, limit=1, count=True).count or 0
+        n = searcher.search(q, limit=1, count=True).count or 0  # type: ignore[attr-defined]  # in tantivy, missing from its stubs
         if n == 0:
             return []
         out = []
         for _score, addr in searcher.search(q, limit=n, count=False).hits:
             d = searcher.doc(addr)
-            out.append(IndexedChunk(d.get_first("chunk_id"), tenant, doc_id, d.get_first("body"), Acl()))
+            out.append(IndexedChunk(_stored(d, "chunk_id"), tenant, doc_id, _stored(d, "body"), Acl()))
         return out

@@ -481,8 +481,9 @@ class RetrievalService:
         for name in self.ENGINES:
             if name == "vector" and self.embedder is None:
                 continue
-            st = states.get(name, {"applied_seq": 0, "updated_at": None})
-            entry: dict[str, Any] = {"applied_seq": st["applied_seq"], "lag": max_seq - int(st["applied_seq"]), "updated_at": st["updated_at"]}
+            st = states.get(name)
+            applied = int(st["applied_seq"]) if st is not None else 0
+            entry: dict[str, Any] = {"applied_seq": applied, "lag": max_seq - applied, "updated_at": st["updated_at"] if st is not None else None}
             if name in live:
                 entry["count"] = await asyncio.to_thread(live[name].count)
             engines[name] = entry
@@ -622,7 +623,9 @@ class RetrievalService:
                     continue
                 merged[i].update(res)
         lists = [sorted(m.items(), key=lambda kv: (-kv[1], kv[0]))[:k] for m in merged]
-        fused = rrf(lists, k, self.cfg.rrf_c) if len(lists) > 1 else [(cid, s, [r]) for r, (cid, s) in enumerate(lists[0] if lists else [], 1)]
+        fused: list[tuple[str, float, list[int | None]]] = (
+            rrf(lists, k, self.cfg.rrf_c) if len(lists) > 1 else [(cid, s, [r]) for r, (cid, s) in enumerate(lists[0] if lists else [], 1)]
+        )
         cut = max([top_k, *(h.rank for h in result.hits)])
         rows = await self.store.fetch_chunks(reader.tenant, [cid for cid, _, _ in fused])
         out = []

@@ -374,9 +374,9 @@ class Store:
         async with self.read(
             f"SELECT count(*), coalesce(sum(n_chunks), 0), max(indexed_at), min(updated_at), count(DISTINCT tenant) FROM documents {where}", params
         ) as cur:
-            docs, chunks, last, oldest, tenants = await cur.fetchone()  # type: ignore[misc]
+            docs, chunks, last, oldest, tenants = await cur.fetchone()
         async with self.read(f"SELECT count(*) FROM chunks {where} {'AND' if where else 'WHERE'} vector IS NOT NULL", params) as cur:
-            (vectors,) = await cur.fetchone()  # type: ignore[misc]
+            (vectors,) = await cur.fetchone()
         return {"documents": docs, "chunks": chunks, "vectors": vectors, "last_ingest": last, "oldest_source_update": oldest, "tenants": tenants}
 
     async def embedding_models(self) -> dict[str | None, int]:

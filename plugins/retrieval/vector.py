@@ -90,7 +90,7 @@ class _Store:
 
     # load --------------------------------------------------------------
 
-    def load(self) -> tuple[list[Record], numpy.ndarray, list[int], faiss.Index | None]:
+    def load(self) -> tuple[list[Record], numpy.ndarray, list[int], faiss.IndexHNSWFlat | None]:
         """All committed records in id order, their vectors, the dead ids, and the newest usable graph."""
         current = self.path / "CURRENT"
         empty = numpy.zeros((0, self.dim), numpy.float32)
@@ -128,13 +128,16 @@ class _Store:
             fh.truncate(size)
         vectors = numpy.fromfile(self.gen / "vectors.f32", dtype=numpy.float32).reshape(-1, self.dim)
         self.rows = committed_rows
-        graph = None
+        graph: faiss.IndexHNSWFlat | None = None
         snapshots = sorted(
             (int(p.stem.split("-")[1]), p) for p in self.gen.glob("graph-*.faiss") if p.stem.split("-")[1].isdigit()
         )
         for rows, p in reversed(snapshots):
             if rows <= committed_rows:
-                graph = faiss.read_index(str(p))
+                loaded = faiss.read_index(str(p))
+                if not isinstance(loaded, faiss.IndexHNSWFlat):
+                    raise RuntimeError(f"vector graph {p} is not an HNSW graph; run `warden index rebuild`")
+                graph = loaded
                 self.graph_rows = rows
                 break
         self.new_generation = False
@@ -557,8 +560,15 @@ class VectorIndex:
             allowed -= tokens.get(token, set())
         return sorted(c for c in allowed if self._classes[c].ids)
 
-    def _matrix(self) -> numpy.ndarray:
+    def _storage(self) -> faiss.IndexFlat:
+        """The graph's vectors: an HNSW "Flat" graph keeps them in an IndexFlat."""
         storage = faiss.downcast_index(self._graph.storage)
+        if not isinstance(storage, faiss.IndexFlat):
+            raise RuntimeError(f"the HNSW graph stores its vectors in {type(storage).__name__}, not IndexFlat")
+        return storage
+
+    def _matrix(self) -> numpy.ndarray:
+        storage = self._storage()
         n = storage.ntotal
         return faiss.rev_swig_ptr(storage.get_xb(), n * self.dim).reshape(n, self.dim)
 
@@ -583,7 +593,7 @@ class VectorIndex:
         params = faiss.SearchParameters()
         bitmap = self._bitmap(classes)
         params.sel = faiss.IDSelectorBitmap(len(self._chunk_ids), faiss.swig_ptr(bitmap))
-        scores, ids = faiss.downcast_index(self._graph.storage).search(q.reshape(1, -1), k, params=params)
+        scores, ids = self._storage().search(q.reshape(1, -1), k, params=params)
         keep = ids[0] >= 0
         return ids[0][keep], scores[0][keep]
 
@@ -604,7 +614,7 @@ class VectorIndex:
     def _graph_search(self, classes: list[int], size: int, live: int, q: numpy.ndarray, k: int) -> tuple[numpy.ndarray, numpy.ndarray]:
         bitmap = self._bitmap(classes)
         selector = faiss.IDSelectorBitmap(len(self._chunk_ids), faiss.swig_ptr(bitmap))
-        params = faiss.SearchParametersHNSW()
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # in faiss, missing from its stubs
         params.sel = selector
         fetch = min(size, k * self.oversample)
         fraction = size / max(live, 1)

@@ -381,6 +381,8 @@ class ToolStateStore:
     async def list(self, status: str, limit: int = 200, now: float | None = None, tenant: str | None = None) -> list[Approval]:
         """Approvals with this (effective) status, newest first (of one tenant when ``tenant`` is given)."""
         now = time.time() if now is None else now
+        where: str
+        params: tuple[float | str, ...]
         where, params = {
             "pending": ("status = 'pending' AND expires > ?", (now,)),
             "approved": ("status = 'approved' AND expires > ?", (now,)),
