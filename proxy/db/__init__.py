@@ -1,0 +1,1 @@
+"""PostgreSQL shared by Warden's parts that choose it (``[database]``): schema migrations and their check."""
