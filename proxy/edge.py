@@ -207,15 +207,35 @@ def edge_metrics(metrics: Metrics) -> EdgeMetrics:
 
 
 class EdgeProtocol(RequestHandler):
-    """One client connection: aiohttp's protocol with bounded header and body time and JSON errors."""
+    """One client connection: aiohttp's protocol with bounded header and body time and JSON errors.
 
-    __slots__ = ("_listener", "_header_timer", "_body_timer", "_head", "_seen", "_line_end", "_counted", "_refused", "_released")
+    Both bounds are deadlines checked by one timer per connection, which is
+    created only when none is pending and rescheduled when it fires early:
+    a kept-alive connection serving requests back to back creates no timer
+    per request.
+    """
+
+    __slots__ = (
+        "_listener",
+        "_timer",
+        "_header_deadline",
+        "_body_deadline",
+        "_body",
+        "_head",
+        "_seen",
+        "_line_end",
+        "_counted",
+        "_refused",
+        "_released",
+    )
 
     def __init__(self, manager: EdgeServer, listener: Listener, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._listener = listener
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._body_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._header_deadline = 0.0  # 0: no request's headers are awaited
+        self._body_deadline = 0.0  # 0: no body is awaited
+        self._body: StreamReader | None = None
         self._head = b""
         self._seen = 0
         self._line_end: int | None = None
@@ -240,12 +260,15 @@ class EdgeProtocol(RequestHandler):
         self._counted = True
         lst.connection_opened(self)
         super().connection_made(transport)
-        self._arm_header_timer()
+        self._expect_headers()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused:
             return
-        self._cancel_timers()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._body = None
         task = self._task_handler
         super().connection_lost(exc)
         if task is not None and not task.done():
@@ -265,48 +288,72 @@ class EdgeProtocol(RequestHandler):
         waiter = self._waiter
         return waiter is not None and not waiter.done()
 
-    # header and body timers ------------------------------------------------------------
+    # header and body deadlines ------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if data:
-            if self._header_timer is None and self._idle():
-                self._arm_header_timer()
+        if not self._header_deadline and data and self._idle():
+            self._expect_headers()  # the first byte of a request on a kept-alive connection
+        if self._line_end is None and data:
             if not self._head:
                 self._head = data[:64]
-            if self._line_end is None:
-                i = data.find(b"\n")
-                self._line_end = None if i < 0 else self._seen + i
-                self._seen += len(data)
+            i = data.find(b"\n")
+            if i >= 0:
+                self._line_end = self._seen + i
+            self._seen += len(data)
         super().data_received(data)
 
-    def _arm_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-        self._header_timer = self._loop.call_later(self._listener.cfg.header_timeout_s, self._header_timeout)
+    def _expect_headers(self) -> None:
+        self._head = b""
+        self._seen = 0
+        self._line_end = None
+        self._header_deadline = deadline = self._loop.time() + self._listener.cfg.header_timeout_s
+        self._schedule(deadline)
+
+    def request_started(self, payload: StreamReader) -> None:
+        """Called by the request factory: the headers are complete, the body (if any) follows."""
+        self._header_deadline = 0.0
+        if not payload.is_eof():
+            self._body = payload
+            self._body_deadline = deadline = self._loop.time() + self._listener.cfg.body_timeout_s
+            self._schedule(deadline)
+
+    def _schedule(self, when: float) -> None:
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return  # fires first, then reschedules for this deadline
+            timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.transport is None:
+            return
+        now = self._loop.time()
+        if self._header_deadline and now >= self._header_deadline:
+            self._header_deadline = 0.0
+            self._header_timeout()
+        if self._body_deadline and now >= self._body_deadline:
+            self._body_deadline = 0.0
+            self._body_timeout()
+        pending = [d for d in (self._header_deadline, self._body_deadline) if d]
+        if pending and self.transport is not None:
+            self._schedule(min(pending))
 
     def _header_timeout(self) -> None:
-        self._header_timer = None
         if not self._idle() or self.transport is None:
             return  # a request is being handled; its own bounds apply
         lst = self._listener
-        if self._head:
+        if self._seen:
             lst.metrics.errors.labels(listener=lst.name, rule="server.header_timeout_s").inc()
             err = RequestTimeout(f"the request headers did not arrive within {lst.cfg.header_timeout_s:g} s", rule="server.header_timeout_s")
             self.transport.write(_raw_response(408, "Request Timeout", err))
             log.debug("header timeout", extra={"listener": lst.name, "rule": err.rule})
         self.force_close()
 
-    def request_started(self, payload: StreamReader) -> None:
-        """Called by the request factory: the headers are complete, the body (if any) follows."""
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-        if not payload.is_eof():
-            self._body_timer = self._loop.call_later(self._listener.cfg.body_timeout_s, self._body_timeout, payload)
-
-    def _body_timeout(self, payload: StreamReader) -> None:
-        self._body_timer = None
-        if payload.is_eof() or payload.exception() is not None:
+    def _body_timeout(self) -> None:
+        payload, self._body = self._body, None
+        if payload is None or payload.is_eof() or payload.exception() is not None:
             return
         lst = self._listener
         lst.metrics.errors.labels(listener=lst.name, rule="server.body_timeout_s").inc()
@@ -315,21 +362,11 @@ class EdgeProtocol(RequestHandler):
         payload.set_exception(RequestTimeout(f"the request body did not arrive within {lst.cfg.body_timeout_s:g} s", rule="server.body_timeout_s"))
         self.close()
 
-    def _cancel_timers(self) -> None:
-        for timer in (self._header_timer, self._body_timer):
-            if timer is not None:
-                timer.cancel()
-        self._header_timer = self._body_timer = None
-
     # responses ---------------------------------------------------------------------------
 
     async def finish_response(self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None) -> tuple[web.StreamResponse, bool]:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
-        self._head = b""
-        self._seen = 0
-        self._line_end = None
+        self._body_deadline = 0.0
+        self._body = None
         if isinstance(resp, web.HTTPException) and resp.status >= 400:
             # aiohttp's own answers (no route for an odd request target, say): JSON, never its text page.
             resp = self._json_for_http_exception(resp)
