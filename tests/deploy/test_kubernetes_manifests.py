@@ -342,6 +342,50 @@ def test_grace_period_covers_drain(rendered: Rendered) -> None:
     assert pod["terminationGracePeriodSeconds"] >= drain_s + prestops + margin
 
 
+# The example application's own shutdown after SIGTERM (it exits at once; a real
+# application's allowance goes into terminationGracePeriodSeconds too).
+APP_SHUTDOWN_S = 5
+
+
+def test_grace_period_covers_wardens_exit_bound(rendered: Rendered) -> None:
+    """Warden exits at most drain_s + EXIT_MARGIN_S after SIGTERM (proxy/serve.py); the kubelet's
+    SIGKILL at terminationGracePeriodSeconds must come after that, the preStop sleeps (the app's,
+    then Warden's: native sidecars stop after the app) and the app's own shutdown."""
+    from proxy.serve import EXIT_MARGIN_S
+
+    cfg = check_config(rendered.config_text).config
+    pod = rendered.pod
+    prestops = sum(_prestop_sleep(c) for c in all_containers(pod))
+    bound = prestops + cfg.server.drain_s + EXIT_MARGIN_S + APP_SHUTDOWN_S
+    assert pod["terminationGracePeriodSeconds"] > bound, f"{rendered.name}: terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']} <= {bound}"
+
+
+def test_every_shipped_pod_spec_is_rendered_and_checked() -> None:
+    """Every manifest under deploy/ that sets terminationGracePeriodSeconds is part of a rendered
+    kustomization (so the grace-period tests cover it), and no Helm chart ships unchecked."""
+    import yaml
+
+    charts = sorted(str(p.relative_to(DEPLOY)) for p in DEPLOY.rglob("Chart.yaml"))
+    assert not charts, f"Helm chart(s) {charts} ship: render them (helm template) in these tests before shipping"
+    rendered_graces = {rendered_for(k).pod["terminationGracePeriodSeconds"] for k in kustomizations()}
+    for path in DEPLOY.rglob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not isinstance(doc, dict):
+                continue
+            spec = doc.get("spec", {}).get("template", {}).get("spec", {}) if isinstance(doc.get("spec"), dict) else {}
+            if "terminationGracePeriodSeconds" in spec:
+                assert path.is_relative_to(KUBERNETES), f"{path} sets a grace period outside deploy/kubernetes"
+                assert spec["terminationGracePeriodSeconds"] in rendered_graces, f"{path}: its grace period is not in any rendered kustomization"
+
+
+def test_configs_drain_and_edge_keys_are_sane(rendered: Rendered) -> None:
+    """The shipped config keeps the HTTP edge's bounds consistent with the auth limits."""
+    cfg = check_config(rendered.config_text).config
+    assert 0 < cfg.server.drain_s <= 60
+    assert cfg.server.max_header_bytes >= cfg.auth.max_token_bytes + len("Authorization: Bearer "), "a valid token must fit in one header line"
+    assert cfg.server.header_timeout_s < cfg.server.keepalive_timeout_s
+
+
 def test_resources_set(rendered: Rendered) -> None:
     for c in all_containers(rendered.pod):
         res = c["resources"]
