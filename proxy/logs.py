@@ -4,7 +4,8 @@
 handed to a queue and written by a background thread, so a slow stdout (a
 full pipe, a busy log collector) never blocks the event loop.  Every line
 passes through a scrubber that masks bearer tokens, JWTs, ``sk-`` style keys
-and any secret value registered with :func:`add_secret` (the provider key),
+and every secret value registered with :func:`add_secrets` (all the secrets
+the configuration resolves, see :func:`proxy.secrets.secret_values`),
 wherever they appear — a message, an extra field or a traceback.
 
 The per-request line is built by :func:`request_line` from the finished
@@ -22,9 +23,12 @@ import queue
 import re
 import sys
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
+
+from proxy.secrets import MIN_SECRET_CHARS
 
 if TYPE_CHECKING:
     from proxy.config import LoggingConfig
@@ -54,9 +58,24 @@ class SecretScrubber:
         self.values: list[str] = []
 
     def add(self, value: str | None) -> None:
-        """Never write ``value`` (at least 8 characters; shorter ones would mask ordinary words)."""
-        if value and len(value) >= 8 and value not in self.values:
-            self.values.append(value)
+        """Never write ``value`` (at least ``MIN_SECRET_CHARS`` characters; shorter ones would mask ordinary words).
+
+        The scrubber runs on the finished JSON line, where a value holding a
+        quote, a backslash or a control character appears escaped: that
+        spelling is registered too.  Longer values are replaced first, so a
+        secret containing another is masked whole.
+        """
+        if not value or len(value) < MIN_SECRET_CHARS:
+            return
+        forms = [value]
+        try:
+            forms.append(orjson.dumps(value).decode()[1:-1])
+        except TypeError:  # a lone surrogate (an undecodable byte in an environment variable) has no JSON spelling
+            pass
+        for form in forms:
+            if form not in self.values:
+                self.values.append(form)
+        self.values.sort(key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
         for v in self.values:
@@ -75,6 +94,12 @@ _scrubber = SecretScrubber()
 def add_secret(value: str | None) -> None:
     """Register a secret value (the provider key, the admin token) that must never reach the logs."""
     _scrubber.add(value)
+
+
+def add_secrets(values: Iterable[str]) -> None:
+    """Register every secret value the configuration resolves (:func:`proxy.secrets.secret_values`)."""
+    for v in values:
+        _scrubber.add(v)
 
 
 class JSONFormatter(logging.Formatter):

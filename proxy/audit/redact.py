@@ -3,7 +3,9 @@
 Three groups of rules, applied in this order to every string of a record:
 
 1. **Secrets** (always, in every ``store_content`` mode): the configured
-   upstream key value, private key blocks, JWTs, bearer tokens, provider keys
+   upstream key value (rule ``upstream_key``) and every other secret value
+   Warden holds (rule ``secret_value``: the admin token, the HS256 secret,
+   passwords in URLs... see :mod:`proxy.secrets`), private key blocks, JWTs, bearer tokens, provider keys
    (``sk-...``, including project/service/Anthropic forms), AWS access and
    secret keys, GitHub, Slack, Google and Stripe tokens, credentials in URLs
    and ``password=...``-style assignments.
@@ -37,6 +39,7 @@ from ahocorasick_rs import AhoCorasick, BytesAhoCorasick, Implementation
 
 from proxy.audit.chain import canonical
 from proxy.errors import ConfigError
+from proxy.secrets import MIN_SECRET_CHARS
 
 try:
     import hyperscan
@@ -250,12 +253,47 @@ Scope = tuple[tuple[Rule, ...], bool]
 """The rules that can fire in a value, and whether the digit PII rules can."""
 
 
+def _needle(value: str) -> str | None:
+    """A piece of ``value`` the record scan can find: 8 ASCII printable characters without ``"`` or ``\\``.
+
+    The scan runs over serialized JSON, where those two (and control
+    characters) appear escaped and non-ASCII letters may be lower-cased
+    into another length; such a piece reads the same in the JSON as in the
+    string.  ``None`` when the value has none: its rule is then always tried.
+    """
+    for i in range(len(value) - 7):
+        piece = value[i : i + 8]
+        if piece.isascii() and piece.isprintable() and '"' not in piece and "\\" not in piece:
+            return piece
+    return None
+
+
+def value_rule(name: str, values: Iterable[str]) -> Rule | None:
+    """One rule removing each of ``values`` verbatim (those of at least ``MIN_SECRET_CHARS``), or ``None``.
+
+    The longest value is tried first, so a secret containing another is
+    replaced whole.  Each value contributes one needle to the record scan
+    (Hyperscan or Aho-Corasick, like every other rule), so a record holding
+    none of them never runs the rule's regex.
+    """
+    vals = sorted({v for v in values if v and len(v) >= MIN_SECRET_CHARS}, key=lambda v: (-len(v), v))
+    if not vals:
+        return None
+    needles = [_needle(v) for v in vals]
+    present = [n for n in needles if n is not None]
+    precheck: Callable[[str, str], bool] = _always if len(present) != len(needles) else _Has(*dict.fromkeys(present))
+    return Rule(name, re.compile("|".join(re.escape(v) for v in vals)), precheck)
+
+
 class Redactor:
     """Applies the redaction rules to strings and whole JSON-like values.
 
     ``pii`` selects PII kinds (ignored unless ``apply_pii``); ``patterns`` adds
     custom rules; ``upstream_key`` is the provider key value, redacted
-    verbatim wherever it appears.  Methods taking ``pii=False`` apply the
+    verbatim wherever it appears (rule ``upstream_key``); ``secrets`` are the
+    other secret values Warden holds (:func:`proxy.secrets.secret_values`),
+    redacted verbatim too (rule ``secret_value``; values shorter than
+    ``MIN_SECRET_CHARS`` are ignored).  Methods taking ``pii=False`` apply the
     secret and custom rules only (how a record's metadata is redacted).
     ``use_hyperscan=False`` finds the rule needles with the Aho-Corasick
     automata even where Hyperscan is installed (the two select the same rules).
@@ -268,13 +306,25 @@ class Redactor:
         pii: Iterable[str] = (),
         apply_pii: bool = True,
         upstream_key: str | None = None,
+        secrets: Iterable[str] = (),
         use_hyperscan: bool = True,
     ) -> None:
+        self._settings: dict[str, Any] = {
+            "patterns": patterns,
+            "pii": tuple(pii),
+            "apply_pii": apply_pii,
+            "upstream_key": upstream_key,
+            "secrets": tuple(secrets),
+            "use_hyperscan": use_hyperscan,
+        }
+        pii = self._settings["pii"]
         rules: list[Rule] = []
-        if upstream_key and len(upstream_key) >= 8:
-            needle = upstream_key[:8]
-            plain = needle.isprintable() and '"' not in needle and "\\" not in needle
-            rules.append(Rule("upstream_key", re.compile(re.escape(upstream_key)), _has(needle) if plain else _always))
+        # The by-value rules come first: a span they claim is named for what it is, not for its shape.
+        by_value = (
+            value_rule("upstream_key", [upstream_key] if upstream_key else []),
+            value_rule("secret_value", [v for v in self._settings["secrets"] if v != upstream_key]),
+        )
+        rules.extend(r for r in by_value if r is not None)
         rules.extend(SECRET_RULES)
         for name, rx in (patterns or {}).items():
             try:
@@ -318,6 +368,10 @@ class Redactor:
         folded = [n.encode().translate(_FOLD) for n in needles]
         self._bac = BytesAhoCorasick(folded, implementation=Implementation.DFA) if self._ac is not None else None
         self._digit_needles = {i: n.encode() for i, n in enumerate(needles) if folded[i] != n.encode()}
+
+    def with_secrets(self, secrets: Iterable[str]) -> Redactor:
+        """A redactor with the same settings that also removes ``secrets`` by value (rule ``secret_value``)."""
+        return Redactor(**{**self._settings, "secrets": (*self._settings["secrets"], *secrets)})
 
     @property
     def rule_names(self) -> list[str]:

@@ -32,7 +32,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +97,10 @@ def _groups(items: list[_Item], max_records: int) -> list[list[_Item]]:
 class SQLiteAuditLog:
     """The SQLite audit store; implements :class:`~proxy.audit.base.AuditSink`.
 
+    ``upstream_key`` (rule ``upstream_key``) and ``held_secrets`` (every other
+    secret Warden holds, :func:`proxy.secrets.secret_values`; rule
+    ``secret_value``) are removed by value from every record.
+
     Attributes for metrics: ``failures`` (failed commits), ``records_written``,
     ``queue_depth``, ``healthy`` and the hook ``on_commit(seconds, records)``
     called after every successful group commit.
@@ -115,6 +119,7 @@ class SQLiteAuditLog:
         path: Path,
         *,
         upstream_key: str | None = None,
+        held_secrets: Iterable[str] = (),
         provider: str | None = None,
     ) -> None:
         self.cfg = cfg
@@ -128,6 +133,10 @@ class SQLiteAuditLog:
             provider=provider,
             tool_result_max_bytes=cfg.tool_result_max_bytes,
         )
+        held = tuple(held_secrets)
+        if held:
+            # Every other secret Warden holds, removed by value in every store_content mode (rule secret_value).
+            self.projector.redactor = self.projector.redactor.with_secrets(held)
         self.failures = 0
         self.records_written = 0
         self.on_commit: Callable[[float, int], None] | None = None
@@ -738,4 +747,12 @@ def build_audit(cfg: Config) -> AuditSink | None:
         signing_key_file=str(cfg.resolve_path(a.signing_key_file)) if a.signing_key_file else "",
         checkpoint_file=str(cfg.resolve_path(a.checkpoint_file)) if a.checkpoint_file else "",
     )
-    return SQLiteAuditLog(resolved, cfg.resolve_path(a.path), upstream_key=cfg.upstream.api_key, provider=cfg.upstream.provider_name)
+    from proxy.secrets import secret_values
+
+    return SQLiteAuditLog(
+        resolved,
+        cfg.resolve_path(a.path),
+        upstream_key=cfg.upstream.api_key,
+        held_secrets=secret_values(cfg),
+        provider=cfg.upstream.provider_name,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 import pytest
 
 from proxy.audit import redact
@@ -297,3 +298,95 @@ def test_a_scan_that_finds_the_scratch_space_in_use_takes_its_own() -> None:
 
     hs.db.scan(b"a slack xoxb- token", match_event_handler=on_match)
     assert inner and {r.rules[i].name for i in inner[0]} == {"bearer", "provider_key"}
+
+
+# -- every secret Warden holds, by value (rule secret_value) ---------------------------------------
+
+HELD = {
+    "admin_token": "admin-bootstrap-token-0123456789abcdef",
+    "hs256_secret": "hs256 secret with spaces & symbols: 0123456789",
+    "redis_password": "r3dis-pa55word",
+    "quoted": 'a "quoted" \\ back\\slash secret',
+    "unicode": "Ünïcödé-Sécrèt-Wörd",
+    "no_plain_piece": '"\\"\\"\\"\\"\\"',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HELD))
+def test_held_secrets_are_redacted_by_value_in_text_and_values(kind: str) -> None:
+    value = HELD[kind]
+    r = Redactor(secrets=list(HELD.values()), apply_pii=False)
+    counts: dict[str, int] = {}
+    assert r.text(f"pasted: {value} (end)", counts) == "pasted: [REDACTED:secret_value] (end)"
+    assert counts == {"secret_value": 1}
+    counts = {}
+    out = r.value({"messages": [{"content": f"x {value} y {value}"}], value: 1, "h": [value]}, counts)
+    assert value not in orjson.dumps(out).decode()
+    assert counts == {"secret_value": 4}
+
+
+def test_held_secrets_select_their_rule_only_where_they_are() -> None:
+    r = Redactor(secrets=[HELD["admin_token"], "Ünïcödé-value-0123"], apply_pii=False)
+    assert _names(r.active_raw(b'{"m":"nothing to hide here, just text"}')) == ([], False)
+    assert _names(r.active_raw(orjson.dumps({"m": f"it is {HELD['admin_token']}"}))) == (["secret_value"], False)
+    assert _names(r.active_raw(orjson.dumps({"m": "ÜNÏCÖDÉ-VALUE-0123"}))) == (["secret_value"], False)  # a needle may over-select
+    for value in (HELD["no_plain_piece"], HELD["unicode"]):  # no 8 plain ASCII characters in a row
+        r2 = Redactor(secrets=[value], apply_pii=False)
+        assert _names(r2.active_raw(b'{"m":"anything"}')) == (["secret_value"], False), "without a plain piece the rule is always tried"
+
+
+def test_short_held_secrets_are_ignored_and_longest_wins() -> None:
+    r = Redactor(secrets=["short", "", "1234567", "abcdefgh", "abcdefgh-and-more"], apply_pii=False)
+    counts: dict[str, int] = {}
+    assert r.text("short 1234567 abcdefgh-and-more abcdefgh", counts) == "short 1234567 [REDACTED:secret_value] [REDACTED:secret_value]"
+    assert counts == {"secret_value": 2}
+
+
+def test_the_upstream_key_keeps_its_own_rule_among_held_secrets() -> None:
+    r = Redactor(upstream_key=UPSTREAM, secrets=[UPSTREAM, HELD["admin_token"]], apply_pii=False)
+    counts: dict[str, int] = {}
+    assert r.text(f"{UPSTREAM} {HELD['admin_token']}", counts) == "[REDACTED:upstream_key] [REDACTED:secret_value]"
+    assert r.rule_names[:2] == ["upstream_key", "secret_value"]
+
+
+def test_a_held_secret_is_named_for_what_it_is_not_for_its_shape() -> None:
+    """A held secret shaped like a provider key or inside a bearer header is counted as secret_value, and removed whole."""
+    key = "sk-proj-HeldAdminTokenLooksLikeAKey0123"
+    r = Redactor(secrets=[key], apply_pii=False)
+    counts: dict[str, int] = {}
+    assert r.text(f"Authorization: Bearer {key}", counts) == "Authorization: Bearer [REDACTED:secret_value]"
+    assert counts == {"secret_value": 1}
+
+
+def test_with_secrets_keeps_every_other_setting() -> None:
+    base = Redactor(patterns={"ticket": r"TICKET-\d+"}, pii=["email"], upstream_key=UPSTREAM)
+    r = base.with_secrets([HELD["admin_token"]])
+    assert r.rule_names == ["upstream_key", "secret_value", *base.rule_names[1:]]
+    counts: dict[str, int] = {}
+    out = r.text(f"{HELD['admin_token']} TICKET-42 bob@example.com {UPSTREAM}", counts)
+    assert out == "[REDACTED:secret_value] [REDACTED:ticket] [REDACTED:email] [REDACTED:upstream_key]"
+    no_pii = Redactor(apply_pii=False).with_secrets([HELD["admin_token"]])
+    assert "email" not in no_pii.rule_names
+
+
+def test_held_secret_needles_select_the_same_rules_with_hyperscan_and_automata(needle_engine: str) -> None:
+    import random
+
+    if needle_engine != "hyperscan":
+        pytest.skip("hyperscan is not installed on this platform")
+    values = list(HELD.values())
+    pieces = [*values, *(v.upper() for v in values), *(v[:9] for v in values), "plain text", "0123456789", "r3dis", ""]
+    hs = Redactor(secrets=values, upstream_key=UPSTREAM)
+    ac = Redactor(secrets=values, upstream_key=UPSTREAM, use_hyperscan=False)
+    assert hs._hs is not None and ac._hs is None
+    rng = random.Random(5)
+    for _ in range(300):
+        meta = orjson.dumps({"h": " ".join(rng.choice(pieces) for _ in range(rng.randint(0, 3)))})
+        parts = [orjson.dumps([" ".join(rng.choice(pieces) for _ in range(rng.randint(0, 3)))]) for _ in range(rng.randint(0, 3))]
+        got, want = hs.record_scopes(meta, parts), ac.record_scopes(meta, parts)
+        assert (_names(got[0]), _names(got[1])) == (_names(want[0]), _names(want[1])), (meta, parts)
+        counts_hs: dict[str, int] = {}
+        counts_ac: dict[str, int] = {}
+        assert hs.values_in([orjson.loads(p) for p in parts], parts, got[1], counts_hs)[0] == ac.values_in(
+            [orjson.loads(p) for p in parts], parts, want[1], counts_ac
+        )[0]
