@@ -224,8 +224,6 @@ class EdgeProtocol(RequestHandler):
         "_head",
         "_seen",
         "_line_end",
-        "_counted",
-        "_refused",
         "_released",
     )
 
@@ -239,32 +237,18 @@ class EdgeProtocol(RequestHandler):
         self._head = b""
         self._seen = 0
         self._line_end: int | None = None
-        self._counted = False
-        self._refused = False
         self._released = False
+        # Counted from here, not from connection_made: the loop may accept a batch of
+        # connections (calling the factory for each) before any connection_made runs.
+        listener.connection_opened(self)
 
     # connection lifetime ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        lst = self._listener
-        if lst.open_connections >= lst.max_connections or lst.draining:
-            # Refused before any byte is read: one write, then close (see docs/deploy.md).
-            self._refused = True
-            lst.metrics.refused.labels(listener=lst.name).inc()
-            tr: Any = transport
-            try:
-                tr.write(lst.refusal)
-            finally:
-                tr.close()
-            return
-        self._counted = True
-        lst.connection_opened(self)
         super().connection_made(transport)
         self._expect_headers()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._refused:
-            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -279,7 +263,7 @@ class EdgeProtocol(RequestHandler):
             self._release()
 
     def _release(self) -> None:
-        if self._counted and not self._released:
+        if not self._released:
             self._released = True
             self._listener.connection_closed(self)
 
@@ -420,6 +404,29 @@ class EdgeProtocol(RequestHandler):
         super().log_exception(*args, **kw)
 
 
+class _Refusal(asyncio.Protocol):
+    """A connection beyond ``max_connections`` (or during a drain): a fixed 503, then close, before any byte is read.
+
+    Built instead of an :class:`EdgeProtocol` (no parser, no task), so a
+    connection flood costs one accept, one write and one close each.
+    """
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        lst = self._listener
+        lst.metrics.refused.labels(listener=lst.name).inc()
+        tr: Any = transport
+        try:
+            tr.write(lst.refusal)
+        finally:
+            tr.close()
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request is not read
+
+
 # -- the server and its runner --------------------------------------------------------------
 
 _RequestFactory = Callable[[RawRequestMessage, StreamReader, RequestHandler, AbstractStreamWriter, "asyncio.Task[None]"], BaseRequest]
@@ -443,7 +450,10 @@ class EdgeServer(web.Server):
         self.request_factory = factory
 
     def __call__(self) -> RequestHandler:
-        return EdgeProtocol(self, self._edge_listener, loop=self._edge_loop, **self._edge_kwargs)
+        lst = self._edge_listener
+        if len(lst.connections) >= lst.max_connections or lst.draining:
+            return _Refusal(lst)  # type: ignore[return-value]  # the loop only needs an asyncio.Protocol
+        return EdgeProtocol(self, lst, loop=self._edge_loop, **self._edge_kwargs)
 
 
 class EdgeRunner(web.AppRunner):

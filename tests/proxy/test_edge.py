@@ -490,6 +490,36 @@ async def test_connections_beyond_the_bound_get_503(edge_factory: EdgeFactory, l
     await _wait_for(lambda: lst.open_connections == 0)
 
 
+def _burst(port: int, n: int) -> tuple[list[socket.socket], list[bytes]]:
+    """Open ``n`` connections at once (all in the listen backlog before the server accepts any)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+    time.sleep(0.5)
+    answers = []
+    for s in socks:
+        s.settimeout(0.2)
+        try:
+            answers.append(s.recv(4096))
+        except (TimeoutError, ConnectionResetError, BlockingIOError):
+            answers.append(b"")
+    return socks, answers
+
+
+async def test_a_burst_of_connections_does_not_overshoot_the_bound(edge_factory: EdgeFactory) -> None:
+    e = await edge_factory({"max_connections": 10, "header_timeout_s": 30.0})
+    socks, answers = await asyncio.to_thread(_burst, e.port("data"), 60)
+    try:
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert len(refused) == 50, [a[:20] for a in answers]
+        assert e.data.open_connections == 10
+    finally:
+        for s in socks:
+            s.close()
+    await _wait_for(lambda: e.data.open_connections == 0)
+
+
 async def test_a_connection_counts_until_its_handler_ends(edge: Edge, fake: FakeProvider, token: Callable[..., str]) -> None:
     """A client that leaves mid-request does not free its slot before its handler (and record) are done."""
     fake.push(Reply(delay_s=0.8))
