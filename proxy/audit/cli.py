@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from proxy.audit.reader import PgTarget, Reader, open_reader
 from proxy.errors import ConfigError
 
 
@@ -71,7 +72,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _db_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", help="audit database (default: [audit] path of the config)")
+    p.add_argument(
+        "--db",
+        help="audit database: a SQLite file, or a postgresql:// URL (default: [audit] backend of the config: "
+        "its path, or the URL in [database] dsn_env)",
+    )
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -83,12 +88,19 @@ def _config(args: argparse.Namespace) -> Any:
     return load_config(path)
 
 
-def _db_path(args: argparse.Namespace) -> Path:
-    if getattr(args, "db", None):
-        return Path(args.db)
+def _db_path(args: argparse.Namespace) -> Path | PgTarget:
+    """The store to read: ``--db`` (a file, or a ``postgresql://`` URL), else the config's ``[audit] backend``."""
+    db = getattr(args, "db", None)
+    if db:
+        return PgTarget(db) if db.startswith(("postgresql://", "postgres://")) else Path(db)
     cfg = _config(args)
     if cfg is None:
         raise ConfigError("audit.path", "give --db PATH or --config FILE")
+    if cfg.audit.backend == "postgres":
+        dsn = cfg.database.dsn
+        if not dsn:
+            raise ConfigError("database.dsn_env", f"environment variable {cfg.database.dsn_env} is not set")
+        return PgTarget(dsn)
     return Path(cfg.resolve_path(cfg.audit.path))
 
 
@@ -132,13 +144,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     return asyncio.run(_show(path, args.request_id, args.json))
 
 
-async def _show(path: Path, request_id: str, as_json: bool) -> int:
-    from proxy.audit.reader import AuditReader
-
+async def _open(path: Path | PgTarget) -> Reader | str:
+    """A reader, or why there is none."""
     try:
-        reader = await AuditReader.open(path)
-    except FileNotFoundError as e:
-        return _fail(str(e))
+        return await open_reader(path)
+    except (FileNotFoundError, ConnectionError) as e:
+        return str(e)
+
+
+async def _show(path: Path | PgTarget, request_id: str, as_json: bool) -> int:
+    reader = await _open(path)
+    if isinstance(reader, str):
+        return _fail(reader)
     try:
         rec = await reader.find(request_id)
         if rec is None:
@@ -252,13 +269,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     return asyncio.run(_search(path, args, since, until))
 
 
-async def _search(path: Path, args: argparse.Namespace, since: int | None, until: int | None) -> int:
-    from proxy.audit.reader import AuditReader
-
-    try:
-        reader = await AuditReader.open(path)
-    except FileNotFoundError as e:
-        return _fail(str(e))
+async def _search(path: Path | PgTarget, args: argparse.Namespace, since: int | None, until: int | None) -> int:
+    reader = await _open(path)
+    if isinstance(reader, str):
+        return _fail(reader)
     try:
         rows = await reader.search(args.tenant, args.user, args.tool, since, until, args.limit, args.kind)
     finally:
@@ -288,13 +302,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return asyncio.run(_export(path, args.output))
 
 
-async def _export(path: Path, output: str | None) -> int:
-    from proxy.audit.reader import AuditReader
-
-    try:
-        reader = await AuditReader.open(path)
-    except FileNotFoundError as e:
-        return _fail(str(e))
+async def _export(path: Path | PgTarget, output: str | None) -> int:
+    reader = await _open(path)
+    if isinstance(reader, str):
+        return _fail(reader)
     out = open(output, "wb") if output else sys.stdout.buffer  # noqa: ASYNC230 - a CLI writing its own output
     n = 0
     try:
@@ -329,14 +340,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     keys = None
     if args.key:
         keys = [Path(k).read_text() if os.path.exists(k) else k for k in args.key]
-    if not path.exists():
-        return _fail(f"audit database {path} does not exist")
-    from proxy.audit.verify import verify_db
+    report: Any
+    if isinstance(path, PgTarget):
+        from proxy.audit.pg_verify import verify_pg
 
-    try:
-        report = asyncio.run(verify_db(path, keys=keys, checkpoint_file=checkpoint))
-    except ValueError as e:
-        return _fail(f"bad key: {e}")
+        try:
+            report = asyncio.run(verify_pg(path.dsn, keys=keys, checkpoint_file=checkpoint))
+        except ValueError as e:
+            return _fail(f"bad key: {e}")
+        except ConnectionError as e:
+            return _fail(str(e))
+    else:
+        if not path.exists():
+            return _fail(f"audit database {path} does not exist")
+        from proxy.audit.verify import verify_db
+
+        try:
+            report = asyncio.run(verify_db(path, keys=keys, checkpoint_file=checkpoint))
+        except ValueError as e:
+            return _fail(f"bad key: {e}")
     if args.json:
         print(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
     else:
@@ -362,12 +384,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     api_key = os.environ.get(key_env) if key_env else None
 
     async def run() -> int:
-        from proxy.audit.reader import AuditReader
-
-        try:
-            reader = await AuditReader.open(path)
-        except FileNotFoundError as e:
-            return _fail(str(e))
+        reader = await _open(path)
+        if isinstance(reader, str):
+            return _fail(reader)
         try:
             rec = await reader.find(args.request_id)
         finally:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import orjson
@@ -142,5 +143,65 @@ class AuditReader:
             yield {"seq": seq, "prev_hash": prev.hex(), "hash": h.hex(), "record": orjson.loads(body)}
 
 
-def _like(s: str) -> str:
+class Reader(Protocol):
+    """What the CLI reads through, on either backend (:class:`AuditReader`, :class:`~proxy.audit.pg_reader.PgAuditReader`)."""
+
+    async def close(self) -> None: ...
+
+    async def find(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None: ...
+
+    async def related(self, request_id: str) -> list[dict[str, Any]]: ...
+
+    async def find_call(self, tool_call_id: str) -> dict[str, Any] | None: ...
+
+    async def search(
+        self,
+        tenant: str | None = None,
+        user: str | None = None,
+        tool: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 100,
+        kind: str | None = None,
+    ) -> list[dict[str, Any]]: ...
+
+    def iter_records(self) -> AsyncIterator[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PgTarget:
+    """A PostgreSQL audit store to read (``[audit] backend = "postgres"``, or ``--db postgresql://...``)."""
+
+    dsn: str
+
+    def __str__(self) -> str:
+        from proxy.audit.pg_verify import redact_dsn
+
+        return redact_dsn(self.dsn)
+
+
+async def open_reader(target: Path | PgTarget) -> Reader:
+    """A read-only reader of either backend.
+
+    Raises ``FileNotFoundError`` (no SQLite file), ``ConnectionError`` (the
+    database cannot be reached or refuses the login) or
+    :class:`~proxy.db.migrate.SchemaMismatch` (a ``ConfigError``).
+    """
+    if isinstance(target, Path):
+        return await AuditReader.open(target)
+    import asyncpg
+
+    from proxy.audit.pg_reader import PgAuditReader
+
+    try:
+        return await PgAuditReader.open(target.dsn)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        raise ConnectionError(f"cannot open the audit database {target}: {type(e).__name__}: {e}") from None
+
+
+def like_pattern(s: str) -> str:
+    """``s`` with LIKE's wildcards and escape character escaped (``ESCAPE '\\'``), for SQLite and PostgreSQL alike."""
     return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+_like = like_pattern

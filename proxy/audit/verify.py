@@ -23,6 +23,7 @@ public key kept elsewhere (``--key``) for an independent verdict.
 from __future__ import annotations
 
 import collections
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -179,31 +180,57 @@ async def _verify(reader: AuditReader, report: Report, keys: list[str] | None, c
     else:
         ring = keyring(keys)
 
-    cps: dict[int, Checkpoint] = {}
     async with db.execute("SELECT size, hash, note FROM checkpoints ORDER BY size") as cur:
-        rows = await cur.fetchall()
-    for size, h, note in rows:
-        report.checkpoints += 1
-        cp = _check_note(report, str(note), ring, origin, "checkpoint")
-        if cp is None:
-            continue
-        if cp.size != int(size) or cp.head != bytes(h):
-            report.add("fault", "checkpoint_mismatch", f"checkpoint row {size} disagrees with its signed note", int(size))
-            continue
-        cps[cp.size] = cp
-
-    external: list[Checkpoint] = []
+        rows = [(int(r[0]), _b(r[1]), str(r[2])) for r in await cur.fetchall()]
+    notes: list[str] = []
     if checkpoint_file is not None:
         cf = read_checkpoint_file(checkpoint_file)
         if cf.torn is not None:
             report.add(
                 "warning", "torn_tail", f"the checkpoint file ends with a partial note ({len(cf.torn)} bytes): a crash during an append"
             )
-        for note in cf.notes:
-            report.external_checkpoints += 1
-            cp = _check_note(report, note, ring, origin, "external checkpoint")
-            if cp is not None:
-                external.append(cp)
+        notes = cf.notes
+    await check_chain(report, origin, ring, rows, notes, _rows(reader), pruned=pruned, head_seq=head_seq)
+
+
+async def check_chain(
+    report: Report,
+    origin: str,
+    ring: KeyRing,
+    checkpoints: list[tuple[int, bytes, str]],
+    external_notes: list[str],
+    rows: AsyncIterator[tuple[int, bytes, bytes, bytes, tuple[Any, ...]]],
+    *,
+    pruned: int,
+    head_seq: int,
+    head_hash: bytes | None = None,
+) -> None:
+    """Verify one chain (any store): its records in ``seq`` order against its checkpoints and head.
+
+    ``checkpoints``: the store's ``(size, hash, note)`` rows; ``external_notes``:
+    notes kept elsewhere (all of this chain's origin); ``rows``: ``(seq,
+    prev_hash, hash, body, (kind, request_id, tenant, subject))``;
+    ``pruned``: the chain's ``pruned_through``; ``head_seq``/``head_hash``: the
+    head the store keeps (the hash, when the store has one, must be the last
+    record's).  Findings go to ``report``.
+    """
+    cps: dict[int, Checkpoint] = {}
+    for size, h, note in checkpoints:
+        report.checkpoints += 1
+        cp = _check_note(report, str(note), ring, origin, "checkpoint")
+        if cp is None:
+            continue
+        if cp.size != size or cp.head != h:
+            report.add("fault", "checkpoint_mismatch", f"checkpoint row {size} disagrees with its signed note", size)
+            continue
+        cps[cp.size] = cp
+
+    external: list[Checkpoint] = []
+    for note in external_notes:
+        report.external_checkpoints += 1
+        cp = _check_note(report, note, ring, origin, "external checkpoint")
+        if cp is not None:
+            external.append(cp)
     wanted = {cp.size for cp in external} | set(cps)
     at: dict[int, bytes] = {}
 
@@ -211,7 +238,8 @@ async def _verify(reader: AuditReader, report: Report, keys: list[str] | None, c
     suspects: list[tuple[Finding | None, bytes, bytes, bytes]] = []
     expected_seq: int | None = None
     expected_prev: bytes | None = None
-    async for seq, prev, h, body, cols in _rows(reader):
+    last_hash: bytes | None = None
+    async for seq, prev, h, body, cols in rows:
         report.records += 1
         if report.first_seq is None:
             report.first_seq = seq
@@ -271,6 +299,7 @@ async def _verify(reader: AuditReader, report: Report, keys: list[str] | None, c
         expected_prev = h
         expected_seq = seq + 1
         report.last_seq = seq
+        last_hash = h
 
     for finding, prev, h, body in suspects:
         # A record that only looked edited may verify at another position: it was moved.
@@ -289,6 +318,8 @@ async def _verify(reader: AuditReader, report: Report, keys: list[str] | None, c
             report.add("fault", "truncated", f"the chain head says {head_seq} records but the log ends at {last}", last + 1)
         else:
             report.add("fault", "checkpoint_mismatch", f"the chain head says {head_seq} records but the log goes on to {last}", head_seq)
+    elif head_hash is not None and last_hash is not None and head_hash != last_hash:
+        report.add("fault", "checkpoint_mismatch", f"the chain head's hash is not record {last}'s: the log was rewritten", last)
     for cp in cps.values():
         _compare(report, cp, at, last, pruned, "checkpoint")
     for cp in external:
