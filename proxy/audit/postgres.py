@@ -167,7 +167,7 @@ class PostgresAuditLog:
 
     async def start(self) -> None:
         """Check the schema, open this run's chain, seal chains of dead processes, start the writer."""
-        self._key = self._load_key()
+        self._key = await asyncio.to_thread(self._load_key)
         dsn = self._dsn or self.database.dsn
         if not dsn:
             raise ConfigError("database.dsn_env", f"environment variable {self.database.dsn_env} is not set")
