@@ -63,8 +63,9 @@ Mistral, Gemini's OpenAI endpoint, OpenAI itself):
 
 Both run on every answer and every stream event, so they are written for
 speed: type identity tests (``orjson`` yields exact ``dict``/``list``/``str``/
-``int``), no allocation on the well-formed path, the field path built only
-when something is wrong.  ``bench/wire.py`` measures them.
+``int``), and the field path is built only when something is wrong.
+``bench/wire.py`` measures them (about as long as ``orjson.loads`` of the
+same answer: 0.4-0.7 µs per chunk, 1-2.5 µs per answer).
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "f
 
 VENDOR_FINISH_REASONS = frozenset({"eos_token", "stop_sequence", "model_length"})
 """Tolerated vendor values: ``eos_token`` and ``stop_sequence`` (text-generation-inference
-before 2.2.1, meaning ``stop``) and ``model_length`` (Mistral: the context is full, like ``length``)."""
+before its PR #2344 of August 2024, meaning ``stop``) and ``model_length`` (Mistral: the
+context is full, like ``length``).  No other server in common use sends its own value
+(vLLM, Ollama, llama.cpp, Azure and Gemini's OpenAI endpoint use the OpenAI ones)."""
 
 FAILED_FINISH_REASONS = frozenset({"abort", "error"})
 """Values by which a provider says the answer is incomplete (vLLM ``abort`` / ``error``, Mistral ``error``)."""
