@@ -218,6 +218,7 @@ class EdgeProtocol(RequestHandler):
     __slots__ = (
         "_listener",
         "_timer",
+        "_timer_at",
         "_header_deadline",
         "_body_deadline",
         "_body",
@@ -231,6 +232,7 @@ class EdgeProtocol(RequestHandler):
         super().__init__(manager, **kwargs)
         self._listener = listener
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._header_deadline = 0.0  # 0: no request's headers are awaited
         self._body_deadline = 0.0  # 0: no body is awaited
         self._body: StreamReader | None = None
@@ -275,8 +277,10 @@ class EdgeProtocol(RequestHandler):
     # header and body deadlines ------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if not self._header_deadline and data and self._idle():
-            self._expect_headers()  # the first byte of a request on a kept-alive connection
+        if not self._header_deadline and data:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                self._expect_headers()  # the first byte of a request on a kept-alive connection
         if self._line_end is None and data:
             if not self._head:
                 self._head = data[:64]
@@ -304,9 +308,10 @@ class EdgeProtocol(RequestHandler):
     def _schedule(self, when: float) -> None:
         timer = self._timer
         if timer is not None:
-            if timer.when() <= when:
+            if self._timer_at <= when:
                 return  # fires first, then reschedules for this deadline
             timer.cancel()
+        self._timer_at = when
         self._timer = self._loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
