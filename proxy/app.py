@@ -221,7 +221,7 @@ class Warden:
         """
         rand = os.urandom(36).hex()
         rid = request.headers.get("x-request-id")
-        ex = Exchange(request_id="", route="unrouted", method=safe_text(request.method, 32), path=safe_text(request.path, 2048))
+        ex = Exchange(request_id="", route="unrouted", method=safe_text(request.method, 32), path=safe_text(request.raw_path.partition("?")[0], 2048))
         if rid is None or not _REQUEST_ID.match(rid) or self._redacts(rid):
             if rid is not None:
                 ex.client_request_id = safe_text(rid, 256)

@@ -2,9 +2,9 @@
 
 A flow returns a reply; the pipeline sends it.  Streaming is relayed event
 by event (time to first token preserved); only tool-call deltas are held,
-assembled and judged before they are shown.  When no plugin judges tool
-calls and none watches the stream, events are forwarded as the provider sent
-them.  Provider answers that do not match the wire format are refused
+assembled and judged before they are shown — always, so the core's offer
+check holds whether or not a tool plugin is enabled.  Events without tool
+calls that no plugin watches are forwarded as the provider sent them.  Provider answers that do not match the wire format are refused
 (502, rule ``upstream.protocol``) before anything of them is relayed.
 """
 
@@ -42,8 +42,7 @@ def upstream_body(ex: Exchange) -> bytes:
 
 async def run(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     assert ex.body is not None
-    if w.chain.tool:
-        _single_choice(ex.body)
+    _single_choice(ex.body)
     if ex.stream:
         client_usage = True
         if w.config.upstream.stream_usage:
@@ -101,7 +100,6 @@ async def _non_stream(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     assert ex.body is not None
     body_bytes = upstream_body(ex)
     body = ex.body
-    judging = bool(w.chain.tool)
     limit = ex.max_corrections
     while True:
         reason = "initial" if not ex.turns else "correction"
@@ -128,11 +126,10 @@ async def _non_stream(w: Warden, req: Incoming, ex: Exchange) -> Reply:
         choices: list[Any] = resp.get("choices") or []
         first: dict[str, Any] = choices[0] if choices else {}
         message: dict[str, Any] = first.get("message") or {}
-        if judging:
-            why = _unjudgeable(choices)
-            if why is not None:
-                raise _malformed(turn, why)
-        calls = tooling.calls_from_message(message) if judging else []
+        why = _unjudgeable(choices)
+        if why is not None:
+            raise _malformed(turn, why)
+        calls = tooling.calls_from_message(message)
         if calls:
             decisions = await tooling.judge(w.chain, ex, calls, len(ex.turns) - 1)
             refused = [d for d in decisions if d.kind != "allow"]
@@ -151,7 +148,8 @@ async def _non_stream(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     content = message.get("content")
     ex.response_text = content if isinstance(content, str) else None
     if len(ex.turns) > 1 and ex.usage is not None:
-        resp["usage"] = ex.usage.as_dict()
+        # A new dict: the last turn keeps the provider's own answer (its usage) for the record and the trace.
+        resp = {**resp, "usage": ex.usage.as_dict()}
         ex.response_modified = True
     ex.response_body = resp
     return JsonReply(200, raw, ur.relay_headers())
@@ -180,7 +178,6 @@ class _ChatStream:
         self.req = req
         self.ex = ex
         self.client_usage = client_usage
-        self.judging = bool(w.chain.tool)
         self.watching = bool(w.chain.stream)
         self.all_text: list[str] = []
         self.last_usage_chunk: dict[str, Any] | None = None
@@ -341,7 +338,6 @@ class _ChatStream:
                 return None, False
         if isinstance(obj.get("model"), str):
             ex.response_model = obj["model"]
-        judging = self.judging
         if isinstance(choices, list):
             visible = False
             for ch in choices:
@@ -352,9 +348,9 @@ class _ChatStream:
                     content = delta.get("content")
                     if isinstance(content, str) and first:
                         st.text.append(content)
-                    if judging and (delta.get("tool_calls") or delta.get("function_call")) and not first:
+                    if (delta.get("tool_calls") or delta.get("function_call")) and not first:
                         raise UpstreamError("the provider streamed tool calls in more than one choice", rule="upstream.protocol")
-                    if judging and ("tool_calls" in delta or "function_call" in delta) and first:
+                    if ("tool_calls" in delta or "function_call" in delta) and first:
                         tcs = delta.get("tool_calls")
                         if isinstance(tcs, list):
                             st.calls.add(tcs)
@@ -371,7 +367,7 @@ class _ChatStream:
                     if first:
                         st.finish_reason = str(fr)
                         ex.finish_reasons = [str(fr)]
-                    if judging and st.calls and first:
+                    if st.calls and first:
                         st.held_finish = obj
                         return None, False
                     visible = True

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class Incoming:
     headers: CIMultiDictProxy[str]
     match: Match
     query_string: str
+    """The query exactly as the client encoded it (relayed byte for byte; never decoded and re-encoded)."""
     content_type: str | None
 
 
@@ -189,6 +191,7 @@ class Pipeline:
                 why = path_error(raw_path)
                 if why is not None:
                     raise BadRequest(f"the request path is not canonical: {why}", rule="request.path")
+                query = _raw_query(request)
                 found = self.routes.lookup(request.method, raw_path)
                 if not isinstance(found, Match):
                     if found:
@@ -210,7 +213,7 @@ class Pipeline:
                 ex.phase = "flow"
                 if ex.local_reply is not None:
                     return self._local_reply(ex)
-                incoming = Incoming(request.headers, found, request.query_string, request.headers.get("Content-Type"))
+                incoming = Incoming(request.headers, found, query, request.headers.get("Content-Type"))
                 return await self.flows[route.flow](w, incoming, ex)
             except WardenError as e:
                 return _error_reply(ex, e)
@@ -462,6 +465,17 @@ async def _aclose(events: AsyncIterator[bytes]) -> None:
         await close()
     except Exception:
         log.exception("closing a stream's event source failed")
+
+
+_QUERY = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=/?%-]*$")
+
+
+def _raw_query(request: web.Request) -> str:
+    """The query as the client encoded it; a query with characters outside RFC 3986's is refused."""
+    query = request.raw_path.partition("?")[2]
+    if len(query) > 4096 or not _QUERY.match(query):
+        raise BadRequest("the query string has characters outside RFC 3986 or is longer than 4096 bytes", rule="request.query")
+    return query
 
 
 def _captured_headers(request: web.Request) -> dict[str, str]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamError, UpstreamTimeout
@@ -112,9 +113,13 @@ class Upstream:
         return headers
 
     async def send(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> UpstreamResponse:
-        """Send a request; retries before any byte was relayed.  Raises UpstreamError / UpstreamTimeout."""
+        """Send a request; retries before any byte was relayed.  Raises UpstreamError / UpstreamTimeout.
+
+        ``path`` is sent as it is (already encoded, never normalised again):
+        the pipeline builds it from the matched route and the client's raw query.
+        """
         assert self.session is not None, "upstream session not started"
-        url = self.base + path
+        url = URL(self.base + path, encoded=True)
         attempts = 0
         delay = self.cfg.retry_backoff_s
         while True:

@@ -37,7 +37,7 @@ import orjson
 
 from plugins.ratelimit.backends import BackendDown, Item, LimitBackend, MemoryBackend, RedisBackend, RedisClient
 from plugins.ratelimit.config import CompiledRule, LimitsConfig, compile_rules
-from plugins.ratelimit.gcra import LimitResult
+from proxy.gcra import LimitResult
 from plugins.ratelimit.idempotency import (
     IdempotencyStore,
     Recorded,
@@ -194,7 +194,7 @@ class LimitsPlugin(Plugin):
         if self.redis is not None:
             await self.redis.close()
 
-    async def reload(self, section: LimitsConfig) -> None:
+    async def reload(self, section: LimitsConfig, **extra_sections: Any) -> None:
         """Swap rules, estimates and caps live; backend changes need a restart."""
         for k in _RESTART_KEYS:
             if getattr(section, k) != getattr(self.section, k):

@@ -84,7 +84,7 @@ class RetrievalPlugin(Plugin):
             await self.service.close()
             self.service = None
 
-    async def reload(self, section: Any) -> None:
+    async def reload(self, section: Any, **extra_sections: Any) -> None:
         """Apply search/injection settings live; storage and embedder settings need a restart."""
         new: RetrievalConfig = section or RetrievalConfig()
         for key in RESTART_KEYS:

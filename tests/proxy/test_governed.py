@@ -267,3 +267,28 @@ async def test_one_content_type_header(warden_factory: WardenFactory, token: Cal
     head = (await reader.read()).partition(b"\r\n\r\n")[0].lower()
     writer.close()
     assert status == 200 and head.count(b"content-type:") == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_offer_is_checked_without_any_tool_plugin(warden_factory: WardenFactory, token: Callable[..., str], fake: FakeProvider, stream: bool) -> None:
+    rw = await warden_factory()  # plugins: headers only
+    fake.push(Reply(tool_calls=[{"name": "rm", "arguments": "{}"}]), Reply(tool_calls=[{"name": "rm", "arguments": "{}"}]), Reply(tool_calls=[{"name": "rm", "arguments": "{}"}]))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(rw.base_url + "/chat/completions", json={**CHAT, "stream": stream}, headers={"Authorization": f"Bearer {token()}"}) as r:
+            body = await r.read()
+    assert b'"rm"' not in body and b"tools.offered" in body
+    assert len(fake.chat_requests()) == 3, "two corrective turns, then the refusal"
+
+
+async def test_the_record_keeps_the_path_as_the_client_sent_it_and_the_query_is_relayed_byte_for_byte(
+    warden_factory: WardenFactory, token: Callable[..., str], fake: FakeProvider
+) -> None:
+    rw = await warden_factory({**AUDIT, "server": {"passthrough_routes": ["GET /v1/files/{file_id}"]}})
+    status, hdrs, _ = await raw_request(rw.base_url, "GET", "/v1/%2e/chat/completions", {"Authorization": f"Bearer {token()}"})
+    assert status == 400
+    rec = await _record(rw, hdrs["x-request-id"])
+    assert rec["path"] == "/v1/%2e/chat/completions"
+    status, _, _ = await raw_request(rw.base_url, "GET", "/v1/files/abc?x=%0d%0aX-Evil:%201&after=%23y", {"Authorization": f"Bearer {token()}"})
+    assert status == 200
+    assert [r.raw_path for r in fake.requests] == ["/v1/files/abc?x=%0d%0aX-Evil:%201&after=%23y"]
+    assert "x-evil" not in {k.lower() for k in fake.requests[0].headers}

@@ -72,11 +72,6 @@ async def test_the_query_is_relayed_and_the_upstream_path_is_the_routes(warden: 
     assert [r.raw_path for r in fake.requests] == ["/v1/files/file-abc_1.json?limit=2&order=desc"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy/dataplane.py relay() appends Incoming.query_string, aiohttp's *decoded* query: %23 becomes '#', "
-    "so the provider gets 'after=' and never sees limit=2 (the raw query, request.raw_path after '?', must be relayed)",
-)
 async def test_an_encoded_query_is_relayed_as_the_client_sent_it(warden: Any, token: Any, fake: FakeProvider) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.get(URL(warden.base_url + "/files/abc?after=%23x&limit=2&purpose=a%26b", encoded=True), headers=_auth(token)) as r:

@@ -277,7 +277,7 @@ async def test_reload_applies_rules_live_and_refuses_backend_changes(make_plugin
 
 
 async def test_check_keys_for_other_plugins(make_plugin: MakePlugin, backend: dict[str, str]) -> None:
-    from plugins.ratelimit.gcra import parse_rate
+    from proxy.gcra import parse_rate
 
     p = await make_plugin(**backend)
     rate = parse_rate("2/minute")
