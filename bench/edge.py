@@ -2,12 +2,12 @@
 
     .venv/bin/python -m bench.edge [--slow 200] [--phase-s 12] [--concurrency 8]
 
-Everything runs on loopback: a fake provider (its own process), ``warden serve``
-(its own process, audit off, one plugin) and, in this process, the load: a
-few keep-alive clients sending chat completions back to back, and N
-slowloris clients that open a connection, send the start of a request and
-then one byte a second; when Warden answers (408 at ``header_timeout_s``) or
-refuses (503 at ``max_connections``) they reconnect, as an attacker would.
+Everything runs on loopback, each part in its own process: a fake provider,
+``warden serve`` (audit off, one plugin), the load (a few keep-alive clients
+sending chat completions back to back, in this process) and N slowloris
+clients that open a connection, send the start of a request and then one
+byte a second; when Warden answers (408 at ``header_timeout_s``) or refuses
+(503 at ``max_connections``) they reconnect at once, as an attacker would.
 
 Rows:
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -80,6 +81,18 @@ async def main():
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", int(sys.argv[1])).start()
     await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
+
+SLOWLORIS = """
+import asyncio, dataclasses, json, sys, time, uvloop
+from bench.edge import Slow, slowloris
+async def main():
+    port, n, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    stats, until = Slow(), time.monotonic() + seconds
+    await asyncio.gather(*(slowloris(port, until, stats) for _ in range(n)))
+    print(json.dumps(dataclasses.asdict(stats)))
 uvloop.run(main())
 """
 
@@ -221,9 +234,12 @@ async def phase(name: str, url: str, admin: str | None, port: int, token: str, c
         # Warm the pool: the normal clients' connections are open before any flood.
         await normal_load(url, token, client, concurrency, time.monotonic() + 1.0, Row("warmup"))
         until = time.monotonic() + phase_s
-        stats = Slow()
-        row.slow = stats if slow_n else None
-        slow_tasks = [asyncio.create_task(slowloris(port, until, stats)) for _ in range(slow_n)]
+        # The slow clients run in a process of their own, so they do not share the load generator's event loop.
+        flood = (
+            await asyncio.create_subprocess_exec(sys.executable, "-c", SLOWLORIS, str(port), str(slow_n), str(phase_s), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE)
+            if slow_n
+            else None
+        )
         if slow_n:
             await asyncio.sleep(1.0)  # the flood is in place before measuring
         sampler_stop = asyncio.Event()
@@ -243,7 +259,9 @@ async def phase(name: str, url: str, admin: str | None, port: int, token: str, c
         cpu1 = cpu_seconds(pid)
         if cpu0 is not None and cpu1 is not None:
             row.cpu_s = cpu1 - cpu0
-        await asyncio.gather(*slow_tasks)
+        if flood is not None:
+            out, _ = await flood.communicate()
+            row.slow = Slow(**json.loads(out))
         sampler_stop.set()
         await sampling
         if admin is not None:
