@@ -29,9 +29,11 @@ Timers (``[server]`` keys):
   ``server.body_timeout_s``) and the connection closes after the answer.
 - ``keepalive_timeout_s``: an idle kept-alive connection is closed.
 
-A few of aiohttp's private attributes are read (``_waiter``: is the
-connection waiting for its next request; ``_task_handler``: the connection's
-task); ``tests/proxy/test_edge.py`` fails if a new aiohttp changes them.
+A few of aiohttp's private parts are read (``_waiter``: is the connection
+waiting for its next request; ``_task_handler``: the connection's task;
+``_messages`` and ``_ErrInfo``: a parser error queued while a body is being
+read); this module refuses to import, and ``tests/proxy/test_edge.py``
+fails, if a new aiohttp changes them.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, InvalidHeader, InvalidURLError, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from proxy.config import ServerConfig
@@ -288,7 +290,25 @@ class EdgeProtocol(RequestHandler):
             if i >= 0:
                 self._line_end = self._seen + i
             self._seen += len(data)
+        body = self._body
+        if body is None:
+            super().data_received(data)
+            return
+        queued = len(self._messages)
         super().data_received(data)
+        if len(self._messages) > queued and not body.is_eof() and body.exception() is None:
+            self._fail_body(body, self._messages[-1][0])
+
+    def _fail_body(self, body: StreamReader, message: object) -> None:
+        """A framing error inside a body being read (a bad chunk): the handler's read fails now, not at body_timeout_s."""
+        if not isinstance(message, _ErrInfo):
+            return
+        lst = self._listener
+        err = parse_error(message.exc, lst.cfg)
+        err.headers["Connection"] = "close"
+        lst.metrics.errors.labels(listener=lst.name, rule=err.rule or "http.parse").inc()
+        body.set_exception(err)
+        self.close()  # the queued parser error is never answered: the connection ends after this response
 
     def _expect_headers(self) -> None:
         self._head = b""
@@ -404,8 +424,8 @@ class EdgeProtocol(RequestHandler):
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         exc = kw.get("exc_info")
-        if isinstance(exc, RequestTimeout):
-            return  # already answered and counted; the connection closes
+        if isinstance(exc, WardenError):
+            return  # a body failed by this module: already answered and counted; the connection closes
         super().log_exception(*args, **kw)
 
 
@@ -582,7 +602,7 @@ async def start_listener(app: web.Application, name: str, cfg: ServerConfig, met
 def _check_aiohttp() -> None:
     """The private parts of aiohttp's protocol this module reads must exist (fail at import, not at the first request)."""
     slots = set(getattr(RequestHandler, "__slots__", ()))
-    missing = {"_waiter", "_task_handler", "_loop"} - slots - set(getattr(RequestHandler.__mro__[1], "__slots__", ()))
+    missing = {"_waiter", "_task_handler", "_messages", "_loop"} - slots - set(getattr(RequestHandler.__mro__[1], "__slots__", ()))
     if missing:
         raise ImportError(f"proxy.edge needs aiohttp's RequestHandler attributes {sorted(missing)}; this aiohttp version lacks them")
 

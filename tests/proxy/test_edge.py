@@ -435,6 +435,28 @@ async def test_slow_body_gets_408_within_the_body_timeout(edge_factory: EdgeFact
     assert 'warden_http_errors_total{listener="data",rule="server.body_timeout_s"} 1.0' in await e.metrics_text()
 
 
+def _two_parts(port: int, first: bytes, second: bytes, pause_s: float) -> tuple[bytes, bool, float]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(first)
+        time.sleep(pause_s)
+        sock.sendall(second)
+        start = time.monotonic()
+        raw, closed = _read_all(sock, 8)
+        return raw, closed, time.monotonic() - start
+
+
+async def test_a_framing_error_inside_a_body_is_answered_at_once(edge_factory: EdgeFactory, token: Callable[..., str]) -> None:
+    """The handler is already reading the body when a bad chunk arrives: 400 now, not 408 at body_timeout_s."""
+    e = await edge_factory({"body_timeout_s": 5.0})
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token().encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\n"
+    raw, closed, took = await asyncio.to_thread(_two_parts, e.port("data"), head, b"ZZ" + MARK + b"\r\n", 0.3)
+    answer = parse_answer(raw, closed)
+    assert_refusal(answer, 400, "http.framing")
+    assert_no_echo(answer, MARK)
+    assert took < 1.0, took
+    assert raw.count(b"HTTP/1.") == 1, "one answer only"
+
+
 async def test_a_complete_body_is_not_cut_by_the_body_timer(edge_factory: EdgeFactory, fake: FakeProvider, token: Callable[..., str]) -> None:
     """A body that arrived in time, then a stream that runs well past body_timeout_s."""
     e = await edge_factory({"body_timeout_s": 0.3})
