@@ -26,7 +26,7 @@ late commit of the first attempt).
 Liveness: a writer holds a session advisory lock keyed by its origin while
 it runs; a chain left open (``closed_us IS NULL``) whose lock anybody can take
 belongs to a process that died, and is sealed by the next start of any
-replica (:func:`seal_orphans`): a ``recovery`` checkpoint over its head.
+replica (:func:`proxy.audit.pg_upkeep.seal_orphans`).
 """
 
 from __future__ import annotations
@@ -206,35 +206,3 @@ async def create_chain(conn: asyncpg.Connection, origin: str, key: Ed25519Privat
         )
         await publish_key(conn, origin, key)
     return Head(int(chain_id), origin, 0, genesis_hash(origin))
-
-
-async def seal_orphans(conn: asyncpg.Connection, key: Ed25519PrivateKey, own: int, timeout_s: float) -> list[tuple[str, str | None]]:
-    """Seal the open chains of processes that died: a ``recovery`` checkpoint over each head, then closed.
-
-    A chain is an orphan when it is open (``closed_us IS NULL``) and its
-    advisory lock is free (its writer held it while it ran).  Returns
-    ``(origin, note)`` per chain closed (``note`` ``None`` when the head was
-    already sealed).
-    """
-    rows = await conn.fetch("SELECT chain_id, origin FROM audit_chains WHERE closed_us IS NULL AND chain_id <> $1 ORDER BY chain_id", own)
-    out: list[tuple[str, str | None]] = []
-    for r in rows:
-        origin = str(r["origin"])
-        k = lock_key(origin)
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", k):
-            continue  # its writer runs
-        try:
-            seq, h, sealed = await read_head(conn, int(r["chain_id"]))
-            head = Head(int(r["chain_id"]), origin, seq, h, sealed)
-            note = None
-            async with conn.transaction():
-                if seq > sealed:
-                    await publish_key(conn, origin, key)
-                    note = await checkpoint(conn, head, key, "recovery", timeout_s)
-                await conn.execute("UPDATE audit_chains SET closed_us = $2 WHERE chain_id = $1 AND closed_us IS NULL", head.chain_id, wall_us())
-            if note is not None:
-                log.warning("audit: sealed chain %s of a process that did not stop cleanly (%d unsealed records)", origin, seq - sealed)
-            out.append((origin, note))
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", k)
-    return out

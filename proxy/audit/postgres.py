@@ -42,8 +42,8 @@ from typing import Any
 import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit import pg_chain
-from proxy.audit.chain import append_checkpoint_file, load_private_key, verifier_key
+from proxy.audit import pg_chain, pg_upkeep
+from proxy.audit.chain import append_checkpoint_file, verifier_key
 from proxy.audit.pg_chain import Appended, ChainMoved, Head
 from proxy.audit.pg_reader import PgAuditReader
 from proxy.audit.record import Prepared, Projector, RecordStageError
@@ -132,6 +132,7 @@ class PostgresAuditLog:
         self._stopping = False
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=cfg.queue_max)
         self._retry: list[_Item] = []
+        self._limbo: tuple[Appended, list[_Item]] | None = None  # a group whose commit is in doubt, and its batch records
         self._room = asyncio.Event()  # set when the writer took records from the queue or the store's health changed
         self._inflight = 0
         self._pool: asyncpg.Pool | None = None
@@ -158,7 +159,7 @@ class PostgresAuditLog:
     @property
     def queue_depth(self) -> int:
         """Records waiting for a commit (queued, being committed, or waiting for a retry)."""
-        return self._queue.qsize() + len(self._retry) + self._inflight
+        return self._queue.qsize() + len(self._retry) + self._inflight + (len(self._limbo[1]) if self._limbo is not None else 0)
 
     @property
     def chain_id(self) -> int | None:
@@ -167,7 +168,7 @@ class PostgresAuditLog:
 
     async def start(self) -> None:
         """Check the schema, open this run's chain, seal chains of dead processes, start the writer."""
-        self._key = await asyncio.to_thread(self._load_key)
+        self._key = await asyncio.to_thread(pg_upkeep.load_fleet_key, self.cfg)
         dsn = self._dsn or self.database.dsn
         if not dsn:
             raise ConfigError("database.dsn_env", f"environment variable {self.database.dsn_env} is not set")
@@ -304,7 +305,7 @@ class PostgresAuditLog:
         max_n = self.cfg.batch_max_records
         linger = 0.0 if self.sync else self.cfg.batch_max_ms / 1000.0
         while True:
-            if self._retry:
+            if self._retry or self._limbo is not None:
                 await self._drain_retry()
             first = await q.get()
             if first is _STOP:
@@ -338,11 +339,16 @@ class PostgresAuditLog:
         delay = 0.05
         deadline: float | None = None
         max_n = self.cfg.batch_max_records
-        while self._retry:
+        while self._retry or self._limbo is not None:
             if deadline is None and self._stopping:
                 deadline = time.monotonic() + 5.0
-            group, self._retry = self._retry[:max_n], self._retry[max_n:]
-            if await self._commit(group):
+            if self._retry:
+                group, self._retry = self._retry[:max_n], self._retry[max_n:]
+                ok = await self._commit(group)
+            else:
+                async with self._wlock:
+                    ok = await self._resolve_limbo() is None
+            if ok:
                 delay = 0.05
                 continue
             if deadline is not None and time.monotonic() > deadline:
@@ -352,6 +358,9 @@ class PostgresAuditLog:
             delay = min(delay * 2, 2.0)
 
     def _give_up(self) -> None:
+        if self._limbo is not None:
+            log.error("audit: %d records may or may not have been written (their commit's outcome could not be read)", len(self._limbo[1]))
+            self._limbo = None
         if self._retry:
             log.error("audit: %d records could not be written before shutdown", len(self._retry))
         for it in self._retry:
@@ -363,9 +372,12 @@ class PostgresAuditLog:
         """Append one group; True when committed.  A failure fails the waiting callers and keeps the others for a retry."""
         self._inflight += len(group)
         t0 = time.perf_counter()
+        limbo: Appended | None = None
         try:
             async with self._wlock:
-                err = await self._append([it.prepared for it in group])
+                err = await self._resolve_limbo()
+                if err is None:
+                    err, limbo = await self._append([it.prepared for it in group])
         finally:
             self._inflight -= len(group)
         if err is not None:
@@ -377,8 +389,13 @@ class PostgresAuditLog:
             for it in group:
                 if it.future is not None and not it.future.done():
                     it.future.set_exception(_unavailable())
-            # Ahead of anything queued since: order is kept across a retry.
-            self._retry[:0] = [it for it in group if it.future is None]
+            keep = [it for it in group if it.future is None]
+            if limbo is not None:
+                # Whether this group landed is unknown: the head decides once it can be read again (never a retry
+                # before that, which could write it twice).
+                self._limbo = (limbo, keep)
+            else:
+                self._retry[:0] = keep  # ahead of anything queued since: order is kept across a retry
             return False
         if not self._healthy and not self._stopping:
             log.warning("audit: the store is writable again")
@@ -394,11 +411,36 @@ class PostgresAuditLog:
                 log.exception("audit: on_commit hook failed")
         return True
 
-    async def _append(self, preps: list[Prepared]) -> BaseException | None:
-        """Append ``preps`` on the writer connection (holding ``_wlock``); the error when they were not committed.
+    async def _resolve_limbo(self) -> BaseException | None:
+        """Settle a group whose outcome could not be read (holding ``_wlock``): written, or queued for a retry."""
+        if self._limbo is None:
+            return None
+        batch, items = self._limbo
+        try:
+            await self._resync(await self._writer_conn())
+        except Exception as e:
+            return e
+        self._limbo = None
+        head = self._head
+        assert head is not None
+        if head.seq == batch.seq and head.hash == batch.hash:
+            log.warning("audit: a group of %d records whose commit was in doubt had been committed", batch.records)
+            self.records_written += len(items)
+            if batch.note is not None:
+                head.sealed = max(head.sealed, batch.seq)
+                self._export(batch.note)
+        else:
+            self._retry[:0] = items
+        return None
 
-        Tries twice: after a lost connection (the head says whether the lost
-        statement committed) or a moved head, once more on a fresh connection.
+    async def _append(self, preps: list[Prepared]) -> tuple[BaseException | None, Appended | None]:
+        """Append ``preps`` on the writer connection (holding ``_wlock``).
+
+        Returns ``(None, None)`` when committed, else the error and, when the
+        statement may have committed but the head could not be read to tell,
+        the group as sent.  Tries twice: after a lost connection (the head
+        says whether the lost statement committed) or a moved head, once more
+        on a fresh connection.
         """
         head = self._head
         assert head is not None and self._key is not None
@@ -420,20 +462,20 @@ class PostgresAuditLog:
             except Exception as e:
                 err = e
                 if isinstance(e, asyncpg.PostgresError) and not isinstance(e, _TRANSIENT_PG):
-                    return err  # the server refused the statement: rolled back, the connection and the head are fine
+                    return err, None  # the server refused the statement: rolled back, the connection and the head are fine
                 await self._drop_writer_conn()
                 if batch is None:
                     continue
                 landed = await self._landed(batch)
                 if landed:
                     self._advance(batch)
-                    return None
+                    return None, None
                 if landed is None:
-                    return err
+                    return err, batch
                 continue
             self._advance(batch)
-            return None
-        return err
+            return None, None
+        return err, None
 
     def _advance(self, batch: Appended) -> None:
         head = self._head
@@ -520,33 +562,12 @@ class PostgresAuditLog:
 
     # -- start-up, upkeep --------------------------------------------------------------
 
-    def _load_key(self) -> Ed25519PrivateKey:
-        """The fleet's signing key (required: a key generated inside a pod would be lost with it)."""
-        cfg = self.cfg
-        if cfg.signing_key_env:
-            text = os.environ.get(cfg.signing_key_env)
-            if not text:
-                raise ConfigError("audit.signing_key_env", f"environment variable {cfg.signing_key_env} is not set")
-            source = "audit.signing_key_env"
-        elif cfg.signing_key_file:
-            source = "audit.signing_key_file"
-            try:
-                text = Path(cfg.signing_key_file).read_text()
-            except FileNotFoundError:
-                raise ConfigError(source, f"{cfg.signing_key_file} does not exist") from None
-        else:
-            raise ConfigError("audit.signing_key_env", "the postgres backend needs the fleet's signing key: set signing_key_env or signing_key_file")
-        try:
-            return load_private_key(text)
-        except ValueError as e:
-            raise ConfigError(source, str(e)) from None
-
     async def _seal_orphans(self) -> None:
         """Seal and close the chains of processes that died (see :func:`pg_chain.seal_orphans`)."""
         assert self._pool is not None and self._key is not None and self._head is not None
         try:
             async with self._pool.acquire() as conn:
-                sealed = await pg_chain.seal_orphans(conn, self._key, self._head.chain_id, self.commit_timeout_s)
+                sealed = await pg_upkeep.seal_orphans(conn, self._key, self._head.chain_id, self.commit_timeout_s)
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             log.error("audit: could not seal the chains of dead processes: %s", e)
             return
@@ -570,41 +591,14 @@ class PostgresAuditLog:
     async def prune(self, now_us: int | None = None) -> int:
         """Delete records older than ``retention_days`` from every chain, each up to a checkpoint (kept); returns how many.
 
-        One replica at a time (an advisory lock; the others skip).  Per chain,
-        ``audit_prune_mark`` moves the chain's ``pruned_through`` to the newest
-        checkpoint at or before its first young record, then
-        ``audit_prune_chunk`` deletes ``prune_chunk`` records per call, each its
-        own short transaction, pausing between calls.  Both functions run with
-        the schema owner's rights (``SECURITY DEFINER``): the role Warden writes
-        with has no DELETE, and they refuse a cut younger than one day.
+        One replica at a time, through the schema owner's functions (see :func:`pg_upkeep.prune_chains`).
         """
         if not self.cfg.retention_days or self._pool is None:
             return 0
         cutoff = (now_us or pg_chain.wall_us()) - self.cfg.retention_days * 86_400 * 1_000_000
-        done: list[dict[str, Any]] = []
-        total = 0
         async with self._pool.acquire() as conn:
-            schema = await conn.fetchval("SELECT current_schema()")
-            k = pg_chain.lock_key(f"retention\x00{schema}")
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", k):
-                return 0
-            try:
-                chains = await conn.fetch("SELECT chain_id, origin FROM audit_chains WHERE pruned_through < seq ORDER BY chain_id")
-                for ch in chains:
-                    through = int(await conn.fetchval("SELECT audit_prune_mark($1, $2)", ch["chain_id"], cutoff))
-                    deleted = 0
-                    while through:
-                        t0 = time.monotonic()
-                        n = int(await conn.fetchval("SELECT audit_prune_chunk($1, $2)", ch["chain_id"], self.prune_chunk))
-                        if not n:
-                            break
-                        deleted += n
-                        await asyncio.sleep(max(self.prune_pause_s, time.monotonic() - t0))
-                    if deleted:
-                        done.append({"origin": ch["origin"], "through": through, "deleted": deleted})
-                        total += deleted
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", k)
+            done = await pg_upkeep.prune_chains(conn, cutoff, self.prune_chunk, self.prune_pause_s)
+        total = sum(int(c["deleted"]) for c in done)
         if total:
             log.info("audit: retention pruned %d records from %d chains", total, len(done))
             await self.record_event("retention_prune", {"subject": "warden"}, {"chains": done, "deleted": total, "cutoff_us": cutoff})

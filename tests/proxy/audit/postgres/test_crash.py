@@ -151,3 +151,49 @@ async def test_replica_killed_mid_write_loses_no_acknowledged_record(make_pg_log
     finally:
         await conn.close()
     assert reason in ("recovery", "periodic")
+
+
+async def test_commit_in_doubt_is_settled_by_the_head_never_written_twice(make_pg_log: PgLogFactory, pg_dsn: str) -> None:
+    """The writer's connection is cut and no new one can be opened for a while, so whether the group in flight
+    committed cannot be read: its records wait (neither retried nor counted) until the head says."""
+    log = await make_pg_log(durability="batch", batch_max_records=16, batch_max_ms=0)
+    real = log._conninfo
+    sent: list[str] = []
+    stop = asyncio.Event()
+
+    async def writer(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            rid = f"req_d{k}_{i:05d}"
+            i += 1
+            sent.append(rid)
+            await log.record_exchange(make_exchange(request_id=rid))
+            await asyncio.sleep(0.001)
+
+    async def outage() -> None:
+        await asyncio.sleep(0.2)
+        pid = await _writer_pid(pg_dsn, log.origin)
+        log._conninfo = "postgresql://postgres@127.0.0.1:1/none"  # nothing listens: every reconnect fails
+        await _terminate(pg_dsn, pid)
+        for _ in range(200):
+            if not log.healthy:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        doubt = log._limbo is not None
+        log._conninfo = real
+        for _ in range(400):
+            if log.healthy and log._limbo is None:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        stop.set()
+        assert doubt, "the group in flight was not in doubt"
+
+    await asyncio.gather(outage(), *(writer(k) for k in range(4)))
+    await log.stop()
+    ids = await _request_ids(pg_dsn)
+    assert len(ids) == len(set(ids)), "a record was written twice"
+    assert sorted(ids) == sorted(sent)
+    report = await verify_pg(pg_dsn)
+    assert report.ok, report.render()
