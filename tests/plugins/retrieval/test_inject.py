@@ -46,10 +46,10 @@ def test_citations_map_flag_invalid_and_header_encoding() -> None:
               RetrievedChunk("d3", "ch3", 0.4, excluded_reason="budget")]
     assert find_markers("x [2][1] y [1, 3] z [99999] [a]") == [2, 1, 3]
     cites = map_citations("See [1] and [2, 3].", chunks)
-    assert cites == [{"n": 1, "doc_id": "a,b=c", "chunk_id": "ch1", "valid": True}, {"n": 2, "doc_id": "d2", "chunk_id": "ch2", "valid": True},
-                     {"n": 3, "doc_id": None, "chunk_id": None, "valid": False}]
+    assert [c.as_dict() for c in cites] == [{"n": 1, "doc_id": "a,b=c", "chunk_id": "ch1", "valid": True}, {"n": 2, "doc_id": "d2", "chunk_id": "ch2", "valid": True},
+                                            {"n": 3, "doc_id": None, "chunk_id": None, "valid": False}]
     assert header_value(cites) == ("1=a%2Cb%3Dc,2=d2", "3")
-    assert map_citations(None, chunks) == [] and map_citations("[1]", []) == [{"n": 1, "doc_id": None, "chunk_id": None, "valid": False}]
+    assert map_citations(None, chunks) == [] and [c.as_dict() for c in map_citations("[1]", [])] == [{"n": 1, "doc_id": None, "chunk_id": None, "valid": False}]
 
 
 def test_spaced_and_lookalike_delimiters_cannot_close_an_entry() -> None:
