@@ -16,7 +16,7 @@ Properties, for every input:
 The in-suite run is short (300 examples per property, a few seconds).  To
 fuzz longer set ``WARDEN_FUZZ_EXAMPLES``; fix a seed with ``WARDEN_FUZZ_SEED``::
 
-    WARDEN_FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest -q -p no:cacheprovider tests/proxy/test_sse_fuzz.py
+    WARDEN_FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest -q -p no:cacheprovider -o timeout=0 tests/proxy/test_sse_fuzz.py
 
 A failing example is printed by Hypothesis; add it to ``tests/proxy/test_sse.py``
 as a regression test.

@@ -17,7 +17,7 @@ Targets and invariants (every input is JSON a provider could send, as
 The in-suite run is short (300 examples per property, a few seconds).  To
 fuzz longer set ``WARDEN_FUZZ_EXAMPLES``; fix a seed with ``WARDEN_FUZZ_SEED``::
 
-    WARDEN_FUZZ_EXAMPLES=50000 .venv/bin/python -m pytest -q -p no:cacheprovider tests/proxy/test_tooling_fuzz.py
+    WARDEN_FUZZ_EXAMPLES=50000 .venv/bin/python -m pytest -q -p no:cacheprovider -o timeout=0 tests/proxy/test_tooling_fuzz.py
 
 Findings are kept at the end as regression tests; those not fixed yet in
 ``proxy/tooling.py`` are ``xfail(strict=True)``, so the fix turns them into
