@@ -22,7 +22,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.audit.sqlite import SQLiteAuditLog, build_audit
+from proxy.audit.factory import build_audit
+from proxy.audit.sqlite import SQLiteAuditLog
 from proxy.config import Config, load_config
 from proxy.logs import JSONFormatter, SecretScrubber, add_secrets
 from proxy.plugin import available_plugins
@@ -40,6 +41,8 @@ TOOLS_REDIS_PASSWORD = "p@ss/w0rd-tools"
 EMBED_KEY = "embedding-api-key-held-0123456789"
 CUSTOM = 'custom "quoted\\" plugin secret-42'
 PG_PASSWORD = "pg-pa55word-xyz"
+DATABASE_URL = "postgresql://warden:db-pa55word-core@127.0.0.1:5432/test"
+DATABASE_PASSWORD = "db-pa55word-core"
 SHORT = "abc123"
 
 HELD = {
@@ -53,6 +56,8 @@ HELD = {
     "embedding_key": EMBED_KEY,
     "custom_secret_values": CUSTOM,
     "nested_dsn_password": PG_PASSWORD,
+    "database_url": DATABASE_URL,
+    "database_password": DATABASE_PASSWORD,
 }
 """Every secret but the provider key, which keeps its own rule (``upstream_key``)."""
 
@@ -93,6 +98,7 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
         "T_SECRETS_OTLP": OTLP_HEADERS,
         "T_SECRETS_EMBED": EMBED_KEY,
         "T_SECRETS_SHORT": SHORT,
+        "T_SECRETS_DATABASE_URL": DATABASE_URL,
     }.items():
         monkeypatch.setenv(name, value)
 
@@ -106,6 +112,7 @@ def _config(tmp_path: Path, store_content: str = "full") -> Config:
             "admin": {"token_env": "T_SECRETS_ADMIN"},
             "audit": {"path": str(tmp_path / "audit.db"), "signing_key_env": "T_SECRETS_AUDIT_KEY", "store_content": store_content},
             "tracing": {"headers_env": "T_SECRETS_OTLP"},
+            "database": {"dsn_env": "T_SECRETS_DATABASE_URL"},
             "limits": {"redis_url": f"redis://:{LIMITS_REDIS_PASSWORD}@127.0.0.1:6379/0"},
             "policy": {"redis_url": f"redis://warden:{TOOLS_REDIS_PASSWORD_URL}@127.0.0.1:6379/1"},
             "retrieval": {"embedding_api_key_env": "T_SECRETS_EMBED"},
@@ -128,6 +135,7 @@ def test_secret_values_collects_every_kind_and_skips_short_ones(env: None, tmp_p
     assert SHORT not in warnings[0], "a warning names the key, never the value"
     keys = {s.key for s in collect_secrets(cfg)}
     assert "auth.hs256_secret_env ($T_SECRETS_HS)" in keys
+    assert "database.dsn_env ($T_SECRETS_DATABASE_URL) (URL password)" in keys
     assert "policy.redis_url (URL password)" in keys
     assert "secretstest.stores[1].dsn (URL password)" in keys
     assert "secretstest.secret_values()" in keys
