@@ -376,7 +376,7 @@ class EdgeProtocol(RequestHandler):
     async def finish_response(self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None) -> tuple[web.StreamResponse, bool]:
         self._body_deadline = 0.0
         self._body = None
-        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+        if isinstance(resp, web.HTTPException) and resp.status >= 400 and resp.content_type != "application/json":
             # aiohttp's own answers (no route for an odd request target, say): JSON, never its text page.
             resp = self._json_for_http_exception(resp)
         if self._listener.draining and not resp.prepared:
