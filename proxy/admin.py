@@ -73,7 +73,8 @@ def build_admin_app(w: Warden) -> web.Application:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("the admin API needs a bearer token", rule="admin.auth")
-        if bootstrap and hmac.compare_digest(token.encode(), bootstrap.encode()):
+        # surrogateescape: an undecodable byte in the header compares unequal instead of raising.
+        if bootstrap and hmac.compare_digest(token.encode("utf-8", "surrogateescape"), bootstrap.encode("utf-8", "surrogateescape")):
             return Principal(tenant="*", subject="bootstrap-admin", scopes=frozenset({w.config.admin.scope}))
         if w.auth.mode == "none":
             raise Unauthorized("admin token not accepted", rule="admin.token_env")

@@ -24,10 +24,11 @@ from proxy.config import Config, load_config
 from proxy.errors import ConfigError, WardenError
 from proxy.exchange import Exchange, UpstreamTurn
 from proxy.headers import safe_text
-from proxy.logs import add_secret
+from proxy.logs import add_secrets
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.plugin import Plugin, PluginChain, PluginContext, available_plugins
+from proxy.secrets import secret_values
 from proxy.upstream import Upstream, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class Warden:
             from proxy.tracing import Tracing
 
             self.tracing = Tracing(config)
-        add_secret(config.upstream.api_key)
+        add_secrets(secret_values(config))
         self.audit = audit
         self.ready = False
         self.draining = False

@@ -377,6 +377,11 @@ class TracingConfig:
     export_timeout_s: float = 10.0
     """Timeout of one OTLP export request (exports run on a background thread, never on the request path)."""
 
+    def secret_values(self) -> list[str]:
+        """Each exporter header value from ``headers_env`` (a collector API key is a secret on its own)."""
+        raw = os.environ.get(self.headers_env, "") if self.headers_env else ""
+        return [v.strip() for part in raw.split(",") for k, sep, v in [part.partition("=")] if sep and k.strip() and v.strip()]
+
     def validate(self, key: str) -> None:
         if not 0.0 <= self.sample_ratio <= 1.0:
             raise ConfigError(f"{key}.sample_ratio", "must be between 0 and 1")

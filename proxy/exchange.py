@@ -308,6 +308,11 @@ class Exchange:
     turns: list[UpstreamTurn] = field(default_factory=list)
     tools_offered: frozenset[str] | None = None
     """Tool names offered to the model after every request hook ran (``None``: no tools offered)."""
+    tools_withheld: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Tools the client offered that a request hook removed before the upstream call: name → (rule, reason).
+
+    A call to one of them is refused with that rule and reason (the model
+    learns why), not merely as "not offered"."""
     max_corrections: int = 2
     tool_decisions: list[ToolDecisionRecord] = field(default_factory=list)
     tool_results: list[dict[str, Any]] = field(default_factory=list)

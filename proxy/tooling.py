@@ -245,6 +245,10 @@ def offer_check(ex: Exchange, call: ToolCall) -> Decision | None:
     Warden removed was not offered), so a model cannot reach a declared tool
     the application did not offer, or any tool when none was offered.
     """
+    withheld = ex.tools_withheld.get(call.name)
+    if withheld is not None:
+        rule, reason = withheld
+        return Decision.deny(rule, f"the tool {call.name[:64]!r} is not available to this request: {reason}")
     offered = ex.tools_offered
     if offered is None:
         return Decision.deny("tools.offered", "no tools were offered to the model in this request")

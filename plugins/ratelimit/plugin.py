@@ -77,7 +77,7 @@ class _State:
     """What the audit record gets (``audit_fields``): the decision, the idempotency outcome, the token reconciliation."""
 
 
-_STATE = StateKey("limits", _State)
+STATE = StateKey("limits", _State)
 
 
 def format_duration(seconds: float) -> str:
@@ -232,7 +232,7 @@ class LimitsPlugin(Plugin):
 
     async def on_request(self, ex: Exchange) -> None:
         """Replay/claim the Idempotency-Key, decide all matching budgets at once, take an upstream slot."""
-        st = ex.slots[_STATE] = _State()
+        st = ex.slots[STATE] = _State()
         try:
             s = self.section
             if s.idempotency and self.idem is not None:
@@ -249,7 +249,7 @@ class LimitsPlugin(Plugin):
 
     def audit_fields(self, ex: Exchange) -> dict[str, Any] | None:
         """The limits decision, the idempotency outcome and the token reconciliation of this exchange."""
-        st = ex.slots.get(_STATE)
+        st = ex.slots.get(STATE)
         return dict(st.record) if st is not None and st.record else None
 
     async def on_complete(self, ex: Exchange) -> None:
@@ -460,7 +460,7 @@ class LimitsPlugin(Plugin):
     # -- end of exchange -------------------------------------------------
 
     async def _finish(self, ex: Exchange, failed: bool) -> None:
-        st = ex.slots.get(_STATE)
+        st = ex.slots.get(STATE)
         if st is None or st.finished:
             return
         st.finished = True

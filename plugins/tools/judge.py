@@ -49,8 +49,7 @@ class ExchangeState:
 
     executed: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Write calls with a result in the application's history (see ``scan_history``)."""
-    removed: dict[str, str] = field(default_factory=dict)
-    """Tools removed from the offer before the upstream call, with the rule that removed each."""
+
     turn: int = -1
     turn_allowed: dict[str, Decision] = field(default_factory=dict)
     """Calls allowed in the current turn, by ``call_key``."""

@@ -292,7 +292,7 @@ class ToolsPlugin(Plugin):
 
             new_body, removed = fence_tools(body, gate, lookup)
             if removed:
-                self._state(ex).removed = {name: rule for name, (rule, _) in removed.items()}
+                ex.tools_withheld.update(removed)
             if new_body is not None:
                 ex.set_body(new_body)
                 body = new_body
@@ -317,10 +317,6 @@ class ToolsPlugin(Plugin):
         """Add ``x-warden-tool-decisions`` summarising every verdict of the exchange."""
         ex.response_headers[HEADER] = decisions_header(ex)
 
-    def audit_fields(self, ex: Exchange) -> dict[str, Any] | None:
-        """The tools Warden removed from the offer before the upstream call, with the rule for each."""
-        st = ex.slots.get(STATE_KEY)
-        return {"removed": dict(st.removed)} if st is not None and st.removed else None
 
     def metrics(self) -> dict[str, Any]:
         """Counters for the metrics exporter: decisions by (tool, kind), pending approvals."""

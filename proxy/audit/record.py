@@ -247,6 +247,7 @@ class Projector:
             "model": {"requested": ex.model, "reported": ex.response_model},
             "stream": ex.stream,
             "params": _params(client, first, tools_sent),
+            "tools_withheld": {name: rule for name, (rule, _) in ex.tools_withheld.items()},
             "prompt": {
                 "system_sha256": _system_hash(first, self._system_hashes),
                 "template_sha256": ex.prompt_template_sha256,
@@ -381,8 +382,8 @@ class Projector:
             kind=kind,
             ts_us=ts_us,
             request_id=rid if isinstance(rid, str) else None,
-            tenant=_str(actor.get("tenant")),
-            subject=_str(actor.get("subject")),
+            tenant=_str(red_actor.get("tenant")),
+            subject=_str(red_actor.get("subject")),
             tools=None,
             call_ids=None,
             status=None,

@@ -498,22 +498,12 @@ async def _raw_get(url: str, path: str, authorization: bytes) -> tuple[int, byte
     return int(head.split(b" ")[1]), body
 
 
-def _admin_xfail(listener: str, case: str) -> Any:
-    if listener == "admin" and case == "invalid_utf8":
-        return pytest.mark.xfail(
-            strict=True,
-            reason="proxy/admin.py compares the bootstrap token with token.encode(), which raises on the surrogate "
-            "aiohttp makes of an undecodable byte; needs encode('utf-8', 'surrogateescape') (see the auth report)",
-        )
-    return ()
-
-
 _CASES = ["kid_int", "crit", "non_ascii", "invalid_utf8", "nbf_string", "exp_huge", "tenant_crlf", "subject_surrogate", "group_nul", "tenant_long", "header_list"]
 
 
 @pytest.mark.parametrize(
     "listener,case",
-    [pytest.param(listener, case, marks=_admin_xfail(listener, case)) for listener in ("data", "admin") for case in _CASES],
+    [pytest.param(listener, case) for listener in ("data", "admin") for case in _CASES],
 )
 async def test_review_cases_through_both_listeners(
     warden_factory: WardenFactory, rsa_keys: Keys, caplog: pytest.LogCaptureFixture, listener: str, case: str

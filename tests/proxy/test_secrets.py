@@ -127,7 +127,7 @@ def test_secret_values_collects_every_kind_and_skips_short_ones(env: None, tmp_p
     cfg = _config(tmp_path)
     with caplog.at_level(logging.WARNING, logger="warden.secrets"):
         values = secret_values(cfg)
-    assert set(values) == {PROVIDER_KEY, *HELD.values()}
+    assert set(values) == {PROVIDER_KEY, *HELD.values(), OTLP_HEADERS.partition("=")[2]}, "the OTLP header value on its own too"
     assert len(values) == len(set(values)), "each value once"
     assert SHORT not in values
     warnings = [r.getMessage() for r in caplog.records if r.name == "warden.secrets"]
@@ -139,6 +139,7 @@ def test_secret_values_collects_every_kind_and_skips_short_ones(env: None, tmp_p
     assert "policy.redis_url (URL password)" in keys
     assert "secretstest.stores[1].dsn (URL password)" in keys
     assert "secretstest.secret_values()" in keys
+    assert "tracing.secret_values()" in keys
 
 
 def test_no_secret_configured_gives_none(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,11 +197,6 @@ async def test_the_audit_log_never_stores_a_held_secret(env: None, tmp_path: Pat
             assert form not in disk, f"{kind} reached the audit database"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy/audit/record.py indexes an event's tenant and subject columns from the actor before redaction "
-    "(Prepared(tenant=_str(actor.get(...)))); they should come from the redacted actor (see the secrets report)",
-)
 async def test_an_event_actor_holding_a_secret_is_redacted_in_the_index_columns_too(env: None, tmp_path: Path) -> None:
     sink = build_audit(_config(tmp_path))
     assert isinstance(sink, SQLiteAuditLog)
@@ -271,11 +267,6 @@ def test_a_secret_with_an_undecodable_byte_is_registered_without_crashing() -> N
     assert Redactor(secrets=["bad-byte-\udcff-secret"], apply_pii=False).text("x bad-byte-\udcff-secret y", counts) == "x [REDACTED:secret_value] y"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy/app.py registers only the provider key for the logs (add_secret(config.upstream.api_key)); "
-    "it should call add_secrets(secret_values(config)) (see the secrets report)",
-)
 def test_a_warden_registers_every_held_secret_for_its_logs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from proxy.app import Warden
 

@@ -74,7 +74,7 @@ class Upstream:
         ex.status = status
         ans = answer if answer is not None else completion()
         ex.response_body = ans
-        ex.usage = ans.get("usage")
+        ex.add_usage(ans.get("usage"))
 
 
 async def drive(
@@ -100,3 +100,12 @@ async def drive(
             await before_complete()
     await plugin.on_complete(ex)
     return ex
+
+
+def recorded(ex: Exchange) -> dict[str, Any]:
+    """What the limits plugin records for ``ex`` (its ``audit_fields``, as the audit record gets them)."""
+    from plugins.ratelimit.plugin import STATE
+
+    st = ex.slots.get(STATE)
+    assert st is not None and st.record, "the limits plugin recorded nothing for this exchange"
+    return st.record

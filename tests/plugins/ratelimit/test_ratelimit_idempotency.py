@@ -10,7 +10,7 @@ import pytest
 from plugins.ratelimit.idempotency import REPLAY_HEADER, completion_to_sse
 from plugins.ratelimit.plugin import LimitsPlugin
 from proxy.errors import BadRequest, Conflict
-from tests.plugins.ratelimit.limits_helpers import MakePlugin, Upstream, completion, drive, make_exchange
+from tests.plugins.ratelimit.limits_helpers import MakePlugin, Upstream, completion, drive, make_exchange, recorded
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -99,7 +99,7 @@ async def test_concurrent_duplicate_waits_for_the_first(plugin: LimitsPlugin) ->
     assert up.calls == 1
     for ex in results:
         assert ex.local_reply is not None and orjson.loads(ex.local_reply.body)["choices"][0]["message"]["content"] == "once"
-        assert ex.annotations["limits.idempotency"] == "replay after wait"
+        assert recorded(ex)["idempotency"] == "replay after wait"
 
 
 async def test_waiting_is_bounded(make_plugin: MakePlugin) -> None:

@@ -49,10 +49,15 @@ async def test_legacy_function_call_is_judged(tw: Any, token: Any, fake: FakePro
     msg = {"role": "assistant", "content": None, "function_call": {"name": "refund", "arguments": EVIL}}
     for _ in range(3):
         fake.push(Reply(body=_completion(msg), headers={"Content-Type": "application/json"}))
-    body = {**BODY, "functions": [{"name": "lookup", "parameters": {"type": "object"}}]}
+    body = {**BODY, "functions": [{"name": "lookup", "parameters": {"type": "object"}}, {"name": "refund", "parameters": {"type": "object"}}]}
     status, raw = await _post(tw, token(sub="bob", groups=["sales"]), body)
     assert status == 403, raw
-    assert b"tools[1].allow_groups" in raw
+    assert b"tools[1].allow_groups" in raw, "refund was offered and withheld by the fence: its rule, not only tools.offered"
+    # Not offered at all: refused by the core's offer rule.
+    for _ in range(3):
+        fake.push(Reply(body=_completion(msg), headers={"Content-Type": "application/json"}))
+    status, raw = await _post(tw, token(sub="bob", groups=["sales"]), {**BODY, "functions": [{"name": "lookup", "parameters": {"type": "object"}}]})
+    assert status == 403 and b"tools.offered" in raw
 
 
 def _sse(events: list[dict[str, Any]]) -> list[bytes]:
@@ -79,7 +84,8 @@ async def test_streamed_legacy_function_call_is_judged(tw: Any, token: Any, fake
     ])
     for _ in range(3):
         fake.push(Reply(raw_events=events))
-    raw = await _stream(tw, token(sub="bob", groups=["sales"]), {**BODY, "functions": [{"name": "lookup", "parameters": {"type": "object"}}]})
+    offered = [{"name": "lookup", "parameters": {"type": "object"}}, {"name": "refund", "parameters": {"type": "object"}}]
+    raw = await _stream(tw, token(sub="bob", groups=["sales"]), {**BODY, "functions": offered})
     assert b"5000" not in raw
     assert b"tools[1].allow_groups" in raw
 

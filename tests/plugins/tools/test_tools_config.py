@@ -97,7 +97,7 @@ async def test_reload_recompiles_and_refuses_bad(make_plugin: Any, tmp_path: Pat
     await plugin.reload(stricter.plugin_sections["policy"])
     ex = exchange()
     await plugin.on_request(ex)
-    assert ex.annotations["max_corrections"] == 0
+    assert ex.max_corrections == 0
     assert (await plugin.on_tool_call(ex, call("note", '{"text": "t"}'))).kind == "deny"
 
 

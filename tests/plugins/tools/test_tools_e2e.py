@@ -139,8 +139,8 @@ async def test_exhausted_corrections(billing: openai.AsyncOpenAI, fake: FakeProv
     for i in range(3):
         fake.push(Reply(content=None, tool_calls=[{"id": f"w{i}", "name": "note", "arguments": '{"text": "x"}'}]))
     with pytest.raises(openai.PermissionDeniedError) as err3:
-        await billing.chat.completions.create(**BODY)
-    assert "rule: policy.read_only" in str(err3.value) and "'note'" in str(err3.value)
+        await billing.chat.completions.create(**BODY, tools=[fn("note")])  # type: ignore[list-item]
+    assert "rule: policy.read_only" in str(err3.value) and "'note'" in str(err3.value), "withheld by the fence: the model learns why"
 
 
 async def test_streamed_parallel_calls_with_one_refused(billing: openai.AsyncOpenAI, fake: FakeProvider) -> None:
@@ -161,7 +161,7 @@ async def test_streamed_parallel_calls_with_one_refused(billing: openai.AsyncOpe
             ],
         ),
     )
-    s = await billing.chat.completions.create(**BODY, tools=[fn("lookup"), fn("note")], stream=True)  # type: ignore[list-item]
+    s = await billing.chat.completions.create(**BODY, tools=[fn("lookup"), fn("note"), fn("shell")], stream=True)  # type: ignore[list-item]
     calls: dict[int, list[str]] = {}
     text = []
     async for chunk in s:
@@ -308,7 +308,7 @@ async def test_server_reload_applies_new_tools_and_refuses_bad(
     result = await tw.warden.reload(str(path))
     assert result["result"] == "applied", result
     fake.push(Reply(content=None, tool_calls=[{"id": "c1", "name": "lookup", "arguments": '{"invoice_id": "x"}'}]), Reply(content="ok"))
-    await billing.chat.completions.create(**BODY)
+    await billing.chat.completions.create(**BODY, tools=[fn("lookup")])  # type: ignore[list-item]
     assert "customer" in fake.chat_requests()[1].body["messages"][-1]["content"]
     stricter[0] = {**stricter[0], "schema": {"type": "object", "properties": {"customer": {"type": "strng"}}}}
     path.write_text(_toml(deep_merge(base_config, {"plugins": {"enabled": ["tools", "headers"]}, "policy": policy, "tools": stricter})))

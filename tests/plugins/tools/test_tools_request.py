@@ -28,7 +28,7 @@ def names(b: dict[str, Any]) -> list[str]:
 async def test_sets_max_corrections(plugin: ToolsPlugin) -> None:
     ex = exchange()
     await plugin.on_request(ex)
-    assert ex.annotations["max_corrections"] == 2
+    assert ex.max_corrections == 2
     assert not ex.body_modified
 
 
@@ -57,7 +57,7 @@ async def test_removes_forbidden_unknown_and_write_tools(plugin: ToolsPlugin) ->
     ex = exchange(OUTSIDER, body(fn("lookup"), fn("refund"), fn("note"), fn("shell"), fn("audit_export")))
     await plugin.on_request(ex)
     assert ex.body is not None and names(ex.body) == ["lookup"]
-    assert ex.annotations["tools_removed"] == {
+    assert {name: rule for name, (rule, _) in ex.tools_withheld.items()} == {
         "refund": "tools[1].allow_groups",
         "note": "policy.read_only",
         "shell": "policy.unknown_tools",
