@@ -11,6 +11,7 @@ refused, and asks the provider again (a corrective turn), up to
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,15 +49,24 @@ def duplicate_key(arguments: str) -> str | None:
     refuse), so the value Warden validates might not be the one the
     application executes: such arguments are refused as malformed.
     """
-    if arguments.count('"') < 4:
+    if arguments.count('"') < 4 and not _LONG_DIGITS.search(arguments):
         return None
     try:
-        json.loads(arguments, object_pairs_hook=_reject_duplicates)
+        json.loads(arguments, object_pairs_hook=_reject_duplicates, parse_int=_int64)
     except _DuplicateKey as e:
         return e.key
-    except (ValueError, RecursionError):
-        return None
     return None
+
+
+_LONG_DIGITS = re.compile(r"\d{19}")
+
+
+def _int64(text: str) -> int:
+    """An integer as orjson reads it exactly; beyond 64 bits orjson makes a lossy float of it, so refuse."""
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise ValueError("integer beyond 64 bits")
+    return value
 
 
 def loads_arguments(arguments: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -67,7 +77,12 @@ def loads_arguments(arguments: str) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"arguments are not valid JSON: {e}"
     if not isinstance(parsed, dict):
         return None, "arguments must be a JSON object"
-    dup = duplicate_key(arguments)
+    try:
+        dup = duplicate_key(arguments)
+    except (ValueError, RecursionError):
+        # Python's json (what the application likely runs) cannot read exactly what orjson read:
+        # nested deeper than its recursion limit, or an integer orjson rounded.  Fail closed.
+        return None, "arguments cannot be checked: nested too deeply or an integer beyond 64 bits"
     if dup is not None:
         return None, f"arguments contain the duplicate key {dup[:64]!r}; every key may appear only once"
     return parsed, None
@@ -83,6 +98,17 @@ def parse_call(call_id: str, name: str, arguments: str, index: int, legacy: bool
     return call
 
 
+def _arguments_text(args: Any) -> str:
+    """``function.arguments`` as text.  A non-string value (against the format) is written back as JSON;
+    one orjson cannot write (nested deeper than 255) becomes ``""``, which parse_call refuses."""
+    if isinstance(args, str):
+        return args
+    try:
+        return orjson.dumps(args).decode()
+    except orjson.JSONEncodeError:
+        return ""
+
+
 def calls_from_message(message: dict[str, Any]) -> list[ToolCall]:
     """Tool calls of a non-streamed assistant message (malformed entries become invalid calls).
 
@@ -94,7 +120,7 @@ def calls_from_message(message: dict[str, Any]) -> list[ToolCall]:
     if fc is not None:
         name = fc.get("name") if isinstance(fc, dict) else None
         args = fc.get("arguments") if isinstance(fc, dict) else None
-        out.append(parse_call("function_call", str(name or ""), args if isinstance(args, str) else orjson.dumps(args).decode(), 0, legacy=True))
+        out.append(parse_call("function_call", str(name or ""), _arguments_text(args), 0, legacy=True))
     if raw is None:
         return out
     if not isinstance(raw, list):
@@ -109,7 +135,7 @@ def calls_from_message(message: dict[str, Any]) -> list[ToolCall]:
             out.append(call)
             continue
         args = fn.get("arguments")
-        out.append(parse_call(str(tc.get("id") or f"call_{i}"), str(fn.get("name") or ""), args if isinstance(args, str) else orjson.dumps(args).decode(), i))
+        out.append(parse_call(str(tc.get("id") or f"call_{i}"), str(fn.get("name") or ""), _arguments_text(args), i))
     return out
 
 
@@ -145,7 +171,7 @@ class StreamedCalls:
     def _grow(self, n: int) -> None:
         self._size += n
         if self._size > MAX_STREAMED_ARGS_BYTES:
-            raise SSEError(f"streamed tool-call arguments exceed {MAX_STREAMED_ARGS_BYTES} bytes")
+            raise SSEError(f"streamed tool-call names and arguments exceed {MAX_STREAMED_ARGS_BYTES} bytes")
         if len(self.parts) > MAX_STREAMED_CALLS:
             raise SSEError(f"more than {MAX_STREAMED_CALLS} streamed tool calls in one turn")
 
@@ -182,6 +208,7 @@ class StreamedCalls:
             if isinstance(fn, dict):
                 if isinstance(fn.get("name"), str):
                     p.name += fn["name"]
+                    self._grow(len(fn["name"]))
                 if isinstance(fn.get("arguments"), str):
                     p.args.append(fn["arguments"])
                     self._grow(len(fn["arguments"]))
@@ -194,6 +221,7 @@ class StreamedCalls:
         if isinstance(fc, dict):
             if isinstance(fc.get("name"), str):
                 self.legacy.name += fc["name"]
+                self._grow(len(fc["name"]))
             if isinstance(fc.get("arguments"), str):
                 self.legacy.args.append(fc["arguments"])
                 self._grow(len(fc["arguments"]))

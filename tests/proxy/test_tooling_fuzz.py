@@ -260,7 +260,6 @@ def _nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
 
-@pytest.mark.xfail(strict=True, reason="tooling.duplicate_key treats json's RecursionError as 'no duplicate' (fails open); fix proposed in the report")
 def test_duplicate_keys_beside_deep_nesting_are_refused() -> None:
     """orjson parses up to 1024 levels, Python's json stops near the interpreter's
     recursion limit (~1000 minus the current stack): between the two, the duplicate
@@ -273,7 +272,6 @@ def test_duplicate_keys_beside_deep_nesting_are_refused() -> None:
     assert accepted == []
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="calls_from_message re-serializes non-string arguments with orjson (255 levels max): TypeError escapes")
 def test_deeply_nested_non_string_arguments_become_an_invalid_call() -> None:
     """``function.arguments`` as a JSON array 300 levels deep (orjson parses 1024):
     ``orjson.dumps`` refuses to re-serialize it and raises instead of marking the call invalid."""
@@ -285,7 +283,6 @@ def test_deeply_nested_non_string_arguments_become_an_invalid_call() -> None:
     assert len(calls) == 1 and calls[0].parse_error is not None
 
 
-@pytest.mark.xfail(strict=True, reason="orjson reads integers beyond 64 bits as lossy floats; the application's json reads them exactly")
 def test_integers_beyond_64_bits_are_refused_or_read_exactly() -> None:
     """``18446744073709551617`` (2**64 + 1) is judged as the float 2**64 by Warden while
     Python's json hands the application the exact integer: a schema bound near 2**64
@@ -294,7 +291,6 @@ def test_integers_beyond_64_bits_are_refused_or_read_exactly() -> None:
         _check_loads(text)
 
 
-@pytest.mark.xfail(strict=True, reason="StreamedCalls counts argument bytes only: name fragments grow without bound")
 def test_streamed_name_fragments_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """A provider streaming endless ``function.name`` fragments (each event within the SSE bound)
     makes Warden hold an unbounded name; argument bytes are capped at MAX_STREAMED_ARGS_BYTES."""

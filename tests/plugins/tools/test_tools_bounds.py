@@ -169,7 +169,8 @@ async def test_parsed_value_that_is_not_an_object_is_not_trusted() -> None:
         ('{"text": Infinity}', "tool_call.json", "not a valid JSON object"),
         ('{"x": 1e400}', "tool_call.json", "infinity"),
         ('{"x": -1' + "0" * 400 + "}", "tool_call.json", "infinity"),
-        ('{"invoice_id": 123456789012345678901234567890}', "tools[0].schema", "is not of type"),
+        # Beyond 64 bits orjson (what Warden judges) and the application's json would read different numbers.
+        ('{"invoice_id": 123456789012345678901234567890}', "tool_call.json", "integer beyond 64 bits"),
         ('{"invoice_id": 1e-400}', "tools[0].schema", "is not of type"),
     ],
 )
@@ -183,8 +184,10 @@ async def test_odd_numbers_in_the_text(text: str, rule: str, fragment: str) -> N
 async def test_big_numbers_that_parse_are_judged_normally() -> None:
     judge = make_judge()
     assert (await verdict(judge, "note", '{"text": "a"}')).kind == "allow"
-    d = await verdict(judge, "grant", '{"n": 123456789012345678901234567890}')
+    d = await verdict(judge, "grant", '{"n": 18446744073709551615}')  # the largest integer both parsers read alike
     assert (d.kind, d.rule) == ("deny", "tools[5].approval_if")  # approval needed (no store here)
+    d = await verdict(judge, "grant", '{"n": 123456789012345678901234567890}')
+    assert (d.kind, d.rule) == ("repair", "tool_call.json")
     assert (await verdict(judge, "grant", '{"n": 1.7976931348623157e308, "m": -5e-324}')).rule == "tools[5].approval_if"
     assert (await verdict(judge, "grant", '{"n": 1}')).kind == "allow"
 
