@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
 from proxy.errors import (
@@ -235,6 +237,9 @@ class Pipeline:
             except web.HTTPRequestEntityTooLarge:
                 ex.body_refused = "server.max_body_bytes"
                 raise PayloadTooLarge(f"request body exceeds {limit} bytes", rule="server.max_body_bytes") from None
+            except (RequestPayloadError, BadHttpMessage):
+                ex.body_refused = "http.body"
+                raise BadRequest("the request body could not be read: its encoding or framing is invalid", rule="http.body") from None
         if not parse_json:
             return
         try:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from proxy.app import Warden
+from proxy.edge import Listener
 from proxy.exchange import Exchange, Principal
 
 
@@ -41,29 +41,31 @@ def make_exchange(
 
 @dataclass
 class RunningWarden:
-    """A started Warden with its data and admin listeners on free loopback ports."""
+    """A started Warden with its data and admin listeners on free loopback ports.
+
+    The listeners are the same :class:`~proxy.edge.Listener` objects
+    ``warden serve`` runs (parser errors as JSON, header and body deadlines,
+    connection bounds), so in-process tests see the production HTTP edge.
+    """
 
     warden: Warden
-    data_runner: web.AppRunner
-    admin_runner: web.AppRunner
+    data: Listener
+    admin: Listener
     base_url: str
     admin_url: str
 
     @classmethod
     async def start(cls, warden: Warden, drain_s: float = 5.0) -> RunningWarden:
         await warden.start()
-        data = web.AppRunner(warden.data_app(), access_log=None, shutdown_timeout=drain_s)
-        admin = web.AppRunner(warden.admin_app(), access_log=None, shutdown_timeout=1.0)
-        await data.setup()
-        await admin.setup()
-        await web.TCPSite(data, "127.0.0.1", 0).start()
-        await web.TCPSite(admin, "127.0.0.1", 0).start()
-        dport = data.addresses[0][1]
-        aport = admin.addresses[0][1]
-        return cls(warden, data, admin, f"http://127.0.0.1:{dport}/v1", f"http://127.0.0.1:{aport}")
+        cfg = warden.config.server
+        data = Listener(warden.data_app(), "data", cfg, warden.metrics, force_grace_s=drain_s)
+        admin = Listener(warden.admin_app(), "admin", cfg, warden.metrics, force_grace_s=1.0)
+        await data.start("127.0.0.1", 0)
+        await admin.start("127.0.0.1", 0)
+        return cls(warden, data, admin, f"http://127.0.0.1:{data.port}/v1", f"http://127.0.0.1:{admin.port}")
 
     async def stop(self) -> None:
         self.warden.draining = True
-        await self.data_runner.cleanup()
+        await self.data.cleanup()
         await self.warden.stop()
-        await self.admin_runner.cleanup()
+        await self.admin.cleanup()

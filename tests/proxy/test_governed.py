@@ -292,3 +292,16 @@ async def test_the_record_keeps_the_path_as_the_client_sent_it_and_the_query_is_
     assert status == 200
     assert [r.raw_path for r in fake.requests] == ["/v1/files/abc?x=%0d%0aX-Evil:%201&after=%23y"]
     assert "x-evil" not in {k.lower() for k in fake.requests[0].headers}
+
+
+async def test_a_body_whose_encoding_is_broken_is_a_400_not_a_500(warden_factory: WardenFactory, token: Callable[..., str], fake: FakeProvider) -> None:
+    rw = await warden_factory(AUDIT)
+    status, hdrs, body = await raw_request(
+        rw.base_url, "POST", "/v1/chat/completions",
+        {"Authorization": f"Bearer {token()}", "Content-Type": "application/json", "Content-Encoding": "gzip"}, b"not gzip at all, really",
+    )
+    assert status == 400 and b"http." in body
+    assert fake.requests == []
+    if "x-request-id" in hdrs:
+        rec = await _record(rw, hdrs["x-request-id"])
+        assert rec["status"] == 400
