@@ -182,7 +182,7 @@ class PostgresAuditLog:
             self._pool = await asyncpg.create_pool(
                 dsn, min_size=min(max(self.database.pool_min - 1, 1), size), max_size=size, server_settings=self._settings
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             raise _unavailable(f"cannot open the audit database: {type(e).__name__}: {e}") from None
         try:
             async with self._pool.acquire() as conn:
@@ -194,6 +194,9 @@ class PostgresAuditLog:
             await self._lock_chain(await self._writer_conn())
             self._reader = PgAuditReader(self._pool)
             await self._seal_orphans()
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            await self._close()  # e.g. a role without its grants: "permission denied for table audit_chains"
+            raise _unavailable(f"cannot open the audit store: {type(e).__name__}: {e}") from None
         except BaseException:
             await self._close()
             raise

@@ -16,6 +16,7 @@ from proxy.audit.pg_verify import verify_pg
 from proxy.audit.postgres import PostgresAuditLog
 from proxy.config import AuditConfig, DatabaseConfig
 from proxy.db.migrate import COMPONENTS, migrate
+from proxy.errors import AuditUnavailable
 from tests.pg_helpers import BASE_DSN, schema_dsn
 from tests.proxy.audit.helpers import make_exchange
 from tests.proxy.audit.postgres.conftest import PgLogFactory
@@ -157,3 +158,20 @@ async def test_retention_prunes_old_records_to_a_checkpoint_through_the_definer_
         assert await conn.fetchval("SELECT audit_prune_chunk(1, 1000)") == 0
     finally:
         await conn.close()
+
+
+async def test_a_role_without_the_grants_cannot_start_a_replica(pg_admin: asyncpg.Connection, pg_dsn: str, key_file: Path) -> None:
+    role = f"wn_{secrets.token_hex(4)}"
+    schema = pg_dsn.rsplit("%3D", 1)[1]
+    await pg_admin.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        await pg_admin.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+        await pg_admin.execute(f"GRANT SELECT ON {schema}.warden_schema TO {role}")
+        dsn = schema_dsn(schema, f"postgresql://{role}@{BASE_DSN.split('@', 1)[1]}")
+        log = PostgresAuditLog(AuditConfig(backend="postgres", signing_key_file=str(key_file)), DatabaseConfig(pool_max=3), dsn=dsn)
+        with pytest.raises(AuditUnavailable, match="permission denied for table audit_chains"):
+            await log.start()
+        assert not log.healthy
+    finally:
+        await pg_admin.execute(f"DROP OWNED BY {role}")
+        await pg_admin.execute(f"DROP ROLE {role}")
