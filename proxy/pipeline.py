@@ -153,6 +153,9 @@ class Pipeline:
         self.flows = flows
         self.routes = RouteTable(w.config.server.passthrough_routes)
         self.streams: set[asyncio.Task[Any]] = set()
+        """Requests relaying a stream."""
+        self.waiting: set[asyncio.Task[Any]] = set()
+        """Requests between authentication and their reply (waiting on hooks or the provider)."""
         self.cutting = False
 
     # -- the one handler ----------------------------------------------------------
@@ -181,7 +184,30 @@ class Pipeline:
     # -- identify .. flow ---------------------------------------------------------
 
     async def _produce(self, request: web.Request, ex: Exchange) -> Reply:
-        """Every stage up to the flow; a refusal at any of them is an error reply, never an exception."""
+        """Every stage up to the flow; a refusal at any of them is an error reply, never an exception.
+
+        At the drain deadline a request still waiting here is answered 503
+        ``server.drain`` (and recorded) instead of being dropped.
+        """
+        task = asyncio.current_task()
+        if task is not None:
+            self.waiting.add(task)
+        try:
+            if self.cutting:
+                raise _drain_error()
+            return await self._stages(request, ex)
+        except WardenError as e:
+            return _error_reply(ex, e)
+        except asyncio.CancelledError:
+            if not self.cutting or task is None:
+                raise
+            task.uncancel()
+            return _error_reply(ex, _drain_error())
+        finally:
+            if task is not None:
+                self.waiting.discard(task)
+
+    async def _stages(self, request: web.Request, ex: Exchange) -> Reply:
         w = self.w
         try:
             try:
@@ -431,11 +457,13 @@ class Pipeline:
         return resp
 
     def cut_streams(self) -> int:
-        """End every open stream now with an error event (the drain deadline); new ones are cut at once."""
+        """The drain deadline: every open stream ends now with an error event, every request still
+        waiting for its reply is answered 503 ``server.drain``; new ones are refused at once.  All are recorded."""
         self.cutting = True
-        for task in list(self.streams):
+        tasks = [*self.streams, *self.waiting]
+        for task in tasks:
             task.cancel("warden.drain")
-        return len(self.streams)
+        return len(tasks)
 
     # -- observe ----------------------------------------------------------------
 

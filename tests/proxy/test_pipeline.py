@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -216,3 +217,25 @@ async def test_the_drain_deadline_cuts_open_streams_with_an_error_event_and_a_tr
     async with aiohttp.ClientSession() as s, s.post(rw.base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {token()}"}) as r:
         text = await r.read()
     assert b"server.drain" in text
+
+
+async def test_the_drain_deadline_answers_a_request_still_waiting_on_the_provider_and_records_it(
+    warden_factory: WardenFactory, token: Callable[..., str], fake: FakeProvider
+) -> None:
+    trail: list[str] = []
+    rw, sink = await _start(warden_factory, trail, {"a": tracer("a", trail)})
+    fake.push(Reply(hang=True))
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+
+    async def cut_soon() -> None:
+        while not fake.chat_requests():
+            await asyncio.sleep(0.01)
+        rw.warden.stream_cut.set()
+
+    cutter = asyncio.create_task(cut_soon())
+    status, answer = await _post(rw, token, body)
+    await cutter
+    assert status == 503 and b"server.drain" in answer
+    (ex,) = sink.records
+    assert ex.error is not None and ex.error.rule == "server.drain" and ex.status == 503
+    assert trail[-1] == "record:record"
