@@ -228,7 +228,9 @@ async def test_the_drain_deadline_answers_a_request_still_waiting_on_the_provide
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 
     async def cut_soon() -> None:
-        while not fake.chat_requests():
+        for _ in range(500):
+            if fake.chat_requests():
+                break
             await asyncio.sleep(0.01)
         rw.warden.stream_cut.set()
 

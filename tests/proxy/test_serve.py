@@ -298,7 +298,7 @@ async def test_drain_cuts_a_stream_longer_than_drain_s_and_exits_in_time(tmp_pat
 
 
 async def test_a_stalled_answer_is_cut_off_at_the_deadline(tmp_path: Path, fake: FakeProvider, rsa_keys: Keys) -> None:
-    """A non-streamed request whose provider never answers: the process still exits in time."""
+    """A non-streamed request whose provider never answers: answered 503 at the cut, and the process exits in time."""
     from proxy.serve import EXIT_MARGIN_S
 
     drain_s = 2.0
@@ -329,8 +329,8 @@ async def test_a_stalled_answer_is_cut_off_at_the_deadline(tmp_path: Path, fake:
             await p.proc.wait()
     print(f"stalled answer: process exited {exited:.2f} s after SIGTERM (client saw {status or 'a closed connection'})")
     assert code in (0, 1)
-    assert drain_s - 0.5 <= exited < drain_s + EXIT_MARGIN_S, exited
-    assert status in (0, 503, 504), status
+    assert exited < drain_s + EXIT_MARGIN_S, exited
+    assert status == 503, "answered at the cut (server.drain) and recorded, not dropped"
 
 
 async def test_idle_keepalive_connections_do_not_hold_the_drain(tmp_path: Path, fake: FakeProvider, rsa_keys: Keys) -> None:
