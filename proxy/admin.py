@@ -115,6 +115,10 @@ def build_admin_app(w: Warden) -> web.Application:
             return json_response({"status": "starting"}, status=503)
         if w.audit is not None and not w.audit.healthy and w.config.audit.durability == "sync":
             return json_response({"status": "audit unavailable"}, status=503)
+        for plugin in w.chain.plugins:
+            reason = plugin.ready()
+            if reason is not None:
+                return json_response({"status": "not ready", "plugin": plugin.name, "reason": reason}, status=503)
         return json_response({"status": "ready"})
 
     async def metrics(request: web.Request) -> web.Response:

@@ -21,6 +21,7 @@ import argparse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import web
@@ -76,12 +77,15 @@ class Plugin:
       - ``name``: the name used in ``[plugins] enabled``.
       - ``config_section``: the TOML section the plugin owns (``None`` for none).
       - ``config_type``: a dataclass that section is validated into.
+      - ``db_migrations``: PostgreSQL schema components the plugin owns, by
+        name, each a folder of migrations (``warden db migrate`` applies them).
     """
 
     name: ClassVar[str] = ""
     config_section: ClassVar[str | None] = None
     config_type: ClassVar[type | None] = None
     extra_sections: ClassVar[dict[str, Any]] = {}
+    db_migrations: ClassVar[dict[str, Path]] = {}
 
     def __init__(self, section: Any) -> None:
         self.section = section
@@ -96,6 +100,13 @@ class Plugin:
         ``start`` was entered (its own or a later one's failed), so it must
         cope with a start that did not finish.
         """
+
+    def ready(self) -> str | None:
+        """Why this plugin cannot serve now (``/readyz`` answers 503 with it), or ``None`` when it can.
+
+        Asked on every readiness probe: answer from state the plugin keeps, never by I/O.
+        """
+        return None
 
     async def reload(self, section: Any, **extra_sections: Any) -> None:
         """Apply a new validated config section (SIGHUP / file change).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from proxy.errors import ConfigError
 
@@ -22,8 +23,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def cmd_migrate(args: argparse.Namespace) -> int:
     import os
 
-    from proxy.db.migrate import COMPONENTS
+    from proxy.db.migrate import registered_components
 
+    components = registered_components()
     env = args.dsn_env
     if not env:
         env = "WARDEN_DATABASE_URL"
@@ -34,28 +36,28 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     dsn = os.environ.get(env)
     if not dsn:
         raise ConfigError("database.dsn_env", f"environment variable {env} is not set")
-    names = args.component or sorted(COMPONENTS)
-    unknown = [n for n in names if n not in COMPONENTS]
+    names = args.component or sorted(components)
+    unknown = [n for n in names if n not in components]
     if unknown:
-        print(f"warden: unknown component {unknown[0]!r} (known: {', '.join(sorted(COMPONENTS))})", file=sys.stderr)
+        print(f"warden: unknown component {unknown[0]!r} (known: {', '.join(sorted(components))})", file=sys.stderr)
         return 2
-    return asyncio.run(_migrate(dsn, names))
+    return asyncio.run(_migrate(dsn, {n: components[n] for n in names}))
 
 
-async def _migrate(dsn: str, names: list[str]) -> int:
+async def _migrate(dsn: str, components: dict[str, Path]) -> int:
     import asyncpg
 
     from proxy.audit.pg_verify import redact_dsn
-    from proxy.db.migrate import COMPONENTS, current_version, migrate
+    from proxy.db.migrate import current_version, migrate
 
-    for name in names:
+    for name, folder in components.items():
         try:
             conn = await asyncpg.connect(dsn)
             try:
                 before = await current_version(conn, name)
             finally:
                 await conn.close()
-            after = await migrate(dsn, name, COMPONENTS[name])
+            after = await migrate(dsn, name, folder)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
             print(f"warden: cannot migrate {name} on {redact_dsn(dsn)}: {type(e).__name__}: {e}", file=sys.stderr)
             return 1

@@ -16,8 +16,9 @@ version each component's schema is at.
   database whose schema is at another version than the one it was built for
   (older: run ``warden db migrate``; newer: a newer Warden migrated it).
 
-A component registers its folder in :data:`COMPONENTS` (``warden db migrate``
-migrates every registered component).
+A core component registers its folder in :data:`COMPONENTS`, a plugin in its
+class's ``db_migrations``; ``warden db migrate`` migrates every component of
+:func:`registered_components`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,20 @@ COMPONENTS: dict[str, Path] = {
     "audit": Path(__file__).resolve().parent.parent / "audit" / "migrations",
 }
 """Every component's migrations folder, by component name."""
+
+
+
+def registered_components() -> dict[str, Path]:
+    """Every component's migrations folder: the core's (:data:`COMPONENTS`) and each installed plugin's (``Plugin.db_migrations``)."""
+    from proxy.plugin import available_plugins
+
+    out = dict(COMPONENTS)
+    for cls in available_plugins().values():
+        for name, folder in cls.db_migrations.items():
+            if out.setdefault(name, folder) != folder:
+                raise ValueError(f"plugin {cls.name!r} registers the database component {name!r}, which another component already uses")
+    return out
+
 
 _FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _TABLE = "CREATE TABLE IF NOT EXISTS warden_schema (component text PRIMARY KEY, version integer NOT NULL)"
