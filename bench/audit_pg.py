@@ -159,6 +159,27 @@ async def latency(stores: Stores, kind: str | None, mode: str, n: int, concurren
     return out, calls
 
 
+async def commit_floor(n: int, gap_s: float) -> tuple[float, float]:
+    """One 3 KB insert per fsynced commit on a bare table, one statement, after ``gap_s`` idle: what the server costs."""
+    conn = await asyncpg.connect(DSN)
+    try:
+        table = f"bench_floor_{secrets.token_hex(4)}"
+        await conn.execute(f"CREATE TABLE public.{table} (b bytea)")
+        xs = []
+        body = b"x" * 3000
+        try:
+            for _ in range(n):
+                await asyncio.sleep(gap_s)
+                t0 = time.perf_counter()
+                await conn.execute(f"INSERT INTO public.{table} VALUES ($1)", body)
+                xs.append(time.perf_counter() - t0)
+        finally:
+            await conn.execute(f"DROP TABLE public.{table}")
+    finally:
+        await conn.close()
+    return pct(xs, 0.5), pct(xs, 0.99)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=8000, help="records per throughput cell")
@@ -188,6 +209,8 @@ async def main() -> None:
         print("   (added = request p50/p99 minus audit off; call = time inside record_exchange)")
         print(f"   {'store':<10}{'audit':<8}{'conc':>5}{'p50 ms':>9}{'added p50':>11}{'added p99':>11}{'call p50':>10}{'call p99':>10}")
         up = args.upstream_ms / 1000
+        f50, f99 = await commit_floor(min(args.requests, 300), up)
+        print(f"   floor: one bare 3 KB PostgreSQL insert, fsynced commit, after {args.upstream_ms:g} ms idle: p50 {f50 * 1e3:.3f} ms, p99 {f99 * 1e3:.3f} ms")
         for conc in (1, 16):
             base, _ = await latency(stores, None, "sync", args.requests, conc, up)
             b50, b99 = pct(base, 0.5), pct(base, 0.99)
