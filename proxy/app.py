@@ -176,7 +176,11 @@ class Warden:
             log.error("config reload refused, the running config stays: %s", e)
             await self.record_event("config_reload", {"subject": "warden"}, {"result": "refused", "error": str(e)})
             return {"result": "refused", "error": str(e)}
-        restart = [name for name in ("server", "upstream", "auth", "admin", "audit", "metrics", "tracing", "logging") if getattr(new, name) != getattr(self.config, name)]
+        restart = [
+            name
+            for name in ("server", "upstream", "auth", "admin", "audit", "database", "metrics", "tracing", "logging")
+            if getattr(new, name) != getattr(self.config, name)
+        ]
         self.config.plugin_sections = new.plugin_sections
         self.metrics.config_reloads.labels(result="applied").inc()
         if restart:

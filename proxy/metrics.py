@@ -352,7 +352,7 @@ class Metrics:
         """Core."""
         self.audit_queue_depth = self._new("gauge", "warden_audit_queue_depth", "Records waiting in the audit queue (batch durability).", (), None)
         """Audit store (callback bound by :meth:`bind_audit`: its ``queue_depth``)."""
-        self.audit_writer_restarts = self._new("counter", "warden_audit_writer_restarts", "Times the audit writer process had to be started again.", (), None)
+        self.audit_writer_restarts = self._new("counter", "warden_audit_writer_restarts", "Times the audit writer had to be started again (SQLite: its writer process; PostgreSQL: its writer connection).", (), None)
         """Audit store (callback bound by :meth:`bind_audit`: its ``writer_restarts``)."""
         self.audit_commit_duration = Histogram(
             "warden_audit_commit_duration_seconds", "Duration of one audit commit (a group of records in batch mode).", buckets=COMMIT_BUCKETS, registry=r

@@ -82,7 +82,7 @@ def build_warden(config: Config) -> Warden:
     """Compose a Warden with the audit store the config asks for."""
     audit = None
     if config.audit.enabled:
-        from proxy.audit.sqlite import build_audit
+        from proxy.audit.factory import build_audit
 
         audit = build_audit(config)
     return Warden(config, audit=audit)

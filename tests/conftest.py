@@ -154,7 +154,7 @@ async def warden_factory(base_config: dict[str, Any], tmp_path: Path) -> AsyncIt
         cfg: Config = load_config(data, classes)
         cfg.base_dir = tmp_path
         if audit is None and cfg.audit.enabled:
-            from proxy.audit.sqlite import build_audit
+            from proxy.audit.factory import build_audit
 
             audit = build_audit(cfg)
         rw = await RunningWarden.start(Warden(cfg, classes, audit=audit), **kw)

@@ -29,7 +29,11 @@ def build_audit(config: Config) -> AuditSink | None:
             signing_key_file=str(config.resolve_path(a.signing_key_file)) if a.signing_key_file else "",
             checkpoint_file=str(config.resolve_path(a.checkpoint_file)) if a.checkpoint_file else "",
         )
-        return PostgresAuditLog(resolved, config.database, upstream_key=config.upstream.api_key, provider=config.upstream.provider_name)
+        from proxy.secrets import secret_values
+
+        return PostgresAuditLog(
+            resolved, config.database, upstream_key=config.upstream.api_key, held_secrets=secret_values(config), provider=config.upstream.provider_name
+        )
     from proxy.audit.sqlite import build_audit as build_sqlite
 
     return build_sqlite(config)

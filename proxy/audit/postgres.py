@@ -35,7 +35,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,7 @@ class PostgresAuditLog:
         *,
         dsn: str | None = None,
         upstream_key: str | None = None,
+        held_secrets: Iterable[str] = (),
         provider: str | None = None,
     ) -> None:
         self.cfg = cfg
@@ -118,6 +119,10 @@ class PostgresAuditLog:
             provider=provider,
             tool_result_max_bytes=cfg.tool_result_max_bytes,
         )
+        held = tuple(held_secrets)
+        if held:
+            # Every other secret Warden holds, by value (rule secret_value), as in the SQLite store.
+            self.projector.redactor = self.projector.redactor.with_secrets(held)
         self.failures = 0
         self.records_written = 0
         self.writer_restarts = 0
