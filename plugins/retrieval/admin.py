@@ -3,7 +3,15 @@
 - ``PUT /admin/documents/{tenant}/{id}``: add or replace a document (JSON:
   ``text`` required; ``title``, ``uri``, ``source``, ``updated_at``, ``labels``,
   ``kind``, ``acl {public, allow_users, allow_groups, deny_users, deny_groups}``).
+- ``POST /admin/documents/{tenant}:bulk``: ``{"documents": [{"id": ..., <PUT fields>}, ...]}``,
+  at most ``bulk_max_documents``; every document is validated first and the
+  batch is one transaction: all of it is written, or nothing (a 4xx names the
+  first bad document, ``documents[i].field``).
 - ``DELETE /admin/documents/{tenant}/{id}``
+
+Writes answer once the store of record committed (durable, and served by
+every replica within the freshness bound); ``?wait=true`` answers once this
+replica's indexes serve it too.
 - ``GET /admin/documents?tenant=T[&limit=N&after=ID]``
 - ``GET /admin/index/status``
 - ``POST /admin/search``: the debug view, JSON ``{tenant, user, groups, query, top_k?}``.
@@ -20,12 +28,14 @@ import orjson
 from aiohttp import web
 
 from plugins.retrieval.acl import Acl, Reader
+from plugins.retrieval.records import check_key
 from plugins.retrieval.service import DocumentInput, RetrievalService
 from proxy.admin import admin_principal, require_all_tenants
-from proxy.errors import BadRequest, Forbidden, NotFound
+from proxy.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, WardenError
 from proxy.plugin import PluginContext
 
 _DOC_FIELDS = {"text", "title", "uri", "source", "updated_at", "labels", "acl", "kind"}
+_BULK_FIELDS = {"documents"}
 _KINDS = ("markdown", "python", "source", "text")
 
 
@@ -92,24 +102,85 @@ def parse_document(tenant: str, doc_id: str, data: dict[str, Any]) -> DocumentIn
                          source=_str(data, "source", "admin"), updated_at=updated_at, labels=list(labels), kind=kind)
 
 
+def _wait(request: web.Request) -> bool:
+    """``?wait=true``: answer once this replica serves the change (default: once it is committed)."""
+    value = request.query.get("wait", "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise BadRequest("'wait' must be true or false", rule="retrieval.admin", param="wait")
+    return value in ("true", "1")
+
+
+def parse_bulk(tenant: str, data: dict[str, Any], limit: int) -> list[DocumentInput]:
+    """Validate a bulk body into documents; the first bad one is refused by index and field, and nothing is written."""
+    unknown = set(data) - _BULK_FIELDS
+    if unknown:
+        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}", rule="retrieval.admin", param=sorted(unknown)[0])
+    items = data.get("documents")
+    if not isinstance(items, list) or not items:
+        raise BadRequest("'documents' is required: a non-empty list of documents", rule="retrieval.admin", param="documents")
+    if len(items) > limit:
+        raise PayloadTooLarge(f"a bulk request holds at most {limit} documents (bulk_max_documents), got {len(items)}",
+                              rule="retrieval.bulk_max_documents", param="documents")
+    check_key(tenant, "-")
+    out: list[DocumentInput] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"documents[{i}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f"{where} must be a JSON object", rule="retrieval.admin", param=where)
+        doc_id = item.get("id")
+        if not isinstance(doc_id, str):
+            raise BadRequest(f"{where}.id is required and must be a string", rule="retrieval.admin", param=f"{where}.id")
+        if doc_id in seen:
+            raise BadRequest(f"{where}: document {doc_id!r} appears twice in the batch", rule="retrieval.document", param=f"{where}.id")
+        seen.add(doc_id)
+        try:
+            check_key(tenant, doc_id)
+            out.append(parse_document(tenant, doc_id, {k: v for k, v in item.items() if k != "id"}))
+        except WardenError as e:
+            e.message = f"{where}: {e.message}"
+            e.param = f"{where}.{e.param}" if e.param else where
+            raise
+    return out
+
+
 def register_admin_routes(ctx: PluginContext, svc: RetrievalService) -> None:
     """Add the retrieval routes to the admin listener."""
 
     async def put_document(request: web.Request) -> web.Response:
         tenant, doc_id = request.match_info["tenant"], request.match_info["doc_id"]
         _check_tenant(request, tenant)
+        wait = _wait(request)
         doc = parse_document(tenant, doc_id, await _body(request))
-        result = await svc.upsert(doc)
+        result = await svc.upsert(doc, wait=wait)
         await ctx.record_admin_action("retrieval.ingest", _actor(request), {
             "tenant": tenant, "doc_id": doc_id, "status": result.status, "chunks": result.chunks, "acl": doc.acl.to_json(), "seq": result.seq,
         })
         return _json({"tenant": tenant, "id": doc_id, "status": result.status, "chunks": result.chunks, "seq": result.seq},
                      status=201 if result.status == "added" else 200)
 
+    async def bulk_documents(request: web.Request) -> web.Response:
+        tenant = request.match_info["tenant"]
+        _check_tenant(request, tenant)
+        wait = _wait(request)
+        docs = parse_bulk(tenant, await _body(request), svc.cfg.bulk_max_documents)
+        svc.validate(docs)
+        results = await svc.upsert_many(docs, wait=wait)
+        seq = max((r.seq for r in results), default=0)
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        await ctx.record_admin_action("retrieval.ingest_bulk", _actor(request), {
+            "tenant": tenant, "seq": seq, "counts": counts,
+            "documents": [{"doc_id": r.doc_id, "status": r.status, "chunks": r.chunks, "acl": d.acl.to_json()} for r, d in zip(results, docs, strict=True)],
+        })
+        return _json({"tenant": tenant, "seq": seq, "counts": counts,
+                      "documents": [{"id": r.doc_id, "status": r.status, "chunks": r.chunks} for r in results]})
+
     async def delete_document(request: web.Request) -> web.Response:
         tenant, doc_id = request.match_info["tenant"], request.match_info["doc_id"]
         _check_tenant(request, tenant)
-        deleted = await svc.delete(tenant, doc_id)
+        deleted = await svc.delete(tenant, doc_id, wait=_wait(request))
         if not deleted:
             raise NotFound(f"no document {doc_id!r} in tenant {tenant!r}", rule="retrieval.documents")
         await ctx.record_admin_action("retrieval.delete", _actor(request), {"tenant": tenant, "doc_id": doc_id})
@@ -152,6 +223,7 @@ def register_admin_routes(ctx: PluginContext, svc: RetrievalService) -> None:
         return _json({"tenant": tenant, "user": user, "groups": sorted(set(groups)), **result.to_json()})
 
     ctx.add_admin_route("PUT", "/admin/documents/{tenant}/{doc_id:.+}", put_document)
+    ctx.add_admin_route("POST", "/admin/documents/{tenant}:bulk", bulk_documents)
     ctx.add_admin_route("DELETE", "/admin/documents/{tenant}/{doc_id:.+}", delete_document)
     ctx.add_admin_route("GET", "/admin/documents", list_documents)
     ctx.add_admin_route("GET", "/admin/index/status", index_status)

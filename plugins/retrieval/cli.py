@@ -1,10 +1,13 @@
 """``warden ingest``, ``warden search`` and ``warden index rebuild|status``.
 
-They open the same store and index as the server (paths from ``[retrieval]``
-of ``--config``).  While a Warden runs it owns the indexes: ``ingest`` then
-writes the store of record only and the server applies the changes within
-``sync_interval_s``; ``search`` and ``index rebuild`` need the index and ask
-you to use the admin API (``POST /admin/search``) or stop the server.
+They open the same store and index as the server (``[retrieval]`` of
+``--config``).  With ``store = "postgres"``, ``ingest`` writes the shared
+store only and every replica serves the documents once it has caught up
+(notified at commit).  With the embedded SQLite store a running Warden owns
+the indexes: ``ingest`` then writes the store of record only and the server
+applies the changes within ``sync_interval_s``; ``search`` and ``index
+rebuild`` need the index and ask you to use the admin API (``POST
+/admin/search``) or stop the server.
 """
 
 from __future__ import annotations
@@ -56,9 +59,12 @@ def _acl_from_flags(args: argparse.Namespace) -> Acl | None:
 
 async def _ingest(args: argparse.Namespace) -> int:
     svc = _service(args)
-    await svc.start()
+    # The shared store needs no local index to be written: the replicas follow it.
+    await svc.start(own_engines=svc.store.kind == "sqlite")
     try:
-        if not svc.owner:
+        if svc.store.kind == "postgres":
+            print("note: writing to the shared PostgreSQL store; every replica serves these documents once it has caught up", file=sys.stderr)
+        elif not svc.owner:
             print(f"note: a running Warden owns {svc.index_dir}; it will index these changes within {svc.cfg.sync_interval_s:g}s", file=sys.stderr)
         report = await ingest_paths(svc, [Path(p) for p in args.paths], args.tenant, _acl_from_flags(args), prune=args.prune, batch=args.batch)
     finally:

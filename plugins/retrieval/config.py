@@ -34,10 +34,14 @@ class RetrievalConfig:
 
     enabled: bool = True
     """Master switch: when false the plugin injects nothing (admin API stays up)."""
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    """The store of record: ``sqlite`` (``db``, embedded, this process only) or ``postgres`` (the ``[database]``
+    of every replica; schema by ``warden db migrate``): ingest once, every replica follows."""
     db: str = "warden-index.db"
-    """SQLite store of record: documents, chunks, ACLs, vectors, change log."""
+    """SQLite store of record (``store = "sqlite"``): documents, chunks, ACLs, vectors, change log."""
     index_dir: str = "warden-index"
-    """Folder of the derived indexes (tantivy lexical index, faiss vector index)."""
+    """Folder of this replica's derived indexes (tantivy lexical index, faiss vector index) and of ``state.json``
+    (the change-log position they have applied); with ``store = "postgres"`` each replica has its own."""
     mode: Literal["hybrid", "bm25", "vector"] = "hybrid"
     """``hybrid``: BM25 and vectors fused by reciprocal rank; ``bm25`` or ``vector`` alone."""
     embedder: Literal["upstream", "none"] = "upstream"
@@ -81,7 +85,20 @@ class RetrievalConfig:
     citations_header: bool = True
     """Add ``x-warden-citations`` to non-streaming answers."""
     sync_interval_s: float = 2.0
-    """How often a running Warden applies changes written by another process (``warden ingest``) to its indexes."""
+    """How often a replica checks the store of record for changes nobody woke it for (``warden ingest`` next to an
+    embedded store, a lost notification) and probes its PostgreSQL notification connection."""
+    max_lag_s: float = 10.0
+    """Freshness bound: a replica that has not caught up with the store of record for this long (store unreachable,
+    catch-up failing or too slow) reports not ready on ``/readyz`` and refuses retrieval (``on_error``, rule
+    ``retrieval.stale``) instead of serving from stale indexes.  At least twice ``sync_interval_s``."""
+    store_timeout_s: float = 10.0
+    """``store = "postgres"``: the longest one statement may take (an unreachable database is an error, never a hang)."""
+    change_log_retention_s: float = 7 * 86400.0
+    """``store = "postgres"``: change-log entries older than this are pruned; a replica down longer rebuilds its
+    indexes from the documents at start."""
+    bulk_max_documents: int = 500
+    """Documents per ``POST /admin/documents/{tenant}:bulk`` request at most (the body is also bounded by
+    ``[server] max_body_bytes``)."""
     inline_search_max_chunks: int = 20000
     """Up to this many chunks, the lexical search runs on the event loop (it
     takes well under a millisecond there and a thread hop costs more); above
@@ -106,6 +123,16 @@ class RetrievalConfig:
             raise ConfigError(f"{key}.inline_search_max_chunks", "must be >= 0")
         if self.sync_interval_s <= 0:
             raise ConfigError(f"{key}.sync_interval_s", "must be positive")
+        if self.max_lag_s < 2 * self.sync_interval_s:
+            raise ConfigError(f"{key}.max_lag_s", f"must be at least twice sync_interval_s ({2 * self.sync_interval_s:g})")
+        if self.store_timeout_s <= 0:
+            raise ConfigError(f"{key}.store_timeout_s", "must be positive")
+        if self.change_log_retention_s < 60:
+            raise ConfigError(f"{key}.change_log_retention_s", "must be at least 60 seconds")
+        if not 1 <= self.bulk_max_documents <= 10_000:
+            raise ConfigError(f"{key}.bulk_max_documents", "must be between 1 and 10000")
+        if self.store not in ("sqlite", "postgres"):
+            raise ConfigError(f"{key}.store", "must be \"sqlite\" or \"postgres\"")
         if self.candidate_k < self.top_k:
             raise ConfigError(f"{key}.candidate_k", f"must be >= top_k ({self.top_k})")
         if self.top_k > 100:

@@ -28,6 +28,7 @@ from plugins.retrieval.acl import Reader
 from plugins.retrieval.citations import header_value, map_citations
 from plugins.retrieval.config import RetrievalConfig
 from plugins.retrieval.inject import build_query, insert_context, render_context
+from plugins.retrieval.pgstore import MIGRATIONS
 from plugins.retrieval.service import RetrievalService, build_service
 from proxy.errors import ConfigError, ServiceUnavailable, WardenError
 from proxy.exchange import Exchange, RetrievalSummary
@@ -42,7 +43,7 @@ def _template_digest(template: str) -> str:
     return hashlib.sha256(template.encode()).hexdigest()
 
 OFF_HEADER = "x-warden-retrieval"
-RESTART_KEYS = ("db", "index_dir", "embedder", "embedding_base_url", "embedding_api_key_env", "embedding_model", "embedding_dim", "chunk_tokens")
+RESTART_KEYS = ("store", "db", "index_dir", "embedder", "embedding_base_url", "embedding_api_key_env", "embedding_model", "embedding_dim", "chunk_tokens")
 
 
 class RetrievalPlugin(Plugin):
@@ -51,6 +52,7 @@ class RetrievalPlugin(Plugin):
     name = "retrieval"
     config_section = "retrieval"
     config_type = RetrievalConfig
+    db_migrations = {"retrieval": MIGRATIONS}
 
     section: RetrievalConfig
 
@@ -78,6 +80,12 @@ class RetrievalPlugin(Plugin):
                 "Age of the oldest change not yet searchable (0 when the indexes are up to date).",
                 callback=service.staleness_s,
             )
+
+    def ready(self) -> str | None:
+        """Not ready while the local indexes are not caught up with the store of record (``max_lag_s``)."""
+        if self.service is None:
+            return "retrieval is not started"
+        return self.service.not_ready()
 
     async def stop(self) -> None:
         if self.service is not None:

@@ -1,10 +1,15 @@
-"""The store of record: documents, chunks, vectors, ACLs and a change log (SQLite, WAL).
+"""The embedded store of record: SQLite (WAL), one process writing.
 
-The lexical and vector indexes are derived from this database.  Every write
-appends to ``changes`` (a monotonically increasing ``seq``) in the same
-transaction, and each engine's applied sequence lives in ``engines``; so after
-a crash between a commit here and an engine commit, the engines catch up from
-the log (see :class:`~plugins.retrieval.service.RetrievalService`).
+Documents, chunks (with their vectors), ACLs and a change log: every write
+appends to ``changes`` (``seq`` AUTOINCREMENT: positions only grow) in the
+same transaction.  There is one writer connection and every write is one
+transaction, so positions commit in order.  Which position each engine has
+applied is not stored here but next to the engines (see
+:mod:`plugins.retrieval.applier`).
+
+Counters (documents, chunks, vectors per tenant) are maintained by triggers
+in ``stats``: a write costs O(1) beyond its own rows, and reading the counts
+never scans the documents.
 
 Two connections: one writer (all writes, each a single transaction) and one
 reader, so searches read a committed snapshot and never a half-written
@@ -16,17 +21,30 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiosqlite
 import numpy as np
 import orjson
 
-from plugins.retrieval.acl import Acl
-from proxy.errors import BadRequest
+from plugins.retrieval.records import (
+    Change,
+    ChangeBatch,
+    ChunkRow,
+    DocKind,
+    DocumentInput,
+    DocumentRow,
+    UpsertResult,
+    blob_vector,
+    check_key,
+    index_text,
+    vector_blob,
+)
+
+__all__ = ["DocKind", "DocumentInput", "DocumentRow", "ChunkRow", "Store", "UpsertResult", "check_key", "index_text"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -47,6 +65,8 @@ CREATE TABLE IF NOT EXISTS documents (
     PRIMARY KEY (tenant, doc_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS documents_source ON documents (tenant, source);
+CREATE INDEX IF NOT EXISTS documents_updated ON documents (updated_at);
+CREATE INDEX IF NOT EXISTS documents_tenant_updated ON documents (tenant, updated_at);
 CREATE TABLE IF NOT EXISTS chunks (
     chunk_id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -69,115 +89,45 @@ CREATE TABLE IF NOT EXISTS changes (
     op TEXT NOT NULL CHECK (op IN ('upsert', 'delete', 'acl')),
     at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS engines (
-    name TEXT PRIMARY KEY,
-    applied_seq INTEGER NOT NULL,
-    updated_at REAL NOT NULL
-);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
 """
 
-
-@dataclass(slots=True)
-class DocumentRow:
-    """A document as stored (``acl`` is the :meth:`Acl.to_json` dict)."""
-
-    tenant: str
-    doc_id: str
-    content_hash: str
-    acl: dict[str, Any]
-    source: str = ""
-    uri: str = ""
-    title: str = ""
-    updated_at: str | None = None
-    labels: list[str] = field(default_factory=list)
-    indexed_at: float = 0.0
-    embedding_model: str | None = None
-    n_chunks: int = 0
-    tokens: int = 0
-    size: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "tenant": self.tenant, "id": self.doc_id, "source": self.source, "uri": self.uri, "title": self.title,
-            "updated_at": self.updated_at, "content_hash": self.content_hash, "labels": self.labels, "acl": self.acl,
-            "indexed_at": self.indexed_at, "embedding_model": self.embedding_model, "chunks": self.n_chunks,
-            "tokens": self.tokens, "size": self.size,
-        }
-
-
-@dataclass(slots=True)
-class ChunkRow:
-    """A chunk as stored.  ``index_text`` (title and heading path + text) is what the engines index."""
-
-    chunk_id: str
-    tenant: str
-    doc_id: str
-    n: int
-    heading_path: list[str]
-    start: int
-    end: int
-    kind: str
-    text: str
-    index_text: str
-    tokens: int
-    vector: np.ndarray | None = None
-
-
-@dataclass(slots=True)
-class Change:
-    seq: int
-    tenant: str
-    doc_id: str
-    op: str
-
-
-DocKind = Literal["markdown", "python", "source", "text"]
-MAX_ID_CHARS = 512
-
-
-@dataclass
-class DocumentInput:
-    """A document to ingest.  ``kind`` picks the chunker (default: from ``uri``'s extension, else text)."""
-
-    tenant: str
-    doc_id: str
-    text: str
-    acl: Acl
-    title: str = ""
-    uri: str = ""
-    source: str = ""
-    updated_at: str | None = None
-    labels: list[str] = field(default_factory=list)
-    kind: DocKind | None = None
-
-
-@dataclass
-class UpsertResult:
-    tenant: str
-    doc_id: str
-    status: Literal["added", "replaced", "unchanged", "acl_updated", "metadata_updated"]
-    chunks: int
-    seq: int = 0
-
-
-def check_key(tenant: str, doc_id: str) -> None:
-    """Validate a (tenant, document id) pair; hostile ids are refused, never stored."""
-    for name, value in (("tenant", tenant), ("id", doc_id)):
-        if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
-            raise BadRequest(f"document {name} must be a non-empty string of at most {MAX_ID_CHARS} characters", rule="retrieval.document", param=name)
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-            raise BadRequest(f"document {name} must not contain control characters", rule="retrieval.document", param=name)
-
-
-def index_text(title: str, heading_path: list[str] | tuple[str, ...], text: str) -> str:
-    """What the engines index and embed for a chunk: title and heading path give the chunk its context."""
-    head = " > ".join([p for p in (title, *heading_path) if p])
-    return f"{head}\n{text}" if head else text
-
+# Counters kept by triggers: created, and filled from the tables once, when missing.
+STATS = [
+    """CREATE TABLE stats (
+        tenant TEXT PRIMARY KEY,
+        documents INTEGER NOT NULL DEFAULT 0,
+        chunks INTEGER NOT NULL DEFAULT 0,
+        vectors INTEGER NOT NULL DEFAULT 0,
+        last_ingest REAL
+    ) WITHOUT ROWID""",
+    "INSERT INTO stats (tenant, documents, chunks, last_ingest) SELECT tenant, count(*), sum(n_chunks), max(indexed_at) FROM documents GROUP BY tenant",
+    "UPDATE stats SET vectors = (SELECT count(*) FROM chunks c WHERE c.tenant = stats.tenant AND c.vector IS NOT NULL)",
+    """CREATE TRIGGER stats_doc_insert AFTER INSERT ON documents BEGIN
+        INSERT INTO stats (tenant, documents, chunks, last_ingest) VALUES (new.tenant, 1, new.n_chunks, new.indexed_at)
+        ON CONFLICT (tenant) DO UPDATE SET documents = documents + 1, chunks = chunks + excluded.chunks,
+            last_ingest = max(coalesce(last_ingest, excluded.last_ingest), excluded.last_ingest);
+    END""",
+    """CREATE TRIGGER stats_doc_delete AFTER DELETE ON documents BEGIN
+        UPDATE stats SET documents = documents - 1, chunks = chunks - old.n_chunks WHERE tenant = old.tenant;
+    END""",
+    """CREATE TRIGGER stats_doc_update AFTER UPDATE OF n_chunks, indexed_at ON documents BEGIN
+        UPDATE stats SET chunks = chunks - old.n_chunks + new.n_chunks,
+            last_ingest = max(coalesce(last_ingest, new.indexed_at), new.indexed_at) WHERE tenant = new.tenant;
+    END""",
+    """CREATE TRIGGER stats_vec_insert AFTER INSERT ON chunks WHEN new.vector IS NOT NULL BEGIN
+        INSERT INTO stats (tenant, vectors) VALUES (new.tenant, 1) ON CONFLICT (tenant) DO UPDATE SET vectors = vectors + 1;
+    END""",
+    """CREATE TRIGGER stats_vec_delete AFTER DELETE ON chunks WHEN old.vector IS NOT NULL BEGIN
+        UPDATE stats SET vectors = vectors - 1 WHERE tenant = old.tenant;
+    END""",
+    """CREATE TRIGGER stats_vec_update AFTER UPDATE OF vector ON chunks BEGIN
+        UPDATE stats SET vectors = vectors + (new.vector IS NOT NULL) - (old.vector IS NOT NULL) WHERE tenant = new.tenant;
+    END""",
+]
 
 _DOC_COLS = "tenant, doc_id, source, uri, title, updated_at, content_hash, labels, acl, indexed_at, embedding_model, n_chunks, tokens, size"
 _CHUNK_COLS = "chunk_id, tenant, doc_id, n, heading_path, start_offset, end_offset, kind, text, index_text, tokens"
@@ -192,14 +142,14 @@ def _doc(row: Any) -> DocumentRow:
 
 
 def _chunk(row: Any, with_vector: bool) -> ChunkRow:
-    vec = None
-    if with_vector and row[11] is not None:
-        vec = np.frombuffer(row[11], dtype=np.float32)
+    vec = blob_vector(row[11]) if with_vector else None
     return ChunkRow(row[0], row[1], row[2], row[3], orjson.loads(row[4]), row[5], row[6], row[7], row[8], row[9], row[10], vec)
 
 
-def vector_blob(v: np.ndarray | None) -> bytes | None:
-    return None if v is None else np.ascontiguousarray(v, dtype=np.float32).tobytes()
+def _counts(row: Any) -> dict[str, Any]:
+    docs, chunks, vectors, last, tenants, oldest = row
+    return {"documents": int(docs), "chunks": int(chunks), "vectors": int(vectors), "last_ingest": last,
+            "oldest_source_update": oldest, "tenants": int(tenants)}
 
 
 class _Rows:
@@ -218,7 +168,9 @@ class _Rows:
 
 
 class Store:
-    """Async access to the retrieval database (open with :meth:`open`)."""
+    """Async access to the SQLite store of record (open with :meth:`open`)."""
+
+    kind = "sqlite"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -226,13 +178,33 @@ class Store:
         self._r: aiosqlite.Connection | None = None
 
     async def open(self) -> None:
-        """Open both connections, enable WAL and create the schema."""
+        """Open both connections, enable WAL, create the schema (and the counters, once)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._w = await aiosqlite.connect(self.path, isolation_level=None)
         await self._w.execute("PRAGMA journal_mode=WAL")
         await self._w.execute("PRAGMA synchronous=NORMAL")
         await self._w.execute("PRAGMA busy_timeout=5000")
         await self._w.executescript(SCHEMA)
+        await self._w.execute("BEGIN IMMEDIATE")
+        try:
+            async with self._w.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stats'") as cur:
+                missing = await cur.fetchone() is None
+            if missing:
+                for stmt in STATS:
+                    await self._w.execute(stmt)
+            async with self._w.execute("SELECT value FROM meta WHERE key = 'store_id'") as cur:
+                if await cur.fetchone() is None:
+                    await self._w.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+            async with self._w.execute("SELECT value FROM meta WHERE key = 'pruned_upto'") as cur:
+                if await cur.fetchone() is None:
+                    # A store from before the bound was kept: whatever was pruned is at or below its head.
+                    await self._w.execute(
+                        "INSERT INTO meta (key, value) SELECT 'pruned_upto', CAST(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0) AS TEXT)"
+                    )
+            await self._w.execute("COMMIT")
+        except BaseException:
+            await self._w.execute("ROLLBACK")
+            raise
         self._r = await aiosqlite.connect(self.path, isolation_level=None)
         await self._r.execute("PRAGMA busy_timeout=5000")
         await self._r.execute("PRAGMA query_only=1")
@@ -268,6 +240,14 @@ class Store:
         rows = await self.r.execute_fetchall(sql, tuple(params))
         yield _Rows(list(rows))
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """One process owns an embedded store's index (the index lock): nothing more to hold."""
+        yield
+
+    async def identity(self) -> str:
+        return await self.get_meta("store_id") or ""
+
     # -- reads -----------------------------------------------------------
 
     async def get_document(self, tenant: str, doc_id: str) -> DocumentRow | None:
@@ -287,7 +267,6 @@ class Store:
         return out
 
     async def list_documents(self, tenant: str, limit: int = 100, after: str = "", source_prefix: str | None = None) -> list[DocumentRow]:
-        """Documents of a tenant ordered by id, ``limit`` after the id ``after`` (keyset paging)."""
         q = f"SELECT {_DOC_COLS} FROM documents WHERE tenant = ? AND doc_id > ?"
         params: list[Any] = [tenant, after]
         if source_prefix is not None:
@@ -299,7 +278,6 @@ class Store:
             return [_doc(row) for row in await cur.fetchall()]
 
     async def chunks_of(self, keys: Iterable[tuple[str, str]], with_vector: bool = True) -> dict[tuple[str, str], list[ChunkRow]]:
-        """Every chunk of the given documents, ordered by ``n``."""
         out: dict[tuple[str, str], list[ChunkRow]] = {}
         vec = ", vector" if with_vector else ", NULL"
         for tenant, doc_id in keys:
@@ -309,7 +287,6 @@ class Store:
         return out
 
     async def fetch_chunks(self, tenant: str, chunk_ids: list[str]) -> dict[str, tuple[ChunkRow, DocumentRow]]:
-        """The chunks with these ids *in this tenant*, each with its document (current ACL)."""
         out: dict[str, tuple[ChunkRow, DocumentRow]] = {}
         cols = ", ".join(f"c.{c}" for c in _CHUNK_COLS.split(", "))
         dcols = ", ".join(f"d.{c}" for c in _DOC_COLS.split(", "))
@@ -327,57 +304,79 @@ class Store:
         return out
 
     async def iter_chunks(self, batch: int = 2000, with_vector: bool = True) -> AsyncIterator[tuple[list[ChunkRow], dict[tuple[str, str], dict[str, Any]]]]:
-        """Every chunk in the store in batches, each with the ACLs of its documents."""
         last = ""
-        vec = ", vector" if with_vector else ", NULL"
+        vec = ", c.vector" if with_vector else ", NULL"
+        cols = ", ".join(f"c.{c}" for c in _CHUNK_COLS.split(", "))
         while True:
-            async with self.read(f"SELECT {_CHUNK_COLS}{vec} FROM chunks WHERE chunk_id > ? ORDER BY chunk_id LIMIT ?", (last, batch)) as cur:
-                rows = [_chunk(row, with_vector) for row in await cur.fetchall()]
-            if not rows:
+            q = (f"SELECT {cols}{vec}, d.acl FROM chunks c JOIN documents d ON d.tenant = c.tenant AND d.doc_id = c.doc_id "
+                 "WHERE c.chunk_id > ? ORDER BY c.chunk_id LIMIT ?")
+            async with self.read(q, (last, batch)) as cur:
+                raw = await cur.fetchall()
+            if not raw:
                 return
-            last = rows[-1].chunk_id
-            acls: dict[tuple[str, str], dict[str, Any]] = {}
-            by_tenant: dict[str, set[str]] = {}
-            for c in rows:
-                by_tenant.setdefault(c.tenant, set()).add(c.doc_id)
-            for tenant, ids in by_tenant.items():
-                for doc_id, doc in (await self.get_documents(tenant, ids)).items():
-                    acls[(tenant, doc_id)] = doc.acl
+            last = raw[-1][0]
+            rows = [_chunk(r, with_vector) for r in raw]
+            acls = {(r[1], r[2]): orjson.loads(r[12]) for r in raw}
             yield rows, acls
 
-    async def changes_after(self, seq: int) -> list[Change]:
-        async with self.read("SELECT seq, tenant, doc_id, op FROM changes WHERE seq > ? ORDER BY seq", (seq,)) as cur:
-            return [Change(*row) for row in await cur.fetchall()]
+    async def changes_after(self, seq: int, limit: int = 10_000) -> ChangeBatch:
+        # One statement: the changes and the log's bounds come from one snapshot.
+        q = (
+            "SELECT seq, tenant, doc_id, op, NULL FROM (SELECT * FROM changes WHERE seq > ? ORDER BY seq LIMIT ?) "
+            "UNION ALL SELECT -1, key, value, NULL, NULL FROM meta WHERE key IN ('pruned_upto', 'vectors_generation', 'embedding_model', 'embedding_dim') "
+            "UNION ALL SELECT -2, 'head', CAST(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0) AS TEXT), NULL, NULL"
+        )
+        async with self.read(q, (seq, limit)) as cur:
+            rows = await cur.fetchall()
+        changes = sorted((Change(r[0], r[1], r[2], r[3]) for r in rows if r[0] >= 0), key=lambda c: c.seq)
+        meta = {r[1]: r[2] for r in rows if r[0] < 0}
+        return _batch(changes, meta)
 
-    async def max_seq(self) -> int:
+    async def head(self) -> int:
         async with self.read("SELECT seq FROM sqlite_sequence WHERE name = 'changes'") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def applied(self, engine: str) -> int:
-        async with self.read("SELECT applied_seq FROM engines WHERE name = ?", (engine,)) as cur:
+    async def oldest_change_after(self, seq: int) -> float | None:
+        async with self.read("SELECT at FROM changes WHERE seq > ? ORDER BY seq LIMIT 1", (seq,)) as cur:
             row = await cur.fetchone()
-        return int(row[0]) if row else 0
-
-    async def engine_states(self) -> dict[str, dict[str, float]]:
-        async with self.read("SELECT name, applied_seq, updated_at FROM engines") as cur:
-            return {row[0]: {"applied_seq": row[1], "updated_at": row[2]} for row in await cur.fetchall()}
+        return float(row[0]) if row else None
 
     async def get_meta(self, key: str) -> str | None:
         async with self.read("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
             row = await cur.fetchone()
         return None if row is None else str(row[0])
 
-    async def counts(self, tenant: str | None = None) -> dict[str, Any]:
-        """Documents, chunks, vectors, last ingest and oldest source update (one tenant or all)."""
+    def _counts_sql(self, tenant: str | None) -> tuple[str, tuple[Any, ...]]:
         where, params = ("WHERE tenant = ?", (tenant,)) if tenant is not None else ("", ())
-        async with self.read(
-            f"SELECT count(*), coalesce(sum(n_chunks), 0), max(indexed_at), min(updated_at), count(DISTINCT tenant) FROM documents {where}", params
-        ) as cur:
-            docs, chunks, last, oldest, tenants = await cur.fetchone()
-        async with self.read(f"SELECT count(*) FROM chunks {where} {'AND' if where else 'WHERE'} vector IS NOT NULL", params) as cur:
-            (vectors,) = await cur.fetchone()
-        return {"documents": docs, "chunks": chunks, "vectors": vectors, "last_ingest": last, "oldest_source_update": oldest, "tenants": tenants}
+        return (
+            "SELECT coalesce(sum(documents), 0), coalesce(sum(chunks), 0), coalesce(sum(vectors), 0), max(last_ingest), "
+            f"count(*) FILTER (WHERE documents > 0), (SELECT min(updated_at) FROM documents {where}) FROM stats {where}",
+            params * 2,
+        )
+
+    async def counts(self, tenant: str | None = None) -> dict[str, Any]:
+        sql, params = self._counts_sql(tenant)
+        async with self.read(sql, params) as cur:
+            return _counts(await cur.fetchone())
+
+    async def counts_at_head(self) -> tuple[int, dict[str, Any]]:
+        sql, params = self._counts_sql(None)
+        async with self.read(f"SELECT *, coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0) FROM ({sql})", params) as cur:
+            row = await cur.fetchone()
+        return int(row[6]), _counts(row[:6])
+
+    async def tenant_documents(self) -> dict[str, int]:
+        async with self.read("SELECT tenant, documents FROM stats WHERE documents > 0") as cur:
+            return {row[0]: int(row[1]) for row in await cur.fetchall()}
+
+    async def distinct_acls(self, tenant: str, limit: int) -> list[dict[str, Any]]:
+        async with self.read("SELECT DISTINCT acl FROM documents WHERE tenant = ? LIMIT ?", (tenant, limit)) as cur:
+            return [orjson.loads(r[0]) for r in await cur.fetchall()]
+
+    async def all_doc_keys(self) -> list[tuple[str, str]]:
+        async with self.read("SELECT tenant, doc_id FROM documents") as cur:
+            return [(r[0], r[1]) for r in await cur.fetchall()]
 
     async def embedding_models(self) -> dict[str | None, int]:
         async with self.read("SELECT embedding_model, count(*) FROM documents GROUP BY embedding_model") as cur:
@@ -385,25 +384,32 @@ class Store:
 
     # -- writes (each one transaction on the writer connection) ---------
 
-    async def _begin(self) -> None:
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
         await self.w.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.w
+            await self.w.execute("COMMIT")
+        except BaseException:
+            await self.w.execute("ROLLBACK")
+            raise
 
     async def write_documents(self, items: list[tuple[DocumentRow, list[ChunkRow]]]) -> int:
-        """Insert or replace documents and all their chunks; returns the last change seq."""
         now = time.time()
-        await self._begin()
-        try:
-            for doc, _ in items:
-                await self.w.execute("DELETE FROM chunks WHERE tenant = ? AND doc_id = ?", (doc.tenant, doc.doc_id))
-            await self.w.executemany(
-                f"INSERT OR REPLACE INTO documents ({_DOC_COLS}) VALUES ({','.join('?' * 14)})",
+        async with self._tx() as w:
+            keys = [(d.tenant, d.doc_id) for d, _ in items]
+            # Delete, then insert: the counter triggers see the old row leave and the new one come.
+            await w.executemany("DELETE FROM chunks WHERE tenant = ? AND doc_id = ?", keys)
+            await w.executemany("DELETE FROM documents WHERE tenant = ? AND doc_id = ?", keys)
+            await w.executemany(
+                f"INSERT INTO documents ({_DOC_COLS}) VALUES ({','.join('?' * 14)})",
                 [
                     (d.tenant, d.doc_id, d.source, d.uri, d.title, d.updated_at, d.content_hash, orjson.dumps(d.labels).decode(),
                      orjson.dumps(d.acl).decode(), d.indexed_at or now, d.embedding_model, d.n_chunks, d.tokens, d.size)
                     for d, _ in items
                 ],
             )
-            await self.w.executemany(
+            await w.executemany(
                 f"INSERT INTO chunks ({_CHUNK_COLS}, vector) VALUES ({','.join('?' * 12)})",
                 [
                     (c.chunk_id, c.tenant, c.doc_id, c.n, orjson.dumps(c.heading_path).decode(), c.start, c.end, c.kind, c.text,
@@ -411,74 +417,62 @@ class Store:
                     for _, chunks in items for c in chunks
                 ],
             )
-            seq = await self._log([(d.tenant, d.doc_id, "upsert") for d, _ in items], now)
-            await self.w.execute("COMMIT")
-        except BaseException:
-            await self.w.execute("ROLLBACK")
-            raise
-        return seq
+            return await self._log([(d.tenant, d.doc_id, "upsert") for d, _ in items], now)
 
     async def update_documents_meta(self, docs: list[DocumentRow], acl_changed: list[bool]) -> int:
-        """Update metadata (title excluded: it is part of the content hash) and ACLs without touching chunks."""
         now = time.time()
-        await self._begin()
-        try:
-            await self.w.executemany(
+        async with self._tx() as w:
+            await w.executemany(
                 "UPDATE documents SET source = ?, uri = ?, updated_at = ?, labels = ?, acl = ?, indexed_at = ? WHERE tenant = ? AND doc_id = ?",
                 [(d.source, d.uri, d.updated_at, orjson.dumps(d.labels).decode(), orjson.dumps(d.acl).decode(), now, d.tenant, d.doc_id) for d in docs],
             )
-            seq = await self._log([(d.tenant, d.doc_id, "acl") for d, changed in zip(docs, acl_changed, strict=True) if changed], now)
-            await self.w.execute("COMMIT")
-        except BaseException:
-            await self.w.execute("ROLLBACK")
-            raise
-        return seq
+            return await self._log([(d.tenant, d.doc_id, "acl") for d, changed in zip(docs, acl_changed, strict=True) if changed], now)
 
     async def delete_documents(self, keys: list[tuple[str, str]]) -> tuple[int, int]:
-        """Delete documents and their chunks; returns (documents deleted, last seq)."""
         now = time.time()
-        await self._begin()
-        try:
+        async with self._tx() as w:
             deleted = 0
             for tenant, doc_id in keys:
-                cur = await self.w.execute("DELETE FROM documents WHERE tenant = ? AND doc_id = ?", (tenant, doc_id))
+                cur = await w.execute("DELETE FROM documents WHERE tenant = ? AND doc_id = ?", (tenant, doc_id))
                 deleted += cur.rowcount
-                await self.w.execute("DELETE FROM chunks WHERE tenant = ? AND doc_id = ?", (tenant, doc_id))
+                await w.execute("DELETE FROM chunks WHERE tenant = ? AND doc_id = ?", (tenant, doc_id))
             seq = await self._log([(t, d, "delete") for t, d in keys], now)
-            await self.w.execute("COMMIT")
-        except BaseException:
-            await self.w.execute("ROLLBACK")
-            raise
         return deleted, seq
 
     async def set_vectors(self, rows: list[tuple[str, np.ndarray]], model: str, docs: list[tuple[str, str]]) -> None:
-        """Store re-embedded vectors (no change-log entry: the vector engine is rebuilt after a re-embed)."""
-        await self._begin()
-        try:
-            await self.w.executemany("UPDATE chunks SET vector = ? WHERE chunk_id = ?", [(vector_blob(v), cid) for cid, v in rows])
-            await self.w.executemany("UPDATE documents SET embedding_model = ? WHERE tenant = ? AND doc_id = ?", [(model, t, d) for t, d in docs])
-            await self.w.execute("COMMIT")
-        except BaseException:
-            await self.w.execute("ROLLBACK")
-            raise
+        async with self._tx() as w:
+            await w.executemany("UPDATE chunks SET vector = ? WHERE chunk_id = ?", [(vector_blob(v), cid) for cid, v in rows])
+            await w.executemany("UPDATE documents SET embedding_model = ? WHERE tenant = ? AND doc_id = ?", [(model, t, d) for t, d in docs])
+
+    async def new_vectors_generation(self) -> str:
+        gen = uuid.uuid4().hex
+        await self.set_meta("vectors_generation", gen)
+        return gen
 
     async def _log(self, entries: list[tuple[str, str, str]], now: float) -> int:
-        if entries:
-            await self.w.executemany("INSERT INTO changes (tenant, doc_id, op, at) VALUES (?, ?, ?, ?)", [(t, d, op, now) for t, d, op in entries])
+        if not entries:
+            return 0
+        await self.w.executemany("INSERT INTO changes (tenant, doc_id, op, at) VALUES (?, ?, ?, ?)", [(t, d, op, now) for t, d, op in entries])
         async with self.w.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def set_applied(self, engine: str, seq: int) -> None:
-        await self.w.execute(
-            "INSERT INTO engines (name, applied_seq, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET applied_seq = excluded.applied_seq, updated_at = excluded.updated_at",
-            (engine, seq, time.time()),
-        )
-
     async def set_meta(self, key: str, value: str) -> None:
         await self.w.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
-    async def prune_changes(self, upto: int) -> None:
-        """Drop change-log entries every engine has applied (the documents table stays the truth)."""
-        await self.w.execute("DELETE FROM changes WHERE seq <= ?", (upto,))
+    async def prune(self, applied: int, retention_s: float) -> int:
+        """Drop entries at or below ``applied``: the one process owning the engines has applied them (the documents stay the truth)."""
+        async with self._tx() as w:
+            await w.execute("DELETE FROM changes WHERE seq <= ?", (applied,))
+            await w.execute("UPDATE meta SET value = CAST(max(CAST(value AS INTEGER), ?) AS TEXT) WHERE key = 'pruned_upto'", (applied,))
+            async with w.execute("SELECT value FROM meta WHERE key = 'pruned_upto'") as cur:
+                row = await cur.fetchone()
+        return int(row[0]) if row else applied
+
+
+def _batch(changes: list[Change], meta: dict[str, Any]) -> ChangeBatch:
+    dim = meta.get("embedding_dim")
+    return ChangeBatch(
+        changes, int(meta.get("head") or 0), int(meta.get("pruned_upto") or 0), str(meta.get("vectors_generation") or ""),
+        meta.get("embedding_model"), int(dim) if dim else None,
+    )
