@@ -25,7 +25,8 @@ async def rw(warden_factory: WardenFactory, tmp_path: Path) -> RunningWarden:
 
 
 async def _put(rw: RunningWarden, tenant: str, doc_id: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as s, s.put(f"{rw.admin_url}/admin/documents/{tenant}/{doc_id}", json=body, headers=ADMIN) as r:
+    """PUT and wait until this Warden serves it (``?wait=true``: the tests read their own writes at once)."""
+    async with aiohttp.ClientSession() as s, s.put(f"{rw.admin_url}/admin/documents/{tenant}/{doc_id}?wait=true", json=body, headers=ADMIN) as r:
         return r.status, await r.json()
 
 
