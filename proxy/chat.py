@@ -1,6 +1,10 @@
-"""The chat flow (``POST /v1/chat/completions``): non-streamed and streamed, with corrective turns.
+"""The chat flow (``POST /v1/chat/completions``, ``POST /v1/messages``): non-streamed and streamed, with corrective turns.
 
-A flow returns a reply; the pipeline sends it.  Streaming is relayed event
+The flow works on the internal representation (the OpenAI chat shape) whatever
+API the client speaks: the route's protocol adapter translated the request
+before the flow runs and renders the answer after it; stream events are
+rendered by the adapter's :class:`~proxy.protocols.base.StreamRenderer` as
+they are relayed.  A flow returns a reply; the pipeline sends it.  Streaming is relayed event
 by event (time to first token preserved); only tool-call deltas are held,
 assembled and judged before they are shown — always, so the core's offer
 check holds whether or not a tool plugin is enabled.  Events without tool
@@ -23,6 +27,7 @@ from proxy.exchange import Exchange, ToolCall, UpstreamTurn
 from proxy.jsonbounds import depth_exceeds
 from proxy.pipeline import Incoming, JsonReply, Reply, StreamReply, provider_error_reply
 from proxy.plugin import StreamEvent
+from proxy.protocols import adapter_for
 
 if TYPE_CHECKING:
     from proxy.app import Warden
@@ -131,7 +136,7 @@ async def _non_stream(w: Warden, req: Incoming, ex: Exchange) -> Reply:
             raise _malformed(turn, why)
         calls = tooling.calls_from_message(message)
         if calls:
-            decisions = await tooling.judge(w.chain, ex, calls, len(ex.turns) - 1)
+            decisions = await tooling.judge(w.chain, ex, calls, len(ex.turns) - 1, object_arguments=adapter_for(ex.protocol).object_arguments)
             refused = [d for d in decisions if d.kind != "allow"]
             if refused:
                 corrections = len(ex.turns) - 1
@@ -178,6 +183,9 @@ class _ChatStream:
         self.req = req
         self.ex = ex
         self.client_usage = client_usage
+        adapter = adapter_for(ex.protocol)
+        self.render = adapter.stream(ex)
+        self.object_arguments = adapter.object_arguments
         self.watching = bool(w.chain.stream)
         self.all_text: list[str] = []
         self.last_usage_chunk: dict[str, Any] | None = None
@@ -196,21 +204,15 @@ class _ChatStream:
             raise _malformed(turn, f"status {ur.status} where a chat completion answers 200")
         headers = {**ur.relay_headers(), "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         self._ur = ur
-        return StreamReply(200, headers, self.events(turn, ur), trailer=self.trailer, release=self._release)
+        return StreamReply(200, headers, self.events(turn, ur), trailer=self.trailer, error_event=self.render.error, release=self._release)
 
     def _release(self) -> None:
         self._ur.close()
 
     def trailer(self) -> list[bytes]:
-        """The usage chunk the client asked for (totals over every turn), then ``[DONE]``."""
-        out: list[bytes] = []
-        if self.last_usage_chunk is not None and self.client_usage:
-            usage_out = dict(self.last_usage_chunk)
-            if self.ex.usage is not None:
-                usage_out["usage"] = self.ex.usage.as_dict()
-            out.append(sse.encode_json(usage_out))
-        out.append(sse.DONE_EVENT)
-        return out
+        """What ends the stream in the client's format: the usage it asked for (totals over every turn), then the end."""
+        usage = self.ex.usage.as_dict() if self.ex.usage is not None else None
+        return self.render.end(self.last_usage_chunk if self.client_usage else None, usage)
 
     async def events(self, turn: UpstreamTurn, ur: UpstreamResponse) -> AsyncIterator[bytes]:
         ex = self.ex
@@ -230,7 +232,7 @@ class _ChatStream:
                     self.last_usage_chunk = st.usage_chunk
                 if st.calls:
                     calls = st.calls.calls()
-                    decisions = await tooling.judge(self.w.chain, ex, calls, len(ex.turns) - 1)
+                    decisions = await tooling.judge(self.w.chain, ex, calls, len(ex.turns) - 1, object_arguments=self.object_arguments)
                     if any(d.kind != "allow" for d in decisions):
                         corrections = len(ex.turns) - 1
                         if corrections >= ex.max_corrections:
@@ -258,9 +260,13 @@ class _ChatStream:
                         "model": base.get("model", self.model_seen),
                         "choices": [{"index": 0, "delta": tooling.call_delta(calls), "finish_reason": None}],
                     }
-                    yield sse.encode_json(out_chunk)
+                    rendered = self.render.event(out_chunk, None)
+                    if rendered is not None:
+                        yield rendered
                     if st.held_finish is not None:
-                        yield sse.encode_json(st.held_finish)
+                        rendered = self.render.event(st.held_finish, None)
+                        if rendered is not None:
+                            yield rendered
                 break
         finally:
             self._collect(st)
@@ -308,7 +314,7 @@ class _ChatStream:
         data = ev.data
         if data is None:
             # A keep-alive comment is relayed, so idle clients do not give up before the first token.
-            return (ev.raw if ev.raw.startswith(b":") else None), False
+            return (self.render.keepalive(ev.raw) if ev.raw.startswith(b":") else None), False
         if data == sse.DONE:
             return None, True
         try:
@@ -383,7 +389,7 @@ class _ChatStream:
             if event.drop:
                 return None, False
             modified = event.modified
-        return (sse.encode_json(obj) if modified else ev.raw), False
+        return self.render.event(obj, None if modified else ev.raw), False
 
     def _collect(self, st: _TurnState) -> None:
         self.all_text.extend(st.text)

@@ -51,15 +51,17 @@ from proxy.exchange import Exchange, UpstreamTurn
 from proxy.headers import safe_headers, safe_text
 from proxy.jsonbounds import depth_exceeds
 from proxy.logs import request_line
-from proxy.routes import Match, RouteTable, path_error, ungoverned_reason
+from proxy.protocols import Bounds, adapter_for, protocol_for_path
+from proxy.protocols.openai_chat import MAX_MODEL_CHARS, check_model
+from proxy.routes import Match, Route, RouteTable, path_error, ungoverned_reason
 
 if TYPE_CHECKING:
     from proxy.app import Warden
     from proxy.upstream import UpstreamResponse
 
 log = logging.getLogger("warden.pipeline")
-_SKIP_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
-MAX_MODEL_CHARS = 256
+_SKIP_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
+__all__ = ["MAX_MODEL_CHARS", "Flow", "Incoming", "JsonReply", "Pipeline", "Reply", "StreamReply", "check_model", "provider_error_reply"]
 _CLIENT_GONE = (ConnectionError,)
 
 
@@ -78,15 +80,16 @@ class StreamReply:
 
     ``events`` yields the bytes to relay as they arrive; it raises a
     ``WardenError`` when the stream goes bad (the runner ends the stream
-    with ``error_event``).  ``trailer`` gives what ends a whole stream (it
-    is called after the response hooks, so it sees their changes).
+    with ``error_event``, by default the route's adapter's error event).
+    ``trailer`` gives what ends a whole stream (it is called after the
+    response hooks, so it sees their changes).
     """
 
     status: int
     headers: dict[str, str]
     events: AsyncIterator[bytes]
     trailer: Callable[[], list[bytes]] = lambda: []
-    error_event: Callable[[WardenError], bytes] = lambda err: b"data: " + error_body(err) + b"\n\n"
+    error_event: Callable[[WardenError], bytes] | None = None
     release: Callable[[], None] | None = None
     """Frees the upstream response when the stream ends, also when ``events`` never started."""
 
@@ -109,12 +112,18 @@ Flow = Callable[["Warden", Incoming, Exchange], Awaitable[Reply]]
 
 
 def _error_reply(ex: Exchange, err: WardenError) -> JsonReply:
+    """One of Warden's refusals, rendered by the adapter of the exchange's protocol (its API's error format)."""
     ex.error = err
     ex.status = err.status
     headers = dict(err.headers)
     if err.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="warden"'
-    return JsonReply(err.status, error_body(err), headers)
+    try:
+        body = adapter_for(ex.protocol).error_body(ex, err)
+    except Exception:
+        log.exception("rendering an error of request %s failed", ex.request_id)
+        body = error_body(err)
+    return JsonReply(err.status, body, headers)
 
 
 def provider_error_reply(ex: Exchange, turn: UpstreamTurn, ur: UpstreamResponse, raw: bytes) -> JsonReply:
@@ -134,15 +143,6 @@ def provider_error_reply(ex: Exchange, turn: UpstreamTurn, ur: UpstreamResponse,
         raw = orjson.dumps(parsed)
     turn.response = ex.response_body = parsed
     return JsonReply(ur.status, raw, {**ur.relay_headers(), "Content-Type": "application/json"})
-
-
-def check_model(model: Any) -> str:
-    """A request's ``model``: a non-empty string of at most 256 printable characters (it becomes a header and a label)."""
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' must be a non-empty string", param="model", rule="request.schema")
-    if len(model) > MAX_MODEL_CHARS or not model.isprintable():
-        raise BadRequest(f"'model' must be at most {MAX_MODEL_CHARS} printable characters", param="model", rule="request.model")
-    return model
 
 
 class Pipeline:
@@ -212,10 +212,12 @@ class Pipeline:
         try:
             try:
                 ex.request_headers = _captured_headers(request)
-                ex.phase = "authenticate"
-                ex.principal = await w.auth.authenticate(request.headers.get("Authorization"))
-                ex.phase = "route"
                 raw_path = request.raw_path.partition("?")[0]
+                # Until the route is known, the path says which API's format a refusal takes.
+                ex.protocol = protocol_for_path(raw_path)
+                ex.phase = "authenticate"
+                ex.principal = await w.auth.authenticate(adapter_for(ex.protocol).credential(request.headers))
+                ex.phase = "route"
                 why = path_error(raw_path)
                 if why is not None:
                     raise BadRequest(f"the request path is not canonical: {why}", rule="request.path")
@@ -234,7 +236,7 @@ class Pipeline:
                 ex.route = route.name
                 ex.protocol = route.protocol
                 ex.phase = "parse"
-                await self._parse(request, ex, route.parse_json, route.flow == "chat")
+                await self._parse(request, ex, route)
                 ex.phase = "request"
                 await w.chain.run_request(ex)
                 ex.tools_offered = _offered(ex.body)
@@ -251,7 +253,7 @@ class Pipeline:
             log.exception("unexpected error in request %s (stage %s)", ex.request_id, ex.phase)
             return _error_reply(ex, internal_error(ex.request_id))
 
-    async def _parse(self, request: web.Request, ex: Exchange, parse_json: bool, chat: bool) -> None:
+    async def _parse(self, request: web.Request, ex: Exchange, route: Route) -> None:
         cfg = self.w.config.server
         if request.can_read_body:
             limit = cfg.max_body_bytes
@@ -266,7 +268,7 @@ class Pipeline:
             except (RequestPayloadError, BadHttpMessage):
                 ex.body_refused = "http.body"
                 raise BadRequest("the request body could not be read: its encoding or framing is invalid", rule="http.body") from None
-        if not parse_json:
+        if not route.parse_json:
             return
         try:
             body = orjson.loads(ex.raw_body)
@@ -279,11 +281,8 @@ class Pipeline:
         if depth_exceeds(body, ex.raw_body, cfg.max_json_depth):
             ex.body_refused = "request.json_depth"
             raise BadRequest(f"request body nests deeper than {cfg.max_json_depth} levels", rule="request.json_depth")
-        ex.client_body = ex.body = body
-        if "model" in body or chat:
-            ex.model = check_model(body.get("model"))
-        if chat:
-            _check_chat(ex, body, cfg.max_messages, cfg.max_tools)
+        # The route's adapter validates its API's body and sets the internal (chat) representation.
+        adapter_for(route.protocol).parse(ex, body, Bounds(cfg.max_messages, cfg.max_tools))
 
     def _local_reply(self, ex: Exchange) -> Reply:
         lr = ex.local_reply
@@ -291,13 +290,20 @@ class Pipeline:
         ex.status = lr.status
         if lr.sse_events is not None and ex.stream:
             events = list(lr.sse_events)
+            renderer = adapter_for(ex.protocol).stream(ex)
 
             async def relay() -> AsyncIterator[bytes]:
                 for payload in events:
-                    yield b"data: " + payload + b"\n\n"
+                    try:
+                        chunk = orjson.loads(payload)
+                    except orjson.JSONDecodeError:
+                        chunk = None
+                    out = renderer.event(chunk if isinstance(chunk, dict) else {}, b"data: " + payload + b"\n\n")
+                    if out:
+                        yield out
 
             headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **lr.headers}
-            return StreamReply(lr.status, headers, relay(), trailer=lambda: [b"data: [DONE]\n\n"])
+            return StreamReply(lr.status, headers, relay(), trailer=lambda: renderer.end(None, None), error_event=renderer.error)
         return JsonReply(lr.status, lr.body, {"Content-Type": "application/json", **lr.headers})
 
     # -- response hooks .. record -------------------------------------------------
@@ -316,6 +322,8 @@ class Pipeline:
             log.exception("a response hook failed in request %s", ex.request_id)
             if ex.error is None:
                 reply = _error_reply(ex, internal_error(ex.request_id))
+        if ex.error is None:
+            reply = self._render(ex, reply)
         transport = request.transport
         if transport is None or transport.is_closing():
             ex.client_disconnected = True
@@ -325,6 +333,17 @@ class Pipeline:
         except AuditUnavailable as e:
             reply = _error_reply(ex, e)
         return reply
+
+    def _render(self, ex: Exchange, reply: JsonReply) -> JsonReply:
+        """The answer in the API's format, from what the response hooks left (before the record, so it records what is sent)."""
+        try:
+            body = adapter_for(ex.protocol).render(ex, reply.status, reply.body)
+        except WardenError as e:
+            return _error_reply(ex, e)
+        except Exception:
+            log.exception("rendering the answer of request %s failed", ex.request_id)
+            return _error_reply(ex, internal_error(ex.request_id))
+        return reply if body is reply.body else JsonReply(reply.status, body, reply.headers)
 
     async def _complete(self, ex: Exchange) -> None:
         ex.phase = "complete"
@@ -370,15 +389,15 @@ class Pipeline:
         out = {k.lower(): v for k, v in base.items()}
         for k, v in ex.response_headers.items():
             out[k.lower()] = v
+        for k, v in adapter_for(ex.protocol).headers(ex).items():
+            out[k] = v
         out["x-request-id"] = ex.request_id
         return safe_headers(out, ex.request_id)
 
     def _send(self, ex: Exchange, reply: JsonReply) -> web.Response:
-        body = reply.body
-        if ex.error is None and ex.response_modified and ex.response_body is not None:
-            body = orjson.dumps(ex.response_body)
+        """Send a whole reply as it is (rendered in the API's format before the record)."""
         base = {"Content-Type": "application/json", **reply.headers}
-        return web.Response(status=reply.status, body=body, headers=self._headers(ex, base))
+        return web.Response(status=reply.status, body=reply.body, headers=self._headers(ex, base))
 
     async def _stream(self, request: web.Request, ex: Exchange, reply: StreamReply) -> web.StreamResponse:
         """Send a stream as it is produced; its end only after the hooks ran and the record is written."""
@@ -443,7 +462,7 @@ class Pipeline:
         except AuditUnavailable as e:
             err, tail = e, []
         if err is not None:
-            tail = [reply.error_event(err)]
+            tail = [reply.error_event(err) if reply.error_event is not None else adapter_for(ex.protocol).stream(ex).error(err)]
         if not resp.prepared:
             # Nothing was sent yet: the refusal is a whole answer.
             return self._send(ex, _error_reply(ex, err or internal_error(ex.request_id)))
@@ -520,25 +539,6 @@ def _captured_headers(request: web.Request) -> dict[str, str]:
             continue
         out[safe_text(lk, 256)] = safe_text(v, 8192)
     return out
-
-
-def _check_chat(ex: Exchange, body: dict[str, Any], max_messages: int, max_tools: int) -> None:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise BadRequest("'messages' must be a non-empty list of message objects", param="messages", rule="request.schema")
-    if len(messages) > max_messages:
-        raise BadRequest(f"'messages' has more than {max_messages} entries", param="messages", rule="request.max_messages")
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise BadRequest("'stream' must be a boolean", param="stream", rule="request.schema")
-    for key in ("tools", "functions"):
-        tools = body.get(key)
-        if tools is not None:
-            if not isinstance(tools, list):
-                raise BadRequest(f"'{key}' must be a list", param=key, rule="request.schema")
-            if len(tools) > max_tools:
-                raise BadRequest(f"'{key}' has more than {max_tools} entries", param=key, rule="request.max_tools")
-    ex.stream = bool(stream)
 
 
 def _offered(body: dict[str, Any] | None) -> frozenset[str] | None:

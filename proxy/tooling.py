@@ -285,11 +285,19 @@ def offer_check(ex: Exchange, call: ToolCall) -> Decision | None:
     return None
 
 
-async def judge(chain: PluginChain, ex: Exchange, calls: list[ToolCall], turn: int) -> list[Decision]:
-    """Judge each call: the offer first, then the plugins (the first non-allow verdict wins)."""
+async def judge(chain: PluginChain, ex: Exchange, calls: list[ToolCall], turn: int, *, object_arguments: bool = False) -> list[Decision]:
+    """Judge each call: the offer first, then the plugins (the first non-allow verdict wins).
+
+    With ``object_arguments`` (the client's API gives the application parsed
+    arguments, as Anthropic's ``tool_use.input``), a call the plugins allowed
+    whose arguments are not a JSON object is sent back for repair (rule
+    ``protocol.tool_input``): it could not be rendered at all.
+    """
     decisions = []
     for call in calls:
         d = offer_check(ex, call) or await chain.judge_tool_call(ex, call)
+        if object_arguments and d.kind == "allow" and call.parsed is None:
+            d = Decision.repair("protocol.tool_input", f"the arguments must be a JSON object ({call.parse_error or 'they are not'})")
         ex.tool_decisions.append(ToolDecisionRecord(turn=turn, call=call, decision=d))
         decisions.append(d)
     return decisions

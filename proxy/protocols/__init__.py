@@ -1,0 +1,31 @@
+"""Protocol adapters: each API's wire format at the edge of the one pipeline.
+
+A route names its protocol (``Route.protocol``); the pipeline asks
+:func:`adapter_for` for the adapter that parses that API's requests and
+renders its replies, stream events and errors.  Before a request is routed
+(authentication, the canonical-path check) the adapter is chosen by path
+(:func:`protocol_for_path`), so every refusal on an API's paths comes back
+in that API's format.  See :mod:`proxy.protocols.base` for the interface and
+the internal representation.
+"""
+
+from __future__ import annotations
+
+from proxy.protocols.base import Bounds, Protocol, StreamRenderer
+from proxy.protocols.openai_chat import OpenAIChat, OpenAIRelay
+
+__all__ = ["Bounds", "Protocol", "StreamRenderer", "adapter_for", "protocol_for_path"]
+
+_RELAY = OpenAIRelay()
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (OpenAIChat(),)}
+"""Adapters by ``Exchange.protocol``; every other protocol (embeddings, models, feedback, pass-through) is OpenAI-format."""
+
+
+def adapter_for(protocol: str) -> Protocol:
+    """The adapter that renders exchanges of ``protocol``."""
+    return PROTOCOLS.get(protocol, _RELAY)
+
+
+def protocol_for_path(path: str) -> str:
+    """The protocol a request's errors are rendered in before it is routed (by its raw path)."""
+    return OpenAIChat.name
