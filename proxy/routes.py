@@ -8,8 +8,9 @@ path forwarded "as is" could reach another provider endpoint than the one
 Warden routed on.  The upstream path is then built from the matched route,
 never from the client's bytes.
 
-Routes are an allow-list: the governed ones (``chat``, ``embeddings``,
-``models``, ``feedback``) plus the pass-through routes an operator lists in
+Routes are an allow-list: the governed ones (``chat``, ``messages`` — the
+Anthropic Messages API, served by the chat flow through its protocol
+adapter —, ``embeddings``, ``models``, ``feedback``) plus the pass-through routes an operator lists in
 ``[server] passthrough_routes``.  Every other path is refused with 404 (rule
 ``server.routes``); a known path with another method with 405.
 """
@@ -34,6 +35,8 @@ UNGOVERNED = {
     "/v1/assistants": "the Assistants API is not governed by this Warden",
     "/v1/threads": "the Assistants API is not governed by this Warden",
     "/v1/realtime": "the Realtime API is not governed by this Warden",
+    "/v1/messages/batches": "the Message Batches API is not governed by this Warden (its requests run on the provider's side, out of the tool fence)",
+    "/v1/messages/count_tokens": "Warden cannot count tokens for the provider's model faithfully (an OpenAI-compatible upstream has no token-counting endpoint)",
 }
 """Provider APIs refused by name: they carry tool calls or state that Warden cannot fence yet."""
 
@@ -67,8 +70,9 @@ class Route:
 
     ``flow`` names the core flow that serves it (``chat``, ``relay``,
     ``feedback``); ``name`` is the bounded route label used in metrics, traces
-    and the audit record; ``parse_json`` says whether the body must be a JSON
-    object.
+    and the audit record; ``protocol`` names the adapter that parses its
+    requests and renders its replies and errors (:mod:`proxy.protocols`);
+    ``parse_json`` says whether the body must be a JSON object.
     """
 
     method: str
@@ -126,6 +130,8 @@ def parse_route_spec(spec: str, key: str) -> Route:
     for governed in (r.template for r in CORE_ROUTES):
         if plain == governed:
             raise ConfigError(key, f"{governed} is a governed route; it cannot be a pass-through")
+    if plain.startswith("/v1/messages/"):
+        raise ConfigError(key, "paths under /v1/messages belong to the Anthropic Messages API; they cannot be a pass-through")
     for prefix in UNGOVERNED:
         if plain == prefix or plain.startswith(prefix + "/"):
             raise ConfigError(key, f"{prefix} cannot be a pass-through: {UNGOVERNED[prefix]}")
@@ -135,6 +141,7 @@ def parse_route_spec(spec: str, key: str) -> Route:
 
 CORE_ROUTES: tuple[Route, ...] = (
     _route("POST", "/v1/chat/completions", "chat", "chat", "openai.chat", True),
+    _route("POST", "/v1/messages", "messages", "chat", "anthropic.messages", True),
     _route("POST", "/v1/embeddings", "embeddings", "relay", "openai.embeddings", True),
     _route("GET", "/v1/models", "models", "relay", "openai.models", False),
     _route("POST", "/v1/feedback", "feedback", "feedback", "warden.feedback", True),
