@@ -3,6 +3,7 @@ and through Warden — side by side, in one run.
 
     python bench/overhead.py                      # defaults: 2000 requests per cell
     python bench/overhead.py --requests 5000 --stream
+    python bench/overhead.py --messages --stream  # also /v1/messages (Anthropic) beside chat, in the same run
 
 Processes (all on loopback): the fake provider; the *floor* — a minimal aiohttp
 pass-through that checks a cached JWT, parses the body with orjson and runs on
@@ -17,6 +18,12 @@ and the latency added over the direct path, at concurrency 1 and 16.
 With ``--compare REV`` every Warden configuration also runs from a checkout of
 REV (a temporary git worktree), interleaved round by round with this tree's,
 so a change to the hot path is measured against its parent in one sitting.
+
+With ``--messages`` each Warden also serves the same conversation as an
+Anthropic Messages request (``POST /v1/messages``, translated to chat
+completions and its answer rendered back); the direct and floor rows of that
+request send the equivalent chat body, so "added" is what the translation
+costs on top of Warden's own path.
 
 With ``--provider-ms`` the fake provider takes 0.5-1.5x that long per request
 (seeded jitter), as a real one does; concurrency 16 then no longer saturates
@@ -70,7 +77,10 @@ async def main():
         # --provider-ms: the load generator says in metadata.delay_ms how long this request takes,
         # kept by another process (bench/delay.py: uvloop's timers count whole milliseconds).
         body = await request.json()
-        await delays.sleep(float(body["metadata"]["delay_ms"]) / 1000)
+        # Chat bodies carry it in metadata; translated Anthropic bodies in "user" (metadata.user_id).
+        meta = body.get("metadata")
+        delay = meta["delay_ms"] if meta else body["user"].removeprefix("delay_ms=")
+        await delays.sleep(float(delay) / 1000)
         return await chat(request)
     if float(sys.argv[2]):
         await delays.start()
@@ -198,6 +208,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--stream", action="store_true", help="also measure a streamed completion")
+    ap.add_argument("--messages", action="store_true", help="also measure the same conversation through POST /v1/messages (Anthropic)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell; the median round is reported")
     ap.add_argument(
         "--variants",
@@ -286,28 +297,42 @@ read_only = false
         messages = [{"role": "system", "content": "You are a helpful assistant." * 4}] + [
             {"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i} with some words to make the body realistic. " * 3} for i in range(6)
         ]
-        targets = {
-            "direct": f"http://127.0.0.1:{fport}/v1/chat/completions",
-            "floor": f"http://127.0.0.1:{lport}/v1/chat/completions",
-            **{name: f"http://127.0.0.1:{wp}/v1/chat/completions" for name, (wp, _) in ports.items()},
-        }
-        modes = [("chat", False)] + ([("chat stream", True)] if args.stream else [])
+        direct = {"direct": f"http://127.0.0.1:{fport}/v1/chat/completions", "floor": f"http://127.0.0.1:{lport}/v1/chat/completions"}
+        modes = [("chat", False, "chat")] + ([("chat stream", True, "chat")] if args.stream else [])
+        if args.messages:
+            modes += [("messages", False, "messages")] + ([("messages stream", True, "messages")] if args.stream else [])
+        # The Messages API ends on a user turn and needs max_tokens: the same conversation, one user turn longer.
+        m_turns = [*messages[1:], {"role": "user", "content": "And the last question, please answer it briefly. " * 3}]
+        rnd = random.Random(7)
+        delays = [round(args.provider_ms * rnd.uniform(0.5, 1.5), 3) for _ in range(997)] if args.provider_ms else []
         rows = []
-        for label, stream in modes:
-            base = {"model": "gpt-bench", "messages": messages, "stream": stream}
-            if args.provider_ms:
-                # The same seeded provider times, in the same order, for every path: their medians compare.
-                rnd = random.Random(7)
-                delays = [round(args.provider_ms * rnd.uniform(0.5, 1.5), 3) for _ in range(997)]
-                bodies = [orjson.dumps({**base, "metadata": {"delay_ms": str(d)}}) for d in delays]
+        for label, stream, kind in modes:
+            path = "/v1/chat/completions" if kind == "chat" else "/v1/messages"
+            targets = {**direct, **{name: f"http://127.0.0.1:{wp}{path}" for name, (wp, _) in ports.items()}}
+            if kind == "chat":
+                chat_base = {"model": "gpt-bench", "messages": messages, "stream": stream}
+                warden_base = chat_base
             else:
-                bodies = [orjson.dumps(base)]
+                chat_base = {"model": "gpt-bench", "messages": [messages[0], *m_turns], "max_tokens": 256, "stream": stream}
+                if stream:
+                    chat_base["stream_options"] = {"include_usage": True}
+                warden_base = {"model": "gpt-bench", "system": messages[0]["content"], "messages": m_turns, "max_tokens": 256, "stream": stream}
+            if delays:
+                # The same seeded provider times, in the same order, for every path: their medians compare.
+                chat_bodies = [orjson.dumps({**chat_base, "metadata": {"delay_ms": str(d)}}) for d in delays]
+                warden_bodies = (
+                    chat_bodies if kind == "chat" else [orjson.dumps({**warden_base, "metadata": {"user_id": f"delay_ms={d}"}}) for d in delays]
+                )
+            else:
+                chat_bodies = [orjson.dumps(chat_base)]
+                warden_bodies = chat_bodies if kind == "chat" else [orjson.dumps(warden_base)]
             for conc in (1, 16):
                 rounds: dict[str, list[tuple[float, float, float]]] = {k: [] for k in targets}
                 for _ in range(args.rounds):
                     for name, url in targets.items():
                         if stream and name == "floor":
                             continue
+                        bodies = chat_bodies if name in direct else warden_bodies
                         lat, wall = await load(url, token, bodies, args.requests // args.rounds, conc, stream)
                         rounds[name].append((pct(lat, 0.5), pct(lat, 0.99), len(lat) / wall))
                 res = {k: sorted(v)[len(v) // 2] for k, v in rounds.items() if v}
