@@ -34,6 +34,11 @@ NEWEST_KUBERNETES = kubernetes_validate.utils.latest_version()
 PROVIDER_KEY_SECRET = "warden-provider"
 CRD_GROUPS = {"monitoring.coreos.com"}
 WARDEN_SECRETS = {"warden-provider", "warden-jwt", "warden-audit", "warden-admin"}
+DATABASE_SECRET = "warden-database"
+
+
+def _uses_postgres(cfg: dict[str, Any]) -> bool:
+    return cfg.get("audit", {}).get("backend") == "postgres" or cfg.get("retrieval", {}).get("store") == "postgres"
 
 
 def test_every_overlay_is_covered() -> None:
@@ -293,14 +298,17 @@ def test_secrets_only_in_wardens_container(rendered: Rendered) -> None:
     pod = rendered.pod
     volumes = {v["name"]: v for v in pod["volumes"]}
     w = rendered.warden
-    assert _secret_refs(w, volumes) == WARDEN_SECRETS
+    cfg = rendered.config
+    expected = WARDEN_SECRETS | ({DATABASE_SECRET} if _uses_postgres(cfg) else set())
+    assert _secret_refs(w, volumes) == expected
     for c in all_containers(pod):
         if c is not w:
-            assert not _secret_refs(c, volumes) & WARDEN_SECRETS, f"{c['name']} can read a Warden secret"
-    cfg = rendered.config
+            assert not _secret_refs(c, volumes) & expected, f"{c['name']} can read a Warden secret"
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in w["env"] if "valueFrom" in e}
     assert env[cfg["upstream"]["api_key_env"]]["name"] == PROVIDER_KEY_SECRET
     assert cfg["admin"]["token_env"] in env
+    if _uses_postgres(cfg):
+        assert env[cfg["database"]["dsn_env"]]["name"] == DATABASE_SECRET, "the database URL comes from a Secret, never the config"
 
 
 def test_key_files_come_from_mounted_secrets(rendered: Rendered) -> None:
@@ -447,7 +455,7 @@ def test_network_policy_egress_only_to_dns_and_provider(rendered: Rendered) -> N
                 dns += 1
             else:
                 assert "podSelector" in peer and "namespaceSelector" not in peer, f"unexpected egress peer {peer}"
-                assert ports == {("TCP", 6379)}, "in-namespace egress is only for the shared Redis"
+                assert ports in ({("TCP", 6379)}, {("TCP", 5432)}), "in-namespace egress is only for the shared Redis and PostgreSQL"
     assert dns == 1 and provider >= 1
 
 
@@ -499,11 +507,26 @@ def test_scale_out_overlay() -> None:
         if any(pt["port"] == 6379 for pt in rule["ports"])
     ]
     assert redis_rules, "Warden must be allowed to reach the shared Redis"
+    cfg = r.config
+    assert cfg["audit"]["backend"] == "postgres", "no audit record dies with a pod"
+    assert cfg["retrieval"]["store"] == "postgres", "one knowledge base for every replica"
+    assert "dsn" not in cfg["database"] and cfg["database"]["dsn_env"], "credentials never in the file"
+    pg_rules = [
+        rule
+        for p in r.of_kind("NetworkPolicy")
+        if "Egress" in p["spec"]["policyTypes"]
+        for rule in p["spec"]["egress"]
+        if any(pt["port"] == 5432 for pt in rule["ports"])
+    ]
+    assert pg_rules, "Warden must be allowed to reach the shared PostgreSQL"
 
 
 def test_overlays_differ_from_sidecar_only_where_scale_out_needs() -> None:
     sidecar = rendered_for(KUBERNETES / "overlays" / "sidecar").config
     scale = rendered_for(KUBERNETES / "overlays" / "scale-out").config
-    assert {k: v for k, v in sidecar.items() if k not in ("limits", "policy")} == {k: v for k, v in scale.items() if k not in ("limits", "policy")}
+    fleet = ("limits", "policy", "database", "audit", "retrieval")
+    assert {k: v for k, v in sidecar.items() if k not in fleet} == {k: v for k, v in scale.items() if k not in fleet}
+    for section, keys in (("audit", ("backend",)), ("retrieval", ("store",))):
+        assert {k: v for k, v in sidecar[section].items() if k not in keys} == {k: v for k, v in scale[section].items() if k not in keys}
     shared = ("state_backend", "redis_url", "redis_key_prefix")
     assert {k: v for k, v in sidecar["policy"].items() if k not in shared} == {k: v for k, v in scale["policy"].items() if k not in shared}
