@@ -192,6 +192,8 @@ class Pipeline:
         task = asyncio.current_task()
         if task is not None:
             self.waiting.add(task)
+        # Until the route is known, the path says which API's format a refusal takes (even the drain's).
+        ex.protocol = protocol_for_path(request.raw_path.partition("?")[0])
         try:
             if self.cutting:
                 raise _drain_error()
@@ -213,8 +215,6 @@ class Pipeline:
             try:
                 ex.request_headers = _captured_headers(request)
                 raw_path = request.raw_path.partition("?")[0]
-                # Until the route is known, the path says which API's format a refusal takes.
-                ex.protocol = protocol_for_path(raw_path)
                 ex.phase = "authenticate"
                 ex.principal = await w.auth.authenticate(adapter_for(ex.protocol).credential(request.headers))
                 ex.phase = "route"

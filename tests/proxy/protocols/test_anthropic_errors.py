@@ -293,3 +293,18 @@ async def test_a_refused_body_is_recorded_by_size_and_digest_in_the_anthropic_pr
     status, raw, headers = await request(rw, "POST", "/v1/messages", body=OK)
     rec = await rw.warden.audit.find(headers["x-request-id"])
     assert rec is not None and rec["protocol"] == "anthropic.messages" and rec["error"]["rule"] == "auth.missing", "refused before routing, still in its API's protocol"
+
+
+async def test_the_drain_deadline_ends_an_anthropic_stream_with_an_error_event(warden: RunningWarden, token: Callable[..., str], fake: FakeProvider) -> None:
+    fake.push(Reply(content="w " * 200, chunk_delay_s=0.05))
+    raw = b""
+    async with aiohttp.ClientSession() as s, s.post(warden.base_url + "/messages", json={**OK, "stream": True}, headers={"x-api-key": token()}) as r:
+        async for line in r.content:
+            raw += line
+            if raw.count(b"content_block_delta") == 3 and not warden.warden.stream_cut.is_set():
+                warden.warden.stream_cut.set()
+    events = sse_events(raw)
+    assert events[-1][0] == "error" and "message_stop" not in [n for n, _ in events]
+    assert events[-1][1]["error"]["type"] == "api_error" and "(rule: server.drain)" in events[-1][1]["error"]["message"]
+    status, body, _ = await request(warden, "POST", "/v1/messages", body=OK, headers={"x-api-key": token()})
+    anthropic_error(status, body, 503, "api_error", "server.drain")

@@ -209,3 +209,11 @@ async def test_metrics_are_labelled_by_the_messages_route(warden: RunningWarden,
     async with aiohttp.ClientSession() as s, s.get(warden.admin_url + "/metrics") as r:
         text = await r.text()
     assert any(line.startswith("warden_requests_total{") and 'route="messages"' in line and 'status_class="2xx"' in line for line in text.splitlines())
+
+
+async def test_a_provider_keep_alive_starts_the_message_once(warden: RunningWarden, token: Callable[..., str], fake: FakeProvider) -> None:
+    fake.push(Reply(content="hi there", comment=b"keep-alive"))
+    status, raw, _ = await post(warden, {"model": "m", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "x"}]}, {"x-api-key": token()})
+    names = [n for n, _ in sse_events(raw)]
+    assert status == 200 and names[:3] == ["message_start", "ping", "content_block_start"] and names.count("message_start") == 1
+    assert names[-2:] == ["message_delta", "message_stop"]
