@@ -18,6 +18,13 @@ hooks ran and the record was written, so the record holds what was relayed.
 The record is written in exactly one place (:meth:`Pipeline._record`): the
 exchange's ``phase`` is ``"record"`` only there, and the projector refuses
 any other phase.
+
+The API's wire format is the route's protocol adapter's (:mod:`proxy.protocols`):
+it reads the credential, parses the body into the internal chat shape the
+flows and plugins work on, renders the answer (after the response hooks,
+before the record), the stream's events and end, and every refusal — before
+routing, the adapter is chosen by path, so all of an API's refusals come back
+in its own format.
 """
 
 from __future__ import annotations
