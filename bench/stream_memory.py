@@ -1,38 +1,41 @@
 """Memory after a burst of concurrent streams: what Warden keeps, and whether it gives it back.
 
-    python bench/stream_memory.py                         # 1000 streams, baseline and each remedy
-    python bench/stream_memory.py --streams 300 --variants baseline trim
-    python bench/stream_memory.py --tracemalloc           # also: which Python objects outlive the burst
+    python bench/stream_memory.py                          # 1000 streams, baseline beside each remedy
+    python bench/stream_memory.py --fix exact-body         # baseline and one fix, side by side
+    python bench/stream_memory.py --prompt-kib 32          # retrieval-sized request bodies
+    python bench/stream_memory.py --streams 300 --tracemalloc --survivors --variants baseline
 
-Processes (loopback only): the fake provider of ``tests/fakeprovider.py``,
-answering every chat completion with a streamed answer of ``--words`` content
-events ``--chunk-ms`` apart; and one Warden per variant (JWT auth, RS256, the
-``headers`` plugin; ``--plugins`` adds more), started fresh so no variant
-inherits another's heap.  Each Warden runs in a child of this script
-(``--child``) that adds a control listener on another port: RSS and the
-allocators' own counters, ``gc.collect()``, ``malloc_trim(0)`` and
-``tracemalloc`` snapshots, read between bursts (never during one).
+Processes (loopback only): the fake provider of ``tests/fakeprovider.py``
+(listen backlog 4096), answering every chat completion with a stream of
+``--words`` content events ``--chunk-ms`` apart; and one Warden per variant
+(JWT auth, RS256, the ``headers`` plugin, ``--plugins`` for more; audit off),
+each in a child of this script (``--child``) that adds a control listener on
+another port: RSS, pymalloc's arenas, the C allocator's counters
+(``mallinfo2``, or jemalloc's ``stats.*``), ``gc.collect()``, a release
+(``malloc_trim(0)`` or a jemalloc purge), ``tracemalloc`` snapshots and the
+objects that survived a burst.
 
-Per variant: ``--warmup`` streams one at a time (code paths, token cache),
-then ``--bursts`` bursts of ``--streams`` concurrent streams, each on its
-own connection; after each burst the client connections close, the bench
-waits ``--settle-s``, asks for ``gc.collect()`` and samples.  Reported per
-burst: RSS before, at peak (sampled from ``/proc`` every 10 ms during the
-burst), after the settle, and after ``malloc_trim(0)`` (last burst only, it
-changes what the next burst starts from); what glibc's ``mallinfo2`` counts as
-in use and as free-but-kept; pymalloc's arenas; the live object count.
+Every variant's Warden is started and warmed up (``--warmup`` streams one at
+a time), then sampled ('before').  Then ``--bursts`` rounds: in each, every
+variant in turn gets one burst of ``--streams`` concurrent streams, each on
+its own client connection, closed at its end; its RSS is read from ``/proc``
+every 10 ms during the burst (peak), sampled once all streams have their
+headers ('open'), and ``--sample-at`` seconds after the burst (each after a
+``gc.collect()``), while the next variant has its burst.  Last, one release
+('+trim'), and with ``--survivors`` the objects allocated since 'before' that
+are still alive.  With ``--tracemalloc`` a baseline Warden runs alone under
+``tracemalloc`` and the Python allocations alive at 'open' and after the
+bursts, minus those before, are listed by line.
 
-Variants (``--variants``):
+The default samples at 3 s and 40 s: the upstream connector keeps each
+provider connection idle for aiohttp's 15 s keep-alive (closed at its next
+cleanup, up to 30 s), so 40 s is "after the burst, flat".
 
-- ``baseline``: Warden as it is;
-- ``arena2``: ``MALLOC_ARENA_MAX=2`` in Warden's environment;
-- ``trim``: Warden as it is, plus a ``malloc_trim(0)`` every second while
-  the event loop is idle (the idle-task remedy; see :func:`_idle_trim`);
-- ``pymalloc-off``: ``PYTHONMALLOC=malloc`` (every object from glibc: tells
-  pymalloc's arenas from glibc's heaps; not a remedy);
-- ``fix:NAME``: one of the monkeypatches in :data:`FIXES`, applied in the
-  child before Warden starts (``--fix NAME`` is short for ``--variants
-  baseline fix:NAME``).
+Variants (``--variants``): ``baseline``, or parts joined by ``+`` (see
+:data:`PARTS`): ``arena2``, ``trim``, ``malloc``, ``jemalloc``, ``mmap64k``,
+``asyncio-loop``, ``fix:NAME`` (:data:`FIXES`: ``exact-body``,
+``compact-text``).  ``--fix NAME`` runs ``baseline`` and ``fix:NAME``.
+Results and their reading: ``bench/results/2026-12-07-stream-memory.md``.
 """
 
 from __future__ import annotations
@@ -81,11 +84,18 @@ class Forever:
 class Sink(list):
     def append(self, x): pass
 async def main():
+    import asyncio
+    from aiohttp import web
     fp = FakeProvider()
     fp.script = Forever()
     fp.requests = Sink()
-    await fp.start(int(sys.argv[1]))
-    import asyncio
+    # FakeProvider.start's site, with a listen backlog for a thousand connections at once.
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", fp._chat)
+    app.router.add_get("/v1/models", fp._models)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", int(sys.argv[1]), backlog=4096).start()
     await asyncio.Event().wait()
 uvloop.run(main())
 """
@@ -434,35 +444,50 @@ def jemalloc_path() -> str | None:
 JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
 """jemalloc returns a freed page to the kernel within about a second, from its own thread (an idle process frees too)."""
 
-VARIANTS: dict[str, tuple[dict[str, str], list[str], str]] = {
-    "baseline": ({}, [], ""),
+PARTS: dict[str, tuple[dict[str, str], list[str], str]] = {
     "arena2": ({"MALLOC_ARENA_MAX": "2"}, [], ""),
     "trim": ({}, ["--idle-trim", "1"], ""),
-    "pymalloc-off": ({"PYTHONMALLOC": "malloc"}, [], ""),
-    "pymalloc-off+trim": ({"PYTHONMALLOC": "malloc"}, ["--idle-trim", "1"], ""),
-    "jemalloc": ({"LD_PRELOAD": "<jemalloc>", "PYTHONMALLOC": "malloc", "MALLOC_CONF": JEMALLOC_CONF}, [], ""),
-    "jemalloc+pymalloc": ({"LD_PRELOAD": "<jemalloc>", "MALLOC_CONF": JEMALLOC_CONF}, [], ""),
+    "malloc": ({"PYTHONMALLOC": "malloc"}, [], ""),
+    "jemalloc": ({"LD_PRELOAD": "<jemalloc>", "MALLOC_CONF": JEMALLOC_CONF}, [], ""),
+    "mmap64k": ({"MALLOC_MMAP_THRESHOLD_": "65536"}, [], ""),
     "asyncio-loop": ({}, [], "use_uvloop = false"),
 }
-"""NAME -> (Warden's extra environment, extra child arguments, extra ``[server]`` config lines)."""
+"""Parts of a variant: NAME -> (Warden's extra environment, extra child arguments, extra ``[server]`` lines).
+
+- ``arena2``: ``MALLOC_ARENA_MAX=2`` (glibc's per-thread arenas);
+- ``trim``: :func:`_idle_trim` every second (``malloc_trim(0)``, or a purge under jemalloc);
+- ``malloc``: ``PYTHONMALLOC=malloc``, every object from the C allocator instead of pymalloc's arenas;
+- ``jemalloc``: ``LD_PRELOAD`` of libjemalloc with :data:`JEMALLOC_CONF` (pymalloc still serves
+  small objects unless ``malloc`` is a part too);
+- ``mmap64k``: ``MALLOC_MMAP_THRESHOLD_=65536`` (blocks of 64 KiB and more mmap'd, so given back on free);
+- ``asyncio-loop``: ``[server] use_uvloop = false``;
+- ``fix:NAME``: a monkeypatch of :data:`FIXES`.
+"""
 
 
 def variant_args(name: str) -> tuple[dict[str, str], list[str], str]:
-    if name in VARIANTS:
-        env, extra, server = VARIANTS[name]
-        if env.get("LD_PRELOAD") == "<jemalloc>":
+    """``baseline`` or parts of :data:`PARTS` joined by ``+`` (``jemalloc+malloc``, ``malloc+trim+fix:exact-body``)."""
+    env: dict[str, str] = {}
+    extra: list[str] = []
+    server: list[str] = []
+    for part in [] if name == "baseline" else name.split("+"):
+        if part.startswith("fix:"):
+            if part[4:] not in FIXES:
+                raise SystemExit(f"unknown fix {part[4:]!r} (known: {', '.join(sorted(FIXES))})")
+            extra += ["--fix", part[4:]]
+            continue
+        if part not in PARTS:
+            raise SystemExit(f"unknown variant part {part!r} in {name!r} (known: {', '.join(PARTS)}, fix:NAME)")
+        e, x, srv = PARTS[part]
+        if e.get("LD_PRELOAD") == "<jemalloc>":
             path = jemalloc_path()
             if path is None:
                 raise SystemExit(f"variant {name!r} needs libjemalloc.so.2 (Debian: apt-get install libjemalloc2)")
-            env = {**env, "LD_PRELOAD": path}
-        return env, extra, server
-    if name.startswith("fix:"):
-        fixes = name[4:].split("+")
-        for f in fixes:
-            if f not in FIXES:
-                raise SystemExit(f"unknown fix {f!r} (known: {', '.join(sorted(FIXES)) or 'none'})")
-        return {}, [a for f in fixes for a in ("--fix", f)], ""
-    raise SystemExit(f"unknown variant {name!r} (known: {', '.join(VARIANTS)}, fix:NAME[+NAME])")
+            e = {**e, "LD_PRELOAD": path}
+        env.update(e)
+        extra += x
+        server += [srv] if srv else []
+    return env, extra, "\n".join(server)
 
 
 def write_config(d: Path, wport: int, aport: int, fport: int, pub: Path, plugins: list[str], upstream_conns: int, server: str) -> Path:
@@ -605,68 +630,117 @@ def row_of(st: dict[str, Any]) -> dict[str, int]:
     }
 
 
-async def run_variant(
-    ov: Any, name: str, args: argparse.Namespace, tmp: Path, fport: int, pub: Path, token: str, body: bytes, tracemalloc_on: bool
-) -> dict[str, Any]:
-    env, extra, server = variant_args(name)
-    wport, aport, cport = ov.free_port(), ov.free_port(), ov.free_port()
-    cfg = write_config(tmp / re.sub(r"[^A-Za-z0-9]+", "_", name), wport, aport, fport, pub, args.plugins, args.upstream_connections, server)
-    cmd = [sys.executable, str(SELF), "--child", str(cfg), str(cport), *extra]
-    if tracemalloc_on:
-        cmd.append("--tracemalloc")
-    proc = ov.spawn(cmd, env={"BENCH_PROVIDER_KEY": "sk-bench", **env})
-    ctl = Control(cport, proc.pid)
-    url = f"http://127.0.0.1:{wport}/v1/chat/completions"
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    result: dict[str, Any] = {"name": name, "bursts": []}
-    try:
-        await ov.wait_up(f"http://127.0.0.1:{aport}/readyz", 120.0)
-        await ov.wait_up(f"{ctl.base}/stats")
+class Subject:
+    """One Warden variant: its process, its control listener, and what was measured of it."""
+
+    def __init__(
+        self, ov: Any, name: str, args: argparse.Namespace, tmp: Path, fport: int, pub: Path, token: str, body: bytes, tracemalloc_on: bool
+    ) -> None:
+        self.ov, self.args, self.body, self.tm = ov, args, body, tracemalloc_on
+        env, extra, server = variant_args(name)
+        wport, aport, cport = ov.free_port(), ov.free_port(), ov.free_port()
+        cfg = write_config(
+            tmp / re.sub(r"[^A-Za-z0-9]+", "_", name), wport, aport, fport, pub, args.plugins, args.upstream_connections, server
+        )
+        self.cmd = [sys.executable, str(SELF), "--child", str(cfg), str(cport), *extra, *(["--tracemalloc"] if tracemalloc_on else [])]
+        self.env = {"BENCH_PROVIDER_KEY": "sk-bench", **env}
+        self.ready_url = f"http://127.0.0.1:{aport}/readyz"
+        self.url = f"http://127.0.0.1:{wport}/v1/chat/completions"
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.cport = cport
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ctl: Control | None = None
+        self.result: dict[str, Any] = {"name": name, "bursts": []}
+
+    async def start(self) -> None:
+        """Start Warden, warm it up, and take the 'before' sample."""
+        self.proc = self.ov.spawn(self.cmd, env=self.env)
+        ctl = self.ctl = Control(self.cport, self.proc.pid)
+        await self.ov.wait_up(self.ready_url, 120.0)
+        await self.ov.wait_up(f"{ctl.base}/stats")
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-            for _ in range(args.warmup):
-                await one_stream(s, url, body, headers)
-        await asyncio.sleep(args.settle_s)
+            for _ in range(self.args.warmup):
+                await one_stream(s, self.url, self.body, self.headers)
+        await asyncio.sleep(self.args.settle_s)
         await ctl.post("/gc")
-        if tracemalloc_on:
+        if self.tm:
             await ctl.post("/snapshot/before")
-        if args.survivors:
+        if self.args.survivors:
             await ctl.post("/ids")
-        before = row_of(await ctl.get("/stats"))
-        result["before"] = before
-        for _ in range(args.bursts):
+        self.result["before"] = row_of(await ctl.get("/stats"))
 
-            async def all_open() -> dict[str, int]:
-                if tracemalloc_on:
-                    await ctl.post("/snapshot/mid")
-                return row_of(await ctl.get("/stats"))
+    async def burst(self) -> dict[str, Any]:
+        """One burst; its samples are taken by :meth:`samples` (which may overlap another variant's burst)."""
+        ctl = self.ctl
+        assert ctl is not None and self.proc is not None
 
-            b = await burst(url, body, headers, args.streams, proc.pid, args.timeout_s, all_open)
-            done, samples = time.monotonic(), []
-            for at in args.sample_at:
-                await asyncio.sleep(max(0.0, done + at - time.monotonic()))
-                await ctl.post("/gc")
-                samples.append((at, row_of(await ctl.get("/stats"))))
-            b["samples"] = samples
-            result["bursts"].append(b)
-        if tracemalloc_on:
+        async def all_open() -> dict[str, int]:
+            if self.tm:
+                await ctl.post("/snapshot/mid")
+            return row_of(await ctl.get("/stats"))
+
+        b = await burst(self.url, self.body, self.headers, self.args.streams, self.proc.pid, self.args.timeout_s, all_open)
+        b["ended"] = time.monotonic()
+        b["samples"] = []
+        self.result["bursts"].append(b)
+        return b
+
+    async def samples(self, b: dict[str, Any]) -> None:
+        assert self.ctl is not None
+        for at in self.args.sample_at:
+            await asyncio.sleep(max(0.0, b["ended"] + at - time.monotonic()))
+            await self.ctl.post("/gc")
+            b["samples"].append((at, row_of(await self.ctl.get("/stats"))))
+
+    async def finish(self) -> None:
+        """The last measurements: tracemalloc differences, or what one malloc release gives back; survivors."""
+        ctl = self.ctl
+        assert ctl is not None
+        r = self.result
+        if self.tm:
             await ctl.post("/snapshot/after")
-            result["diff"] = await ctl.get("/diff/before/after")
-            if result["bursts"][-1]["mid"] is not None:
-                result["mid_diff"] = await ctl.get("/diff/before/mid")
+            r["diff"] = await ctl.get("/diff/before/after")
+            if r["bursts"] and r["bursts"][-1]["mid"] is not None:
+                r["mid_diff"] = await ctl.get("/diff/before/mid")
         else:
-            # Last: a trim changes what a next burst would start from.
+            # Last: a release changes what a next burst would start from.
             await ctl.post("/trim")
-            result["trimmed"] = row_of(await ctl.get("/stats"))
-        if args.survivors:
+            r["trimmed"] = row_of(await ctl.get("/stats"))
+        if self.args.survivors:
             await ctl.post("/gc")
-            result["survivors"] = await ctl.get("/survivors")
-    finally:
-        proc.send_signal(signal.SIGTERM)
+            r["survivors"] = await ctl.get("/survivors")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(15)
+            self.proc.wait(15)
         except subprocess.TimeoutExpired:
-            proc.kill()
-    return result
+            self.proc.kill()
+
+
+async def run_subjects(subjects: list[Subject], rounds: int) -> None:
+    """Every subject started; then ``rounds`` rounds in which each subject in turn has one burst.  A
+    subject's samples after its burst are taken while the next subjects have theirs (an idle Warden's
+    memory does not depend on another process's load), and a round ends when all its samples are in;
+    bursts of different variants thus alternate under the same background load of the machine."""
+    try:
+        for sub in subjects:
+            print(f"starting {sub.result['name']} ...", file=sys.stderr, flush=True)
+            await sub.start()
+        for i in range(rounds):
+            pending = []
+            for sub in subjects:
+                print(f"round {i + 1}: {sub.result['name']} ...", file=sys.stderr, flush=True)
+                b = await sub.burst()
+                pending.append(asyncio.create_task(sub.samples(b)))
+            await asyncio.gather(*pending)
+        for sub in subjects:
+            await sub.finish()
+    finally:
+        for sub in subjects:
+            sub.stop()
 
 
 def mib(kib: int) -> str:
@@ -677,7 +751,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     out = io.StringIO()
     p = out.write
     p(f"\n{args.streams} concurrent streams x {args.bursts} bursts, {args.words} content events each {args.chunk_ms} ms apart, ")
-    p(f"upstream max_connections {args.upstream_connections}, plugins {['headers', *args.plugins]}\n\n")
+    p(
+        f"upstream max_connections {args.upstream_connections}, plugins {['headers', *args.plugins]}, request body {args.body_bytes} bytes\n\n"
+    )
     p("Memory in MiB.  'when': before the first burst; 'open' once all streams of the burst have their headers;\n")
     p("'+N s' N seconds after the burst ended (gc.collect() first); '+trim' after malloc_trim(0), last.  '+%' and\n")
     p("KiB/stream compare RSS with 'before'.  malloc: the C allocator's bytes in use / free but kept; py: pymalloc's\n")
@@ -693,6 +769,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {name} | {burst} | {when} | {mib(a['rss'])} | {grow} | {per} | {mib(a['glibc_used'])} | {mib(a['glibc_free'])} | {' | '.join(py)} | {a['objects']} |\n"
         )
 
+    results = [r for r in results if "before" in r]
     for r in results:
         bf = r["before"]
         line(r["name"], "—", "before", bf, bf)
@@ -751,6 +828,7 @@ async def main() -> None:
     ap.add_argument("--bursts", type=int, default=2, help="bursts per variant (a second one tells a leak from a high-water mark)")
     ap.add_argument("--words", type=int, default=100, help="content events per stream")
     ap.add_argument("--chunk-ms", type=float, default=10.0, help="the provider's delay between events")
+    ap.add_argument("--prompt-kib", type=int, default=0, help="add a user message of this many KiB (a request body of ~1.5 KB without)")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--settle-s", type=float, default=3.0, help="idle time after the warm-up, before the first sample")
     ap.add_argument(
@@ -763,8 +841,13 @@ async def main() -> None:
     ap.add_argument("--timeout-s", type=float, default=120.0, help="bound on one burst")
     ap.add_argument("--upstream-connections", type=int, default=1000, help="[upstream] max_connections")
     ap.add_argument("--plugins", nargs="*", default=[], help="plugins besides 'headers' (limits, tools, retrieval)")
-    ap.add_argument("--variants", nargs="*", default=["baseline", "arena2", "trim"])
-    ap.add_argument("--fix", action="append", default=[], help="add variant fix:NAME (repeatable)")
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        help="'baseline' or PARTS joined by '+' (default: baseline and each remedy; with --fix: baseline)",
+    )
+    ap.add_argument("--fix", action="append", default=[], help="also run variant fix:NAME (repeatable)")
     ap.add_argument("--tracemalloc", action="store_true", help="also run baseline under tracemalloc and list what it still holds")
     ap.add_argument(
         "--survivors",
@@ -772,7 +855,11 @@ async def main() -> None:
         help="after the last sample, list the objects allocated since 'before' that are still alive, by type",
     )
     args = ap.parse_args()
-    variants = list(args.variants) + [f"fix:{f}" for f in args.fix]
+    if args.variants is None:
+        args.variants = (
+            ["baseline"] if args.fix else ["baseline", "arena2", "trim", "malloc+trim", "jemalloc", "jemalloc+malloc", "fix:exact-body"]
+        )
+    variants = list(dict.fromkeys([*args.variants, *(f"fix:{f}" for f in args.fix)]))
     for v in variants:
         variant_args(v)
 
@@ -796,21 +883,26 @@ async def main() -> None:
         {"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i} with some words to make the body realistic. " * 3}
         for i in range(6)
     ]
+    if args.prompt_kib:
+        # A retrieval-sized prompt: one more user message of that many KiB of text.
+        words = " ".join(f"passage{i % 9973:04d}" for i in range(args.prompt_kib * 1024 // 12 + 1))
+        messages.append({"role": "user", "content": words[: args.prompt_kib * 1024]})
     body = orjson.dumps({"model": "gpt-bench", "messages": messages, "stream": True})
 
     fport = ov.free_port()
     fake = ov.spawn([sys.executable, "-c", FAKE, str(fport), str(args.words), str(args.chunk_ms / 1000)])
-    results = []
+    args.body_bytes = len(body)
+    subjects = [Subject(ov, v, args, tmp, fport, pub, token, body, False) for v in variants]
+    results = [sub.result for sub in subjects]
     try:
         await ov.wait_up(f"http://127.0.0.1:{fport}/v1/models")
-        for v in variants:
-            print(f"variant {v} ...", file=sys.stderr, flush=True)
-            results.append(await run_variant(ov, v, args, tmp, fport, pub, token, body, False))
+        await run_subjects(subjects, args.bursts)
         if args.tracemalloc:
-            print("variant baseline under tracemalloc ...", file=sys.stderr, flush=True)
-            r = await run_variant(ov, "baseline", args, tmp / "tm", fport, pub, token, body, True)
-            r["name"] = "baseline (tracemalloc)"
-            results.append(r)
+            # Alone: tracemalloc slows its Warden several times over.
+            tm = Subject(ov, "baseline", args, tmp / "tm", fport, pub, token, body, True)
+            tm.result["name"] = "baseline (tracemalloc)"
+            results.append(tm.result)
+            await run_subjects([tm], args.bursts)
     finally:
         fake.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
