@@ -31,7 +31,7 @@ import orjson
 
 from plugins.retrieval.acl import Acl, IndexedChunk
 from plugins.retrieval.lexical import LexicalIndex
-from plugins.retrieval.records import ChangeBatch, DocumentRow, RecordStore
+from plugins.retrieval.records import ChangeBatch, ChunkRow, DocumentRow, RecordStore
 from plugins.retrieval.vector import VectorIndex
 
 log = logging.getLogger("warden.retrieval")
@@ -97,6 +97,8 @@ class Indexes:
         """The newest position the store reported (the last catch-up, or a notification)."""
         self.caught_up_at: float | None = None
         """``time.monotonic()`` when the last catch-up started that found nothing left to apply."""
+        self.live_tenants: set[str] = set()
+        """Tenants of documents applied since the service last looked (it keeps "has documents" current)."""
         self.seen_model: str | None = None
         self.seen_dim: int | None = None
 
@@ -180,37 +182,50 @@ class Indexes:
                 await asyncio.to_thread(self.state.save)
                 self.caught_up_at = started
                 return total
+            ops_by: dict[str, dict[tuple[str, str], set[str]]] = {}
+            for name in lagging:
+                ops = ops_by[name] = {}
+                for ch in batch.changes:
+                    if ch.seq > self.applied(name):
+                        ops.setdefault((ch.tenant, ch.doc_id), set()).add(ch.op)
+            docs, chunks = await self._load(ops_by, with_vector="vector" in lagging)
             for name, engine in lagging.items():
-                todo = [c for c in batch.changes if c.seq > self.applied(name)]
-                ops: dict[tuple[str, str], set[str]] = {}
-                for ch in todo:
-                    ops.setdefault((ch.tenant, ch.doc_id), set()).add(ch.op)
-                await self._apply(name, engine, ops)
+                await self._apply(engine, ops_by[name], docs, chunks, vectors=name == "vector")
                 self.state.set(name, batch.changes[-1].seq)
-            await asyncio.to_thread(self.state.save)
             total += len(batch.changes)
-            if len(batch.changes) < self.batch:
+            done = len(batch.changes) < self.batch
+            if done:
                 # The batch ended below the limit: everything up to the snapshot's head is applied.
                 for name in lagging:
                     self.state.set(name, max(self.applied(name), batch.head))
-                await asyncio.to_thread(self.state.save)
+            await asyncio.to_thread(self.state.save)
+            if done:
                 self.caught_up_at = started
                 return total
 
-    async def _apply(self, name: str, engine: Engine, ops: dict[tuple[str, str], set[str]]) -> None:
+    async def _load(self, ops_by: dict[str, dict[tuple[str, str], set[str]]], with_vector: bool) -> tuple[
+            dict[tuple[str, str], DocumentRow], dict[tuple[str, str], list[ChunkRow]]]:
+        """The current rows of every document named, read once for all engines."""
+        keys = {k for ops in ops_by.values() for k in ops}
+        docs: dict[tuple[str, str], DocumentRow] = {}
+        for tenant in {t for t, _ in keys}:
+            for doc_id, row in (await self.store.get_documents(tenant, [d for t, d in keys if t == tenant])).items():
+                docs[(tenant, doc_id)] = row
+        self.live_tenants.update(t for t, _ in docs)
+        full = sorted({k for ops in ops_by.values() for k, o in ops.items() if o != {"acl"} and k in docs})
+        return docs, await self.store.chunks_of(full, with_vector=with_vector)
+
+    async def _apply(self, engine: Engine, ops: dict[tuple[str, str], set[str]], docs: dict[tuple[str, str], DocumentRow],
+                     chunks: dict[tuple[str, str], list[ChunkRow]], *, vectors: bool) -> None:
         acl_only = [k for k, o in ops.items() if o == {"acl"}]
         full = [k for k, o in ops.items() if o != {"acl"}]
-        docs: dict[tuple[str, str], DocumentRow] = {}
-        for tenant in {t for t, _ in ops}:
-            for doc_id, row in (await self.store.get_documents(tenant, [d for t, d in ops if t == tenant])).items():
-                docs[(tenant, doc_id)] = row
-        live_full = [k for k in full if k in docs]
-        chunks = await self.store.chunks_of(live_full, with_vector=name == "vector")
         indexed: list[IndexedChunk] = []
-        for key in live_full:
+        for key in full:
+            if key not in docs:
+                continue
             acl = Acl.from_json(docs[key].acl)
             for c in chunks.get(key, []):
-                if name == "vector" and c.vector is None:
+                if vectors and c.vector is None:
                     continue
                 indexed.append(IndexedChunk(c.chunk_id, c.tenant, c.doc_id, c.index_text, acl, c.vector))
         acl_updates = [(k, Acl.from_json(docs[k].acl)) for k in acl_only if k in docs]

@@ -81,6 +81,19 @@ def _unavailable(e: BaseException) -> ServiceUnavailable:
     return ServiceUnavailable(f"the retrieval store (PostgreSQL) is unavailable: {type(e).__name__}: {e}", rule="retrieval.store")
 
 
+class _PooledConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A pooled connection released without asyncpg's reset query (a round trip per release).
+
+    The store's pooled connections never LISTEN, SET session settings, open
+    cursors or hold session advisory locks (those use connections of their
+    own), so there is nothing to reset; an open transaction is still rolled
+    back on release.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 class PostgresStore:
     """The retrieval store of record on PostgreSQL (open with :meth:`open`)."""
 
@@ -95,6 +108,12 @@ class PostgresStore:
         self.schema = ""
         self._pool: asyncpg.Pool | None = None
 
+    @staticmethod
+    def _settings(application_name: str) -> dict[str, str]:
+        # Plan every statement for the tables as they are now: a generic plan cached while they were
+        # small (a seq scan) would otherwise stay in use as they grow, and each write would scan them whole.
+        return {"application_name": application_name, "plan_cache_mode": "force_custom_plan"}
+
     @property
     def channel(self) -> str:
         return channel_for(self.schema)
@@ -104,7 +123,7 @@ class PostgresStore:
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn, min_size=min(self.pool_min, self.pool_max), max_size=self.pool_max, command_timeout=self.timeout_s,
-                timeout=self.timeout_s, server_settings={"application_name": self.application_name},
+                timeout=self.timeout_s, server_settings=self._settings(self.application_name), connection_class=_PooledConnection,
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
             raise _unavailable(e) from None
@@ -119,7 +138,7 @@ class PostgresStore:
     async def connect(self) -> asyncpg.Connection:
         """A connection of its own (the follower's LISTEN connection), with the pool's settings."""
         conn: asyncpg.Connection = await asyncpg.connect(self.dsn, timeout=self.timeout_s, command_timeout=self.timeout_s,
-                                                         server_settings={"application_name": f"{self.application_name}-follower"})
+                                                         server_settings=self._settings(f"{self.application_name}-follower"))
         return conn
 
     async def close(self) -> None:
@@ -145,30 +164,33 @@ class PostgresStore:
         return await self._q(lambda c: c.fetch(sql, *args))
 
     async def _tx(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """One write transaction, retried when it lost a race (a concurrent insert of the same new document, a deadlock)."""
+        """One write transaction, retried when it lost a race (a deadlock, a concurrent insert of the same new row)."""
 
         async def run(conn: asyncpg.Connection) -> T:
-            for attempt in range(5):
-                try:
-                    async with conn.transaction():
-                        return await fn(conn)
-                except _RETRY:
-                    if attempt == 4:
-                        raise
-            raise AssertionError("unreachable")
+            async with conn.transaction():
+                return await fn(conn)
 
-        return await self._q(run)
+        return await self._retrying(run)
+
+    async def _retrying(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        for attempt in range(5):
+            try:
+                return await self._q(fn)
+            except _RETRY:
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[None]:
-        """A session advisory lock of this schema: one replica of the fleet at a time (re-embedding)."""
-        async with self.pool.acquire() as conn:
-            key = ("retrieval." + name + "." + self.schema,)
-            await conn.execute("SELECT pg_advisory_lock(hashtext($1))", *key, timeout=None)
-            try:
-                yield
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", *key)
+        """A session advisory lock of this schema, on a connection of its own (closing it releases the lock):
+        one replica of the fleet at a time (re-embedding)."""
+        conn = await self.connect()
+        try:
+            await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"retrieval.{name}.{self.schema}", timeout=None)
+            yield
+        finally:
+            await conn.close()
 
     async def identity(self) -> str:
         return await self.get_meta("store_id") or ""
@@ -282,8 +304,8 @@ class PostgresStore:
         row = (await self._fetch(f"SELECT s.*, {_HEAD} FROM ({sql}) s"))[0]
         return int(row[6]), _counts(row)
 
-    async def tenant_documents(self) -> dict[str, int]:
-        return {r[0]: int(r[1]) for r in await self._fetch("SELECT tenant, documents FROM retrieval_stats WHERE documents > 0")}
+    async def tenant_counts(self) -> dict[str, tuple[int, int]]:
+        return {r[0]: (int(r[1]), int(r[2])) for r in await self._fetch("SELECT tenant, documents, chunks FROM retrieval_stats")}
 
     async def distinct_acls(self, tenant: str, limit: int) -> list[dict[str, Any]]:
         rows = await self._fetch("SELECT DISTINCT acl FROM retrieval_documents WHERE tenant = $1 LIMIT $2", tenant, limit)
@@ -307,58 +329,22 @@ class PostgresStore:
 
     async def write_documents(self, items: list[tuple[DocumentRow, list[ChunkRow]]]) -> int:
         now = time.time()
-        # A fixed order over the keys: two replicas writing overlapping batches lock rows in the same order.
-        items = sorted(items, key=lambda it: (it[0].tenant, it[0].doc_id))
-        ts, ds = [d.tenant for d, _ in items], [d.doc_id for d, _ in items]
+        docs = [d for d, _ in items]
         chunks = [c for _, cs in items for c in cs]
-
-        async def tx(c: asyncpg.Connection) -> int:
-            # Writers of the same document take turns (a lock per document key, in one order): the second one's
-            # DELETE then sees the first one's row, so the counters count a replacement, not two additions.
-            await c.execute(
-                "SELECT count(pg_advisory_xact_lock($3, h)) FROM (SELECT DISTINCT hashtext($4 || chr(31) || t || chr(31) || i) AS h "
-                "FROM unnest($1::text[], $2::text[]) AS k(t, i) ORDER BY h) s", ts, ds, LOCK_CLASS + 1, self.schema)
-            old = await c.fetch(
-                "DELETE FROM retrieval_documents d USING unnest($1::text[], $2::text[]) AS k(t, i) WHERE d.tenant = k.t AND d.doc_id = k.i "
-                "RETURNING d.tenant, d.n_chunks, d.n_vectors", ts, ds)
-            await c.execute("DELETE FROM retrieval_chunks c USING unnest($1::text[], $2::text[]) AS k(t, i) WHERE c.tenant = k.t AND c.doc_id = k.i", ts, ds)
-            nvec = [sum(1 for ch in cs if ch.vector is not None) for _, cs in items]
-            await c.execute(
-                f"INSERT INTO retrieval_documents ({_DOC_COLS}, n_vectors) SELECT t, i, s, u, ti, up, h, l, a::jsonb, ia, m, nc, tk, sz, nv FROM "
-                "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], "
-                "$10::float8[], $11::text[], $12::int[], $13::int[], $14::int[], $15::int[]) AS x(t, i, s, u, ti, up, h, l, a, ia, m, nc, tk, sz, nv)",
-                ts, ds, [d.source for d, _ in items], [d.uri for d, _ in items], [d.title for d, _ in items], [d.updated_at for d, _ in items],
-                [d.content_hash for d, _ in items], [orjson.dumps(d.labels).decode() for d, _ in items],
-                [orjson.dumps(d.acl).decode() for d, _ in items], [d.indexed_at or now for d, _ in items],
-                [d.embedding_model for d, _ in items], [d.n_chunks for d, _ in items], [d.tokens for d, _ in items],
-                [d.size for d, _ in items], nvec,
-            )
-            if chunks:
-                await c.execute(
-                    f"INSERT INTO retrieval_chunks ({_CHUNK_COLS}, vector) SELECT * FROM "
-                    "unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[], $6::int[], $7::int[], $8::text[], $9::text[], "
-                    "$10::text[], $11::int[], $12::bytea[])",
-                    [x.chunk_id for x in chunks], [x.tenant for x in chunks], [x.doc_id for x in chunks], [x.n for x in chunks],
-                    [orjson.dumps(x.heading_path).decode() for x in chunks], [x.start for x in chunks], [x.end for x in chunks],
-                    [x.kind for x in chunks], [x.text for x in chunks], [x.index_text for x in chunks], [x.tokens for x in chunks],
-                    [vector_blob(x.vector) for x in chunks],
-                )
-            delta: dict[str, list[float]] = {}
-            for (d, cs), nv in zip(items, nvec, strict=True):
-                st = delta.setdefault(d.tenant, [0, 0, 0])
-                st[0] += 1
-                st[1] += len(cs)
-                st[2] += nv
-            for r in old:
-                st = delta[r[0]]
-                st[0] -= 1
-                st[1] -= r[1]
-                st[2] -= r[2]
-            pos = await self._log(c, ts, ds, "upsert", now)
-            await self._stats(c, delta, now)
-            return pos
-
-        return await self._tx(tx)
+        args = (
+            [d.tenant for d in docs], [d.doc_id for d in docs], [d.source for d in docs], [d.uri for d in docs], [d.title for d in docs],
+            [d.updated_at for d in docs], [d.content_hash for d in docs], [orjson.dumps(d.labels).decode() for d in docs],
+            [orjson.dumps(d.acl).decode() for d in docs], [d.indexed_at or now for d in docs], [d.embedding_model for d in docs],
+            [d.n_chunks for d in docs], [d.tokens for d in docs], [d.size for d in docs],
+            [sum(1 for c in cs if c.vector is not None) for _, cs in items],
+            [c.chunk_id for c in chunks], [c.tenant for c in chunks], [c.doc_id for c in chunks], [c.n for c in chunks],
+            [orjson.dumps(c.heading_path).decode() for c in chunks], [c.start for c in chunks], [c.end for c in chunks],
+            [c.kind for c in chunks], [c.text for c in chunks], [c.index_text for c in chunks], [c.tokens for c in chunks],
+            [vector_blob(c.vector) for c in chunks], now,
+        )
+        # One statement (0001_store.sql): one round trip and its own transaction.
+        sql = f"SELECT retrieval_write_documents({', '.join(f'${i}' for i in range(1, 29))})"
+        return int(await self._retrying(lambda c: c.fetchval(sql, *args)))
 
     async def update_documents_meta(self, docs: list[DocumentRow], acl_changed: list[bool]) -> int:
         now = time.time()
@@ -381,26 +367,10 @@ class PostgresStore:
         return await self._tx(tx)
 
     async def delete_documents(self, keys: list[tuple[str, str]]) -> tuple[int, int]:
-        now = time.time()
         keys = sorted(set(keys))
-        ts, ds = [k[0] for k in keys], [k[1] for k in keys]
-
-        async def tx(c: asyncpg.Connection) -> tuple[int, int]:
-            old = await c.fetch(
-                "DELETE FROM retrieval_documents d USING unnest($1::text[], $2::text[]) AS k(t, i) WHERE d.tenant = k.t AND d.doc_id = k.i "
-                "RETURNING d.tenant, d.n_chunks, d.n_vectors", ts, ds)
-            await c.execute("DELETE FROM retrieval_chunks c USING unnest($1::text[], $2::text[]) AS k(t, i) WHERE c.tenant = k.t AND c.doc_id = k.i", ts, ds)
-            pos = await self._log(c, ts, ds, "delete", now)
-            delta: dict[str, list[float]] = {}
-            for r in old:
-                st = delta.setdefault(r[0], [0, 0, 0])
-                st[0] -= 1
-                st[1] -= r[1]
-                st[2] -= r[2]
-            await self._stats(c, delta, None)
-            return len(old), pos
-
-        return await self._tx(tx)
+        row = await self._retrying(lambda c: c.fetchrow(
+            "SELECT o_deleted, o_pos FROM retrieval_delete_documents($1, $2, $3)", [k[0] for k in keys], [k[1] for k in keys], time.time()))
+        return int(row["o_deleted"]), int(row["o_pos"])
 
     async def set_vectors(self, rows: list[tuple[str, np.ndarray]], model: str, docs: list[tuple[str, str]]) -> None:
         async def tx(c: asyncpg.Connection) -> None:

@@ -198,8 +198,8 @@ class RecordStore(Protocol):
     async def counts_at_head(self) -> tuple[int, dict[str, Any]]:
         """(head, counts) read in one snapshot."""
 
-    async def tenant_documents(self) -> dict[str, int]:
-        """Documents per tenant (maintained counters: one row per tenant)."""
+    async def tenant_counts(self) -> dict[str, tuple[int, int]]:
+        """(documents, chunks) per tenant, from the maintained counters (one row per tenant)."""
 
     async def distinct_acls(self, tenant: str, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` distinct ACLs of the tenant's documents."""

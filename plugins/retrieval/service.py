@@ -98,6 +98,8 @@ class RetrievalService:
         self.tenant_documents: dict[str, int] = {}
         self.oldest_unapplied_at: float | None = None
         self.model_mismatch: str | None = None
+        self._gauges_at = 0.0
+        self._gauges_dirty = False
         self._lock_fd: int | None = None
         # One SQLite writer connection: this process's writes take turns.  PostgreSQL orders commits itself.
         self._write_lock: AbstractAsyncContextManager[Any] = asyncio.Lock() if self.store.kind == "sqlite" else contextlib.nullcontext()
@@ -393,11 +395,18 @@ class RetrievalService:
         """Apply pending changes from the store of record to the local indexes; returns how many change-log entries."""
         if not self.owner or self.indexes is None:
             return 0
-        async with self.indexes.lock:
-            n = await self.indexes.catch_up(self._on_batch)
-        if n:
+        idx = self.indexes
+        async with idx.lock:
+            n = await idx.catch_up(self._on_batch)
+        # A tenant's first document makes its searches run at once; the counts behind the gauges are
+        # re-read at most every sync_interval_s (one row per tenant).
+        for tenant in idx.live_tenants:
+            self.tenant_documents.setdefault(tenant, 1)
+        idx.live_tenants.clear()
+        self._gauges_dirty |= n > 0
+        if self._gauges_dirty and time.monotonic() - self._gauges_at >= self.cfg.sync_interval_s:
             await self.refresh_gauges()
-        else:
+        elif idx.floor() >= idx.head:
             self.oldest_unapplied_at = None
         return n
 
@@ -414,12 +423,16 @@ class RetrievalService:
 
     async def refresh_gauges(self) -> None:
         """Cache what the metrics read at scrape time, from the maintained counters (one row per tenant)."""
-        self.tenant_documents = await self.store.tenant_documents()
-        counts = await self.store.counts()
-        self.documents = int(counts["documents"])
-        self.chunks = int(counts["chunks"])
-        floor = self.indexes.floor() if self.indexes is not None else 0
-        self.oldest_unapplied_at = await self.store.oldest_change_after(floor) if self.indexes is not None else None
+        self._gauges_at = time.monotonic()
+        self._gauges_dirty = False
+        per_tenant = await self.store.tenant_counts()
+        self.tenant_documents = {t: d for t, (d, _) in per_tenant.items() if d > 0}
+        self.documents = sum(d for d, _ in per_tenant.values())
+        self.chunks = sum(c for _, c in per_tenant.values())
+        idx = self.indexes
+        self.oldest_unapplied_at = None
+        if idx is not None and idx.floor() < idx.head:
+            self.oldest_unapplied_at = await self.store.oldest_change_after(idx.floor())
 
     def has_documents(self, tenant: str) -> bool:
         """Whether the tenant has any document (as of the last catch-up): a tenant without any skips the search."""

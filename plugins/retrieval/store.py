@@ -366,9 +366,9 @@ class Store:
             row = await cur.fetchone()
         return int(row[6]), _counts(row[:6])
 
-    async def tenant_documents(self) -> dict[str, int]:
-        async with self.read("SELECT tenant, documents FROM stats WHERE documents > 0") as cur:
-            return {row[0]: int(row[1]) for row in await cur.fetchall()}
+    async def tenant_counts(self) -> dict[str, tuple[int, int]]:
+        async with self.read("SELECT tenant, documents, chunks FROM stats") as cur:
+            return {row[0]: (int(row[1]), int(row[2])) for row in await cur.fetchall()}
 
     async def distinct_acls(self, tenant: str, limit: int) -> list[dict[str, Any]]:
         async with self.read("SELECT DISTINCT acl FROM documents WHERE tenant = ? LIMIT ?", (tenant, limit)) as cur:

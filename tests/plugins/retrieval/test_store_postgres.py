@@ -209,7 +209,7 @@ async def test_counters_follow_every_write_without_recounting(pg_factory: Servic
         await conn.close()
     counts = await a.store.counts()
     assert (counts["documents"], counts["chunks"], counts["vectors"]) == (real["documents"], real["chunks"], real["vectors"]) == (2, 3, 3)
-    assert await a.store.tenant_documents() == {"acme": 2}
+    assert await a.store.tenant_counts() == {"acme": (2, 3), "beta": (0, 0)}
     assert (await a.store.counts("acme"))["documents"] == 2 and counts["tenants"] == 1
 
 
