@@ -233,3 +233,28 @@ async def test_writers_racing_on_one_document_keep_the_counters_exact(pg_factory
     assert counts["documents"] == 1 and counts["chunks"] == 1
     await within(BOUND_S, lambda: _engine_count(b, 1))
     await within(BOUND_S, lambda: _engine_count(a, 1))
+
+
+async def test_a_new_embedding_model_is_embedded_once_for_the_fleet(pg_factory: ServiceFactory, embed_provider: FakeProvider) -> None:
+    a = await pg_factory("a", embedding_model="model-a")
+    await a.upsert_many([DocumentInput("acme", f"d{i}", f"document number {i} about travel", PUBLIC) for i in range(5)])
+    b_old = await pg_factory("b", embedding_model="model-a", sync_interval_s=0.2, max_lag_s=5.0)
+    await within(BOUND_S, lambda: _vector_count(b_old, 5))
+    await a.close()
+    embed_provider.requests.clear()
+    c = await pg_factory("c", embedding_model="model-b")  # re-embeds every chunk once, for everyone
+    assert sum(len(r.body["input"]) for r in embed_provider.requests) == 5 and {r.body["model"] for r in embed_provider.requests} == {"model-b"}
+    assert await c.store.embedding_models() == {"model-b": 5}
+    embed_provider.requests.clear()
+    d = await pg_factory("d", embedding_model="model-b")
+    assert embed_provider.requests == []  # the second replica with the new model embeds nothing
+    assert (await d.status())["engines"]["vector"]["count"] == 5 and len((await d.search(ANYONE, "travel")).hits) == 5
+    # A replica still embedding queries with the old model must not mix them with the new vectors.
+    await within(BOUND_S + 1, lambda: _true(b_old.not_ready() is not None))
+    assert "model-b" in (b_old.not_ready() or "")
+    with pytest.raises(ServiceUnavailable):
+        await b_old.search(ANYONE, "travel")
+
+
+async def _vector_count(svc: RetrievalService, n: int) -> bool:
+    return bool((await svc.status())["engines"].get("vector", {}).get("count") == n)
