@@ -835,8 +835,8 @@ async def main() -> None:
         "--sample-at",
         type=float,
         nargs="+",
-        default=[3.0, 20.0],
-        help="seconds after a burst to sample (gc.collect() first); the default 20 s is past aiohttp's 15 s idle keep-alive",
+        default=[3.0, 40.0],
+        help="seconds after a burst to sample (gc.collect() first); 40 s is past the upstream pool's idle keep-alive (15 s, closed at its next cleanup, up to 30 s)",
     )
     ap.add_argument("--timeout-s", type=float, default=120.0, help="bound on one burst")
     ap.add_argument("--upstream-connections", type=int, default=1000, help="[upstream] max_connections")
