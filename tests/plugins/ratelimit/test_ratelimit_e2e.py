@@ -126,12 +126,12 @@ async def test_idempotency_is_per_user_within_a_tenant(warden_factory: WardenFac
 
 
 async def test_streamed_tokens_are_reconciled(warden_factory: WardenFactory, token: Callable[..., str], fake: FakeProvider) -> None:
-    rw = await start(warden_factory, rules=[{"scope": "tenant", "tokens": "5000/minute"}])
+    # Per hour, so the bucket refills by ~1 token a second: a loaded machine cannot blur the count.
+    rw = await start(warden_factory, rules=[{"scope": "tenant", "tokens": "5000/hour"}])
     client = sdk(rw, token)
     fake.push(Reply(content="a b c", usage={"prompt_tokens": 40, "completion_tokens": 60, "total_tokens": 100}))
     stream = await client.chat.completions.create(model="gpt-test", messages=MSG, stream=True, max_tokens=2000)
-    _ = [c async for c in stream]
-    await asyncio.sleep(0.05)  # on_complete runs after the last byte
+    _ = [c async for c in stream]  # the complete hooks (reconciliation) ran before the stream's end was sent
     raw = await client.chat.completions.with_raw_response.create(model="gpt-test", messages=MSG, max_tokens=0)
     # after the stream only its 100 reported tokens remain charged, not the 2000+ reserved
     reserved_now = 5000 - 100 - int(raw.headers["x-ratelimit-remaining-tokens"])
