@@ -22,6 +22,7 @@ afterwards).
     .venv/bin/python bench/retrieval_fleet.py ingest --store postgres --sizes 0,10k,50k,100k
     .venv/bin/python bench/retrieval_fleet.py freshness --samples 300 --load 100
     .venv/bin/python bench/retrieval_fleet.py coldstart --chunks 100k
+    .venv/bin/python bench/retrieval_fleet.py coldstart --chunks 100k --vectors 384
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ class Replica:
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.admin_port}"
         self.env = env
-        extra = "".join(f"{k} = {v!r}\n".replace("'", '"') if not isinstance(v, bool) else f"{k} = {str(v).lower()}\n" for k, v in retrieval.items())
+        settings = {"embedder": "none", "mode": "bm25", "bulk_max_documents": 1000, **retrieval}
+        extra = "".join(f"{k} = {v!r}\n".replace("'", '"') if not isinstance(v, bool) else f"{k} = {str(v).lower()}\n" for k, v in settings.items())
         (folder / "config.toml").write_text(f"""
 [server]
 listen = "127.0.0.1:{self.port}"
@@ -120,9 +122,6 @@ enabled = ["retrieval"]
 store = "{store}"
 db = "{folder / 'r.db'}"
 index_dir = "{folder / 'idx'}"
-embedder = "none"
-mode = "bm25"
-bulk_max_documents = 1000
 {extra}""")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -329,34 +328,71 @@ async def cmd_freshness(a: argparse.Namespace) -> None:
         print(f"| {op} | {1000 * statistics.median(xs):.1f} | {1000 * pct(xs, 99):.1f} | {1000 * max(xs):.1f} | 2000 |")
 
 
+async def fill_direct(dsn: str, chunks: int, dim: int, corpus: Corpus) -> int:
+    """Write documents of three chunks with random unit vectors straight into the store (as if an embedder had run)."""
+    from plugins.retrieval.pgstore import PostgresStore
+    from plugins.retrieval.records import ChunkRow, DocumentRow
+
+    store = PostgresStore(dsn, pool_max=2)
+    await store.open()
+    rng = np.random.default_rng(3)
+    try:
+        await store.set_meta("embedding_model", "bench-embed")
+        await store.set_meta("embedding_dim", str(dim))
+        n = 0
+        while n * 3 < chunks:
+            items = []
+            for i in range(n, n + 1000):
+                vecs = rng.standard_normal((3, dim)).astype(np.float32)
+                vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+                doc = DocumentRow("acme", f"d{i}", f"h{i}", {"allow_groups": [f"g{i % 20}"]}, title=f"Doc {i}", embedding_model="bench-embed",
+                                  n_chunks=3, tokens=300, size=1500)
+                items.append((doc, [ChunkRow(f"acme/d{i}#h{i}.{j}", "acme", f"d{i}", j, ["Doc"], 0, 1, "text", corpus.paras[(i + j) % 3000],
+                                             corpus.paras[(i + j) % 3000], 100, vecs[j]) for j in range(3)]))
+            await store.write_documents(items)
+            n += 1000
+        return n * 3
+    finally:
+        await store.close()
+
+
 async def cmd_coldstart(a: argparse.Namespace) -> None:
     corpus = Corpus()
     rows = []
+    vec: dict[str, Any] = {}
+    if a.vectors:
+        # Vectors are read from the store at start: the embeddings endpoint is never called (nothing listens there).
+        vec = {"embedder": "upstream", "mode": "hybrid", "embedding_model": "bench-embed", "embedding_dim": a.vectors,
+               "embedding_base_url": "http://127.0.0.1:9/v1"}
     with tempfile.TemporaryDirectory() as d:
         async with pg_schema() as dsn:
             env = {"WARDEN_DATABASE_URL": dsn}
-            empty = Replica("postgres", Path(d) / "empty", env)
+            empty = Replica("postgres", Path(d) / "empty", env, **vec)
             rows.append(("new replica, empty store", 0, await empty.start()))
             empty.stop()
-            ra = Replica("postgres", Path(d) / "a", env)
-            await ra.start()
-            async with aiohttp.ClientSession(headers=ADMIN) as s:
-                n = 0
-                while (await status(s, ra))["chunks"] < a.chunks:
-                    await bulk(s, ra, n, 1000, corpus)
-                    n += 1000
-                chunks = (await status(s, ra))["chunks"]
-            ra.stop()
-            late = Replica("postgres", Path(d) / "late", env)
+            if a.vectors:
+                chunks = await fill_direct(dsn, a.chunks, a.vectors, corpus)
+            else:
+                ra = Replica("postgres", Path(d) / "a", env)
+                await ra.start()
+                async with aiohttp.ClientSession(headers=ADMIN) as s:
+                    n = 0
+                    while (await status(s, ra))["chunks"] < a.chunks:
+                        await bulk(s, ra, n, 1000, corpus)
+                        n += 1000
+                    chunks = (await status(s, ra))["chunks"]
+                ra.stop()
+            late = Replica("postgres", Path(d) / "late", env, **vec)
             rows.append(("new replica (empty index folder): builds from PostgreSQL", chunks, await late.start()))
             late.stop()
             rows.append(("restarted replica (index folder kept): catches up", chunks, await late.start()))
             late.stop()
-    print("\ncold start: seconds from process spawn to /readyz 200 (python start-up included: see the empty-store row)\n")
+    what = f"lexical + vector ({a.vectors}-dim HNSW) indexes" if a.vectors else "lexical index (no embedder)"
+    print(f"\ncold start, {what}: seconds from process spawn to /readyz 200 (python start-up included: see the empty-store row)\n")
     print("| replica | chunks in store | seconds to ready |")
     print("|---|---|---|")
-    for label, chunks, secs in rows:
-        print(f"| {label} | {chunks:,} | {secs:.2f} |")
+    for label, n_chunks, secs in rows:
+        print(f"| {label} | {n_chunks:,} | {secs:.2f} |")
 
 
 def main() -> None:
@@ -377,6 +413,7 @@ def main() -> None:
     f.add_argument("--gap-ms", type=float, default=20.0)
     c = sub.add_parser("coldstart")
     c.add_argument("--chunks", type=size, default=100_000)
+    c.add_argument("--vectors", type=int, default=0, help="also vectors of this dimension (written straight into the store)")
     a = p.parse_args()
     asyncio.run({"ingest": cmd_ingest, "freshness": cmd_freshness, "coldstart": cmd_coldstart}[a.cmd](a))
 

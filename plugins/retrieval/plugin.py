@@ -43,7 +43,7 @@ def _template_digest(template: str) -> str:
     return hashlib.sha256(template.encode()).hexdigest()
 
 OFF_HEADER = "x-warden-retrieval"
-RESTART_KEYS = ("store", "db", "index_dir", "embedder", "embedding_base_url", "embedding_api_key_env", "embedding_model", "embedding_dim", "chunk_tokens")
+RESTART_KEYS = ("store", "store_timeout_s", "db", "index_dir", "embedder", "embedding_base_url", "embedding_api_key_env", "embedding_model", "embedding_dim", "chunk_tokens")
 
 
 class RetrievalPlugin(Plugin):
@@ -101,6 +101,8 @@ class RetrievalPlugin(Plugin):
         self.section = new
         if self.service is not None:
             self.service.cfg = new
+            if self.service.follower is not None:
+                self.service.follower.interval_s = new.sync_interval_s
 
     def applies(self, ex: Exchange) -> bool:
         """Whether retrieval runs for this exchange's route and model."""

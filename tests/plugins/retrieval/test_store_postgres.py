@@ -258,3 +258,20 @@ async def test_a_new_embedding_model_is_embedded_once_for_the_fleet(pg_factory: 
 
 async def _vector_count(svc: RetrievalService, n: int) -> bool:
     return bool((await svc.status())["engines"].get("vector", {}).get("count") == n)
+
+
+@pytest.mark.parametrize("payload", ["", "abc", "-5", "99999999999999999999999", "1e9", "x" * 7999, "12; DROP TABLE retrieval_changes"])
+async def test_a_forged_notification_is_only_a_wake_up(pg_factory: ServiceFactory, pg_dsn: str, payload: str) -> None:
+    a = await pg_factory("a", embedder=False, **SLOW_POLL)
+    b = await pg_factory("b", embedder=False, **SLOW_POLL)
+    assert b.follower is not None
+    await within(BOUND_S, lambda: _true(b.follower is not None and b.follower.listening))
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("SELECT pg_notify($1, $2)", b.follower.channel, payload)
+    finally:
+        await conn.close()
+    await a.upsert(DocumentInput("acme", "real", "A real memo about ibises.", PUBLIC), wait=False)
+    await within(BOUND_S, finds(b, ANYONE, "ibises", "real"))
+    assert b.follower.listening and b.not_ready() is None
+    assert (await b.status())["engines"]["lexical"]["lag"] == 0
