@@ -285,6 +285,7 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     wall_time: float = field(default_factory=time.time)
     protocol: str = "openai.chat"
+    """The API of the route: ``openai.chat``, ``anthropic.messages``, ``openai.embeddings``, ``openai.models``, ``warden.feedback``, ``passthrough``."""
     phase: str = "identify"
     """The pipeline stage the exchange is in (see :mod:`proxy.pipeline`)."""
     principal: Principal | None = None
@@ -296,7 +297,8 @@ class Exchange:
     request_headers: dict[str, str] = field(default_factory=dict)
     raw_body: bytes = b""
     client_body: dict[str, Any] | None = None
-    """The body as the client sent it, parsed once (never changed by hooks)."""
+    """The body as the client sent it, parsed once, in the internal chat shape (for another API,
+    its adapter's translation, before any hook); never changed by hooks."""
     body: dict[str, Any] | None = None
     """The body as it goes upstream: ``client_body`` until a hook calls :meth:`set_body`."""
     body_modified: bool = False
