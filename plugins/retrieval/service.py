@@ -293,7 +293,11 @@ class RetrievalService:
                 continue
             full.append((d, h))
             results.append(UpsertResult(d.tenant, d.doc_id, "replaced" if old is not None else "added", 0))
-        items = await asyncio.to_thread(self._prepare, full) if full else []
+        # Chunking a few kilobytes takes less than the hop to a worker thread; large batches leave the event loop.
+        if sum(len(d.text) for d, _ in full) <= 32_768:
+            items = self._prepare(full)
+        else:
+            items = await asyncio.to_thread(self._prepare, full)
         if self.embedder is not None and items:
             texts = [c.index_text for _, chunks in items for c in chunks]
             vectors = await self.embedder.embed(texts) if texts else np.zeros((0, 0), dtype=np.float32)
