@@ -416,7 +416,8 @@ class RetrievalService:
 
     async def _prune(self) -> None:
         if self.indexes is not None:
-            await self.store.prune(self.indexes.floor(), self.cfg.change_log_retention_s)
+            async with self._write_lock:  # the SQLite writer connection holds one transaction at a time
+                await self.store.prune(self.indexes.floor(), self.cfg.change_log_retention_s)
 
     async def rebuild(self) -> dict[str, int]:
         """Clear both engines and re-add every chunk from the store of record."""

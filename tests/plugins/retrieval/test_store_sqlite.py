@@ -88,3 +88,26 @@ async def test_an_unreadable_state_file_is_survived(service_factory: ServiceFact
     assert [h.doc_id for h in (await again.search(Reader("acme", "x", frozenset()), "puffins")).hits] == ["a"]
     st = await again.status()
     assert st["engines"]["lexical"]["count"] == 1 and st["engines"]["lexical"]["lag"] == 0
+
+
+async def test_pruning_the_log_while_writing(service_factory: ServiceFactory) -> None:
+    import asyncio
+
+    svc = await service_factory("p", mode="bm25", embedder=False)
+
+    async def writes() -> None:
+        for i in range(30):
+            await svc.upsert(DocumentInput("acme", f"d{i}", f"Memo {i} about gannets.", PUBLIC), wait=i % 3 == 0)
+
+    async def prunes() -> None:
+        for _ in range(30):
+            await svc._prune()
+            await asyncio.sleep(0)
+
+    await asyncio.gather(writes(), prunes())
+    await svc.sync()
+    await svc._prune()
+    batch = await svc.store.changes_after(0)
+    assert batch.changes == [] and batch.pruned_upto == batch.head == 30
+    res = await svc.search(Reader("acme", "x", frozenset()), "gannets", top_k=30)
+    assert len(res.hits) == 30
