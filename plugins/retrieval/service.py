@@ -100,6 +100,7 @@ class RetrievalService:
         self.model_mismatch: str | None = None
         self._gauges_at = 0.0
         self._gauges_dirty = False
+        self._recorded: tuple[str, int] | None = None
         self._lock_fd: int | None = None
         # One SQLite writer connection: this process's writes take turns.  PostgreSQL orders commits itself.
         self._write_lock: AbstractAsyncContextManager[Any] = asyncio.Lock() if self.store.kind == "sqlite" else contextlib.nullcontext()
@@ -240,9 +241,11 @@ class RetrievalService:
             await self.indexes.open_vector(dim)
 
     async def _record_dim(self) -> None:
-        if self.embedder is not None and self.embedder.dim:
+        """Record the vectors' model and dimension in the store (once per process: a write per ingest would cost two commits)."""
+        if self.embedder is not None and self.embedder.dim and self._recorded != (self.embedder.model, self.embedder.dim):
             await self.store.set_meta("embedding_model", self.embedder.model)
             await self.store.set_meta("embedding_dim", str(self.embedder.dim))
+            self._recorded = (self.embedder.model, self.embedder.dim)
 
     # -- writes ----------------------------------------------------------
 
