@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -275,3 +276,27 @@ async def test_a_forged_notification_is_only_a_wake_up(pg_factory: ServiceFactor
     await within(BOUND_S, finds(b, ANYONE, "ibises", "real"))
     assert b.follower.listening and b.not_ready() is None
     assert (await b.status())["engines"]["lexical"]["lag"] == 0
+
+
+async def test_warden_ingest_writes_the_shared_store_and_a_running_replica_serves_it(
+    pg_factory: ServiceFactory, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.cli import main
+
+    replica = await pg_factory("a", embedder=False, **SLOW_POLL)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "pay.md").write_text("# Payroll\n\nPayroll runs monthly, on the cormorant schedule.\n")
+    (docs / "leave.md").write_text("# Leave\n\nAsk your manager for leave.\n")
+    cfg = tmp_path / "warden.toml"
+    cfg.write_text('[database]\ndsn_env = "WARDEN_TEST_INGEST_DSN"\npool_max = 2\n[plugins]\nenabled = ["retrieval"]\n'
+                   f'[retrieval]\nstore = "postgres"\nembedder = "none"\nmode = "bm25"\nindex_dir = "{tmp_path / "cli-index"}"\n')
+    monkeypatch.setenv("WARDEN_TEST_INGEST_DSN", pg_dsn)
+    code = await asyncio.to_thread(main, ["ingest", str(docs), "--tenant", "acme", "--public", "--config", str(cfg)])
+    out, err = capsys.readouterr()
+    assert code == 0 and "2 added" in out and "shared PostgreSQL store" in err
+    assert not (tmp_path / "cli-index" / "lexical").exists()  # the CLI built no local index
+    await within(BOUND_S, finds(replica, ANYONE, "cormorant payroll", "docs/pay.md"))
+    monkeypatch.setenv("WARDEN_TEST_INGEST_DSN", "")
+    assert await asyncio.to_thread(main, ["ingest", str(docs), "--tenant", "acme", "--config", str(cfg)]) == 2
+    assert "WARDEN_TEST_INGEST_DSN" in capsys.readouterr().err
