@@ -98,8 +98,6 @@ class RetrievalService:
         self.tenant_documents: dict[str, int] = {}
         self.oldest_unapplied_at: float | None = None
         self.model_mismatch: str | None = None
-        self._gauges_at = 0.0
-        self._gauges_dirty = False
         self._recorded: tuple[str, int] | None = None
         self._lock_fd: int | None = None
         # One SQLite writer connection: this process's writes take turns.  PostgreSQL orders commits itself.
@@ -405,14 +403,12 @@ class RetrievalService:
         idx = self.indexes
         async with idx.lock:
             n = await idx.catch_up(self._on_batch)
-        # A tenant's first document makes its searches run at once; the counts behind the gauges are
-        # re-read at most every sync_interval_s (one row per tenant).
+        # A tenant's first document makes its searches run at once, whatever happens to the gauges' query.
         for tenant in idx.live_tenants:
             self.tenant_documents.setdefault(tenant, 1)
         idx.live_tenants.clear()
-        self._gauges_dirty |= n > 0
-        if self._gauges_dirty and time.monotonic() - self._gauges_at >= self.cfg.sync_interval_s:
-            await self.refresh_gauges()
+        if n:
+            await self.refresh_gauges()  # one row per tenant, once per applied batch (not per document)
         elif idx.floor() >= idx.head:
             self.oldest_unapplied_at = None
         return n
@@ -431,8 +427,6 @@ class RetrievalService:
 
     async def refresh_gauges(self) -> None:
         """Cache what the metrics read at scrape time, from the maintained counters (one row per tenant)."""
-        self._gauges_at = time.monotonic()
-        self._gauges_dirty = False
         per_tenant = await self.store.tenant_counts()
         self.tenant_documents = {t: d for t, (d, _) in per_tenant.items() if d > 0}
         self.documents = sum(d for d, _ in per_tenant.values())
