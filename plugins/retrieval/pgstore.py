@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -54,6 +55,7 @@ _HEAD = ("greatest(coalesce((SELECT max(pos) FROM retrieval_changes), 0), "
          "(SELECT value::bigint FROM retrieval_meta WHERE key = 'pruned_upto'))")
 
 T = TypeVar("T")
+log = logging.getLogger("warden.retrieval")
 
 
 def channel_for(schema: str) -> str:
@@ -77,8 +79,18 @@ def _counts(r: Any) -> dict[str, Any]:
     return {"documents": int(r[0]), "chunks": int(r[1]), "vectors": int(r[2]), "last_ingest": r[3], "oldest_source_update": r[5], "tenants": int(r[4])}
 
 
+_last_logged = 0.0
+
+
 def _unavailable(e: BaseException) -> ServiceUnavailable:
-    return ServiceUnavailable(f"the retrieval store (PostgreSQL) is unavailable: {type(e).__name__}: {e}", rule="retrieval.store")
+    """The refusal for a store that cannot be reached; its cause goes to the log (at most every 10 s), never to a client
+    (the message can reach a data-plane caller through ``on_error = "fail"``: no host, port or driver text in it)."""
+    global _last_logged
+    now = time.monotonic()
+    if now - _last_logged >= 10.0:
+        _last_logged = now
+        log.warning("retrieval: the PostgreSQL store is unavailable: %s: %s", type(e).__name__, e)
+    return ServiceUnavailable("the retrieval store (PostgreSQL) is unavailable", rule="retrieval.store")
 
 
 class _PooledConnection(asyncpg.Connection):  # type: ignore[misc]

@@ -158,6 +158,7 @@ async def test_replica_cut_from_postgres_is_not_ready_and_refuses_retrieval(
                 with pytest.raises(openai.APIStatusError) as e:
                     await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "When does the office open?"}])
                 assert e.value.status_code == 503 and "retrieval.on_error" in str(e.value.body)
+                assert "127.0.0.1" not in str(e.value.body) and "Error" not in str(e.value.body)  # no host or driver text to the caller
             else:
                 out = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "When does the office open?"}])
                 assert out.choices[0].message.content

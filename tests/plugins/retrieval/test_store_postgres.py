@@ -185,6 +185,9 @@ async def test_unreachable_store_makes_the_replica_not_ready_and_refuse(pg_facto
         with pytest.raises(ServiceUnavailable) as e:
             await b.search(ANYONE, "beavers")
         assert e.value.rule == "retrieval.stale" and e.value.status == 503
+        with pytest.raises(ServiceUnavailable) as w:  # a write through the cut-off replica: 503, nothing half-written
+            await b.upsert(DocumentInput("acme", "two", "Memo about voles.", PUBLIC))
+        assert w.value.rule == "retrieval.store" and w.value.message == "the retrieval store (PostgreSQL) is unavailable"
         # Changes made meanwhile (an ACL narrowed) are applied once the store is back, then B is ready again.
         await a.upsert(DocumentInput("acme", "one", "Memo about beavers.", Acl(allow_users=frozenset({"bob"}))))
         await relay.restore()
