@@ -37,7 +37,6 @@ import orjson
 
 from plugins.ratelimit.backends import BackendDown, Item, LimitBackend, MemoryBackend, RedisBackend, RedisClient
 from plugins.ratelimit.config import CompiledRule, LimitsConfig, compile_rules
-from proxy.gcra import LimitResult
 from plugins.ratelimit.idempotency import (
     IdempotencyStore,
     Recorded,
@@ -55,6 +54,7 @@ from plugins.ratelimit.idempotency import (
 from plugins.ratelimit.tokens import TokenEstimator, load_encoder, reported_tokens
 from proxy.errors import BadRequest, ConfigError, Conflict, RateLimited, ServiceUnavailable
 from proxy.exchange import Exchange, StateKey
+from proxy.gcra import LimitResult
 from proxy.plugin import Plugin, PluginContext
 
 log = logging.getLogger("warden.limits")
