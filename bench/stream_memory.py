@@ -755,7 +755,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"upstream max_connections {args.upstream_connections}, plugins {['headers', *args.plugins]}, request body {args.body_bytes} bytes\n\n"
     )
     p("Memory in MiB.  'when': before the first burst; 'open' once all streams of the burst have their headers;\n")
-    p("'+N s' N seconds after the burst ended (gc.collect() first); '+trim' after malloc_trim(0), last.  '+%' and\n")
+    p("'+N s' N seconds after the burst ended (gc.collect() first); '+trim' after one release, last.  '+%' and\n")
     p("KiB/stream compare RSS with 'before'.  malloc: the C allocator's bytes in use / free but kept; py: pymalloc's\n")
     p("1 MiB arenas, bytes in live blocks, bytes free inside them; objects: len(gc.get_objects())\n\n")
     p("| variant | burst | when | RSS | +% | KiB/stream | malloc used | malloc free | py arenas | py used | py free | objects |\n")
