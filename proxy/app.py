@@ -68,6 +68,8 @@ class Warden:
         self.ready = False
         self.draining = False
         self.inflight = 0
+        self.begun = 0
+        """Data-plane requests begun since start (only grows)."""
         self.admin_routes: list[tuple[str, str, Any]] = []
         self.services: dict[str, Any] = {"upstream": self.upstream, "metrics": self.metrics, "warden": self}
         plugins: list[Plugin] = []

@@ -38,10 +38,16 @@ MAX_ANSWER_DEPTH = 128
 """Deepest nesting a provider answer may have (a chat completion nests about six levels)."""
 
 
+def _exact(raw: bytes) -> bytes:
+    """``raw`` in a buffer of its own size.  orjson's output keeps the capacity it grew to (a 34 KB body
+    sits in ~460 KiB); a body held for a whole stream would hold that much (bench/stream_memory.py)."""
+    return bytes(memoryview(raw))
+
+
 def upstream_body(ex: Exchange) -> bytes:
     """The bytes to send: the original body unless a plugin changed it."""
     if ex.body_modified:
-        return orjson.dumps(ex.body)
+        return _exact(orjson.dumps(ex.body))
     return ex.raw_body
 
 
@@ -146,7 +152,7 @@ async def _non_stream(w: Warden, req: Incoming, ex: Exchange) -> Reply:
                     w.metrics.corrective_turns.labels(reason=d.kind).inc()
                 content = message.get("content") if isinstance(message.get("content"), str) else None
                 body = tooling.corrective_body(body, content, calls, decisions)
-                body_bytes = orjson.dumps(body)
+                body_bytes = _exact(orjson.dumps(body))
                 continue
         break
     ex.finish_reasons = [str(c.get("finish_reason")) for c in choices]
@@ -243,7 +249,7 @@ class _ChatStream:
                         turn_text = "".join(st.text)
                         self._collect(st)
                         body = tooling.corrective_body(body, turn_text, calls, decisions)
-                        turn, ur = await _call(self.w, self.req, ex, orjson.dumps(body), "correction", body)
+                        turn, ur = await _call(self.w, self.req, ex, _exact(orjson.dumps(body)), "correction", body)
                         self._ur = ur
                         if ur.status != 200:
                             await _read(self.w, turn, ur, 1024 * 1024)

@@ -66,6 +66,9 @@ class ServerConfig:
     max_connections: int = 1024
     """Most open connections per listener (data and admin each); beyond it a new connection gets 503
     ``server.max_connections`` and is closed before its request is read.  Mind the process's open-files limit."""
+    idle_trim_s: float = 30.0
+    """After traffic, once nothing has been in flight this long, collect garbage and give freed heap back
+    to the system (glibc ``malloc_trim``), so RSS returns near its pre-burst figure; 0 turns it off."""
 
     def validate(self, key: str) -> None:
         parse_hostport(self.listen, f"{key}.listen")
@@ -76,6 +79,8 @@ class ServerConfig:
             raise ConfigError(f"{key}.max_body_bytes", "must be positive")
         if self.drain_s < 0:
             raise ConfigError(f"{key}.drain_s", "must be >= 0")
+        if self.idle_trim_s < 0:
+            raise ConfigError(f"{key}.idle_trim_s", "must be >= 0 (0: off)")
         if not 2 <= self.max_json_depth <= 500:
             raise ConfigError(f"{key}.max_json_depth", "must be between 2 and 500")
         for name in ("max_messages", "max_tools"):

@@ -172,6 +172,7 @@ class Pipeline:
         ex = w.new_exchange(request)
         span = w.tracing.start_exchange(ex, request) if w.tracing is not None else None
         w.inflight += 1
+        w.begun += 1
         w.metrics.inflight.inc()
         resp: web.StreamResponse | None = None
         try:

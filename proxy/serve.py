@@ -37,6 +37,7 @@ from proxy.app import Warden
 from proxy.config import Config, parse_hostport
 from proxy.edge import Listener
 from proxy.errors import ConfigError
+from proxy.memory import idle_trim
 
 log = logging.getLogger("warden")
 
@@ -174,7 +175,12 @@ async def run(config: Config, *, watch_interval_s: float = 2.0) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     watcher = loop.create_task(_watch_config(w, watch_interval_s))
+    trimmer = loop.create_task(idle_trim(lambda: w.inflight, lambda: w.begun, config.server.idle_trim_s)) if config.server.idle_trim_s > 0 else None
     await stop.wait()
+    if trimmer is not None:
+        trimmer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await trimmer
     drain_s = config.server.drain_s
     log.info("draining", extra={"inflight": w.inflight, "connections": data.open_connections, "drain_s": drain_s})
     watcher.cancel()
