@@ -70,7 +70,7 @@ class RetrievalConfig:
     """Token budget of the injected context (chunk texts); chunks past it are excluded with reason ``budget``."""
     chunk_tokens: int = 200
     """Target chunk size in tokens; below ``embedding_max_tokens`` so title + heading path + text fit the embedder window."""
-    routes: list[str] = field(default_factory=lambda: ["chat"])
+    routes: list[str] = field(default_factory=lambda: ["chat", "messages"])
     """Core route names (``chat`` = ``/v1/chat/completions``) or request paths where retrieval applies."""
     models: list[str] = field(default_factory=list)
     """Models (fnmatch patterns) where retrieval applies; empty = every model."""

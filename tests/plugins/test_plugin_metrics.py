@@ -47,7 +47,7 @@ async def test_plugin_gauges_and_counters(warden_factory: Any, token: Any, fake:
     w = await warden_factory(all_plugins_config(tmp_path))
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     async with aiohttp.ClientSession() as s:
-        async with s.put(f"{w.admin_url}/admin/documents/acme/handbook", json={"title": "Handbook", "text": "Vacation is 25 days.", "acl": {"public": True}}, headers=admin) as r:
+        async with s.put(f"{w.admin_url}/admin/documents/acme/handbook?wait=true", json={"title": "Handbook", "text": "Vacation is 25 days.", "acl": {"public": True}}, headers=admin) as r:
             assert r.status in (200, 201), await r.text()
         async with s.put(f"{w.admin_url}/admin/mode", json={"read_only": False, "tenant": "acme"}, headers=admin) as r:
             assert r.status == 200, await r.text()
