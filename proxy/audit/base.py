@@ -9,8 +9,10 @@ be, so the response is never released without its record.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from proxy.errors import AuditUnavailable
 from proxy.exchange import Exchange
 
 
@@ -33,3 +35,52 @@ class AuditSink(Protocol):
     @property
     def healthy(self) -> bool:
         """False while the store cannot be written."""
+
+
+class RecordReader(Protocol):
+    """What a store's reader answers (SQLite's ``AuditReader``, PostgreSQL's ``PgAuditReader``)."""
+
+    async def find(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None: ...
+
+    async def search(
+        self, tenant: str | None, user: str | None, tool: str | None, since: int | None, until: int | None, limit: int, kind: str | None
+    ) -> list[dict[str, Any]]: ...
+
+    def iter_records(self) -> AsyncIterator[dict[str, Any]]: ...
+
+
+class ReaderQueries:
+    """The queries every store answers from its open reader (for feedback, the CLI and admin routes).
+
+    A store sets ``_reader`` while it is open; a query on a closed store is
+    ``AuditUnavailable``.
+    """
+
+    _reader: RecordReader | None
+
+    async def find(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """The newest exchange record of ``request_id`` (of ``tenant``, when given), or ``None``."""
+        return await self._open_reader().find(request_id, tenant)
+
+    async def search(
+        self,
+        tenant: str | None = None,
+        user: str | None = None,
+        tool: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 100,
+        kind: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Records matching the filters, newest first."""
+        return await self._open_reader().search(tenant, user, tool, since, until, limit, kind)
+
+    async def iter_records(self) -> AsyncIterator[dict[str, Any]]:
+        """Every record in chain order (chain by chain on PostgreSQL), for export."""
+        async for r in self._open_reader().iter_records():
+            yield r
+
+    def _open_reader(self) -> RecordReader:
+        if self._reader is None:
+            raise AuditUnavailable("the audit store is not open", rule="audit.durability")
+        return self._reader

@@ -35,7 +35,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from proxy.audit import pg_chain, pg_upkeep
+from proxy.audit.base import ReaderQueries
 from proxy.audit.chain import append_checkpoint_file, verifier_key
 from proxy.audit.pg_chain import Appended, ChainMoved, Head
 from proxy.audit.pg_reader import PgAuditReader
@@ -82,7 +83,7 @@ def _unavailable(why: str = "the audit log cannot be written") -> AuditUnavailab
     return AuditUnavailable(why, rule="audit.durability")
 
 
-class PostgresAuditLog:
+class PostgresAuditLog(ReaderQueries):
     """The PostgreSQL audit store; implements :class:`~proxy.audit.base.AuditSink`.
 
     Attributes for metrics as the SQLite store: ``failures`` (failed commits),
@@ -244,34 +245,7 @@ class PostgresAuditLog:
         """Record an admin action or feedback; returns after its commit."""
         await self._submit(self.projector.event(kind, actor, data, ts=time.time()), wait=True)
 
-    # -- queries -----------------------------------------------------------------
-
-    async def find(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
-        """The newest exchange record of ``request_id`` (of ``tenant``, when given), or ``None``."""
-        return await self._require_reader().find(request_id, tenant)
-
-    async def search(
-        self,
-        tenant: str | None = None,
-        user: str | None = None,
-        tool: str | None = None,
-        since: int | None = None,
-        until: int | None = None,
-        limit: int = 100,
-        kind: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Records matching the filters, newest first (see :meth:`PgAuditReader.search`)."""
-        return await self._require_reader().search(tenant, user, tool, since, until, limit, kind)
-
-    async def iter_records(self) -> AsyncIterator[dict[str, Any]]:
-        """Every record, chain by chain in chain order, for export."""
-        async for r in self._require_reader().iter_records():
-            yield r
-
-    def _require_reader(self) -> PgAuditReader:
-        if self._reader is None:
-            raise _unavailable("the audit store is not open")
-        return self._reader
+    # find / search / iter_records: ReaderQueries (proxy/audit/base.py), from self._reader.
 
     # -- writing ---------------------------------------------------------------------
 

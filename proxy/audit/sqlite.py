@@ -32,13 +32,14 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from proxy.audit.base import ReaderQueries
 from proxy.audit.chain import (
     append_checkpoint_file,
     genesis_hash,
@@ -94,7 +95,7 @@ def _groups(items: list[_Item], max_records: int) -> list[list[_Item]]:
     return out
 
 
-class SQLiteAuditLog:
+class SQLiteAuditLog(ReaderQueries):
     """The SQLite audit store; implements :class:`~proxy.audit.base.AuditSink`.
 
     ``upstream_key`` (rule ``upstream_key``) and ``held_secrets`` (every other
@@ -286,34 +287,7 @@ class SQLiteAuditLog:
         """Record an admin action or feedback; returns after its commit."""
         await self._submit(self.projector.event(kind, actor, data, ts=time.time()), wait=True)
 
-    # -- queries (for feedback, the CLI and admin routes) ---------------------
-
-    async def find(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
-        """The exchange record of ``request_id``, or ``None``."""
-        return await self._require_reader().find(request_id, tenant)
-
-    async def search(
-        self,
-        tenant: str | None = None,
-        user: str | None = None,
-        tool: str | None = None,
-        since: int | None = None,
-        until: int | None = None,
-        limit: int = 100,
-        kind: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Records matching the filters, newest first (see :meth:`AuditReader.search`)."""
-        return await self._require_reader().search(tenant, user, tool, since, until, limit, kind)
-
-    async def iter_records(self) -> AsyncIterator[dict[str, Any]]:
-        """Every record in chain order, for export."""
-        async for r in self._require_reader().iter_records():
-            yield r
-
-    def _require_reader(self) -> AuditReader:
-        if self._reader is None:
-            raise AuditUnavailable("the audit store is not open", rule="audit.durability")
-        return self._reader
+    # find / search / iter_records: ReaderQueries (proxy/audit/base.py), from self._reader.
 
     # -- writing -------------------------------------------------------------
 
