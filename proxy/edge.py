@@ -449,7 +449,7 @@ class _Refusal(asyncio.Protocol):
             tr.close()
 
     def data_received(self, data: bytes) -> None:
-        pass  # the request is not read
+        """The request of a refused connection is never read."""
 
 
 # -- the server and its runner --------------------------------------------------------------
