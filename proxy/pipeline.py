@@ -59,7 +59,6 @@ from proxy.headers import safe_headers, safe_text
 from proxy.jsonbounds import depth_exceeds
 from proxy.logs import request_line
 from proxy.protocols import Bounds, adapter_for, protocol_for_path
-from proxy.protocols.openai_chat import MAX_MODEL_CHARS, check_model
 from proxy.routes import Match, Route, RouteTable, path_error, ungoverned_reason
 
 if TYPE_CHECKING:
@@ -68,7 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("warden.pipeline")
 _SKIP_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
-__all__ = ["MAX_MODEL_CHARS", "Flow", "Incoming", "JsonReply", "Pipeline", "Reply", "StreamReply", "check_model", "provider_error_reply"]
 _CLIENT_GONE = (ConnectionError,)
 
 

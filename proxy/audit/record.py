@@ -24,15 +24,19 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
 from proxy.audit.chain import canonical
 from proxy.audit.redact import Redactor, scan_bytes
 from proxy.exchange import Exchange
+
+if TYPE_CHECKING:
+    from proxy.config import AuditConfig
 
 ContentMode = Literal["full", "redacted", "hashes"]
 RECORD_VERSION = 1
@@ -91,6 +95,7 @@ class Projector:
         patterns: dict[str, str] | None = None,
         pii: list[str] | None = None,
         upstream_key: str | None = None,
+        secrets: Iterable[str] = (),
         provider: str | None = None,
         tool_result_max_bytes: int = 16384,
     ) -> None:
@@ -98,8 +103,22 @@ class Projector:
         self.provider = provider
         self.tool_result_max_bytes = tool_result_max_bytes
         # Content gets every rule; metadata (``pii=False``) the secret and custom rules only.
-        self.redactor = Redactor(patterns=patterns, pii=pii or [], apply_pii=mode != "full", upstream_key=upstream_key)
+        # ``secrets``: every other secret Warden holds, removed by value in every mode (rule ``secret_value``).
+        self.redactor = Redactor(patterns=patterns, pii=pii or [], apply_pii=mode != "full", upstream_key=upstream_key, secrets=secrets)
         self._system_hashes = _HashCache()
+
+    @classmethod
+    def for_audit(cls, cfg: AuditConfig, *, upstream_key: str | None, secrets: Iterable[str], provider: str | None) -> Projector:
+        """The projector an audit store builds from ``[audit]`` (the same for every backend)."""
+        return cls(
+            cfg.store_content,
+            patterns=cfg.redact_patterns,
+            pii=cfg.redact_pii,
+            upstream_key=upstream_key,
+            secrets=secrets,
+            provider=provider,
+            tool_result_max_bytes=cfg.tool_result_max_bytes,
+        )
 
     # -- content -------------------------------------------------------------
 

@@ -126,18 +126,7 @@ class SQLiteAuditLog(ReaderQueries):
         self.cfg = cfg
         self.path = Path(path)
         self.sync = cfg.durability == "sync"
-        self.projector = Projector(
-            cfg.store_content,
-            patterns=cfg.redact_patterns,
-            pii=cfg.redact_pii,
-            upstream_key=upstream_key,
-            provider=provider,
-            tool_result_max_bytes=cfg.tool_result_max_bytes,
-        )
-        held = tuple(held_secrets)
-        if held:
-            # Every other secret Warden holds, removed by value in every store_content mode (rule secret_value).
-            self.projector.redactor = self.projector.redactor.with_secrets(held)
+        self.projector = Projector.for_audit(cfg, upstream_key=upstream_key, secrets=held_secrets, provider=provider)
         self.failures = 0
         self.records_written = 0
         self.on_commit: Callable[[float, int], None] | None = None
