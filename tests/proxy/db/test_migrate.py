@@ -121,7 +121,9 @@ async def test_no_schema_is_refused_at_start(pg_schema: str, tmp_path: Path) -> 
 async def test_replicas_migrating_at_once_apply_each_file_once(pg_schema: str) -> None:
     results = await asyncio.gather(*(migrate(pg_schema, "audit", AUDIT) for _ in range(4)))
     assert results == [latest_version(AUDIT)] * 4
-    assert await _fetchval(pg_schema, "SELECT count(*) FROM pg_proc WHERE proname = 'audit_prune_mark'") == 1
+    assert await _fetchval(
+        pg_schema, "SELECT count(*) FROM pg_proc WHERE proname = 'audit_prune_mark' AND pronamespace = current_schema()::regnamespace"
+    ) == 1
 
 
 async def test_components_keep_their_own_versions(pg_schema: str, tmp_path: Path) -> None:
