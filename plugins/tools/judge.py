@@ -61,6 +61,9 @@ class ExchangeState:
     relayed (a sibling call was refused and a corrective turn followed), so
     re-issuing the call does not charge the rate limit or an approval again."""
 
+    deprecated_offered: list[str] = field(default_factory=list)
+    """``x-warden-deprecation`` entries of the deprecated versions the request offered."""
+
     def enter_turn(self, turn: int) -> None:
         if turn != self.turn:
             self.earlier_allowed.update(self.turn_allowed)

@@ -20,9 +20,10 @@ from collections import Counter
 from typing import Any
 
 from plugins.tools.admin import ToolsAdmin
+from plugins.tools.check import ToolPolicy, offer_failure
 from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
 from plugins.tools.judge import ExchangeState, ToolJudge
-from plugins.tools.policy import ModeState, permission_failure
+from plugins.tools.policy import ModeState
 from plugins.tools.request import fence_tools, scan_history
 from plugins.tools.store import StateBackendDown, ToolStateStore, ToolStore
 from proxy.errors import BadRequest, ConfigError, ServiceUnavailable
@@ -33,6 +34,7 @@ log = logging.getLogger("warden.tools")
 
 HEADER = "x-warden-tool-decisions"
 HEADER_MAX = 1024
+DEPRECATION_HEADER = "x-warden-deprecation"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-\[\]]")
 _VERDICT = {"allow": "allowed", "deny": "denied", "repair": "repair", "hold": "held"}
 
@@ -82,6 +84,8 @@ class ToolsPlugin(Plugin):
         self.store: ToolStore | None = None
         self.judge = ToolJudge(self.registry, section, self.mode, None)
         self.decision_counts: Counter[tuple[str, str]] = Counter()
+        self.deprecated_calls: Counter[tuple[str, str, str]] = Counter()
+        """Judged calls of deprecated versions by (tool, version, ``warned`` | ``retired``)."""
         self.approvals_pending = 0
         self._ctx: PluginContext | None = None
         self._refresh_task: asyncio.Task[None] | None = None
@@ -136,7 +140,16 @@ class ToolsPlugin(Plugin):
         if metrics is None:
             return
         metrics.gauge("warden_approvals_pending", "Tool-call approvals waiting for a reviewer.", callback=lambda: float(self.approvals_pending))
+        metrics.counter(
+            "warden_tool_deprecated_calls",
+            "Calls of deprecated tool versions, by tool, version and status (warned: before the sunset, allowed with a warning; retired: refused).",
+            ("tool", "version", "status"),
+            callback=self._deprecated_counts,
+        )
         metrics.gauge("warden_read_only", "1 while read-only mode is on, per tenant ('*' = global).", ("tenant",), callback=self._read_only_gauge)
+
+    def _deprecated_counts(self) -> dict[tuple[str, ...], float]:
+        return {k: float(v) for k, v in self.deprecated_calls.items()}
 
     def _read_only_gauge(self) -> dict[str, float]:
         out = {"*": 1.0 if self.mode.global_read_only else 0.0}
@@ -183,6 +196,11 @@ class ToolsPlugin(Plugin):
     def _set_registry(self, registry: ToolRegistry) -> None:
         self.registry = registry
         self.judge.registry = registry
+
+    @property
+    def tool_policy(self) -> ToolPolicy:
+        """The running policy as one object (registry, ``[policy]``, the judge's clock), for any channel."""
+        return ToolPolicy(self.registry, self.policy, self.judge.clock)
 
     async def _load_state(self) -> None:
         store = self.store_required()
@@ -267,30 +285,34 @@ class ToolsPlugin(Plugin):
                     rule="tools.n",
                 )
             tenant = ex.principal.tenant if ex.principal is not None else None
-            read_only, where = self.mode.read_only_for(tenant)
-            registry = self.registry
-            unknown_deny = self.policy.unknown_tools == "deny"
+            mode = self.mode.read_only_for(tenant)
+            registry, policy, principal = self.registry, self.policy, ex.principal
+            now = self.judge.clock()
+            deprecated: list[str] = []
 
             def gate(name: str) -> tuple[str, str] | None:
+                why = offer_failure(registry, policy, name, principal, mode, now)
+                if why is not None:
+                    tool = registry.get(name)
+                    if tool is not None and tool.deprecation is not None and why[0] == f"{tool.key}.deprecated":
+                        deprecated.append(tool.deprecation.header_entry(now))
+                return why
+
+            def lookup(name: str) -> tuple[dict[str, Any], str, str] | None:
                 tool = registry.get(name)
                 if tool is None:
-                    if unknown_deny:
-                        return "policy.unknown_tools", "it is not declared in the tool registry"
-                    if read_only:
-                        return "policy.read_only", f"undeclared tools count as write tools and read-only mode is on {where}"
                     return None
-                denied = permission_failure(tool, ex.principal)
-                if denied is not None:
-                    return denied
-                if tool.spec.effect == "write" and read_only:
-                    return "policy.read_only", f"it is a write tool and read-only mode is on {where}"
-                return None
-
-            def lookup(name: str) -> tuple[dict[str, Any], str] | None:
-                tool = registry.get(name)
-                return None if tool is None else (tool.spec.schema, tool.spec.description)
+                dep = tool.deprecation
+                if dep is None:
+                    return tool.spec.schema, tool.spec.description, ""
+                deprecated.append(dep.header_entry(now))
+                return tool.spec.schema, tool.spec.description, dep.model_note()
 
             new_body, removed = fence_tools(body, gate, lookup)
+            if deprecated:
+                entries = list(dict.fromkeys(deprecated))
+                ex.response_headers[DEPRECATION_HEADER] = ", ".join(entries)
+                self._state(ex).deprecated_offered = entries
             if removed:
                 ex.tools_withheld.update(removed)
             if new_body is not None:
@@ -312,6 +334,26 @@ class ToolsPlugin(Plugin):
         if decision.details is not None and decision.details.get("approval") == "requested":
             self.approvals_pending += 1
         return decision
+
+    def audit_fields(self, ex: Exchange) -> dict[str, Any] | None:
+        """``{"deprecated_offered": [...]}``: the deprecated versions this request offered (as in ``x-warden-deprecation``)."""
+        st = ex.slots.get(STATE_KEY)
+        if st is None or not st.deprecated_offered:
+            return None
+        return {"deprecated_offered": list(st.deprecated_offered)}
+
+    async def on_complete(self, ex: Exchange) -> None:
+        """Count the calls of deprecated versions (``warden_tool_deprecated_calls_total``).
+
+        Read from every verdict of the exchange, including the core's refusal
+        of a retired version that the request phase withheld.
+        """
+        for rec in ex.tool_decisions:
+            tool = self.registry.get(rec.call.name)
+            if tool is None or tool.deprecation is None:
+                continue
+            status = "retired" if rec.decision.rule == f"{tool.key}.deprecated" else "warned"
+            self.deprecated_calls[(tool.spec.name, tool.deprecation.version, status)] += 1
 
     async def on_response(self, ex: Exchange) -> None:
         """Add ``x-warden-tool-decisions`` summarising every verdict of the exchange."""

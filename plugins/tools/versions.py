@@ -115,12 +115,13 @@ class Deprecation:
             f"{self._instead()}."
         )
 
-    def header_entry(self) -> str:
-        """One entry of ``x-warden-deprecation``: ``refund_v1; contract="refund@1"; sunset="2027-01-31"; replacement="refund_v2"``."""
+    def header_entry(self, now: float) -> str:
+        """One entry of ``x-warden-deprecation``:
+        ``refund_v1; contract="refund@1"; sunset="2027-01-31"; replacement="refund_v2"`` (``; retired`` once the sunset passed)."""
         entry = f'{self.function}; contract="{self.contract}"; sunset="{self.sunset.text}"'
         if self.replacement_function is not None:
             entry += f'; replacement="{self.replacement_function}"'
-        return entry
+        return entry + "; retired" if self.retired(now) else entry
 
     def details(self, now: float) -> dict[str, Any]:
         """What the decision (and so the audit record) carries about the deprecation."""
