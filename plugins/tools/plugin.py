@@ -12,6 +12,7 @@ complete tool call; the verdict (allow, deny, repair, hold) comes from
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -90,6 +91,13 @@ class ToolsPlugin(Plugin):
         self._ctx: PluginContext | None = None
         self._refresh_task: asyncio.Task[None] | None = None
         self._stopping = False
+
+    @classmethod
+    def add_cli(cls, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+        """``warden policy test CASES``."""
+        from plugins.tools.cli import add_cli
+
+        add_cli(sub)
 
     # -- lifecycle -------------------------------------------------------
 
