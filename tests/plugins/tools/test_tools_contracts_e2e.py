@@ -179,3 +179,15 @@ async def test_an_argument_rule_lets_the_model_correct_itself(billing: openai.As
     assert "x-warden-deprecation" not in raw.headers
     (rec,) = audit.exchanges[-1].tool_decisions
     assert (rec.decision.kind, rec.decision.rule, rec.decision.details) == ("deny", "tools[1].rules.over_limit", {"contract": "refund@2"})
+
+
+async def test_a_streamed_answer_carries_the_deprecation_header(billing: openai.AsyncOpenAI, fake: FakeProvider, tools: ToolsPlugin) -> None:
+    tools.judge.clock = lambda: SUNSET - 1
+    fake.push(Reply(content=None, tool_calls=[{"id": "c1", "name": "refund", "arguments": V1_ARGS}]))
+    raw = await billing.chat.completions.with_raw_response.create(**BODY, tools=[fn("refund")], stream=True)  # type: ignore[list-item]
+    assert raw.headers["x-warden-deprecation"] == 'refund; contract="refund@1"; sunset="2027-01-31"; replacement="refund_v2"'
+    got = []
+    async for chunk in raw.parse():
+        for ch in chunk.choices:
+            got += [(tc.function.name, tc.function.arguments) for tc in ch.delta.tool_calls or [] if tc.function]
+    assert got == [("refund", V1_ARGS)]
