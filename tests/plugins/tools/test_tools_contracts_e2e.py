@@ -13,8 +13,10 @@ import pytest
 
 from plugins.tools import ToolsPlugin
 from tests.fakeprovider import FakeProvider, Reply
-from tests.plugins.tools.helpers import REFUND_SCHEMA
-from tests.plugins.tools.test_tools_e2e import MemoryAudit
+from tests.plugins.tools.helpers import REFUND_V1, warden_overrides
+from tests.plugins.tools.test_tools_e2e import MemoryAudit, audit, fn
+
+__all__ = ["audit"]
 
 SUNSET = dt.datetime(2027, 1, 31, tzinfo=dt.UTC).timestamp()
 BODY: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "refund inv_1"}]}
@@ -23,16 +25,7 @@ V2_ARGS = '{"invoice_id": "inv_1", "amount_cents": 2500}'
 HUGE_ARGS = '{"invoice_id": "inv_1", "amount_cents": 900000}'
 
 TOOLS: list[dict[str, Any]] = [
-    {
-        "name": "refund",
-        "version": 1,
-        "function_name": "refund",
-        "deprecated": "2027-01-31",
-        "replacement": "refund@2",
-        "effect": "write",
-        "allow_groups": ["billing"],
-        "schema": REFUND_SCHEMA,
-    },
+    REFUND_V1,
     {
         "name": "refund",
         "version": 2,
@@ -57,25 +50,9 @@ TOOLS: list[dict[str, Any]] = [
 ]
 
 
-def fn(name: str) -> dict[str, Any]:
-    return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
-
-
-@pytest.fixture
-def audit() -> MemoryAudit:
-    return MemoryAudit()
-
-
 @pytest.fixture
 async def tw(warden_factory: Any, tmp_path: Path, audit: MemoryAudit) -> Any:
-    return await warden_factory(
-        {
-            "plugins": {"enabled": ["tools", "headers"]},
-            "policy": {"state_db": str(tmp_path / "state.db"), "read_only": False, "mode_refresh_s": 0},
-            "tools": TOOLS,
-        },
-        audit=audit,
-    )
+    return await warden_factory(warden_overrides(tmp_path, TOOLS), audit=audit)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from plugins.tools.versions import parse_sunset
 from proxy.errors import ConfigError, Forbidden
 from proxy.exchange import Decision, ToolDecisionRecord
 from proxy.tooling import offer_check, parse_call
-from tests.plugins.tools.helpers import BILLING, REFUND_SCHEMA, build_config, exchange
+from tests.plugins.tools.helpers import BILLING, REFUND_SCHEMA, REFUND_V1, build_config, exchange
 
 SUNSET = dt.datetime(2027, 1, 31, tzinfo=dt.UTC).timestamp()
 BEFORE = SUNSET - 1
@@ -30,17 +30,7 @@ V2_SCHEMA: dict[str, Any] = {
 }
 
 VERSIONED: list[dict[str, Any]] = [
-    {
-        "name": "refund",
-        "version": 1,
-        "function_name": "refund",
-        "deprecated": "2027-01-31",
-        "replacement": "refund@2",
-        "effect": "write",
-        "allow_groups": ["billing"],
-        "description": "Refund an invoice.",
-        "schema": REFUND_SCHEMA,
-    },
+    {**REFUND_V1, "description": "Refund an invoice."},
     {"name": "refund", "version": 2, "effect": "write", "allow_groups": ["billing"], "schema": V2_SCHEMA},
     {"name": "lookup", "effect": "read", "schema": {"type": "object"}},
     {"name": "export", "version": 3, "effect": "read", "deprecated": "2027-01-31T12:00:00+01:00", "schema": {"type": "object"}},
