@@ -28,7 +28,7 @@ from plugins.tools.policy import ModeState
 from plugins.tools.request import fence_tools, scan_history
 from plugins.tools.store import StateBackendDown, ToolStateStore, ToolStore
 from proxy.errors import BadRequest, ConfigError, ServiceUnavailable
-from proxy.exchange import Decision, Exchange, StateKey, ToolCall
+from proxy.exchange import Decision, Exchange, Principal, StateKey, ToolCall
 from proxy.plugin import Plugin, PluginContext
 
 log = logging.getLogger("warden.tools")
@@ -336,8 +336,21 @@ class ToolsPlugin(Plugin):
 
     async def on_tool_call(self, ex: Exchange, call: ToolCall) -> Decision:
         """Judge one complete tool call (see :mod:`plugins.tools.judge`)."""
-        decision = await self.judge.judge(ex, call, self._state(ex))
-        label = call.name if call.name in self.registry.tools else "(undeclared)"
+        return await self.judge_call(ex, call)
+
+    def offer_failure(self, principal: Principal | None, name: str, server: str | None = None) -> tuple[str, str] | None:
+        """``(rule, why)`` when the tool ``name`` (of MCP server ``server``; ``None``: a chat function)
+        may not be offered to ``principal`` now — undeclared, retired, not permitted, or a write tool
+        in read-only mode — else ``None``.  What an MCP ``tools/list`` leaves out."""
+        mode = self.mode.read_only_for(principal.tenant if principal is not None else None)
+        return self.tool_policy.offer_failure(name, principal, mode, server)
+
+    async def judge_call(self, ex: Exchange, call: ToolCall, server: str | None = None) -> Decision:
+        """The verdict on one call of any channel: a chat function (``server`` ``None``) or MCP server
+        ``server``'s tool, judged against the same ``[[tools]]`` entries, mode, limits and approvals."""
+        decision = await self.judge.judge(ex, call, self._state(ex), server)
+        tool = self.registry.resolve(call.name, server)
+        label = tool.ref if tool is not None else "(undeclared)"
         self.decision_counts[(label, decision.kind)] += 1
         if decision.details is not None and decision.details.get("approval") == "requested":
             self.approvals_pending += 1

@@ -211,3 +211,27 @@ def test_mcp_tools_live_in_their_server_namespace(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         build_config(tmp_path, tools=[{"name": "a.b", "effect": "read", "schema": {"type": "object"}}])
     assert err.value.key == "tools[0].name", "a chat function name cannot hold a dot"
+
+
+async def test_the_plugin_judges_an_mcp_call_under_its_server(make_plugin: Any) -> None:
+    tools = [
+        {"name": "wire", "effect": "write", "approval": "required", "schema": {"type": "object"}},
+        {"server": "bank", "name": "wire", "effect": "write", "approval": "required", "schema": {"type": "object"}},
+        {"server": "bank", "name": "balance", "effect": "read", "allow_groups": ["billing"], "schema": {"type": "object"}},
+    ]
+    plugin, _ = await make_plugin(tools=tools)
+    chat = await plugin.judge_call(exchange(), parse_call("c1", "wire", '{"to": "x"}', 0))
+    assert chat.kind == "hold" and chat.rule == "tools[0].approval" and chat.approval_id is not None
+    await plugin.store_required().decide(chat.approval_id, "approved", {"subject": "rita"}, "", 3600)
+    mcp = await plugin.judge_call(exchange(), parse_call("c1", "wire", '{"to": "x"}', 0), server="bank")
+    assert mcp.kind == "hold" and mcp.rule == "tools[1].approval" and mcp.approval_id != chat.approval_id, (
+        "an approval of the chat tool does not approve the MCP server's tool of the same name"
+    )
+    held = await plugin.store_required().get(mcp.approval_id or "")
+    assert held is not None and held.tool == "bank/wire"
+    allowed = await plugin.judge_call(exchange(), parse_call("c1", "wire", '{"to": "x"}', 0))
+    assert (allowed.kind, allowed.approval_id) == ("allow", chat.approval_id)
+    assert plugin.offer_failure(BILLING, "balance", "bank") is None
+    assert plugin.offer_failure(None, "balance", "bank") == ("tools[2].allow_groups", "it requires membership in one of the groups billing")
+    assert plugin.offer_failure(BILLING, "balance") == ("policy.unknown_tools", "it is not declared in the tool registry")
+    assert plugin.decision_counts[("bank/wire", "hold")] == 1 and plugin.decision_counts[("wire", "allow")] == 1
