@@ -289,10 +289,11 @@ class ToolRegistry:
             self.contracts[contract] = tool
             if sunset is not None:
                 sunsets.append((tool, sunset))
+        sunset_of = {id(tool): sunset for tool, sunset in sunsets}
         for tool, sunset in sunsets:
-            tool.deprecation = self._deprecation(tool, sunset)
+            tool.deprecation = self._deprecation(tool, sunset, sunset_of)
 
-    def _deprecation(self, tool: CompiledTool, sunset: Sunset) -> Deprecation:
+    def _deprecation(self, tool: CompiledTool, sunset: Sunset, sunset_of: dict[int, Sunset]) -> Deprecation:
         spec = tool.spec
         replacement: CompiledTool | None = None
         if spec.replacement:
@@ -301,6 +302,12 @@ class ToolRegistry:
                 raise ConfigError(f"{tool.key}.replacement", f"tool {spec.name!r}: no [[tools]] entry is the contract {spec.replacement!r}")
             if replacement is tool:
                 raise ConfigError(f"{tool.key}.replacement", f"tool {spec.name!r}: a version cannot replace itself")
+            ends = sunset_of.get(id(replacement))
+            if ends is not None and ends.at <= sunset.at:
+                raise ConfigError(
+                    f"{tool.key}.replacement",
+                    f"tool {spec.name!r}: the replacement {replacement.contract} is retired at {ends.text}, not after this version ({sunset.text})",
+                )
         return Deprecation(
             contract=tool.contract,
             function=tool.function,

@@ -97,6 +97,11 @@ def test_toml_dates_are_accepted(tmp_path: Path) -> None:
         ([{**VERSIONED[1], "deprecated": "2027-01-31", "replacement": "refund v1"}], "tools[0].replacement", "not a contract"),
         ([VERSIONED[0]], "tools[0].replacement", "no [[tools]] entry is the contract 'refund@2'"),
         ([{**VERSIONED[0], "replacement": "refund@1"}], "tools[0].replacement", "cannot replace itself"),
+        (
+            [VERSIONED[0], {**VERSIONED[1], "deprecated": "2027-01-30"}],
+            "tools[0].replacement",
+            "the replacement refund@2 is retired at 2027-01-30, not after this version (2027-01-31)",
+        ),
         ([VERSIONED[1], {**VERSIONED[1], "schema": {"type": "object"}}], "tools[1].version", "'refund_v2' is already declared at tools[0]"),
         ([VERSIONED[1], {"name": "refund_v2", "effect": "read", "schema": {"type": "object"}}], "tools[1].name", "already declared at tools[0] (refund@2)"),
         ([VERSIONED[1], {**VERSIONED[1], "function_name": "refund_two"}], "tools[1].version", "contract 'refund@2' is already declared"),
