@@ -3,14 +3,15 @@
 
     python bench/tools.py                    # defaults: 300 requests per cell, 3000 in-process iterations
     python bench/tools.py --requests 2000 --iterations 20000
+    python bench/tools.py --rules 4 --requests 0   # each tool with 4 argument rules; in process only
 
 Two measurements:
 
 1. **in process** — the work Warden adds per response when the tools plugin
    is on: assembling the calls (from the message, or from the streamed deltas
    split the way the fake provider splits them), judging all 8 (unknown tool,
-   permission, read-only, JSON, schema, duplicates, rate limit) and, when
-   streaming, re-emitting them as one delta.  The pass-through path does none
+   permission, read-only, JSON, schema, argument rules with ``--rules N``,
+   duplicates, rate limit) and, when streaming, re-emitting them as one delta.  The pass-through path does none
    of this, so this *is* the added latency.
 2. **end to end** — Warden (in this process, auth off) in front of the fake
    provider scripted to answer with the same 8 calls, with and without the
@@ -66,10 +67,20 @@ TOOLS = [
 ]
 CALLS = [{"id": f"call_{i}", "name": f"tool_{i}", "arguments": orjson.dumps({"invoice_id": f"inv_{i}", "amount": 10 + i, "reason": "other"}).decode()} for i in range(8)]
 OFFERED = [{"type": "function", "function": {"name": t["name"], "parameters": t["schema"]}} for t in TOOLS]
+OFFERED_NAMES = frozenset(t["name"] for t in TOOLS)
+
+
+def with_rules(n: int) -> list[dict[str, Any]]:
+    """TOOLS, each with ``n`` argument rules that are all evaluated: ``n - 1`` denials that do not match, then an allow that does."""
+    if n <= 0:
+        return TOOLS
+    deny = [{"name": f"over_{k}", "decision": "deny", "when": {"properties": {"amount": {"exclusiveMinimum": 20000 + k}}}} for k in range(n - 1)]
+    allow = {"name": "known_reason", "decision": "allow", "when": {"properties": {"reason": {"enum": ["duplicate", "fraud", "customer_request", "other"]}}}}
+    return [{**t, "rules": [*deny, allow], "rules_default": "deny"} for t in TOOLS]
 PRINCIPAL = Principal(tenant="acme", subject="alice", groups=frozenset({"billing"}))
 
 
-def config(state_dir: str, tools_on: bool, upstream: str = "http://127.0.0.1:1/v1") -> Any:
+def config(state_dir: str, tools_on: bool, upstream: str = "http://127.0.0.1:1/v1", rules: int = 0) -> Any:
     return load_config(
         {
             "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:1"},
@@ -79,7 +90,7 @@ def config(state_dir: str, tools_on: bool, upstream: str = "http://127.0.0.1:1/v
             "logging": {"access_log": False},
             "plugins": {"enabled": ["tools"] if tools_on else []},
             "policy": {"state_db": f"{state_dir}/state.db", "read_only": False, "mode_refresh_s": 0},
-            "tools": TOOLS,
+            "tools": with_rules(rules),
         },
         {"tools": ToolsPlugin},
     )
@@ -102,8 +113,8 @@ def stream_deltas() -> list[list[dict[str, Any]]]:
     return out
 
 
-async def in_process(state_dir: str, iterations: int) -> dict[str, list[float]]:
-    cfg = config(state_dir, True)
+async def in_process(state_dir: str, iterations: int, rules: int) -> dict[str, list[float]]:
+    cfg = config(state_dir, True, rules=rules)
     plugin = ToolsPlugin(cfg.plugin_sections["policy"])
     await plugin.start(PluginContext(config=cfg, section=cfg.plugin_sections["policy"], services={}))
     chain = PluginChain([plugin])
@@ -118,6 +129,7 @@ async def in_process(state_dir: str, iterations: int) -> dict[str, list[float]]:
             t0 = time.perf_counter()
             await chain.run_request(ex)
             t1 = time.perf_counter()
+            ex.tools_offered = OFFERED_NAMES  # what the pipeline sets after the request hooks
             calls = tooling.calls_from_message(message)
             decisions = await tooling.judge(chain, ex, calls, 0)
             t2 = time.perf_counter()
@@ -125,6 +137,7 @@ async def in_process(state_dir: str, iterations: int) -> dict[str, list[float]]:
             await plugin.on_complete(ex)
             ex = Exchange(request_id=f"s{n}", route="chat", method="POST", path="/v1/chat/completions", principal=PRINCIPAL, body=body)
             ex.turns.append(UpstreamTurn(index=0, body=b""))
+            ex.tools_offered = OFFERED_NAMES
             t3 = time.perf_counter()
             sc = tooling.StreamedCalls()
             for d in deltas:
@@ -143,14 +156,14 @@ async def in_process(state_dir: str, iterations: int) -> dict[str, list[float]]:
     return res
 
 
-async def end_to_end(state_dir: str, requests: int) -> dict[tuple[bool, bool], list[float]]:
+async def end_to_end(state_dir: str, requests: int, rules: int) -> dict[tuple[bool, bool], list[float]]:
     fake = FakeProvider()
     await fake.start()
     out: dict[tuple[bool, bool], list[float]] = {}
     wardens: dict[bool, RunningWarden] = {}
     try:
         for tools_on in (False, True):
-            wardens[tools_on] = await RunningWarden.start(Warden(config(state_dir, tools_on, fake.base_url), {"tools": ToolsPlugin}))
+            wardens[tools_on] = await RunningWarden.start(Warden(config(state_dir, tools_on, fake.base_url, rules), {"tools": ToolsPlugin}))
         async with aiohttp.ClientSession() as session:
             for stream in (False, True):
                 body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "refund"}], "tools": OFFERED, "stream": stream})
@@ -178,19 +191,22 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=300, help="end-to-end requests per cell")
     ap.add_argument("--iterations", type=int, default=3000, help="in-process iterations")
+    ap.add_argument("--rules", type=int, default=0, help="argument rules per tool, all evaluated (0: none)")
     args = ap.parse_args()
     logging.getLogger("warden").setLevel(logging.ERROR)  # auth is off on purpose here; skip the warning
     with tempfile.TemporaryDirectory() as d:
-        ip = await in_process(d, args.iterations)
-        e2e = await end_to_end(d, args.requests)
+        ip = await in_process(d, args.iterations, args.rules)
+        e2e = await end_to_end(d, args.requests, args.rules) if args.requests > 0 else {}
     us = 1e6
-    print("\ntools plugin, response with 8 parallel tool calls (4 read, 4 write; all allowed)\n")
+    print(f"\ntools plugin, response with 8 parallel tool calls (4 read, 4 write; all allowed; {args.rules} argument rules per tool)\n")
     print(f"in process, {args.iterations} iterations (µs per response; the pass-through path does none of this work)\n")
     print("| work added by the tools plugin | p50 | p99 | mean |")
     print("|---|---|---|---|")
     for label, key in (("on_request (8 offered tools)", "request"), ("non-streamed: parse + judge 8 calls", "nonstream"), ("streamed: assemble deltas + judge + re-emit", "stream")):
         xs = ip[key]
         print(f"| {label} | {pct(xs, 0.5) * us:.1f} | {pct(xs, 0.99) * us:.1f} | {statistics.fmean(xs) * us:.1f} |")
+    if not e2e:
+        return
     print(f"\nend to end through Warden, {args.requests} requests per cell, concurrency 1 (ms)\n")
     print("| response | pass-through p50 / p99 | tools plugin p50 / p99 | added p50 |")
     print("|---|---|---|---|")

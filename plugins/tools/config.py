@@ -1,9 +1,11 @@
 """``[policy]`` and ``[[tools]]``: the tool registry, compiled once at load.
 
 Each ``[[tools]]`` entry is validated into a :class:`ToolSpec`; its argument
-schema (and ``approval_if``) is compiled with ``jsonschema-rs`` (Draft 2020-12)
-inside ``validate``, so an invalid schema fails at start with a key such as
-``tools[2].schema`` and the hot path only runs compiled validators.
+schema, ``approval_if`` and the ``when`` of its rules are compiled with
+``jsonschema-rs`` (Draft 2020-12) inside ``validate``, so an invalid schema
+fails at start with a key such as ``tools[2].schema`` and the hot path only
+runs compiled validators.  :class:`ToolRegistry` resolves a call's tool by
+its name (and, for a tool served by an MCP server, the server's name).
 """
 
 from __future__ import annotations
@@ -16,28 +18,21 @@ from urllib.parse import urlparse
 import jsonschema_rs
 
 from plugins.tools.bounds import MAX_BYTES_LIMIT, MAX_DEPTH_LIMIT
+from plugins.tools.rules import ArgumentRule, RuleSet, build_rule_set
+from plugins.tools.schemas import compile_schema
+from plugins.tools.versions import Deprecation, Sunset, contract_id, default_function_name, parse_sunset
 from proxy.errors import ConfigError
 from proxy.gcra import Rate, parse_rate
 
+__all__ = ["CompiledTool", "PolicyConfig", "ToolRegistry", "ToolSpec", "compile_schema"]
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# MCP tool names may also hold "." and "/" (MCP SEP-986).
+_MCP_NAME_RE = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")
+_SERVER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_CONTRACT_RE = re.compile(r"^(?P<name>[A-Za-z0-9_./-]{1,128}?)(?:@(?P<version>[1-9][0-9]{0,5}))?$")
 MAX_ERRORS_REPORTED = 20
 MAX_ERROR_CHARS = 300
-
-
-def _refuse_remote(uri: str) -> Any:
-    raise ValueError(f"remote $ref {uri!r} is not allowed; inline the schema or use $defs")
-
-
-def compile_schema(schema: dict[str, Any]) -> jsonschema_rs.Draft202012Validator:
-    """Compile a Draft 2020-12 schema; formats are asserted, remote refs refused.
-
-    Raises ``ValueError`` with the validator's message when the schema is invalid.
-    """
-    try:
-        return jsonschema_rs.Draft202012Validator(schema, validate_formats=True, retriever=_refuse_remote)
-    except (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(first) from None
 
 
 @dataclass
@@ -49,11 +44,30 @@ class CompiledTool:
     validator: jsonschema_rs.Draft202012Validator
     approval_validator: jsonschema_rs.Draft202012Validator | None
     rate: Rate | None
+    rules: RuleSet | None = None
+    """The argument rules, in order (``None``: the tool has none)."""
+    deprecation: Deprecation | None = None
+    """Set when the entry is ``deprecated`` (the registry resolves its replacement)."""
 
     @property
     def key(self) -> str:
         """The config key of this tool, used as the rule prefix (``tools[0]``)."""
         return f"tools[{self.index}]"
+
+    @property
+    def function(self) -> str:
+        """The name the model calls (``refund``, ``refund_v2``, or ``function_name``)."""
+        return self.spec.function_name or default_function_name(self.spec.name, self.spec.version)
+
+    @property
+    def contract(self) -> str:
+        """The contract id: ``refund@2``, or ``refund`` when unversioned."""
+        return contract_id(self.spec.name, self.spec.version)
+
+    @property
+    def ref(self) -> str:
+        """Where the tool lives: the function name, prefixed ``server/`` for an MCP server's tool."""
+        return f"{self.spec.server}/{self.function}" if self.spec.server else self.function
 
     def schema_errors(self, args: Any) -> list[str]:
         """Every schema violation as ``/json/pointer: message`` (at most 20)."""
@@ -76,10 +90,11 @@ class CompiledTool:
 
 @dataclass
 class ToolSpec:
-    """One ``[[tools]]`` entry: a governed tool."""
+    """One ``[[tools]]`` entry: a governed tool (one version of it, when versioned)."""
 
     name: str
-    """The function name the model calls (``^[A-Za-z0-9_-]{1,64}$``)."""
+    """The tool's name (``^[A-Za-z0-9_-]{1,64}$``; an MCP tool's may also hold ``.`` and ``/``).
+    Unversioned, it is also the function name the model calls."""
     effect: Literal["read", "write"]
     """``write`` tools are removed and refused while read-only mode is on."""
     schema: dict[str, Any]
@@ -99,10 +114,36 @@ class ToolSpec:
     """Optional per-principal limit, e.g. ``"5/minute"``."""
     description: str = ""
     """If set, replaces the tool description sent upstream."""
+    rules: list[ArgumentRule] = field(default_factory=list)
+    """Argument-aware rules, read in order; the first that matches decides (see :mod:`plugins.tools.rules`)."""
+    rules_default: Literal["allow", "deny"] | None = None
+    """What decides when no rule matches: ``deny`` unless set (only with ``rules``)."""
+    version: int | None = None
+    """Contract version (1, 2, ...): versions of one tool are separate entries, side by side (``refund@2``)."""
+    function_name: str = ""
+    """The function name the version is offered and called under; default ``name``, or ``{name}_v{version}`` when versioned."""
+    deprecated: Any = None
+    """The version's sunset, ``"2027-01-31"`` (00:00 UTC) or an RFC 3339 time with offset: before it calls are
+    allowed with a warning, from it on they are refused (rule ``tools[i].deprecated``)."""
+    replacement: str = ""
+    """The contract that replaces this one (``refund@2``); needs ``deprecated``."""
+    server: str = ""
+    """The MCP server whose tool this entry governs (empty: a function the application offers in chat)."""
 
     def validate(self, key: str) -> None:
-        if not _NAME_RE.match(self.name):
+        name_re = _MCP_NAME_RE if self.server else _NAME_RE
+        if not name_re.match(self.name):
             raise ConfigError(f"{key}.name", f"{self.name!r} is not a valid tool name (letters, digits, _ and -, at most 64)")
+        if self.server and not _SERVER_RE.match(self.server):
+            raise ConfigError(f"{key}.server", f"{self.server!r} is not a valid server name (letters, digits, _ and -, at most 64)")
+        if self.version is not None and not 1 <= self.version <= 999999:
+            raise ConfigError(f"{key}.version", f"tool {self.name!r}: must be an integer from 1 to 999999")
+        function = self.function_name or default_function_name(self.name, self.version)
+        if not name_re.match(function):
+            what = "function_name" if self.function_name else "version"
+            raise ConfigError(
+                f"{key}.{what}", f"tool {self.name!r}: {function!r} is not a valid function name (letters, digits, _ and -, at most 64); set function_name"
+            )
         if self.schema.get("type") != "object":
             raise ConfigError(f"{key}.schema", f"tool {self.name!r}: the arguments schema must have type = \"object\"")
         try:
@@ -126,16 +167,28 @@ class ToolSpec:
         for name in ("allow_groups", "allow_scopes", "allow_tenants"):
             if any(not v for v in getattr(self, name)):
                 raise ConfigError(f"{key}.{name}", f"tool {self.name!r}: empty names are not allowed")
-        self._compiled = (validator, approval_validator, rate)
+        rule_set = build_rule_set(self.rules, self.rules_default, key, self.name)
+        sunset: Sunset | None = None
+        if self.deprecated is not None:
+            try:
+                sunset = parse_sunset(self.deprecated)
+            except ValueError as e:
+                raise ConfigError(f"{key}.deprecated", f"tool {self.name!r}: {e}") from None
+        if self.replacement:
+            if sunset is None:
+                raise ConfigError(f"{key}.replacement", f"tool {self.name!r}: replacement needs deprecated (the date this version stops)")
+            if not _CONTRACT_RE.match(self.replacement):
+                raise ConfigError(f"{key}.replacement", f"tool {self.name!r}: {self.replacement!r} is not a contract such as \"refund@2\"")
+        self._compiled = (validator, approval_validator, rate, rule_set, sunset)
 
-    def compile(self, index: int) -> CompiledTool:
-        """The runtime form (validators compiled in :meth:`validate`)."""
+    def compile(self, index: int) -> tuple[CompiledTool, Sunset | None]:
+        """The runtime form (validators compiled in :meth:`validate`) and the sunset, if deprecated."""
         compiled = getattr(self, "_compiled", None)
         if compiled is None:
             self.validate(f"tools[{index}]")
             compiled = self._compiled
-        validator, approval_validator, rate = compiled
-        return CompiledTool(index, self, validator, approval_validator, rate)
+        validator, approval_validator, rate, rule_set, sunset = compiled
+        return CompiledTool(index, self, validator, approval_validator, rate, rule_set), sunset
 
 
 @dataclass
@@ -203,18 +256,82 @@ class PolicyConfig:
 
 
 class ToolRegistry:
-    """Declared tools by name, compiled."""
+    """Declared tools, compiled, resolved by name.
+
+    Chat tools (no ``server``) are keyed by the function name the model calls;
+    an MCP server's tools by server, then tool name.  Versions of one tool are
+    separate entries with distinct function names (``refund_v1``,
+    ``refund_v2``); ``contracts`` finds an entry by its contract id.
+    """
 
     def __init__(self, specs: list[ToolSpec]) -> None:
         self.tools: dict[str, CompiledTool] = {}
+        """Chat tools by function name."""
+        self.servers: dict[str, dict[str, CompiledTool]] = {}
+        """MCP tools by server name, then tool name."""
+        self.contracts: dict[tuple[str, str], CompiledTool] = {}
+        """Every entry by (server, contract id); server is ``""`` for chat tools."""
+        sunsets: list[tuple[CompiledTool, Sunset]] = []
         for i, spec in enumerate(specs):
-            if spec.name in self.tools:
-                first = self.tools[spec.name].index
-                raise ConfigError(f"tools[{i}].name", f"tool {spec.name!r} is already declared at tools[{first}]")
-            self.tools[spec.name] = spec.compile(i)
+            tool, sunset = spec.compile(i)
+            space = self.tools if not spec.server else self.servers.setdefault(spec.server, {})
+            have = space.get(tool.function)
+            if have is not None:
+                key = "function_name" if spec.function_name else "name" if spec.version is None else "version"
+                where = f" on server {spec.server!r}" if spec.server else ""
+                raise ConfigError(
+                    f"tools[{i}].{key}", f"tool {tool.function!r}{where} is already declared at tools[{have.index}] ({have.contract})"
+                )
+            space[tool.function] = tool
+            contract = (spec.server, tool.contract)
+            if contract in self.contracts:
+                raise ConfigError(f"tools[{i}].version", f"contract {tool.contract!r} is already declared at tools[{self.contracts[contract].index}]")
+            self.contracts[contract] = tool
+            if sunset is not None:
+                sunsets.append((tool, sunset))
+        sunset_of = {id(tool): sunset for tool, sunset in sunsets}
+        for tool, sunset in sunsets:
+            tool.deprecation = self._deprecation(tool, sunset, sunset_of)
+
+    def _deprecation(self, tool: CompiledTool, sunset: Sunset, sunset_of: dict[int, Sunset]) -> Deprecation:
+        spec = tool.spec
+        replacement: CompiledTool | None = None
+        if spec.replacement:
+            replacement = self.contracts.get((spec.server, spec.replacement))
+            if replacement is None:
+                raise ConfigError(f"{tool.key}.replacement", f"tool {spec.name!r}: no [[tools]] entry is the contract {spec.replacement!r}")
+            if replacement is tool:
+                raise ConfigError(f"{tool.key}.replacement", f"tool {spec.name!r}: a version cannot replace itself")
+            ends = sunset_of.get(id(replacement))
+            if ends is not None and ends.at <= sunset.at:
+                raise ConfigError(
+                    f"{tool.key}.replacement",
+                    f"tool {spec.name!r}: the replacement {replacement.contract} is retired at {ends.text}, not after this version ({sunset.text})",
+                )
+        return Deprecation(
+            contract=tool.contract,
+            function=tool.function,
+            tool=spec.name,
+            version="" if spec.version is None else str(spec.version),
+            sunset=sunset,
+            replacement=None if replacement is None else replacement.contract,
+            replacement_function=None if replacement is None else replacement.function,
+        )
 
     def get(self, name: str) -> CompiledTool | None:
+        """The chat tool the model calls ``name``."""
         return self.tools.get(name)
 
+    def resolve(self, name: str, server: str | None = None) -> CompiledTool | None:
+        """The entry governing a call to ``name``: a chat function (``server`` ``None``) or MCP server ``server``'s tool."""
+        if not server:
+            return self.tools.get(name)
+        space = self.servers.get(server)
+        return None if space is None else space.get(name)
+
+    def contract(self, ref: str, server: str | None = None) -> CompiledTool | None:
+        """The entry whose contract id is ``ref`` (``refund@2``, or ``refund`` for an unversioned one)."""
+        return self.contracts.get((server or "", ref))
+
     def __len__(self) -> int:
-        return len(self.tools)
+        return len(self.tools) + sum(len(s) for s in self.servers.values())

@@ -12,6 +12,7 @@ complete tool call; the verdict (allow, deny, repair, hold) comes from
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -20,19 +21,21 @@ from collections import Counter
 from typing import Any
 
 from plugins.tools.admin import ToolsAdmin
+from plugins.tools.check import ToolPolicy, offer_failure
 from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
 from plugins.tools.judge import ExchangeState, ToolJudge
-from plugins.tools.policy import ModeState, permission_failure
+from plugins.tools.policy import ModeState
 from plugins.tools.request import fence_tools, scan_history
 from plugins.tools.store import StateBackendDown, ToolStateStore, ToolStore
 from proxy.errors import BadRequest, ConfigError, ServiceUnavailable
-from proxy.exchange import Decision, Exchange, StateKey, ToolCall
+from proxy.exchange import Decision, Exchange, Principal, StateKey, ToolCall
 from proxy.plugin import Plugin, PluginContext
 
 log = logging.getLogger("warden.tools")
 
 HEADER = "x-warden-tool-decisions"
 HEADER_MAX = 1024
+DEPRECATION_HEADER = "x-warden-deprecation"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-\[\]]")
 _VERDICT = {"allow": "allowed", "deny": "denied", "repair": "repair", "hold": "held"}
 
@@ -82,10 +85,19 @@ class ToolsPlugin(Plugin):
         self.store: ToolStore | None = None
         self.judge = ToolJudge(self.registry, section, self.mode, None)
         self.decision_counts: Counter[tuple[str, str]] = Counter()
+        self.deprecated_calls: Counter[tuple[str, str, str]] = Counter()
+        """Judged calls of deprecated versions by (tool, version, ``warned`` | ``retired``)."""
         self.approvals_pending = 0
         self._ctx: PluginContext | None = None
         self._refresh_task: asyncio.Task[None] | None = None
         self._stopping = False
+
+    @classmethod
+    def add_cli(cls, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+        """``warden policy test CASES``."""
+        from plugins.tools.cli import add_cli
+
+        add_cli(sub)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -136,7 +148,16 @@ class ToolsPlugin(Plugin):
         if metrics is None:
             return
         metrics.gauge("warden_approvals_pending", "Tool-call approvals waiting for a reviewer.", callback=lambda: float(self.approvals_pending))
+        metrics.counter(
+            "warden_tool_deprecated_calls",
+            "Calls of deprecated tool versions, by tool, version and status (warned: before the sunset, allowed with a warning; retired: refused).",
+            ("tool", "version", "status"),
+            callback=self._deprecated_counts,
+        )
         metrics.gauge("warden_read_only", "1 while read-only mode is on, per tenant ('*' = global).", ("tenant",), callback=self._read_only_gauge)
+
+    def _deprecated_counts(self) -> dict[tuple[str, ...], float]:
+        return {k: float(v) for k, v in self.deprecated_calls.items()}
 
     def _read_only_gauge(self) -> dict[str, float]:
         out = {"*": 1.0 if self.mode.global_read_only else 0.0}
@@ -183,6 +204,11 @@ class ToolsPlugin(Plugin):
     def _set_registry(self, registry: ToolRegistry) -> None:
         self.registry = registry
         self.judge.registry = registry
+
+    @property
+    def tool_policy(self) -> ToolPolicy:
+        """The running policy as one object (registry, ``[policy]``, the judge's clock), for any channel."""
+        return ToolPolicy(self.registry, self.policy, self.judge.clock)
 
     async def _load_state(self) -> None:
         store = self.store_required()
@@ -267,30 +293,34 @@ class ToolsPlugin(Plugin):
                     rule="tools.n",
                 )
             tenant = ex.principal.tenant if ex.principal is not None else None
-            read_only, where = self.mode.read_only_for(tenant)
-            registry = self.registry
-            unknown_deny = self.policy.unknown_tools == "deny"
+            mode = self.mode.read_only_for(tenant)
+            registry, policy, principal = self.registry, self.policy, ex.principal
+            now = self.judge.clock()
+            deprecated: list[str] = []
 
             def gate(name: str) -> tuple[str, str] | None:
+                why = offer_failure(registry, policy, name, principal, mode, now)
+                if why is not None:
+                    tool = registry.get(name)
+                    if tool is not None and tool.deprecation is not None and why[0] == f"{tool.key}.deprecated":
+                        deprecated.append(tool.deprecation.header_entry(now))
+                return why
+
+            def lookup(name: str) -> tuple[dict[str, Any], str, str] | None:
                 tool = registry.get(name)
                 if tool is None:
-                    if unknown_deny:
-                        return "policy.unknown_tools", "it is not declared in the tool registry"
-                    if read_only:
-                        return "policy.read_only", f"undeclared tools count as write tools and read-only mode is on {where}"
                     return None
-                denied = permission_failure(tool, ex.principal)
-                if denied is not None:
-                    return denied
-                if tool.spec.effect == "write" and read_only:
-                    return "policy.read_only", f"it is a write tool and read-only mode is on {where}"
-                return None
-
-            def lookup(name: str) -> tuple[dict[str, Any], str] | None:
-                tool = registry.get(name)
-                return None if tool is None else (tool.spec.schema, tool.spec.description)
+                dep = tool.deprecation
+                if dep is None:
+                    return tool.spec.schema, tool.spec.description, ""
+                deprecated.append(dep.header_entry(now))
+                return tool.spec.schema, tool.spec.description, dep.model_note()
 
             new_body, removed = fence_tools(body, gate, lookup)
+            if deprecated:
+                entries = list(dict.fromkeys(deprecated))
+                ex.response_headers[DEPRECATION_HEADER] = ", ".join(entries)
+                self._state(ex).deprecated_offered = entries
             if removed:
                 ex.tools_withheld.update(removed)
             if new_body is not None:
@@ -306,12 +336,45 @@ class ToolsPlugin(Plugin):
 
     async def on_tool_call(self, ex: Exchange, call: ToolCall) -> Decision:
         """Judge one complete tool call (see :mod:`plugins.tools.judge`)."""
-        decision = await self.judge.judge(ex, call, self._state(ex))
-        label = call.name if call.name in self.registry.tools else "(undeclared)"
+        return await self.judge_call(ex, call)
+
+    def offer_failure(self, principal: Principal | None, name: str, server: str | None = None) -> tuple[str, str] | None:
+        """``(rule, why)`` when the tool ``name`` (of MCP server ``server``; ``None``: a chat function)
+        may not be offered to ``principal`` now — undeclared, retired, not permitted, or a write tool
+        in read-only mode — else ``None``.  What an MCP ``tools/list`` leaves out."""
+        mode = self.mode.read_only_for(principal.tenant if principal is not None else None)
+        return self.tool_policy.offer_failure(name, principal, mode, server)
+
+    async def judge_call(self, ex: Exchange, call: ToolCall, server: str | None = None) -> Decision:
+        """The verdict on one call of any channel: a chat function (``server`` ``None``) or MCP server
+        ``server``'s tool, judged against the same ``[[tools]]`` entries, mode, limits and approvals."""
+        decision = await self.judge.judge(ex, call, self._state(ex), server)
+        tool = self.registry.resolve(call.name, server)
+        label = tool.ref if tool is not None else "(undeclared)"
         self.decision_counts[(label, decision.kind)] += 1
         if decision.details is not None and decision.details.get("approval") == "requested":
             self.approvals_pending += 1
         return decision
+
+    def audit_fields(self, ex: Exchange) -> dict[str, Any] | None:
+        """``{"deprecated_offered": [...]}``: the deprecated versions this request offered (as in ``x-warden-deprecation``)."""
+        st = ex.slots.get(STATE_KEY)
+        if st is None or not st.deprecated_offered:
+            return None
+        return {"deprecated_offered": list(st.deprecated_offered)}
+
+    async def on_complete(self, ex: Exchange) -> None:
+        """Count the calls of deprecated versions (``warden_tool_deprecated_calls_total``).
+
+        Read from every verdict of the exchange, including the core's refusal
+        of a retired version that the request phase withheld.
+        """
+        for rec in ex.tool_decisions:
+            tool = self.registry.get(rec.call.name)
+            if tool is None or tool.deprecation is None:
+                continue
+            status = "retired" if rec.decision.rule == f"{tool.key}.deprecated" else "warned"
+            self.deprecated_calls[(tool.spec.name, tool.deprecation.version, status)] += 1
 
     async def on_response(self, ex: Exchange) -> None:
         """Add ``x-warden-tool-decisions`` summarising every verdict of the exchange."""

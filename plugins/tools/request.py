@@ -25,8 +25,9 @@ DUPLICATE_QUOTE_BYTES = 1000
 
 # (name) -> None when the tool may be offered, else (rule, why) for the removal.
 Gate = Callable[[str], "tuple[str, str] | None"]
-# (name) -> the registry schema and description, or None for an undeclared tool.
-Lookup = Callable[[str], "tuple[dict[str, Any], str] | None"]
+# (name) -> the registry schema, its description and a note to put before the description
+# (a deprecation), or None for an undeclared tool.
+Lookup = Callable[[str], "tuple[dict[str, Any], str, str] | None"]
 
 
 def _tool_name(tool: Any) -> str | None:
@@ -44,8 +45,9 @@ def _tool_name(tool: Any) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def _with_registry(tool: Any, schema: dict[str, Any], description: str) -> Any:
-    """The tool as sent upstream: the registry's schema, and its description if set.
+def _with_registry(tool: Any, schema: dict[str, Any], description: str, note: str = "") -> Any:
+    """The tool as sent upstream: the registry's schema, its description if set, and ``note``
+    (a deprecation the model must read) before the description.
 
     Returns the same object when nothing changes (so the body is not rewritten).
     """
@@ -55,6 +57,9 @@ def _with_registry(tool: Any, schema: dict[str, Any], description: str) -> Any:
     target = fn if isinstance(fn, dict) else tool if isinstance(tool.get("name"), str) else None
     if target is None:
         return tool
+    if note:
+        given = description or target.get("description")
+        description = f"{note} {given}" if isinstance(given, str) and given else note
     if target.get("parameters") == schema and (not description or target.get("description") == description):
         return tool
     new_target = dict(target)
@@ -100,7 +105,7 @@ def _fence_list(
             continue
         reg = lookup(name)
         if reg is not None:
-            new = _with_registry(tool, reg[0], reg[1])
+            new = _with_registry(tool, reg[0], reg[1], reg[2])
             changed = changed or new is not tool
             tool = new
         kept.append(tool)

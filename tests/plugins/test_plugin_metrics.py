@@ -16,6 +16,7 @@ from tests.fakeprovider import FakeProvider, Reply
 PLUGIN_METRICS = {
     "warden_approvals_pending": "gauge",
     "warden_read_only": "gauge",
+    "warden_tool_deprecated_calls": "counter",
     "warden_limits_backend_up": "gauge",
     "warden_ratelimit_decisions": "counter",
     "warden_retrieval_index_documents": "gauge",

@@ -61,6 +61,28 @@ class AuditRecorder:
         self.records.append((action, actor, data))
 
 
+def warden_overrides(tmp_path: Path, tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """Config overrides that run a Warden with the tools plugin (read-write, SQLite state under ``tmp_path``)."""
+    return {
+        "plugins": {"enabled": ["tools", "headers"]},
+        "policy": {"state_db": str(tmp_path / "state.db"), "read_only": False, "mode_refresh_s": 0},
+        "tools": tools,
+    }
+
+
+REFUND_V1: dict[str, Any] = {
+    "name": "refund",
+    "version": 1,
+    "function_name": "refund",
+    "deprecated": "2027-01-31",
+    "replacement": "refund@2",
+    "effect": "write",
+    "allow_groups": ["billing"],
+    "schema": REFUND_SCHEMA,
+}
+"""Version 1 of ``refund``, deprecated at 2027-01-31 00:00 UTC for ``refund@2`` (called ``refund_v2``)."""
+
+
 def build_config(tmp_path: Path, policy: dict[str, Any] | None = None, tools: list[dict[str, Any]] | None = None) -> Any:
     pol = {"state_db": str(tmp_path / "state.db"), "mode_refresh_s": 0, "read_only": False}
     pol.update(policy or {})

@@ -19,9 +19,10 @@ import orjson
 import pytest
 
 from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
-from plugins.tools.judge import ExchangeState, ToolJudge, _validator_failure
+from plugins.tools.judge import ExchangeState, ToolJudge
 from plugins.tools.policy import ModeState
 from plugins.tools.request import scan_history
+from plugins.tools.schemas import validator_failure as _validator_failure
 from proxy.errors import ConfigError
 from proxy.exchange import Decision, ToolCall
 from proxy.tooling import parse_call

@@ -13,7 +13,7 @@ import pytest
 from proxy.exchange import Exchange
 from tests.conftest import ADMIN_TOKEN
 from tests.fakeprovider import FakeProvider, Reply
-from tests.plugins.tools.helpers import LOOKUP_SCHEMA, TOOLS
+from tests.plugins.tools.helpers import LOOKUP_SCHEMA, TOOLS, warden_overrides
 
 BODY: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "refund inv_1"}]}
 GOOD = '{"invoice_id": "inv_1", "amount": 25, "reason": "duplicate"}'
@@ -50,14 +50,7 @@ def audit() -> MemoryAudit:
 
 @pytest.fixture
 async def tw(warden_factory: Any, tmp_path: Path, audit: MemoryAudit) -> Any:
-    return await warden_factory(
-        {
-            "plugins": {"enabled": ["tools", "headers"]},
-            "policy": {"state_db": str(tmp_path / "state.db"), "read_only": False, "mode_refresh_s": 0},
-            "tools": TOOLS,
-        },
-        audit=audit,
-    )
+    return await warden_factory(warden_overrides(tmp_path, TOOLS), audit=audit)
 
 
 @pytest.fixture
