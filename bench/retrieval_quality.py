@@ -70,7 +70,7 @@ async def evaluate(root: Path, split: str, modes: list[str], limit: int) -> list
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RetrievalConfig(embedder="local", mode="hybrid", top_k=100, candidate_k=100, max_context_tokens=10_000_000,
                               max_document_bytes=50_000_000)
-        svc = RetrievalService(cfg, Path(tmp) / "q.db", Path(tmp) / "q-index", LocalEmbedder(batch_size=cfg.embedding_batch))
+        svc = RetrievalService(cfg, Path(tmp) / "q.db", Path(tmp) / "q-index", LocalEmbedder())
         await svc.start()
         try:
             t0 = time.perf_counter()

@@ -62,7 +62,7 @@ class RetrievalConfig:
     path prepended to it are sized to fit (in the model's own wordpieces with ``embedder = "local"``, whose window
     also caps this value; estimated otherwise)."""
     embedding_batch: int = 64
-    """Texts per embeddings request (``upstream``) or per inference batch (``local``)."""
+    """Texts per embeddings request (``upstream``)."""
     embedding_timeout_s: float = 30.0
     """Timeout of one embeddings request."""
     top_k: int = 6

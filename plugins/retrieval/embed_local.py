@@ -13,7 +13,7 @@
   sentence-transformers pipeline).
 - **Off the loop**: tokenization and inference run in one worker thread of this
   embedder (onnxruntime releases the GIL while it computes); the event loop only awaits.
-  Texts are embedded in batches of ``batch_size``, each padded to its longest text.
+  Texts are sorted by length and embedded in batches of ``batch_size``, each padded to its longest text.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def model_file() -> Path:
 class LocalEmbedder:
     """Embeds in this process with the shipped ONNX model; see the module docstring.
 
+    ``batch_size`` texts run through the model at once: small batches of similar length keep the attention
+    matrices in cache (8 embeds 256-wordpiece chunks about 1.8x faster than 64 on a 2-core machine).
     ``threads`` is onnxruntime's intra-op thread count (0 = half the cores, at least 1,
     so ingestion leaves a core to the event loop).  The tokenizer loads at construction
     (50 ms); the ONNX session loads in the worker thread on the first :meth:`embed`.
@@ -76,7 +78,7 @@ class LocalEmbedder:
     max_tokens = MAX_TOKENS
     special_tokens = 2
 
-    def __init__(self, batch_size: int = 32, threads: int = 0) -> None:
+    def __init__(self, batch_size: int = 8, threads: int = 0) -> None:
         from tokenizers import Tokenizer
 
         if _sha256(TOKENIZER_FILE) != TOKENIZER_SHA256:
@@ -90,7 +92,7 @@ class LocalEmbedder:
         self._counter.no_padding()
         self._tokenizer = Tokenizer.from_file(str(TOKENIZER_FILE))
         self._tokenizer.enable_truncation(max_length=MAX_TOKENS)
-        self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        self._tokenizer.no_padding()
         self._session: Any = None
         self._load_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warden-embed")
@@ -115,15 +117,23 @@ class LocalEmbedder:
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         session = self._load()
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            encodings = self._tokenizer.encode_batch(texts[i : i + self.batch_size])
-            ids = np.array([e.ids for e in encodings], dtype=np.int64)
-            mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        encodings = self._tokenizer.encode_batch(texts)
+        # Texts of similar length share a batch, so little of a batch is padding.
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        out = np.empty((len(texts), DIM), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = max(len(encodings[i].ids) for i in rows)
+            ids = np.zeros((len(rows), width), dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for r, i in enumerate(rows):
+                n = len(encodings[i].ids)
+                ids[r, :n] = encodings[i].ids
+                mask[r, :n] = 1
             hidden = session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
             weights = mask[..., None].astype(np.float32)
-            out.append((hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None))
-        return normalize(np.vstack(out))
+            out[rows] = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        return normalize(out)
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         """Embed ``texts`` in the worker thread: an (n, 384) float32 matrix of L2-normalised rows."""

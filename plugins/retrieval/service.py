@@ -559,7 +559,7 @@ def build_service(cfg: RetrievalConfig, config: Config | None) -> RetrievalServi
     if cfg.embedder == "local":
         from plugins.retrieval.embed_local import LocalEmbedder
 
-        embedder = LocalEmbedder(batch_size=cfg.embedding_batch)
+        embedder = LocalEmbedder()
     elif cfg.embedder == "upstream":
         base_url = cfg.embedding_base_url or (config.upstream.base_url if config is not None else "")
         env = cfg.embedding_api_key_env or (config.upstream.api_key_env if config is not None else "")

@@ -45,7 +45,7 @@ async def service_factory(tmp_path: Path, embed_provider: FakeProvider) -> Async
         if conf.embedder == "upstream":
             emb = UpstreamEmbedder(embed_provider.base_url, "sk-test", conf.embedding_model, conf.embedding_dim or None, conf.embedding_batch, conf.embedding_timeout_s)
         elif conf.embedder == "local":
-            emb = LocalEmbedder(batch_size=conf.embedding_batch)
+            emb = LocalEmbedder()
         svc = RetrievalService(conf, tmp_path / f"{name}.db", tmp_path / f"{name}-index", emb)
         if start:
             await svc.start(own_engines=own_engines)
