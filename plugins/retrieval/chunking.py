@@ -3,7 +3,8 @@
 Rules (see ``docs/retrieval.md``):
 
 - Markdown: a chunk never crosses a heading; every chunk keeps the heading
-  path (``("Install", "Linux")``).  Fenced code blocks are kept whole; tables
+  path (``("Install", "Linux")``).  Fenced code blocks are kept whole, and one
+  larger than the budget is split between lines, each part fenced again; tables
   are kept whole, and a table larger than the budget is split by rows with
   the header and delimiter rows repeated in each part.  Prose is packed by
   paragraphs within ``chunk_tokens``; a single paragraph over the budget is
@@ -331,6 +332,44 @@ def _split_table(text: str, block: _Block, budget: int, count: Counter) -> list[
     return parts
 
 
+def _split_code(text: str, block: _Block, budget: int, count: Counter) -> list[tuple[str, int, int]]:
+    """A fenced code block over budget, split between lines; each part is fenced again so it reads as code.
+
+    A single line longer than the budget is split at words like prose.
+    """
+    lines = _lines(text[: block.end], block.start)
+    opening = lines[0][2]
+    closed = len(lines) > 1 and _FENCE_RE.match(lines[-1][2]) is not None
+    closing = lines[-1][2] if closed else opening.strip()[:3]
+    inner = lines[1:-1] if closed else lines[1:]
+    fence_tokens = count(opening) + count(closing)
+    parts: list[tuple[str, int, int]] = []
+    cur: list[tuple[int, int, str]] = []
+    used = fence_tokens
+
+    def emit() -> None:
+        if cur:
+            parts.append(("\n".join([opening, *(r[2] for r in cur), closing]), cur[0][0], cur[-1][1]))
+
+    for row in inner:
+        t = count(row[2])
+        if fence_tokens + t > budget:
+            emit()
+            cur, used = [], fence_tokens
+            parts.extend((text[a:b], a, b) for a, b in _split_long(text, row[0], row[1], budget, count))
+            continue
+        if cur and used + t > budget:
+            emit()
+            cur, used = [], fence_tokens
+        cur.append(row)
+        used += t
+    emit()
+    if parts:
+        parts[0] = (parts[0][0], block.start, parts[0][2])
+        parts[-1] = (parts[-1][0], parts[-1][1], block.end)
+    return parts
+
+
 def _pack(text: str, blocks: list[_Block], budget_for: Callable[[tuple[str, ...]], int], count: Counter) -> list[Chunk]:
     chunks: list[Chunk] = []
     group: list[_Block] = []
@@ -363,6 +402,9 @@ def _pack(text: str, blocks: list[_Block], budget_for: Callable[[tuple[str, ...]
                 inner = [_Block(b.start, b.end, "source", block.path) for b in _blank_line_blocks(text[: block.end], block.start, "source")]
                 for sub in _pack(text, inner, budget_for, count):
                     emit(sub.text, sub.start, sub.end, block.path, "source")
+            elif block.kind == "code":
+                for part, a, b in _split_code(text, block, budget, count):
+                    emit(part, a, b, block.path, "code")
             elif block.atomic:
                 emit(body, block.start, block.end, block.path, block.kind)
             else:

@@ -372,7 +372,7 @@ class RetrievalService:
                 if self.embedder is not None and not self._warned_window and (n := self._specials + self._count(itext)) > self._window:
                     self._warned_window = True
                     log.warning("retrieval: chunk %s has %d tokens with its title, over the embedder's window of %d: the embedder "
-                                "will cut it (code blocks are kept whole; warned once)", rows[-1].chunk_id, n, self._window)
+                                "will cut it (a word longer than the window cannot be split; warned once)", rows[-1].chunk_id, n, self._window)
             doc = DocumentRow(d.tenant, d.doc_id, h, d.acl.to_json(), d.source, d.uri, d.title, d.updated_at, list(d.labels),
                               embedding_model=model, n_chunks=len(rows), tokens=sum(r.tokens for r in rows), size=len(d.text))
             items.append((doc, rows))

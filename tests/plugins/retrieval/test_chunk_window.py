@@ -68,9 +68,10 @@ def test_the_estimate_counts_the_title_too() -> None:
 async def test_no_stored_chunk_exceeds_the_local_embedders_window(service_factory: ServiceFactory, embedder: LocalEmbedder) -> None:
     svc = await service_factory(embedder="local", mode="hybrid", chunk_tokens=250)
     text = scientific_markdown(10) + "\n\n| gene | fold change | p |\n|---|---|---|\n" + "\n".join(
-        f"| RXR{chr(65 + i % 3)}-{i} | {1 + i / 10:.1f} | <0.0{i % 9 + 1} |" for i in range(80))
+        f"| RXR{chr(65 + i % 3)}-{i} | {1 + i / 10:.1f} | <0.0{i % 9 + 1} |" for i in range(80)) + "\n\n```r\n" + "\n".join(
+        f"fit_{i} <- glm(RXRa_expr ~ dose_{i} + batch, family = poisson(link = 'log'), data = cohort[[{i}]])" for i in range(60)) + "\n```\n"
     await svc.upsert(DocumentInput("acme", "review", text, Acl(public=True), title=TITLE, uri="review.md"))
     rows = [r for batch, _ in [b async for b in svc.store.iter_chunks(with_vector=False)] for r in batch]
-    assert len(rows) > 5
+    assert len(rows) > 5 and sum(r.kind == "code" for r in rows) > 1
     assert max(embedder.special_tokens + embedder.count_tokens(r.index_text) for r in rows) <= MAX_TOKENS
     assert all(r.tokens == embedder.count_tokens(r.text) for r in rows)
