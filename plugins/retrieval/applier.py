@@ -13,7 +13,9 @@ replaced (atomic rename) after the engines committed, so a crash in between
 re-applies a batch, which is idempotent: an entry only says *which*
 document changed, and the document's current rows are applied.  An engine
 whose position is below the log's pruned bound, whose store id differs, or
-whose vector generation is old, is rebuilt from the documents instead.
+whose vector generation is old, or (lexical) whose terms were made by another
+analyzer (:data:`~plugins.retrieval.tokenize.ANALYZER`), is rebuilt from the
+documents instead.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import orjson
 from plugins.retrieval.acl import Acl, IndexedChunk
 from plugins.retrieval.lexical import LexicalIndex
 from plugins.retrieval.records import ChangeBatch, ChunkRow, DocumentRow, RecordStore
+from plugins.retrieval.tokenize import ANALYZER
 from plugins.retrieval.vector import VectorIndex
 
 log = logging.getLogger("warden.retrieval")
@@ -49,6 +52,8 @@ class LocalState:
     store_id: str = ""
     applied: dict[str, int] = field(default_factory=dict)
     vectors_generation: str = ""
+    lexical_analyzer: str = ""
+    """The analyzer the lexical index's terms were made with (empty: before analyzers were versioned)."""
     updated_at: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -62,6 +67,7 @@ class LocalState:
             st.store_id = str(data["store_id"])
             st.applied = {str(k): int(v) for k, v in data["applied"].items()}
             st.vectors_generation = str(data.get("vectors_generation", ""))
+            st.lexical_analyzer = str(data.get("lexical_analyzer", ""))
             st.updated_at = {str(k): float(v) for k, v in data.get("updated_at", {}).items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             log.warning("retrieval: %s is unreadable; the local indexes will be rebuilt", path)
@@ -74,7 +80,7 @@ class LocalState:
             return
         tmp = self.path.with_suffix(".tmp")
         tmp.write_bytes(orjson.dumps({"store_id": self.store_id, "applied": self.applied, "vectors_generation": self.vectors_generation,
-                                      "updated_at": self.updated_at}))
+                                      "lexical_analyzer": self.lexical_analyzer, "updated_at": self.updated_at}))
         os.replace(tmp, self.path)
 
     def set(self, name: str, pos: int) -> None:
@@ -164,11 +170,14 @@ class Indexes:
                 engines = self.engines()
             for name in engines:
                 stale_vectors = name == "vector" and batch.vectors_generation != self.state.vectors_generation
+                stale_terms = name == "lexical" and self.state.lexical_analyzer != ANALYZER
                 fresh = name not in self.state.applied
-                if name not in rebuilt and (fresh or stale_vectors or self.applied(name) < batch.pruned_upto):
+                if name not in rebuilt and (fresh or stale_vectors or stale_terms or self.applied(name) < batch.pruned_upto):
                     if not fresh:
                         log.warning("retrieval: rebuilding the %s index (%s)", name,
-                                    "new vectors" if stale_vectors else "behind the pruned change log")
+                                    "new vectors" if stale_vectors else
+                                    f"its terms were made by analyzer {self.state.lexical_analyzer or 'en_stem'!r}, now {ANALYZER!r}"
+                                    if stale_terms else "behind the pruned change log")
                     await self.rebuild(name, batch)
                     rebuilt.add(name)
             lagging = {n: e for n, e in engines.items() if self.applied(n) < batch.head}
@@ -266,6 +275,8 @@ class Indexes:
         self.state.set(name, head)
         if name == "vector":
             self.state.vectors_generation = batch.vectors_generation
+        if name == "lexical":
+            self.state.lexical_analyzer = ANALYZER
         await asyncio.to_thread(self.state.save)
         return total
 

@@ -3,7 +3,8 @@
 Rules (see ``docs/retrieval.md``):
 
 - Markdown: a chunk never crosses a heading; every chunk keeps the heading
-  path (``("Install", "Linux")``).  Fenced code blocks are kept whole; tables
+  path (``("Install", "Linux")``).  Fenced code blocks are kept whole, and one
+  larger than the budget is split between lines, each part fenced again; tables
   are kept whole, and a table larger than the budget is split by rows with
   the header and delimiter rows repeated in each part.  Prose is packed by
   paragraphs within ``chunk_tokens``; a single paragraph over the budget is
@@ -18,11 +19,15 @@ Every chunk carries ``start``/``end`` character offsets into the original text
 (front matter included), so a citation points to a place.  For a split table
 the repeated header makes ``text`` differ from ``original[start:end]``.
 
-Tokens are estimated by :func:`approx_tokens`: every run of ASCII letters or
-digits counts one token per started 10 characters and every other non-space
-character counts one.  On English prose this over-estimates WordPiece and
-cl100k counts by roughly 10-25%, which keeps chunks inside an embedder's
-window instead of letting it cut them silently.
+Tokens are counted by the ``count`` function :func:`chunk_text` is given: the
+embedder's own tokenizer when it has one (the local embedder's wordpieces), else
+:func:`approx_tokens`, which counts every run of ASCII letters or digits as one
+token per started 10 characters and every other non-space character as one.  The
+estimate is close on plain English but under-counts text dense in technical
+terms, which the tokenizer splits into many pieces (see ``docs/retrieval.md``).
+``reserve`` gives the tokens the embedder reads besides the chunk text (title,
+heading path, special tokens) for a heading path, so each chunk's budget is what
+is left of the window.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ from __future__ import annotations
 import ast
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
 
 Kind = Literal["prose", "table", "code", "source"]
+Counter = Callable[[str], int]
+"""Tokens of a text (``approx_tokens`` or an embedder's ``count_tokens``)."""
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
 _ATX_RE = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?[ \t]*#*[ \t]*$")
@@ -267,7 +275,7 @@ def _python_blocks(text: str, offset: int) -> list[_Block]:
     return blocks
 
 
-def _split_long(text: str, start: int, end: int, budget: int) -> list[tuple[int, int]]:
+def _split_long(text: str, start: int, end: int, budget: int, count: Counter) -> list[tuple[int, int]]:
     """Split text[start:end] at sentence, then word boundaries into spans within budget."""
     pieces: list[tuple[int, int]] = []
     seg = text[start:end]
@@ -276,21 +284,21 @@ def _split_long(text: str, start: int, end: int, budget: int) -> list[tuple[int,
     for a, b in zip(bounds, bounds[1:], strict=False):
         if a >= b:
             continue
-        if approx_tokens(seg[a:b]) <= budget:
+        if count(seg[a:b]) <= budget:
             units.append((a, b))
             continue
         words = [m.span() for m in re.finditer(r"\S+\s*", seg[a:b])]
         w0 = 0
         while w0 < len(words):
             w1 = w0 + 1
-            while w1 < len(words) and approx_tokens(seg[a + words[w0][0] : a + words[w1][1]]) <= budget:
+            while w1 < len(words) and count(seg[a + words[w0][0] : a + words[w1][1]]) <= budget:
                 w1 += 1
             units.append((a + words[w0][0], a + words[w1 - 1][1]))
             w0 = w1
     cur_a: int | None = None
     cur_b = 0
     for a, b in units:
-        if cur_a is not None and approx_tokens(seg[cur_a:b]) <= budget:
+        if cur_a is not None and count(seg[cur_a:b]) <= budget:
             cur_b = b
             continue
         if cur_a is not None:
@@ -301,16 +309,16 @@ def _split_long(text: str, start: int, end: int, budget: int) -> list[tuple[int,
     return [(start + a, start + len(seg[a:b].rstrip()) + a) for a, b in pieces]
 
 
-def _split_table(text: str, block: _Block, budget: int) -> list[tuple[str, int, int]]:
+def _split_table(text: str, block: _Block, budget: int, count: Counter) -> list[tuple[str, int, int]]:
     assert block.header is not None
     header = text[block.header[0] : block.header[1]]
     rows = _lines(text[: block.end], block.header[1] + 1)
     parts: list[tuple[str, int, int]] = []
     cur_rows: list[tuple[int, int, str]] = []
-    header_tokens = approx_tokens(header)
+    header_tokens = count(header)
     used = header_tokens
     for row in rows:
-        t = approx_tokens(row[2])
+        t = count(row[2])
         if cur_rows and used + t > budget:
             parts.append((header + "\n" + "\n".join(r[2] for r in cur_rows), cur_rows[0][0], cur_rows[-1][1]))
             cur_rows, used = [], header_tokens
@@ -324,14 +332,52 @@ def _split_table(text: str, block: _Block, budget: int) -> list[tuple[str, int, 
     return parts
 
 
-def _pack(text: str, blocks: list[_Block], budget: int) -> list[Chunk]:
+def _split_code(text: str, block: _Block, budget: int, count: Counter) -> list[tuple[str, int, int]]:
+    """A fenced code block over budget, split between lines; each part is fenced again so it reads as code.
+
+    A single line longer than the budget is split at words like prose.
+    """
+    lines = _lines(text[: block.end], block.start)
+    opening = lines[0][2]
+    closed = len(lines) > 1 and _FENCE_RE.match(lines[-1][2]) is not None
+    closing = lines[-1][2] if closed else opening.strip()[:3]
+    inner = lines[1:-1] if closed else lines[1:]
+    fence_tokens = count(opening) + count(closing)
+    parts: list[tuple[str, int, int]] = []
+    cur: list[tuple[int, int, str]] = []
+    used = fence_tokens
+
+    def emit() -> None:
+        if cur:
+            parts.append(("\n".join([opening, *(r[2] for r in cur), closing]), cur[0][0], cur[-1][1]))
+
+    for row in inner:
+        t = count(row[2])
+        if fence_tokens + t > budget:
+            emit()
+            cur, used = [], fence_tokens
+            parts.extend((text[a:b], a, b) for a, b in _split_long(text, row[0], row[1], budget, count))
+            continue
+        if cur and used + t > budget:
+            emit()
+            cur, used = [], fence_tokens
+        cur.append(row)
+        used += t
+    emit()
+    if parts:
+        parts[0] = (parts[0][0], block.start, parts[0][2])
+        parts[-1] = (parts[-1][0], parts[-1][1], block.end)
+    return parts
+
+
+def _pack(text: str, blocks: list[_Block], budget_for: Callable[[tuple[str, ...]], int], count: Counter) -> list[Chunk]:
     chunks: list[Chunk] = []
     group: list[_Block] = []
     group_tokens = 0
 
     def emit(body: str, start: int, end: int, path: tuple[str, ...], kind: Kind) -> None:
         if body.strip():
-            chunks.append(Chunk(len(chunks), body, start, end, path, approx_tokens(body), kind))
+            chunks.append(Chunk(len(chunks), body, start, end, path, count(body), kind))
 
     def flush() -> None:
         nonlocal group, group_tokens
@@ -343,22 +389,26 @@ def _pack(text: str, blocks: list[_Block], budget: int) -> list[Chunk]:
 
     for block in blocks:
         body = text[block.start : block.end]
-        tokens = approx_tokens(body)
+        budget = budget_for(block.path)
+        tokens = count(body)
         if group and (block.path != group[0].path or group_tokens + tokens > budget):
             flush()
         if tokens > budget:
             flush()
             if block.kind == "table" and block.header is not None:
-                for part, a, b in _split_table(text, block, budget):
+                for part, a, b in _split_table(text, block, budget, count):
                     emit(part, a, b, block.path, "table")
             elif block.kind == "source" and block.atomic:
                 inner = [_Block(b.start, b.end, "source", block.path) for b in _blank_line_blocks(text[: block.end], block.start, "source")]
-                for sub in _pack(text, inner, budget):
+                for sub in _pack(text, inner, budget_for, count):
                     emit(sub.text, sub.start, sub.end, block.path, "source")
+            elif block.kind == "code":
+                for part, a, b in _split_code(text, block, budget, count):
+                    emit(part, a, b, block.path, "code")
             elif block.atomic:
                 emit(body, block.start, block.end, block.path, block.kind)
             else:
-                for a, b in _split_long(text, block.start, block.end, budget):
+                for a, b in _split_long(text, block.start, block.end, budget, count):
                     emit(text[a:b], a, b, block.path, block.kind)
             continue
         group.append(block)
@@ -385,10 +435,27 @@ def chunk_text(
     kind: Literal["markdown", "python", "source", "text"],
     chunk_tokens: int,
     body_start: int = 0,
+    *,
+    count: Counter = approx_tokens,
+    window: int | None = None,
+    reserve: Callable[[tuple[str, ...]], int] | None = None,
 ) -> list[Chunk]:
-    """Split ``text`` (from ``body_start``, i.e. after front matter) into chunks."""
+    """Split ``text`` (from ``body_start``, i.e. after front matter) into chunks.
+
+    A chunk's budget is ``chunk_tokens``, and at most ``window - reserve(heading_path)``
+    when a window is given: what the embedder reads besides the chunk text comes out of
+    its window.  Tokens are counted with ``count``.  A budget is never below a quarter
+    of ``chunk_tokens`` (a title that fills the window still leaves the chunk some text).
+    """
     if chunk_tokens <= 0:
         raise ValueError("chunk_tokens must be positive")
+    floor = max(1, chunk_tokens // 4)
+
+    def budget_for(path: tuple[str, ...]) -> int:
+        if window is None:
+            return chunk_tokens
+        return max(floor, min(chunk_tokens, window - (reserve(path) if reserve is not None else 0)))
+
     if kind == "markdown":
         blocks = _markdown_blocks(text, body_start)
     elif kind == "python":
@@ -397,4 +464,4 @@ def chunk_text(
         blocks = _blank_line_blocks(text, body_start, "source")
     else:
         blocks = _blank_line_blocks(text, body_start, "prose")
-    return _pack(text, blocks, chunk_tokens)
+    return _pack(text, blocks, budget_for, count)

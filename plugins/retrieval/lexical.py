@@ -2,7 +2,8 @@
 
 Every chunk is one tantivy document:
 
-- ``body``: the chunk text, ``en_stem`` analyzer, term frequencies (no positions); stored,
+- ``body``: the chunk text with acronym plurals folded (:func:`~plugins.retrieval.tokenize.fold_acronym_plurals`),
+  ``en_stem`` analyzer, term frequencies (no positions); stored,
   so :meth:`LexicalIndex.set_acl` can re-add a document's chunks without the pipeline.
 - ``tenant``, ``doc_id``, ``doc_key`` (``tenant`` + U+001F + ``doc_id``), ``chunk_id``: raw
   (untokenized) terms. ``doc_key`` is what deletions address.
@@ -29,7 +30,7 @@ from pathlib import Path
 import tantivy
 
 from plugins.retrieval.acl import Acl, IndexedChunk, Reader, acl_tokens, reader_allow_tokens, reader_deny_tokens
-from plugins.retrieval.tokenize import INDEX_TOKENIZER, MAX_QUERY_TERMS, query_terms
+from plugins.retrieval.tokenize import INDEX_TOKENIZER, MAX_QUERY_TERMS, fold_acronym_plurals, query_terms
 
 _KEY_SEP = "\x1f"
 
@@ -203,7 +204,7 @@ class LexicalIndex:
         doc.add_text("doc_key", doc_key(chunk.tenant, chunk.doc_id))
         for token in acl_tokens(chunk.acl):
             doc.add_text("acl", token)
-        doc.add_text("body", chunk.text)
+        doc.add_text("body", fold_acronym_plurals(chunk.text))
         return doc
 
     def _committed_chunks(self, tenant: str, doc_id: str) -> list[IndexedChunk]:

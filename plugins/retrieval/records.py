@@ -136,10 +136,15 @@ def check_key(tenant: str, doc_id: str) -> None:
             raise BadRequest(f"document {name} must not contain control characters", rule="retrieval.document", param=name)
 
 
+def index_head(title: str, heading_path: list[str] | tuple[str, ...]) -> str:
+    """The line :func:`index_text` puts before a chunk's text (empty without title and heading path)."""
+    head = " > ".join([p for p in (title, *heading_path) if p])
+    return f"{head}\n" if head else ""
+
+
 def index_text(title: str, heading_path: list[str] | tuple[str, ...], text: str) -> str:
     """What the engines index and embed for a chunk: title and heading path give the chunk its context."""
-    head = " > ".join([p for p in (title, *heading_path) if p])
-    return f"{head}\n{text}" if head else text
+    return index_head(title, heading_path) + text
 
 
 def vector_blob(v: np.ndarray | None) -> bytes | None:

@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,7 @@ from plugins.retrieval.acl import Reader
 from plugins.retrieval.applier import STATE_FILE, Indexes, LocalState
 from plugins.retrieval.chunking import approx_tokens, chunk_text, kind_for, parse_front_matter
 from plugins.retrieval.config import RetrievalConfig
-from plugins.retrieval.embed import Embedder, UpstreamEmbedder
+from plugins.retrieval.embed import Embedder, TokenCounting, UpstreamEmbedder
 from plugins.retrieval.follower import Follower
 from plugins.retrieval.inject import SearchResult
 from plugins.retrieval.lexical import LexicalIndex
@@ -56,6 +57,7 @@ from plugins.retrieval.records import (
     RecordStore,
     UpsertResult,
     check_key,
+    index_head,
     index_text,
 )
 from plugins.retrieval.search import search as run_search
@@ -103,6 +105,11 @@ class RetrievalService:
         # One SQLite writer connection: this process's writes take turns.  PostgreSQL orders commits itself.
         self._write_lock: AbstractAsyncContextManager[Any] = asyncio.Lock() if self.store.kind == "sqlite" else contextlib.nullcontext()
         self._warned_window = False
+        self._count, self._specials, self._window, self._tokenizer = approx_tokens, 0, cfg.embedding_max_tokens, ""
+        if isinstance(embedder, TokenCounting):
+            self._count, self._specials = embedder.count_tokens, embedder.special_tokens
+            self._window = min(cfg.embedding_max_tokens, embedder.max_tokens)
+            self._tokenizer = f"tokens:{embedder.model}"
 
     @property
     def lexical(self) -> LexicalIndex | None:
@@ -329,7 +336,10 @@ class RetrievalService:
     def content_hash(self, d: DocumentInput) -> str:
         """Hash of everything that determines the chunks (text, title, chunker and its budget)."""
         h = hashlib.sha256()
-        for part in (d.title, self._kind(d), str(self.cfg.chunk_tokens), d.text):
+        parts = [d.title, self._kind(d), str(self.cfg.chunk_tokens)]
+        if self.embedder is not None:
+            parts += [f"window:{self._window}", self._tokenizer]
+        for part in (*parts, d.text):
             h.update(part.encode("utf-8", "surrogatepass"))
             h.update(b"\x00")
         return h.hexdigest()
@@ -338,22 +348,31 @@ class RetrievalService:
     def _kind(d: DocumentInput) -> DocKind:
         return d.kind or (kind_for(d.uri) if d.uri else "text")
 
+    def _reserve(self, title: str) -> Callable[[tuple[str, ...]], int]:
+        """Tokens the embedder reads besides a chunk's text under ``title`` and a heading path (special tokens included)."""
+
+        def reserve(path: tuple[str, ...]) -> int:
+            return self._specials + self._count(index_head(title, path))
+
+        return reserve
+
     def _prepare(self, full: list[tuple[DocumentInput, str]]) -> list[tuple[DocumentRow, list[ChunkRow]]]:
         items = []
         model = self.embedder.model if self.embedder is not None else None
         for d, h in full:
             kind = self._kind(d)
             body_start = parse_front_matter(d.text).body_start if kind == "markdown" else 0
-            chunks = chunk_text(d.text, kind, self.cfg.chunk_tokens, body_start)
+            chunks = chunk_text(d.text, kind, self.cfg.chunk_tokens, body_start, count=self._count,
+                                window=self._window if self.embedder is not None else None, reserve=self._reserve(d.title))
             rows = []
             for c in chunks:
                 itext = index_text(d.title, c.heading_path, c.text)
                 rows.append(ChunkRow(f"{d.tenant}/{d.doc_id}#{h[:16]}.{c.n}", d.tenant, d.doc_id, c.n, list(c.heading_path),
                                      c.start, c.end, c.kind, c.text, itext, c.tokens))
-                if self.embedder is not None and not self._warned_window and approx_tokens(itext) > self.cfg.embedding_max_tokens:
+                if self.embedder is not None and not self._warned_window and (n := self._specials + self._count(itext)) > self._window:
                     self._warned_window = True
-                    log.warning("retrieval: chunk %s has about %d tokens, over embedding_max_tokens=%d: the embedder will cut it "
-                                "(tables and code blocks are kept whole; warned once)", rows[-1].chunk_id, approx_tokens(itext), self.cfg.embedding_max_tokens)
+                    log.warning("retrieval: chunk %s has %d tokens with its title, over the embedder's window of %d: the embedder "
+                                "will cut it (a word longer than the window cannot be split; warned once)", rows[-1].chunk_id, n, self._window)
             doc = DocumentRow(d.tenant, d.doc_id, h, d.acl.to_json(), d.source, d.uri, d.title, d.updated_at, list(d.labels),
                               embedding_model=model, n_chunks=len(rows), tokens=sum(r.tokens for r in rows), size=len(d.text))
             items.append((doc, rows))
@@ -537,7 +556,11 @@ def build_service(cfg: RetrievalConfig, config: Config | None) -> RetrievalServi
         return config.resolve_path(value) if config is not None else Path(value)
 
     embedder: Embedder | None = None
-    if cfg.embedder == "upstream":
+    if cfg.embedder == "local":
+        from plugins.retrieval.embed_local import LocalEmbedder
+
+        embedder = LocalEmbedder()
+    elif cfg.embedder == "upstream":
         base_url = cfg.embedding_base_url or (config.upstream.base_url if config is not None else "")
         env = cfg.embedding_api_key_env or (config.upstream.api_key_env if config is not None else "")
         key = os.environ.get(env) if env else None

@@ -6,16 +6,41 @@ stemmer). Queries go through the *same* chain built from tantivy's own
 components plus an English stopword filter, so a query term is exactly the term
 the index holds. Stopwords are dropped from queries only: they are in almost
 every chunk, add nothing to ranking and dominate the cost of an ORed query.
+
+Before either chain, :func:`fold_acronym_plurals` writes the plural of an acronym
+as its singular (``RXRs`` -> ``RXR``, ``mRNAs`` -> ``mRNA``, ``GPUs`` -> ``GPU``): the
+Snowball stemmer removes a plural ``s`` only after a vowel that is not right before
+it, so it leaves ``rxrs`` and ``mrnas`` as terms of their own and a query for one
+form never finds the other.  A word is folded when it ends in a lower-case ``s``
+after a capital letter or a digit and has at least two capitals before that ``s``;
+ordinary words (``Gas``, ``Kansas``) and class names (``MyClass``) are untouched.
+The lexical index records :data:`ANALYZER` and is rebuilt when it changes.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 
 import tantivy
 
 INDEX_TOKENIZER = "en_stem"
 """Name of tantivy's built-in analyzer used for the body field."""
+
+ANALYZER = "en_stem+acronym_plurals/1"
+"""The analysis the lexical index's terms were made with; a change rebuilds the index from the store."""
+
+_ACRONYM_PLURAL = re.compile(r"(?<![^\W_])([^\W_]*?[A-Z0-9])s(?![^\W_])")
+
+
+def _fold(m: re.Match[str]) -> str:
+    stem = m.group(1)
+    return stem if sum(ch.isupper() for ch in stem) >= 2 else m.group(0)
+
+
+def fold_acronym_plurals(text: str) -> str:
+    """``text`` with acronym plurals written as their singular (see the module docstring)."""
+    return _ACRONYM_PLURAL.sub(_fold, text)
 
 MAX_QUERY_CHARS = 32_768
 """Query text beyond this many characters is ignored (bounded work per request)."""
@@ -61,7 +86,7 @@ _ANALYZERS = _Analyzers()
 
 def index_terms(text: str) -> list[str]:
     """The terms tantivy's ``en_stem`` indexes for ``text``, in order, with repeats."""
-    return list(_ANALYZERS.index.analyze(text))
+    return list(_ANALYZERS.index.analyze(fold_acronym_plurals(text)))
 
 
 def query_terms(text: str) -> list[str]:
@@ -71,6 +96,6 @@ def query_terms(text: str) -> list[str]:
     syntax. At most :data:`MAX_QUERY_CHARS` characters are read.
     """
     seen: dict[str, None] = {}
-    for term in _ANALYZERS.query.analyze(text[:MAX_QUERY_CHARS]):
+    for term in _ANALYZERS.query.analyze(fold_acronym_plurals(text[:MAX_QUERY_CHARS])):
         seen.setdefault(term, None)
     return list(seen)

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from plugins.retrieval.config import RetrievalConfig
-from plugins.retrieval.embed import UpstreamEmbedder
+from plugins.retrieval.embed import Embedder, UpstreamEmbedder
+from plugins.retrieval.embed_local import LocalEmbedder
 from plugins.retrieval.service import RetrievalService
 from tests.fakeprovider import FakeProvider
 
@@ -31,15 +32,20 @@ async def service_factory(tmp_path: Path, embed_provider: FakeProvider) -> Async
     """Start RetrievalServices on files under tmp_path (``name`` picks a separate db/index)."""
     started: list[RetrievalService] = []
 
-    async def make(name: str = "idx", *, start: bool = True, own_engines: bool = True, embedder: bool = True, **cfg: Any) -> RetrievalService:
-        if not embedder:
+    async def make(name: str = "idx", *, start: bool = True, own_engines: bool = True, embedder: bool | str = True, **cfg: Any) -> RetrievalService:
+        """``embedder``: True = the fake provider's embeddings endpoint, False = none, a string = that ``embedder`` setting."""
+        if isinstance(embedder, str):
+            cfg["embedder"] = embedder
+        elif not embedder:
             cfg.setdefault("embedder", "none")
             cfg.setdefault("mode", "bm25")
         conf = RetrievalConfig(**cfg)
         conf.validate("retrieval")
-        emb = None
+        emb: Embedder | None = None
         if conf.embedder == "upstream":
             emb = UpstreamEmbedder(embed_provider.base_url, "sk-test", conf.embedding_model, conf.embedding_dim or None, conf.embedding_batch, conf.embedding_timeout_s)
+        elif conf.embedder == "local":
+            emb = LocalEmbedder()
         svc = RetrievalService(conf, tmp_path / f"{name}.db", tmp_path / f"{name}-index", emb)
         if start:
             await svc.start(own_engines=own_engines)

@@ -90,3 +90,17 @@ def test_kinds_tokens_and_bad_front_matter() -> None:
     assert fm.error and fm.body_start == len("---\nacl: [unclosed\n---\n")
     assert parse_front_matter("+++\ntitle = 'T'\n+++\nbody").data == {"title": "T"}
     assert parse_front_matter("no front matter").body_start == 0
+
+
+def test_a_code_block_over_budget_is_split_between_lines_and_fenced_again() -> None:
+    body = "\n".join(f"    result_{i} = compute(alpha={i}, beta={i * 2})" for i in range(40))
+    text = f"# Code\n\nIntro.\n\n```python\n{body}\n```\n\nAfter.\n"
+    chunks = [c for c in chunk_text(text, "markdown", 60) if c.kind == "code"]
+    assert len(chunks) > 2
+    assert all(c.tokens <= 60 for c in chunks)
+    assert all(c.text.startswith("```python\n") and c.text.endswith("\n```") for c in chunks)
+    inner = [line for c in chunks for line in c.text.splitlines()[1:-1]]
+    assert inner == body.splitlines()
+    assert chunks[0].start == text.index("```python") and chunks[-1].end == text.index("```\n\nAfter") + 3
+    small = [c for c in chunk_text(text, "markdown", 2000) if c.kind == "code" or "```" in c.text]
+    assert len(small) == 1 and small[0].text.count("```") == 2
