@@ -8,6 +8,7 @@ here.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -222,6 +223,10 @@ class RetrievalSummary:
             out["excluded"] = dict(self.excluded)
             out["timings_ms"] = dict(self.timings_ms)
         return out
+
+
+CITATION_MARKER = re.compile(r"\[(\d{1,4}(?:\s*,\s*\d{1,4})*)\]")
+"""A citation marker in an answer: ``[n]``, ``[1, 3]`` (retrieval maps them to documents; adapters place them)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,8 @@ from proxy.headers import safe_text
 from proxy.jsonbounds import depth_exceeds
 from proxy.protocols.anthropic_request import MAX_TRANSLATED_DEPTH, translate
 from proxy.protocols.base import Bounds, Protocol, StreamRenderer
+from proxy.protocols.common import calls_of as _calls_of
+from proxy.protocols.common import text_of as _text_of
 from proxy.protocols.openai_chat import check_model
 
 NAME = "anthropic.messages"
@@ -97,31 +99,6 @@ def stop_reason(finish: str | None, vendor_stop: Any, stops: Any, has_calls: boo
     if finish is None:
         return "end_turn", None
     return STOP_REASONS.get(finish, "end_turn"), None
-
-
-def _text_of(content: Any) -> str:
-    """The text of a chat ``content``: a string, or the ``text`` parts of a list (other parts are not text)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
-    return ""
-
-
-def _calls_of(message: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """``(id, name, arguments)`` of a chat message's or delta's tool calls (a legacy ``function_call`` too)."""
-    out: list[tuple[str, str, str]] = []
-    fc = message.get("function_call")
-    if isinstance(fc, dict):
-        out.append(("function_call", str(fc.get("name") or ""), str(fc.get("arguments") or "")))
-    tcs = message.get("tool_calls")
-    if isinstance(tcs, list):
-        for i, tc in enumerate(tcs):
-            fn = tc.get("function") if isinstance(tc, dict) else None
-            if isinstance(fn, dict):
-                args = fn.get("arguments")
-                out.append((str(tc.get("id") or f"call_{i}"), str(fn.get("name") or ""), args if isinstance(args, str) else ""))
-    return out
 
 
 def _input(name: str, arguments: str) -> dict[str, Any]:

@@ -1,0 +1,79 @@
+"""Helpers every translating adapter shares: refusals that name their rule, checked fields, the chat shape read back.
+
+A translating adapter (Anthropic Messages, OpenAI Responses) validates a
+foreign API's body field by field and reads the internal chat answer to
+render its own; these are the pieces they have in common.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from proxy.errors import BadRequest
+
+_FIELD = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def field_name(value: Any) -> str:
+    """A client-given key or type for an error message: shown only when it is a short identifier."""
+    return f"'{value}'" if isinstance(value, str) and _FIELD.fullmatch(value) else "(a value that is not a short identifier)"
+
+
+def schema_error(message: str, param: str) -> BadRequest:
+    """400 ``request.schema``: a field of the wrong type, shape or range."""
+    return BadRequest(f"{param}: {message}", param=param, rule="request.schema")
+
+
+def unsupported(message: str, param: str) -> BadRequest:
+    """400 ``protocol.unsupported``: a feature the translation cannot carry faithfully."""
+    return BadRequest(f"{param}: {message}; Warden refuses what it cannot translate faithfully", param=param, rule="protocol.unsupported")
+
+
+def number(body: dict[str, Any], key: str, low: float, high: float) -> float | int | None:
+    """``body[key]``: absent/null, or a number within ``[low, high]``."""
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not low <= v <= high:
+        raise schema_error(f"must be a number from {low:g} to {high:g}", key)
+    return v
+
+
+def string(v: Any, param: str, *, empty: bool = True) -> str:
+    """``v`` when it is a string (non-empty unless ``empty``)."""
+    if not isinstance(v, str) or (not empty and not v):
+        raise schema_error("must be a string" if empty else "must be a non-empty string", param)
+    return v
+
+
+def known_keys(block: dict[str, Any], allowed: frozenset[str], param: str) -> None:
+    """Fail closed on a key the translation does not know."""
+    for k in block:
+        if k not in allowed:
+            raise unsupported(f"the field {field_name(k)} is not one this translation knows", param)
+
+
+def text_of(content: Any) -> str:
+    """The text of a chat ``content``: a string, or the ``text`` parts of a list (other parts are not text)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+    return ""
+
+
+def calls_of(message: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(id, name, arguments)`` of a chat message's or delta's tool calls (a legacy ``function_call`` too)."""
+    out: list[tuple[str, str, str]] = []
+    fc = message.get("function_call")
+    if isinstance(fc, dict):
+        out.append(("function_call", str(fc.get("name") or ""), str(fc.get("arguments") or "")))
+    tcs = message.get("tool_calls")
+    if isinstance(tcs, list):
+        for i, tc in enumerate(tcs):
+            fn = tc.get("function") if isinstance(tc, dict) else None
+            if isinstance(fn, dict):
+                args = fn.get("arguments")
+                out.append((str(tc.get("id") or f"call_{i}"), str(fn.get("name") or ""), args if isinstance(args, str) else ""))
+    return out
