@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -250,3 +251,24 @@ async def test_a_provider_keep_alive_starts_the_response_once(warden: RunningWar
     names = [n for n, _ in sse_events(raw)]
     assert status == 200 and names[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
     assert names.count("response.created") == 1 and names[-1] == "response.completed"
+
+
+async def test_the_trace_is_a_genai_chat_span_with_the_responses_protocol(warden: RunningWarden, token: Callable[..., str], fake: FakeProvider) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from proxy.tracing import Tracing
+
+    exporter = InMemorySpanExporter()
+    warden.warden.tracing = Tracing(warden.warden.config, exporter=exporter)
+    status, _, _ = await post(warden, {"model": "m", "input": "x", "temperature": 0.5, "max_output_tokens": 20}, token())
+    assert status == 200
+    for _ in range(100):
+        (server, *_) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER] or [None]
+        if server is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert server is not None
+    a = dict(server.attributes or {})
+    assert a["warden.protocol"] == "openai.responses" and a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.request.temperature"] == 0.5 and a["gen_ai.request.max_tokens"] == 20

@@ -106,6 +106,19 @@ async def test_a_stream_refused_after_its_200_ends_with_error_then_response_fail
     assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
 
 
+async def test_the_sdk_reads_the_refused_streams_end_as_typed_events(warden_factory: WardenFactory, tmp_path: Path, token: Callable[..., str], fake: FakeProvider) -> None:
+    rw = await start(warden_factory, tmp_path, read_only=True)
+    fake.push(*[Reply(content=None, tool_calls=[{"id": f"w{i}", "name": "note", "arguments": '{"text": "x"}'}]) for i in range(3)])
+    client = sdk(rw, token(groups=["billing"]))
+    stream = await client.responses.create(model="m", input="note", tools=[NOTE], stream=True)
+    events = [e async for e in stream]
+    await client.close()
+    error, failed = events[-2], events[-1]
+    assert isinstance(error, openai.types.responses.ResponseErrorEvent) and "(rule: policy.read_only)" in error.message
+    assert isinstance(failed, openai.types.responses.ResponseFailedEvent) and failed.response.status == "failed"
+    assert failed.response.error is not None and failed.response.error.message == error.message
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_an_invalid_call_is_corrected_before_the_application_sees_it(
     warden_factory: WardenFactory, tmp_path: Path, token: Callable[..., str], fake: FakeProvider, stream: bool
