@@ -30,16 +30,14 @@ from typing import Any
 
 import orjson
 
-from proxy import wire
 from proxy.errors import BadRequest, Unauthorized, WardenError
 from proxy.exchange import Exchange
 from proxy.headers import safe_text
-from proxy.jsonbounds import depth_exceeds
-from proxy.protocols.anthropic_request import MAX_TRANSLATED_DEPTH, translate
+from proxy.protocols.anthropic_request import translate
 from proxy.protocols.base import Bounds, Protocol, StreamRenderer
+from proxy.protocols.common import MAX_TRANSLATED_DEPTH, adopt, checked_completion, translate_body
 from proxy.protocols.common import calls_of as _calls_of
 from proxy.protocols.common import text_of as _text_of
-from proxy.protocols.openai_chat import check_model
 
 NAME = "anthropic.messages"
 
@@ -305,33 +303,13 @@ class AnthropicMessages(Protocol):
                 param="anthropic-beta",
                 rule="protocol.unsupported",
             )
-        try:
-            if depth_exceeds(body, ex.raw_body, MAX_TRANSLATED_DEPTH):
-                raise BadRequest(f"request body nests deeper than {MAX_TRANSLATED_DEPTH} levels", rule="request.json_depth")
-            ex.model = check_model(body.get("model"))
-            t = translate(body, bounds)
-        except WardenError as e:
-            ex.body_refused = e.rule or "request.schema"
-            raise
-        ex.stream = t.stream
-        ex.client_body = t.body
-        ex.body = t.body
-        ex.body_modified = True
+        t = translate_body(ex, body, MAX_TRANSLATED_DEPTH, lambda b: translate(b, bounds))
+        adopt(ex, t.body, t.stream)
 
     def render(self, ex: Exchange, status: int, body: bytes) -> bytes:
         if status >= 400:
             return orjson.dumps(error_object(ex, status, _provider_message(ex, status, body)))
-        completion = ex.response_body
-        if not isinstance(completion, dict):
-            try:
-                completion = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                raise _render_error("the answer is not JSON") from None
-        why = wire.check_completion(completion)
-        if why is not None:
-            raise _render_error(why)
-        assert isinstance(completion, dict)
-        return orjson.dumps(render_message(ex, completion))
+        return orjson.dumps(render_message(ex, checked_completion(ex, body, _render_error)))
 
     def error_body(self, ex: Exchange, err: WardenError) -> bytes:
         return orjson.dumps(error_object(ex, err.status, err.to_dict()["error"]["message"]))

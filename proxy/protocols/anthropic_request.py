@@ -35,18 +35,13 @@ import orjson
 
 from proxy.errors import BadRequest
 from proxy.protocols.base import Bounds
+from proxy.protocols.common import MAX_TOKENS_LIMIT
 from proxy.protocols.common import field_name as _name
 from proxy.protocols.common import known_keys as _known_keys
 from proxy.protocols.common import number as _number
 from proxy.protocols.common import schema_error as _schema
 from proxy.protocols.common import string as _string
 from proxy.protocols.common import unsupported as _unsupported
-
-MAX_TOKENS_LIMIT = 2**31 - 1
-"""Largest ``max_tokens`` accepted (the field is an int32 in the Messages API)."""
-
-MAX_TRANSLATED_DEPTH = 250
-"""Deepest nesting a request may have to be translated (the serializer stops at 254 levels)."""
 
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")

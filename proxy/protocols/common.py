@@ -8,9 +8,24 @@ render its own; these are the pieces they have in common.
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from proxy.errors import BadRequest
+import orjson
+
+from proxy import wire
+from proxy.errors import BadRequest, WardenError
+from proxy.exchange import Exchange
+from proxy.jsonbounds import depth_exceeds
+from proxy.protocols.openai_chat import check_model
+
+T = TypeVar("T")
+
+MAX_TOKENS_LIMIT = 2**31 - 1
+"""Largest token bound a translated request may set (an int32 in both APIs)."""
+
+MAX_TRANSLATED_DEPTH = 250
+"""Deepest nesting a request may have to be translated (the serializer stops at 254 levels)."""
 
 _FIELD = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -77,3 +92,42 @@ def calls_of(message: dict[str, Any]) -> list[tuple[str, str, str]]:
                 args = fn.get("arguments")
                 out.append((str(tc.get("id") or f"call_{i}"), str(fn.get("name") or ""), args if isinstance(args, str) else ""))
     return out
+
+
+def translate_body(ex: Exchange, body: dict[str, Any], depth: int, translate: Callable[[dict[str, Any]], T]) -> T:
+    """The parse stage of a translating adapter: bounded nesting, the model, then the API's own translation.
+
+    A refusal marks the body refused under its rule (it is then recorded by
+    size and digest only).
+    """
+    try:
+        if depth_exceeds(body, ex.raw_body, depth):
+            raise BadRequest(f"request body nests deeper than {depth} levels", rule="request.json_depth")
+        ex.model = check_model(body.get("model"))
+        return translate(body)
+    except WardenError as e:
+        ex.body_refused = e.rule or "request.schema"
+        raise
+
+
+def adopt(ex: Exchange, chat_body: dict[str, Any], stream: bool) -> None:
+    """Set the translated chat body as the exchange's internal body (the client's body, as sent upstream until a hook changes it)."""
+    ex.stream = stream
+    ex.client_body = chat_body
+    ex.body = chat_body
+    ex.body_modified = True
+
+
+def checked_completion(ex: Exchange, body: bytes, render_error: Callable[[str], WardenError]) -> dict[str, Any]:
+    """The whole answer to render, as the response hooks left it, checked against the chat wire format."""
+    answer = ex.response_body
+    if not isinstance(answer, dict):
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise render_error("the answer is not JSON") from None
+    why = wire.check_completion(answer)
+    if why is not None:
+        raise render_error(why)
+    assert isinstance(answer, dict)
+    return answer

@@ -34,14 +34,12 @@ from typing import Any
 
 import orjson
 
-from proxy import wire
-from proxy.errors import BadRequest, WardenError
+from proxy.errors import WardenError
 from proxy.exchange import CITATION_MARKER, Exchange, StateKey
-from proxy.jsonbounds import depth_exceeds
 from proxy.protocols.base import Bounds, StreamRenderer
-from proxy.protocols.common import calls_of, text_of
-from proxy.protocols.openai_chat import OpenAIRelay, check_model
-from proxy.protocols.responses_request import MAX_TRANSLATED_DEPTH, ResponsesRequest, translate
+from proxy.protocols.common import MAX_TRANSLATED_DEPTH, adopt, calls_of, checked_completion, text_of, translate_body
+from proxy.protocols.openai_chat import OpenAIRelay
+from proxy.protocols.responses_request import ResponsesRequest, translate
 
 NAME = "openai.responses"
 REQUEST = StateKey("openai.responses", ResponsesRequest)
@@ -355,34 +353,14 @@ class OpenAIResponses(OpenAIRelay):
     name = NAME
 
     def parse(self, ex: Exchange, body: dict[str, Any], bounds: Bounds) -> None:
-        try:
-            if depth_exceeds(body, ex.raw_body, MAX_TRANSLATED_DEPTH):
-                raise BadRequest(f"request body nests deeper than {MAX_TRANSLATED_DEPTH} levels", rule="request.json_depth")
-            ex.model = check_model(body.get("model"))
-            t = translate(body, bounds)
-        except WardenError as e:
-            ex.body_refused = e.rule or "request.schema"
-            raise
-        ex.stream = t.stream
-        ex.client_body = t.body
-        ex.body = t.body
-        ex.body_modified = True
+        t = translate_body(ex, body, MAX_TRANSLATED_DEPTH, lambda b: translate(b, bounds))
+        adopt(ex, t.body, t.stream)
         ex.slots[REQUEST] = t.echo
 
     def render(self, ex: Exchange, status: int, body: bytes) -> bytes:
         if status >= 400:
             return super().render(ex, status, body)
-        completion = ex.response_body
-        if not isinstance(completion, dict):
-            try:
-                completion = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                raise _render_error("the answer is not JSON") from None
-        why = wire.check_completion(completion)
-        if why is not None:
-            raise _render_error(why)
-        assert isinstance(completion, dict)
-        return orjson.dumps(render_response(ex, completion))
+        return orjson.dumps(render_response(ex, checked_completion(ex, body, _render_error)))
 
     def stream(self, ex: Exchange) -> StreamRenderer:
         return ResponsesStream(ex)

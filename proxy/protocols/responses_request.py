@@ -40,11 +40,7 @@ from typing import Any
 
 from proxy.errors import BadRequest
 from proxy.protocols.base import Bounds
-from proxy.protocols.common import field_name, known_keys, number, schema_error, string, unsupported
-
-MAX_TOKENS_LIMIT = 2**31 - 1
-MAX_TRANSLATED_DEPTH = 250
-"""Deepest nesting a request may have to be translated (the serializer stops at 254 levels)."""
+from proxy.protocols.common import MAX_TOKENS_LIMIT, field_name, known_keys, number, schema_error, string, unsupported
 
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")

@@ -20,7 +20,8 @@ import pytest
 from proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN, WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
-from tests.plugins.tools.helpers import LOOKUP_SCHEMA, REFUND_SCHEMA, TOOLS
+from tests.plugins.tools.helpers import LOOKUP_SCHEMA, REFUND_SCHEMA
+from tests.proxy.protocols.test_anthropic_tools import start, told
 from tests.proxy.protocols.test_responses_sdk import post, sse_events
 
 GOOD = '{"invoice_id": "inv_1", "amount": 25, "reason": "duplicate"}'
@@ -29,16 +30,6 @@ LOOKUP = {"type": "function", "name": "lookup", "description": "app text", "para
 NOTE = {"type": "function", "name": "note", "parameters": {"type": "object"}, "strict": False}
 REFUND = {"type": "function", "name": "refund", "parameters": {"type": "object"}, "strict": False}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-async def start(warden_factory: WardenFactory, tmp_path: Path, read_only: bool) -> RunningWarden:
-    return await warden_factory(
-        {
-            "plugins": {"enabled": ["tools", "headers"]},
-            "policy": {"state_db": str(tmp_path / "state.db"), "read_only": read_only, "mode_refresh_s": 0},
-            "tools": TOOLS,
-        }
-    )
 
 
 def sdk(rw: RunningWarden, token: str) -> openai.AsyncOpenAI:
@@ -57,11 +48,6 @@ async def ask(client: openai.AsyncOpenAI, stream: bool, **kw: Any) -> Any:
             return await s.get_final_response()
     finally:
         await client.close()
-
-
-def told(fake: FakeProvider, turn: int) -> dict[str, str]:
-    """What Warden told the model about each call in the corrective turn ``turn`` (tool_call_id → text)."""
-    return {m["tool_call_id"]: m["content"] for m in fake.chat_requests()[turn].body["messages"] if m["role"] == "tool"}
 
 
 @pytest.mark.parametrize("stream", [False, True])
