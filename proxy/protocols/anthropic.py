@@ -35,7 +35,7 @@ from proxy.exchange import Exchange
 from proxy.headers import safe_text
 from proxy.protocols.anthropic_request import translate
 from proxy.protocols.base import Bounds, Protocol, StreamRenderer
-from proxy.protocols.common import MAX_TRANSLATED_DEPTH, adopt, checked_completion, translate_body
+from proxy.protocols.common import MAX_TRANSLATED_DEPTH, adopt, checked_completion, first_choices, translate_body
 from proxy.protocols.common import calls_of as _calls_of
 from proxy.protocols.common import text_of as _text_of
 
@@ -228,25 +228,21 @@ class AnthropicStream(StreamRenderer):
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
-        choices = chunk.get("choices")
-        if isinstance(choices, list):
-            for ch in choices:
-                if not isinstance(ch, dict) or ch.get("index", 0) != 0:
-                    continue
-                delta = ch.get("delta")
-                if isinstance(delta, dict):
-                    text = _text_of(delta.get("content"))
-                    if not text and isinstance(delta.get("refusal"), str):
-                        text = delta["refusal"]
-                    if text:
-                        self._text(text, out)
-                    for call_id, name, arguments in _calls_of(delta):
-                        self._call(call_id, name, arguments, out)
-                fr = ch.get("finish_reason")
-                if fr is not None:
-                    self.finish = str(fr)
-                    self.vendor_stop = ch.get("stop_reason")
-                    self._close(out)
+        for ch in first_choices(chunk):
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                text = _text_of(delta.get("content"))
+                if not text and isinstance(delta.get("refusal"), str):
+                    text = delta["refusal"]
+                if text:
+                    self._text(text, out)
+                for call_id, name, arguments in _calls_of(delta):
+                    self._call(call_id, name, arguments, out)
+            fr = ch.get("finish_reason")
+            if fr is not None:
+                self.finish = str(fr)
+                self.vendor_stop = ch.get("stop_reason")
+                self._close(out)
         return b"".join(out) if out else None
 
     def keepalive(self, raw: bytes) -> bytes | None:

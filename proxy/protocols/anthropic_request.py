@@ -28,14 +28,15 @@ leading ``system`` message; ``tool_use`` blocks → the assistant message's
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
 
 from proxy.errors import BadRequest
 from proxy.protocols.base import Bounds
-from proxy.protocols.common import MAX_TOKENS_LIMIT
+from proxy.protocols.common import ID as _ID
+from proxy.protocols.common import MAX_TOKENS_LIMIT, function_tool
+from proxy.protocols.common import TOOL_NAME as _TOOL_NAME
 from proxy.protocols.common import field_name as _name
 from proxy.protocols.common import known_keys as _known_keys
 from proxy.protocols.common import number as _number
@@ -43,8 +44,6 @@ from proxy.protocols.common import schema_error as _schema
 from proxy.protocols.common import string as _string
 from proxy.protocols.common import unsupported as _unsupported
 
-_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 
 SUPPORTED_FIELDS = frozenset(
@@ -389,22 +388,10 @@ def _tool(t: Any, i: int) -> dict[str, Any]:
             continue
         why = _TOOL_UNSUPPORTED.get(k)
         raise _unsupported(why or f"the field {_name(k)} is not one this translation knows", f"{param}.{k}" if why else param)
-    name = t.get("name")
-    if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
-        raise _schema("name must be 1 to 128 letters, digits, '_' or '-'", f"{param}.name")
     schema = t.get("input_schema")
     if not isinstance(schema, dict) or schema.get("type") != "object":
         raise _schema("input_schema must be a JSON Schema object with type 'object'", f"{param}.input_schema")
-    fn: dict[str, Any] = {"name": name, "parameters": schema}
-    desc = t.get("description")
-    if desc is not None:
-        fn["description"] = _string(desc, f"{param}.description")
-    strict = t.get("strict")
-    if strict is not None:
-        if not isinstance(strict, bool):
-            raise _schema("strict must be a boolean", f"{param}.strict")
-        fn["strict"] = strict
-    return {"type": "function", "function": fn}
+    return function_tool(t, schema, param)
 
 
 def _tool_choice(choice: Any, out: dict[str, Any]) -> None:

@@ -28,6 +28,10 @@ MAX_TRANSLATED_DEPTH = 250
 """Deepest nesting a request may have to be translated (the serializer stops at 254 levels)."""
 
 _FIELD = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+"""A tool name both APIs and chat completions accept."""
+ID = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")
+"""A call or item id Warden relays (no spaces, quotes or control characters)."""
 
 
 def field_name(value: Any) -> str:
@@ -131,3 +135,30 @@ def checked_completion(ex: Exchange, body: bytes, render_error: Callable[[str], 
         raise render_error(why)
     assert isinstance(answer, dict)
     return answer
+
+
+def function_tool(t: dict[str, Any], parameters: dict[str, Any] | None, param: str) -> dict[str, Any]:
+    """A chat function tool from a foreign tool's ``name``, ``description`` and ``strict`` (checked) and its parameters schema."""
+    name = t.get("name")
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+        raise schema_error("name must be 1 to 128 letters, digits, '_' or '-'", f"{param}.name")
+    fn: dict[str, Any] = {"name": name}
+    if parameters is not None:
+        fn["parameters"] = parameters
+    desc = t.get("description")
+    if desc is not None:
+        fn["description"] = string(desc, f"{param}.description")
+    strict = t.get("strict")
+    if strict is not None:
+        if not isinstance(strict, bool):
+            raise schema_error("strict must be a boolean", f"{param}.strict")
+        fn["strict"] = strict
+    return {"type": "function", "function": fn}
+
+
+def first_choices(chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entries of a chunk's ``choices`` for the first choice (index 0): the only one an adapter renders."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return []
+    return [ch for ch in choices if isinstance(ch, dict) and ch.get("index", 0) == 0]

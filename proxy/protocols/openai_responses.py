@@ -37,7 +37,7 @@ import orjson
 from proxy.errors import WardenError
 from proxy.exchange import CITATION_MARKER, Exchange, StateKey
 from proxy.protocols.base import Bounds, StreamRenderer
-from proxy.protocols.common import MAX_TRANSLATED_DEPTH, adopt, calls_of, checked_completion, text_of, translate_body
+from proxy.protocols.common import MAX_TRANSLATED_DEPTH, adopt, calls_of, checked_completion, first_choices, text_of, translate_body
 from proxy.protocols.openai_chat import OpenAIRelay
 from proxy.protocols.responses_request import ResponsesRequest, translate
 
@@ -293,24 +293,20 @@ class ResponsesStream(StreamRenderer):
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
-        choices = chunk.get("choices")
-        if isinstance(choices, list):
-            for ch in choices:
-                if not isinstance(ch, dict) or ch.get("index", 0) != 0:
-                    continue
-                delta = ch.get("delta")
-                if isinstance(delta, dict):
-                    text = text_of(delta.get("content"))
-                    if text:
-                        self._text("output_text", text, out)
-                    if isinstance(delta.get("refusal"), str) and delta["refusal"]:
-                        self._text("refusal", delta["refusal"], out)
-                    if isinstance(delta.get("annotations"), list):
-                        self.provided.extend(delta["annotations"])
-                    for call_id, name, arguments in calls_of(delta):
-                        self._call(call_id, name, arguments, out)
-                if ch.get("finish_reason") is not None:
-                    self.finish = str(ch["finish_reason"])
+        for ch in first_choices(chunk):
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                text = text_of(delta.get("content"))
+                if text:
+                    self._text("output_text", text, out)
+                if isinstance(delta.get("refusal"), str) and delta["refusal"]:
+                    self._text("refusal", delta["refusal"], out)
+                if isinstance(delta.get("annotations"), list):
+                    self.provided.extend(delta["annotations"])
+                for call_id, name, arguments in calls_of(delta):
+                    self._call(call_id, name, arguments, out)
+            if ch.get("finish_reason") is not None:
+                self.finish = str(ch["finish_reason"])
         return b"".join(out) if out else None
 
     def keepalive(self, raw: bytes) -> bytes | None:

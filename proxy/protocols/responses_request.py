@@ -40,10 +40,19 @@ from typing import Any
 
 from proxy.errors import BadRequest
 from proxy.protocols.base import Bounds
-from proxy.protocols.common import MAX_TOKENS_LIMIT, field_name, known_keys, number, schema_error, string, unsupported
+from proxy.protocols.common import (
+    ID,
+    MAX_TOKENS_LIMIT,
+    TOOL_NAME,
+    field_name,
+    function_tool,
+    known_keys,
+    number,
+    schema_error,
+    string,
+    unsupported,
+)
 
-_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")
 _IMAGE_DETAIL = frozenset({"auto", "low", "high", "original"})
 _SERVICE_TIERS = frozenset({"auto", "default", "flex", "scale", "priority", "fast", "ultrafast"})
 _EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
@@ -367,7 +376,7 @@ def _image(part: dict[str, Any], param: str) -> dict[str, Any]:
 
 def _optional_id(item: dict[str, Any], param: str) -> None:
     item_id = item.get("id")
-    if item_id is not None and (not isinstance(item_id, str) or not _ID.fullmatch(item_id)):
+    if item_id is not None and (not isinstance(item_id, str) or not ID.fullmatch(item_id)):
         raise schema_error("id must be 1 to 256 letters, digits or '_.:-'", f"{param}.id")
     status = item.get("status")
     if status is not None and status not in ("in_progress", "completed", "incomplete"):
@@ -376,7 +385,7 @@ def _optional_id(item: dict[str, Any], param: str) -> None:
 
 def _call_id(item: dict[str, Any], param: str) -> str:
     call_id = item.get("call_id")
-    if not isinstance(call_id, str) or not _ID.fullmatch(call_id):
+    if not isinstance(call_id, str) or not ID.fullmatch(call_id):
         raise schema_error("call_id must be 1 to 256 letters, digits or '_.:-'", f"{param}.call_id")
     return call_id
 
@@ -390,7 +399,7 @@ def _function_call(item: dict[str, Any], param: str, out: list[dict[str, Any]]) 
     if caller is not None and not (isinstance(caller, dict) and caller.get("type") == "direct"):
         raise unsupported("calls made by the provider's server-side programs are not fenced by Warden", f"{param}.caller")
     name = item.get("name")
-    if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise schema_error("name must be 1 to 128 letters, digits, '_' or '-'", f"{param}.name")
     arguments = string(item.get("arguments"), f"{param}.arguments")
     call = {"id": _call_id(item, param), "type": "function", "function": {"name": name, "arguments": arguments}}
@@ -463,24 +472,10 @@ def _tool(t: Any, param: str) -> dict[str, Any]:
     known_keys(t, frozenset({"type", "name", "description", "parameters", "strict", "defer_loading"}), param)
     if t.get("defer_loading"):
         raise unsupported("deferred tool loading belongs to the provider's server-side tool search", f"{param}.defer_loading")
-    name = t.get("name")
-    if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
-        raise schema_error("name must be 1 to 128 letters, digits, '_' or '-'", f"{param}.name")
-    fn: dict[str, Any] = {"name": name}
-    desc = t.get("description")
-    if desc is not None:
-        fn["description"] = string(desc, f"{param}.description")
     params = t.get("parameters")
-    if params is not None:
-        if not isinstance(params, dict):
-            raise schema_error("parameters must be a JSON Schema object", f"{param}.parameters")
-        fn["parameters"] = params
-    strict = t.get("strict")
-    if strict is not None:
-        if not isinstance(strict, bool):
-            raise schema_error("strict must be a boolean", f"{param}.strict")
-        fn["strict"] = strict
-    return {"type": "function", "function": fn}
+    if params is not None and not isinstance(params, dict):
+        raise schema_error("parameters must be a JSON Schema object", f"{param}.parameters")
+    return function_tool(t, params, param)
 
 
 def _tool_choice(choice: Any) -> Any:
@@ -494,7 +489,7 @@ def _tool_choice(choice: Any) -> Any:
     if kind == "function":
         known_keys(choice, frozenset({"type", "name"}), "tool_choice")
         name = choice.get("name")
-        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
             raise schema_error("name must be 1 to 128 letters, digits, '_' or '-'", "tool_choice.name")
         return {"type": "function", "function": {"name": name}}
     if kind == "allowed_tools":
