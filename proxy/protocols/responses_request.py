@@ -450,8 +450,13 @@ def _tools(req: dict[str, Any], out: dict[str, Any], echo: ResponsesRequest, bou
             echo.tools = [dict(t) for t in tools]
     choice = req.get("tool_choice")
     if choice is not None:
-        out["tool_choice"] = _tool_choice(choice)
+        chat_choice = _tool_choice(choice)
         echo.tool_choice = choice
+        if "tools" in out:
+            out["tool_choice"] = chat_choice
+        elif chat_choice not in ("auto", "none"):
+            # Chat completions refuses a tool_choice without tools; "auto" and "none" mean nothing then.
+            raise schema_error("forces a tool call, but 'tools' offers none", "tool_choice")
     parallel = req.get("parallel_tool_calls")
     if parallel is not None:
         if not isinstance(parallel, bool):

@@ -93,6 +93,8 @@ SCHEMA: list[tuple[str, dict[str, Any]]] = [
     ("tools[0].name", {"tools": [{"type": "function", "name": "", "parameters": {}, "strict": True}]}),
     ("tools[0].parameters", {"tools": [{"type": "function", "name": "f", "parameters": [], "strict": True}]}),
     ("tool_choice", {"tool_choice": "always"}),
+    ("tool_choice", {"tool_choice": "required"}),
+    ("tool_choice", {"tools": [], "tool_choice": {"type": "function", "name": "get_weather"}}),
     ("text.format.type", {"text": {"format": {"type": "yaml"}}}),
     ("text.format.schema", {"text": {"format": {"type": "json_schema", "name": "x"}}}),
     ("reasoning.effort", {"reasoning": {"effort": "maximal"}}),
@@ -143,7 +145,7 @@ async def test_what_the_agents_sdk_and_the_openai_sdk_send_by_default_is_accepte
         prompt_cache_retention="24h", top_logprobs=0,
     )  # fmt: skip
     sent = fake.chat_requests()[-1].body
-    assert sent == {"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "auto", "service_tier": "auto", "prompt_cache_retention": "24h"}
+    assert sent == {"model": "m", "messages": [{"role": "user", "content": "x"}], "service_tier": "auto", "prompt_cache_retention": "24h"}, "no tool_choice without tools"
 
 
 @pytest.mark.parametrize(
