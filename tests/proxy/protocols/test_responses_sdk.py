@@ -272,3 +272,16 @@ async def test_the_trace_is_a_genai_chat_span_with_the_responses_protocol(warden
     a = dict(server.attributes or {})
     assert a["warden.protocol"] == "openai.responses" and a["gen_ai.operation.name"] == "chat"
     assert a["gen_ai.request.temperature"] == 0.5 and a["gen_ai.request.max_tokens"] == 20
+
+
+async def test_structured_output_parses_through_the_sdk(client: openai.AsyncOpenAI, fake: FakeProvider) -> None:
+    from pydantic import BaseModel
+
+    class Count(BaseModel):
+        n: int
+
+    fake.push(Reply(content='{"n": 3}'))
+    resp = await client.responses.parse(model="m", input="count", text_format=Count)
+    assert resp.output_parsed == Count(n=3)
+    fmt = fake.chat_requests()[-1].body["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "Count" and fmt["json_schema"]["strict"] is True
