@@ -179,6 +179,13 @@ def render_response(ex: Exchange, completion: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _delta_head(kind: str, where: dict[str, Any]) -> bytes:
+    """The bytes of a text or refusal delta event up to its ``delta`` value."""
+    name = "response.output_text.delta" if kind == "output_text" else "response.refusal.delta"
+    fields = orjson.dumps({"type": name, **where})[:-1]
+    return b"event: " + name.encode() + b"\ndata: " + fields + b',"delta":'
+
+
 def _event(obj: dict[str, Any]) -> bytes:
     kind: str = obj["type"]
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
@@ -195,7 +202,7 @@ class ResponsesStream(StreamRenderer):
     the terminal event carries the whole response with the usage.
     """
 
-    __slots__ = ("ex", "seq", "started", "model", "output", "msg", "part", "pieces", "finish", "usage", "calls", "provided")
+    __slots__ = ("ex", "seq", "started", "model", "output", "msg", "part", "pieces", "finish", "usage", "calls", "provided", "delta_head")
 
     def __init__(self, ex: Exchange) -> None:
         self.ex = ex
@@ -210,6 +217,7 @@ class ResponsesStream(StreamRenderer):
         self.usage: Any = None
         self.calls = 0
         self.provided: list[Any] = []
+        self.delta_head = b""
 
     def _emit(self, out: list[bytes], obj: dict[str, Any]) -> None:
         obj["sequence_number"] = self.seq
@@ -237,11 +245,12 @@ class ResponsesStream(StreamRenderer):
             self.part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []} if kind == "output_text" else {"type": "refusal", "refusal": ""}
             self.msg["content"].append(self.part)
             self._emit(out, {"type": "response.content_part.added", **self._where(), "part": dict(self.part)})
+            self.delta_head = _delta_head(kind, self._where())
         self.pieces.append(text)
-        if kind == "output_text":
-            self._emit(out, {"type": "response.output_text.delta", **self._where(), "delta": text, "logprobs": []})
-        else:
-            self._emit(out, {"type": "response.refusal.delta", **self._where(), "delta": text})
+        # The per-token event, written without building its dict: the same bytes orjson gives for it.
+        tail = b',"logprobs":[],"sequence_number":' if kind == "output_text" else b',"sequence_number":'
+        out.append(self.delta_head + orjson.dumps(text) + tail + str(self.seq).encode() + b"}\n\n")
+        self.seq += 1
 
     def _close_part(self, out: list[bytes], status: str) -> None:
         part = self.part

@@ -285,3 +285,35 @@ async def test_structured_output_parses_through_the_sdk(client: openai.AsyncOpen
     assert resp.output_parsed == Count(n=3)
     fmt = fake.chat_requests()[-1].body["response_format"]
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "Count" and fmt["json_schema"]["strict"] is True
+
+
+CITED = "See the docs."
+URL = {"type": "url_citation", "url_citation": {"start_index": 4, "end_index": 12, "title": "Docs", "url": "https://docs.test/"}}
+
+
+def _completion(message: dict[str, Any]) -> bytes:
+    return orjson.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "stop"}]})
+
+
+def _chunks(*deltas: dict[str, Any]) -> list[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return orjson.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    return [chunk({"role": "assistant"}), *[chunk(d) for d in deltas], chunk({}, "stop"), b"[DONE]"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_refusal_and_the_providers_url_citations_are_rendered(client: openai.AsyncOpenAI, fake: FakeProvider, stream: bool) -> None:
+    if stream:
+        fake.push(Reply(raw_events=_chunks({"content": CITED, "annotations": [URL]}, {"refusal": "I cannot do more."})))
+        async with client.responses.stream(model="m", input="x") as s:
+            refusal = "".join([e.delta async for e in s if e.type == "response.refusal.delta"])
+            resp: Any = await s.get_final_response()
+        assert refusal == "I cannot do more."
+    else:
+        fake.push(Reply(body=_completion({"content": CITED, "refusal": "I cannot do more.", "annotations": [URL]})))
+        resp = await client.responses.create(model="m", input="x")
+    text, refused = resp.output[0].content
+    assert text.type == "output_text" and text.text == CITED and refused.type == "refusal" and refused.refusal == "I cannot do more."
+    (a,) = text.annotations
+    assert (a.type, a.url, a.title, a.start_index, a.end_index) == ("url_citation", "https://docs.test/", "Docs", 4, 12)
