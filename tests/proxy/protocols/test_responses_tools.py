@@ -20,7 +20,7 @@ import pytest
 from proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN, WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
-from tests.plugins.tools.helpers import LOOKUP_SCHEMA, REFUND_SCHEMA
+from tests.plugins.tools.helpers import LOOKUP_SCHEMA, REFUND_SCHEMA, TOOLS
 from tests.proxy.protocols.test_anthropic_tools import start, told
 from tests.proxy.protocols.test_responses_sdk import post, sse_events
 
@@ -216,3 +216,20 @@ async def test_an_idempotent_replay_is_rendered_as_a_response(warden_factory: Wa
         assert b["usage"]["total_tokens"] == 9 and b["status"] == "completed"
         fake.push(Reply(content="exactly once please", usage={"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}))
     assert len(fake.chat_requests()) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_record_holds_every_turn_of_a_corrected_exchange(
+    warden_factory: WardenFactory, tmp_path: Path, token: Callable[..., str], fake: FakeProvider, stream: bool
+) -> None:
+    rw = await warden_factory({
+        "plugins": {"enabled": ["tools", "headers"]}, "audit": {"enabled": True},
+        "policy": {"state_db": str(tmp_path / "state.db"), "read_only": True, "mode_refresh_s": 0}, "tools": TOOLS,
+    })  # fmt: skip
+    fake.push(Reply(content=None, tool_calls=[{"id": "n1", "name": "note", "arguments": '{"text": "x"}'}]), Reply(content="Read-only."))
+    status, _, headers = await post(rw, {"model": "m", "input": "note x", "tools": [NOTE, LOOKUP], "stream": stream}, token(groups=["billing"]))
+    assert status == 200
+    rec = await rw.warden.audit.find(headers["x-request-id"])
+    assert rec is not None and rec["protocol"] == "openai.responses" and rec["stream"] is stream
+    assert [t["reason"] for t in rec["turns"]] == ["initial", "correction"]
+    assert [(c["turn"], c["name"], c["decision"], c["rule"]) for c in rec["tool_calls"]] == [(0, "note", "deny", "policy.read_only")]
