@@ -317,3 +317,14 @@ async def test_a_refusal_and_the_providers_url_citations_are_rendered(client: op
     assert text.type == "output_text" and text.text == CITED and refused.type == "refusal" and refused.refusal == "I cannot do more."
     (a,) = text.annotations
     assert (a.type, a.url, a.title, a.start_index, a.end_index) == ("url_citation", "https://docs.test/", "Docs", 4, 12)
+
+
+async def test_a_provider_cut_mid_stream_ends_with_error_then_response_failed(warden: RunningWarden, token: Callable[..., str], fake: FakeProvider) -> None:
+    fake.push(Reply(content="one two three four five", cut_after=3))
+    status, raw, _ = await post(warden, {"model": "m", "stream": True, "input": "x"}, token())
+    events = sse_events(raw)
+    names = [n for n, _ in events]
+    assert status == 200 and names[-2:] == ["error", "response.failed"] and "response.completed" not in names
+    assert "(rule: upstream." in events[-2][1]["message"]
+    failed = events[-1][1]["response"]
+    assert failed["status"] == "failed" and failed["output"][0]["status"] == "incomplete" and failed["output"][0]["content"][0]["text"] == "one two"
