@@ -1,4 +1,4 @@
-"""The chat flow (``POST /v1/chat/completions``, ``POST /v1/messages``): non-streamed and streamed, with corrective turns.
+"""The chat flow (``POST /v1/chat/completions``, ``/v1/messages``, ``/v1/responses``): non-streamed and streamed, with corrective turns.
 
 The flow works on the internal representation (the OpenAI chat shape) whatever
 API the client speaks: the route's protocol adapter translated the request

@@ -8,6 +8,7 @@ here.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -224,6 +225,10 @@ class RetrievalSummary:
         return out
 
 
+CITATION_MARKER = re.compile(r"\[(\d{1,4}(?:\s*,\s*\d{1,4})*)\]")
+"""A citation marker in an answer: ``[n]``, ``[1, 3]`` (retrieval maps them to documents; adapters place them)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Citation:
     """One ``[n]`` marker of the answer, mapped back to the document it cites (``valid`` false: never given)."""
@@ -285,7 +290,7 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     wall_time: float = field(default_factory=time.time)
     protocol: str = "openai.chat"
-    """The API of the route: ``openai.chat``, ``anthropic.messages``, ``openai.embeddings``, ``openai.models``, ``warden.feedback``, ``passthrough``."""
+    """The API of the route: ``openai.chat``, ``anthropic.messages``, ``openai.responses``, ``openai.embeddings``, ``openai.models``, ``warden.feedback``, ``passthrough``."""
     phase: str = "identify"
     """The pipeline stage the exchange is in (see :mod:`proxy.pipeline`)."""
     principal: Principal | None = None

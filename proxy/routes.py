@@ -9,8 +9,8 @@ Warden routed on.  The upstream path is then built from the matched route,
 never from the client's bytes.
 
 Routes are an allow-list: the governed ones (``chat``, ``messages`` — the
-Anthropic Messages API, served by the chat flow through its protocol
-adapter —, ``embeddings``, ``models``, ``feedback``) plus the pass-through routes an operator lists in
+Anthropic Messages API — and ``responses`` — the OpenAI Responses API —, both
+served by the chat flow through their protocol adapters, ``embeddings``, ``models``, ``feedback``) plus the pass-through routes an operator lists in
 ``[server] passthrough_routes``.  Every other path is refused with 404 (rule
 ``server.routes``); a known path with another method with 405.
 """
@@ -31,14 +31,19 @@ _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 MAX_PATH_BYTES = 2048
 
 UNGOVERNED = {
-    "/v1/responses": "the Responses API is not governed by this Warden (its tool calls and server-side state would bypass the fence)",
+    "/v1/responses/input_tokens": "Warden cannot count tokens for the provider's model faithfully (an OpenAI-compatible upstream has no token-counting endpoint)",
+    "/v1/responses/compact": "compaction runs on the provider's servers and returns encrypted items only it can read",
+    "/v1/responses/": "Warden keeps no responses on any server: retrieving, deleting, cancelling a response or listing its input items needs provider-side state",
+    "/v1/conversations": "the Conversations API keeps conversation state on the provider's servers; Warden is stateless toward the provider",
     "/v1/assistants": "the Assistants API is not governed by this Warden",
     "/v1/threads": "the Assistants API is not governed by this Warden",
     "/v1/realtime": "the Realtime API is not governed by this Warden",
     "/v1/messages/batches": "the Message Batches API is not governed by this Warden (its requests run on the provider's side, out of the tool fence)",
     "/v1/messages/count_tokens": "Warden cannot count tokens for the provider's model faithfully (an OpenAI-compatible upstream has no token-counting endpoint)",
 }
-"""Provider APIs refused by name: they carry tool calls or state that Warden cannot fence yet."""
+"""Provider APIs refused by name: they carry tool calls or state that Warden cannot fence.
+
+A key ending in ``/`` names only the paths below it (``/v1/responses`` itself is governed)."""
 
 
 def path_error(path: str) -> str | None:
@@ -132,9 +137,9 @@ def parse_route_spec(spec: str, key: str) -> Route:
             raise ConfigError(key, f"{governed} is a governed route; it cannot be a pass-through")
     if plain.startswith("/v1/messages/"):
         raise ConfigError(key, "paths under /v1/messages belong to the Anthropic Messages API; they cannot be a pass-through")
-    for prefix in UNGOVERNED:
-        if plain == prefix or plain.startswith(prefix + "/"):
-            raise ConfigError(key, f"{prefix} cannot be a pass-through: {UNGOVERNED[prefix]}")
+    reason = ungoverned_reason(plain)
+    if reason is not None:
+        raise ConfigError(key, f"{plain} cannot be a pass-through: {reason}")
     name = "passthrough " + method + " " + template
     return _route(method, template, name, "relay", "passthrough", False)
 
@@ -142,6 +147,7 @@ def parse_route_spec(spec: str, key: str) -> Route:
 CORE_ROUTES: tuple[Route, ...] = (
     _route("POST", "/v1/chat/completions", "chat", "chat", "openai.chat", True),
     _route("POST", "/v1/messages", "messages", "chat", "anthropic.messages", True),
+    _route("POST", "/v1/responses", "responses", "chat", "openai.responses", True),
     _route("POST", "/v1/embeddings", "embeddings", "relay", "openai.embeddings", True),
     _route("GET", "/v1/models", "models", "relay", "openai.models", False),
     _route("POST", "/v1/feedback", "feedback", "feedback", "warden.feedback", True),
@@ -189,6 +195,6 @@ class RouteTable:
 def ungoverned_reason(path: str) -> str | None:
     """Why a provider API under ``path`` is refused by name, or ``None``."""
     for prefix, why in UNGOVERNED.items():
-        if path == prefix or path.startswith(prefix + "/"):
+        if path.startswith(prefix) if prefix.endswith("/") else (path == prefix or path.startswith(prefix + "/")):
             return why
     return None

@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("warden.tracing")
 
-_OPERATIONS = {"openai.chat": "chat", "anthropic.messages": "chat", "openai.embeddings": "embeddings"}
+_OPERATIONS = {"openai.chat": "chat", "anthropic.messages": "chat", "openai.responses": "chat", "openai.embeddings": "embeddings"}
 """``gen_ai.operation.name`` by ``Exchange.protocol``; other protocols are not inference (no GenAI attributes)."""
 _SAMPLING = (("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"), ("seed", "gen_ai.request.seed"))
 _PENALTIES = (("frequency_penalty", "gen_ai.request.frequency_penalty"), ("presence_penalty", "gen_ai.request.presence_penalty"))

@@ -8,12 +8,11 @@ chunk_id, valid}``; a number that was never provided is ``valid: false``
 
 from __future__ import annotations
 
-import re
 from urllib.parse import quote
 
+from proxy.exchange import CITATION_MARKER as _MARKER_RE
 from proxy.exchange import Citation, RetrievedChunk
 
-_MARKER_RE = re.compile(r"\[(\d{1,4}(?:\s*,\s*\d{1,4})*)\]")
 MAX_CITATIONS = 100
 
 

@@ -75,8 +75,8 @@ class RetrievalConfig:
     """Token budget of the injected context (chunk texts); chunks past it are excluded with reason ``budget``."""
     chunk_tokens: int = 200
     """Target chunk size in tokens; below ``embedding_max_tokens`` so title + heading path + text fit the embedder window."""
-    routes: list[str] = field(default_factory=lambda: ["chat", "messages"])
-    """Core route names (``chat`` = ``/v1/chat/completions``) or request paths where retrieval applies."""
+    routes: list[str] = field(default_factory=lambda: ["chat", "messages", "responses"])
+    """Core route names (``chat``, ``messages``, ``responses``: the chat flow's APIs) or request paths where retrieval applies."""
     models: list[str] = field(default_factory=list)
     """Models (fnmatch patterns) where retrieval applies; empty = every model."""
     query_turns: int = 1

@@ -30,14 +30,14 @@ from typing import Any
 
 import orjson
 
-from proxy import wire
 from proxy.errors import BadRequest, Unauthorized, WardenError
 from proxy.exchange import Exchange
 from proxy.headers import safe_text
-from proxy.jsonbounds import depth_exceeds
-from proxy.protocols.anthropic_request import MAX_TRANSLATED_DEPTH, translate
+from proxy.protocols.anthropic_request import translate
 from proxy.protocols.base import Bounds, Protocol, StreamRenderer
-from proxy.protocols.openai_chat import check_model
+from proxy.protocols.common import MAX_TRANSLATED_DEPTH, adopt, checked_completion, first_choices, translate_body
+from proxy.protocols.common import calls_of as _calls_of
+from proxy.protocols.common import text_of as _text_of
 
 NAME = "anthropic.messages"
 
@@ -97,31 +97,6 @@ def stop_reason(finish: str | None, vendor_stop: Any, stops: Any, has_calls: boo
     if finish is None:
         return "end_turn", None
     return STOP_REASONS.get(finish, "end_turn"), None
-
-
-def _text_of(content: Any) -> str:
-    """The text of a chat ``content``: a string, or the ``text`` parts of a list (other parts are not text)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
-    return ""
-
-
-def _calls_of(message: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """``(id, name, arguments)`` of a chat message's or delta's tool calls (a legacy ``function_call`` too)."""
-    out: list[tuple[str, str, str]] = []
-    fc = message.get("function_call")
-    if isinstance(fc, dict):
-        out.append(("function_call", str(fc.get("name") or ""), str(fc.get("arguments") or "")))
-    tcs = message.get("tool_calls")
-    if isinstance(tcs, list):
-        for i, tc in enumerate(tcs):
-            fn = tc.get("function") if isinstance(tc, dict) else None
-            if isinstance(fn, dict):
-                args = fn.get("arguments")
-                out.append((str(tc.get("id") or f"call_{i}"), str(fn.get("name") or ""), args if isinstance(args, str) else ""))
-    return out
 
 
 def _input(name: str, arguments: str) -> dict[str, Any]:
@@ -253,25 +228,21 @@ class AnthropicStream(StreamRenderer):
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
-        choices = chunk.get("choices")
-        if isinstance(choices, list):
-            for ch in choices:
-                if not isinstance(ch, dict) or ch.get("index", 0) != 0:
-                    continue
-                delta = ch.get("delta")
-                if isinstance(delta, dict):
-                    text = _text_of(delta.get("content"))
-                    if not text and isinstance(delta.get("refusal"), str):
-                        text = delta["refusal"]
-                    if text:
-                        self._text(text, out)
-                    for call_id, name, arguments in _calls_of(delta):
-                        self._call(call_id, name, arguments, out)
-                fr = ch.get("finish_reason")
-                if fr is not None:
-                    self.finish = str(fr)
-                    self.vendor_stop = ch.get("stop_reason")
-                    self._close(out)
+        for ch in first_choices(chunk):
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                text = _text_of(delta.get("content"))
+                if not text and isinstance(delta.get("refusal"), str):
+                    text = delta["refusal"]
+                if text:
+                    self._text(text, out)
+                for call_id, name, arguments in _calls_of(delta):
+                    self._call(call_id, name, arguments, out)
+            fr = ch.get("finish_reason")
+            if fr is not None:
+                self.finish = str(fr)
+                self.vendor_stop = ch.get("stop_reason")
+                self._close(out)
         return b"".join(out) if out else None
 
     def keepalive(self, raw: bytes) -> bytes | None:
@@ -328,33 +299,13 @@ class AnthropicMessages(Protocol):
                 param="anthropic-beta",
                 rule="protocol.unsupported",
             )
-        try:
-            if depth_exceeds(body, ex.raw_body, MAX_TRANSLATED_DEPTH):
-                raise BadRequest(f"request body nests deeper than {MAX_TRANSLATED_DEPTH} levels", rule="request.json_depth")
-            ex.model = check_model(body.get("model"))
-            t = translate(body, bounds)
-        except WardenError as e:
-            ex.body_refused = e.rule or "request.schema"
-            raise
-        ex.stream = t.stream
-        ex.client_body = t.body
-        ex.body = t.body
-        ex.body_modified = True
+        t = translate_body(ex, body, MAX_TRANSLATED_DEPTH, lambda b: translate(b, bounds))
+        adopt(ex, t.body, t.stream)
 
     def render(self, ex: Exchange, status: int, body: bytes) -> bytes:
         if status >= 400:
             return orjson.dumps(error_object(ex, status, _provider_message(ex, status, body)))
-        completion = ex.response_body
-        if not isinstance(completion, dict):
-            try:
-                completion = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                raise _render_error("the answer is not JSON") from None
-        why = wire.check_completion(completion)
-        if why is not None:
-            raise _render_error(why)
-        assert isinstance(completion, dict)
-        return orjson.dumps(render_message(ex, completion))
+        return orjson.dumps(render_message(ex, checked_completion(ex, body, _render_error)))
 
     def error_body(self, ex: Exchange, err: WardenError) -> bytes:
         return orjson.dumps(error_object(ex, err.status, err.to_dict()["error"]["message"]))

@@ -28,23 +28,22 @@ leading ``system`` message; ``tool_use`` blocks → the assistant message's
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
 
 from proxy.errors import BadRequest
 from proxy.protocols.base import Bounds
+from proxy.protocols.common import ID as _ID
+from proxy.protocols.common import MAX_TOKENS_LIMIT, function_tool
+from proxy.protocols.common import TOOL_NAME as _TOOL_NAME
+from proxy.protocols.common import field_name as _name
+from proxy.protocols.common import known_keys as _known_keys
+from proxy.protocols.common import number as _number
+from proxy.protocols.common import schema_error as _schema
+from proxy.protocols.common import string as _string
+from proxy.protocols.common import unsupported as _unsupported
 
-MAX_TOKENS_LIMIT = 2**31 - 1
-"""Largest ``max_tokens`` accepted (the field is an int32 in the Messages API)."""
-
-MAX_TRANSLATED_DEPTH = 250
-"""Deepest nesting a request may have to be translated (the serializer stops at 254 levels)."""
-
-_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")
-_FIELD = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 
 SUPPORTED_FIELDS = frozenset(
@@ -94,40 +93,6 @@ _TOOL_UNSUPPORTED = {
     "allowed_callers": "programmatic tool calling belongs to Anthropic's server-side code execution",
     "eager_input_streaming": "eager tool input streaming cannot be fenced: Warden judges whole calls",
 }
-
-
-def _name(value: Any) -> str:
-    """A client-given key or type for an error message: shown only when it is a short identifier."""
-    return f"'{value}'" if isinstance(value, str) and _FIELD.fullmatch(value) else "(a value that is not a short identifier)"
-
-
-def _schema(message: str, param: str) -> BadRequest:
-    return BadRequest(f"{param}: {message}", param=param, rule="request.schema")
-
-
-def _unsupported(message: str, param: str) -> BadRequest:
-    return BadRequest(f"{param}: {message}; Warden refuses what it cannot translate faithfully", param=param, rule="protocol.unsupported")
-
-
-def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | int | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not low <= v <= high:
-        raise _schema(f"must be a number from {low:g} to {high:g}", key)
-    return v
-
-
-def _string(v: Any, param: str, *, empty: bool = True) -> str:
-    if not isinstance(v, str) or (not empty and not v):
-        raise _schema("must be a string" if empty else "must be a non-empty string", param)
-    return v
-
-
-def _known_keys(block: dict[str, Any], allowed: frozenset[str], param: str) -> None:
-    for k in block:
-        if k not in allowed:
-            raise _unsupported(f"the field {_name(k)} is not one this translation knows", param)
 
 
 class Translation:
@@ -423,22 +388,10 @@ def _tool(t: Any, i: int) -> dict[str, Any]:
             continue
         why = _TOOL_UNSUPPORTED.get(k)
         raise _unsupported(why or f"the field {_name(k)} is not one this translation knows", f"{param}.{k}" if why else param)
-    name = t.get("name")
-    if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
-        raise _schema("name must be 1 to 128 letters, digits, '_' or '-'", f"{param}.name")
     schema = t.get("input_schema")
     if not isinstance(schema, dict) or schema.get("type") != "object":
         raise _schema("input_schema must be a JSON Schema object with type 'object'", f"{param}.input_schema")
-    fn: dict[str, Any] = {"name": name, "parameters": schema}
-    desc = t.get("description")
-    if desc is not None:
-        fn["description"] = _string(desc, f"{param}.description")
-    strict = t.get("strict")
-    if strict is not None:
-        if not isinstance(strict, bool):
-            raise _schema("strict must be a boolean", f"{param}.strict")
-        fn["strict"] = strict
-    return {"type": "function", "function": fn}
+    return function_tool(t, schema, param)
 
 
 def _tool_choice(choice: Any, out: dict[str, Any]) -> None:

@@ -92,7 +92,7 @@ async def test_non_canonical_paths_are_refused_before_routing_and_never_reach_th
     [
         ("GET", "/v1/files", 404, "server.routes"),
         ("DELETE", "/v1/files/file-abc", 404, "server.routes"),
-        ("POST", "/v1/responses", 404, "server.routes.ungoverned"),
+        ("GET", "/v1/responses/resp_1", 404, "server.routes.ungoverned"),
         ("POST", "/v1/threads/t1/runs", 404, "server.routes.ungoverned"),
         ("HEAD", "/v1/models", 405, "server.routes"),
         ("TRACE", "/v1/chat/completions", 405, "server.routes"),

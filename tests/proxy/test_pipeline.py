@@ -138,7 +138,7 @@ async def test_a_raising_complete_hook_is_logged_and_the_record_is_still_written
 
 @pytest.mark.parametrize(
     ("path", "method", "status"),
-    [("/v1/nope", "POST", 404), ("/v1/chat/completions", "GET", 405), ("/v1/%2e/chat/completions", "POST", 400), ("/v1/responses", "POST", 404)],
+    [("/v1/nope", "POST", 404), ("/v1/chat/completions", "GET", 405), ("/v1/%2e/chat/completions", "POST", 400), ("/v1/responses/resp_1", "GET", 404)],
 )
 async def test_every_refused_route_has_one_record(warden_factory: WardenFactory, token: Callable[..., str], path: str, method: str, status: int) -> None:
     trail: list[str] = []
