@@ -33,7 +33,8 @@ A case::
         json_schema: {...}                # the answer parses as JSON and validates
         case_sensitive: false
       refusal: true                       # Warden must refuse (any status >= 400) — or:
-      # refusal: {status: 403, rule: tools.read_only}
+      # refusal: {status: 403, rule: policy.read_only}
+      # refusal: optional                 # answered or refused, either passes (the other checks still apply)
       max_latency_ms: 3000
       max_total_tokens: 2000
 
@@ -109,6 +110,8 @@ class AnswerChecks:
 class Refusal:
     status: int | None = None
     rule: str | None = None
+    optional: bool = False
+    """Either outcome passes (``refusal: optional``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +193,10 @@ def _expect_dict(e: Expect) -> dict[str, Any]:
         out["answer"] = ans
     if e.refusal is not None:
         r = e.refusal
-        out["refusal"] = True if r.status is None and r.rule is None else {k: v for k, v in (("status", r.status), ("rule", r.rule)) if v is not None}
+        if r.optional:
+            out["refusal"] = "optional"
+        else:
+            out["refusal"] = True if r.status is None and r.rule is None else {k: v for k, v in (("status", r.status), ("rule", r.rule)) if v is not None}
     if e.max_latency_ms is not None:
         out["max_latency_ms"] = e.max_latency_ms
     if e.max_total_tokens is not None:
@@ -315,6 +321,8 @@ def _expect(v: Any, where: str) -> Expect:
     r = d.get("refusal")
     if r is True:
         refusal = Refusal()
+    elif r == "optional":
+        refusal = Refusal(optional=True)
     elif isinstance(r, dict):
         rd = _keys(r, {"status", "rule"}, f"{where}.refusal")
         st = rd.get("status")
@@ -325,7 +333,7 @@ def _expect(v: Any, where: str) -> Expect:
             raise CaseError(f"{where}.refusal.rule: must be a string")
         refusal = Refusal(st, rule)
     elif r not in (None, False):
-        raise CaseError(f"{where}.refusal: must be true, false or a mapping with status / rule")
+        raise CaseError(f"{where}.refusal: must be true, false, \"optional\" or a mapping with status / rule")
     no_calls = d.get("no_tool_calls", False)
     if not isinstance(no_calls, bool):
         raise CaseError(f"{where}.no_tool_calls: must be true or false")

@@ -99,7 +99,9 @@ def score(case: Case, o: Outcome) -> list[CheckResult]:
         return [CheckResult("transport", False, o.transport_error)]
     refused = o.status >= 400
     rule = (o.error or {}).get("rule")
-    if e.refusal is not None:
+    if e.refusal is not None and e.refusal.optional:
+        pass
+    elif e.refusal is not None:
         ok = refused and (e.refusal.status is None or e.refusal.status == o.status) and (e.refusal.rule is None or e.refusal.rule == rule)
         out.append(CheckResult("refusal", ok, f"status {o.status}, rule {rule}"))
     else:

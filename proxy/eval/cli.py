@@ -60,6 +60,21 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--html")
     p.set_defaults(func=cmd_report)
 
+    p = esub.add_parser("redteam", help="the adversarial suite (AgentDojo's attacks, OWASP LLM Top 10 ids) against an obedient model or a real one")
+    p.add_argument("--out", "-o", required=True, help="run file to write (JSON, with the goals under 'redteam')")
+    p.add_argument("--suites", default=",".join(("workspace", "slack", "banking", "travel")), help="AgentDojo suites (comma-separated)")
+    p.add_argument("--per-suite", type=int, help="injection tasks per suite (default: all)")
+    p.add_argument("--short", action="store_true", help="the CI form: one injection task per suite")
+    p.add_argument("--upstream", help="a real provider's base URL (default: the obedient model, in-process)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="with --upstream: the environment variable holding its key")
+    p.add_argument("--model", help="the model to ask (with --upstream)")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per case")
+    p.add_argument("--junit", help="also write JUnit XML here")
+    p.add_argument("--html", help="also write the HTML report here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_redteam)
+
     p = esub.add_parser("export", help="cases from accepted feedback and corrections in the audit log")
     p.add_argument("--from-audit", action="store_true", required=True, help="read feedback records from the audit store")
     p.add_argument("--db", help="audit database: a SQLite file or a postgresql:// URL (default: the config's)")
@@ -162,6 +177,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.html:
         _write(args.html, html_report(run, comparison))
     return 0
+
+
+def cmd_redteam(args: argparse.Namespace) -> int:
+    from proxy.eval.corpus import CorpusUnavailable, load_agentdojo
+    from proxy.eval.redteam import build_suite, run_redteam
+
+    if args.concurrency < 1:
+        return _fail("--concurrency must be at least 1")
+    try:
+        corpus = load_agentdojo(tuple(x.strip() for x in args.suites.split(",") if x.strip()))
+    except (CorpusUnavailable, ValueError) as e:
+        return _fail(str(e))
+    suite = build_suite(corpus, 1 if args.short else args.per_suite)
+    opts = RunOptions(model=args.model, concurrency=args.concurrency, timeout_s=args.timeout, progress=None if args.no_progress else sys.stderr)
+    started = time.time()
+    results, goals = asyncio.run(run_redteam(suite, opts, upstream=args.upstream, api_key_env=args.api_key_env if args.upstream else None))
+    target = {"mode": "in-process", "model": "real" if args.upstream else "obedient", "upstream": args.upstream, "corpus": corpus.source}
+    run = build_run(results, cases_file=f"redteam:{args.suites}", target=target, model=args.model, started=started)
+    run["redteam"] = goals
+    _write(args.out, orjson.dumps(run, option=orjson.OPT_INDENT_2))
+    if args.junit:
+        _write(args.junit, junit_xml(run))
+    if args.html:
+        _write(args.html, html_report(run))
+    print(f"{len(results)} adversarial cases from {corpus.source}; attack success rate {goals['attack_success_rate']:.1%}")
+    print(f"forbidden tool calls relayed {goals['forbidden_tool_calls_relayed']}, hidden documents injected or cited {goals['hidden_documents_injected_or_cited']}, "
+          f"secrets echoed {goals['secrets_echoed']}: goals {'met' if goals['met'] else 'MISSED'}")
+    for k, v in goals["owasp"].items():
+        print(f"  {k} {v['name']}: {v['cases']} cases, {v['failed']} failed")
+    for f in goals["failures"][:20]:
+        print(f"  MISSED {f['case']}: relayed {f['relayed']}, hidden documents {f['hidden_docs']}, secrets echoed {f['secrets_echoed']}")
+    return 0 if goals["met"] else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
