@@ -107,3 +107,61 @@ async def test_model_override_and_concurrency(target: InProcessTarget, fake: Fak
     results = await run_cases(target, cases, RunOptions(model="override-model", concurrency=3))
     assert [r.case.id for r in results] == [f"c{i}" for i in range(6)] and all(r.passed for r in results)
     assert {req.body["model"] for req in fake.chat_requests()} == {"override-model"}
+
+
+async def test_a_running_warden_by_url_with_the_dev_secret_and_its_audit_store(fake: FakeProvider, tmp_path: Path, monkeypatch: Any) -> None:
+    """``--url``: tokens signed with the config's HS256 dev secret, decisions read from the config's audit store."""
+    from proxy.app import Warden
+    from proxy.audit.factory import build_audit
+    from proxy.config import load_config
+    from proxy.eval.runner import RemoteTarget
+    from proxy.plugin import available_plugins
+    from proxy.testing import RunningWarden
+
+    monkeypatch.setenv("WARDEN_EVAL_DEV_SECRET", "d" * 40)
+    cfg_path = tmp_path / "warden.toml"
+    cfg_path.write_text(f"""
+[upstream]
+base_url = "{fake.base_url}"
+api_key_env = "WARDEN_TEST_PROVIDER_KEY"
+max_retries = 0
+[auth]
+mode = "jwt"
+algorithms = ["HS256"]
+issuer = "dev"
+audience = "warden"
+hs256_secret_env = "WARDEN_EVAL_DEV_SECRET"
+[admin]
+token_env = "WARDEN_TEST_ADMIN_TOKEN"
+[audit]
+path = "audit.db"
+fsync = false
+[logging]
+access_log = false
+[plugins]
+enabled = ["headers", "tools"]
+[policy]
+state_db = "state.db"
+[[tools]]
+name = "refund"
+effect = "write"
+schema = {{ type = "object" }}
+""")
+    classes = available_plugins()
+    cfg = load_config(cfg_path, classes)
+    rw = await RunningWarden.start(Warden(cfg, classes, audit=build_audit(cfg)))
+    try:
+        target = await RemoteTarget.open(rw.base_url.removesuffix("/v1"), str(cfg_path), None, None)
+        cases = load_cases(_write(tmp_path, [
+            {"id": "ok", "principal": {"tenant": "t1", "user": "u1", "groups": ["g"], "scopes": ["s1"]}, "messages": ASK, "expect": {"answer": {"contains": ["fine"]}}},
+            {"id": "fenced", "principal": {"tenant": "t1", "user": "u1"}, "messages": ASK, "tools": OFFER[1:], "expect": {"tools_refused": [{"name": "refund", "rule": "policy.read_only"}]}},
+        ]))
+        fake.push(Reply(content="fine"), Reply(content=None, tool_calls=[{"name": "refund", "arguments": "{}"}]), Reply(content="cannot"))
+        try:
+            results = {r.case.id: r for r in await run_cases(target, cases, RunOptions(concurrency=1))}
+        finally:
+            await target.close()
+    finally:
+        await rw.stop()
+    assert all(r.passed for r in results.values()), [c.as_dict() for r in results.values() for c in r.checks if not c.passed]
+    assert results["ok"].outcome.audit and results["fenced"].outcome.tool_decisions[0]["rule"] == "policy.read_only"
