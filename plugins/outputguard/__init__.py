@@ -143,16 +143,19 @@ class OutputGuardPlugin(Plugin):
         st = self._state(ex)
         if st is None or st.guard is None:
             return
+        choices: list[Any] = []
         changed = False
         for ch in body["choices"]:
             msg = ch.get("message") if isinstance(ch, dict) else None
-            if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
-                continue
-            new = st.guard.apply(msg["content"], st.found)
-            if new != msg["content"] and st.mode == "enforce":
-                msg["content"] = new
-                changed = True
+            if isinstance(msg, dict) and isinstance(msg.get("content"), str):
+                new = st.guard.apply(msg["content"], st.found)
+                if new != msg["content"] and st.mode == "enforce":
+                    ch = {**ch, "message": {**msg, "content": new}}
+                    changed = True
+            choices.append(ch)
         if changed:
+            # A new body: the provider's own answer stays on its turn, as the record shows it.
+            ex.response_body = {**body, "choices": choices}
             ex.response_modified = True
 
     async def on_stream_event(self, ex: Exchange, event: StreamEvent) -> None:

