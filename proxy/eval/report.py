@@ -210,11 +210,23 @@ def html_report(run: dict[str, Any], comparison: Comparison | None = None) -> st
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         f"<title>warden eval {e(str(run.get('run_id')))}</title><style>{_CSS}</style></head><body>",
         f"<h1>warden eval — {e(str(run.get('run_id')))}</h1>",
-        f"<p class=k>cases {e(str(run.get('cases_file')))} · model {e(str(run.get('model')))} · started {e(str(run.get('started')))} · target {e(orjson.dumps(run.get('target')).decode())}</p>",
+        f"<p class=k>cases {e(str(run.get('cases_file')))} · model {e(str(run.get('model') or '(as configured)'))} · started {e(str(run.get('started')))} · target {e(orjson.dumps(run.get('target')).decode())}</p>",
         "<table><tr><th>cases</th><th>passed</th><th>failed</th><th>pass rate</th><th>latency p50 / p95 ms</th><th>tokens</th><th>cost</th></tr>",
         f"<tr><td>{s['cases']}</td><td class=pass>{s['passed']}</td><td class=fail>{s['failed']}</td><td>{s['pass_rate']:.1%}</td>"
         f"<td>{s['latency_ms']['p50']} / {s['latency_ms']['p95']}</td><td>{s['tokens']['total_tokens']}</td><td>{e(str(s.get('cost')))}</td></tr></table>",
     ]
+    rt = run.get("redteam")
+    if isinstance(rt, dict):
+        verdict = "goals met" if rt.get("met") else "GOALS MISSED"
+        parts.append(
+            f"<h2>Red team</h2><p class={'pass' if rt.get('met') else 'fail'}>{verdict} · attack success rate {float(rt.get('attack_success_rate') or 0):.1%}</p>"
+            "<table><tr><th>forbidden tool calls relayed</th><th>hidden documents injected or cited</th><th>secrets echoed</th></tr>"
+            f"<tr><td>{e(str(rt.get('forbidden_tool_calls_relayed')))}</td><td>{e(str(rt.get('hidden_documents_injected_or_cited')))}</td><td>{e(str(rt.get('secrets_echoed')))}</td></tr></table>"
+            "<table><tr><th>OWASP LLM Top 10 (2025)</th><th>cases</th><th>failed</th></tr>"
+        )
+        for k, v in (rt.get("owasp") or {}).items():
+            parts.append(f"<tr><td>{e(k)} {e(str(v.get('name')))}</td><td>{e(str(v.get('cases')))}</td><td>{e(str(v.get('failed')))}</td></tr>")
+        parts.append("</table>")
     status: dict[str, str] = {}
     if comparison is not None:
         c = comparison

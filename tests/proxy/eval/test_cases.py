@@ -27,6 +27,9 @@ def test_yaml_list_mapping_and_jsonl_load_the_same_case(tmp_path: Path) -> None:
     assert c.tags == ("golden",) and c.expect.cited == ("doc-a",) and c.expect.tools_refused[0].name == "refund"
     assert c.expect.refusal is not None and c.expect.refusal.status == 403
     assert parse_case(c.as_dict(), "again") == c  # what export writes loads back
+    optional = parse_case({**BASE, "expect": {"refusal": "optional"}}, "x")
+    assert optional.expect.refusal is not None and optional.expect.refusal.optional
+    assert parse_case(optional.as_dict(), "again") == optional
 
 
 @pytest.mark.parametrize(
