@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from plugins.outputguard.scan import Guard, HostPolicy, Intervention, StreamGuard, secrets_in
+from proxy.content import content_text
 from proxy.errors import ConfigError
 from proxy.exchange import Exchange, StateKey
 from proxy.plugin import Plugin, StreamEvent
@@ -80,14 +81,6 @@ class _State:
 STATE = StateKey("outputguard", _State)
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
 class OutputGuardPlugin(Plugin):
     """Neutralises links and images to hosts outside the allow-list and secrets echoed from injected context."""
 
@@ -128,8 +121,8 @@ class OutputGuardPlugin(Plugin):
         own = [m for m in client if isinstance(m, dict) and m.get("role") in ("system", "developer", "user")]
         injected = [m for m in sent if isinstance(m, dict) and (m.get("role") == "tool" or m not in client)]
         injected += [m for m in client if isinstance(m, dict) and m.get("role") == "tool"]
-        own_text = "\n".join(_text(m.get("content")) for m in own)
-        found = secrets_in("\n".join(_text(m.get("content")) for m in injected), self.patterns)
+        own_text = "\n".join(content_text(m.get("content")) for m in own)
+        found = secrets_in("\n".join(content_text(m.get("content")) for m in injected), self.patterns)
         never = {s for s in found if s not in own_text} | set(self.section.canaries)
         return sorted(never, key=len, reverse=True)
 

@@ -116,45 +116,28 @@ class Guard:
         return _CONSTRUCTS.sub(lambda m: self._construct(m, found), "\x00" + text)[1:]
 
     def _construct(self, m: re.Match[str], found: list[Intervention]) -> str:
+        """One matched construct: as it is when its URL is allowed, else neutralised (and recorded)."""
         g = m.groupdict()
-        if g["img_url"] is not None:
-            ok, host = self.hosts.verdict(g["img_url"])
-            if ok:
-                return m.group(0)
-            found.append(Intervention(IMAGE_RULE, "image", host))
-            return "[image removed]"
-        if g["link_url"] is not None:
-            ok, host = self.hosts.verdict(g["link_url"])
-            if ok:
-                return m.group(0)
-            found.append(Intervention(LINK_RULE, "link", host))
-            return _CONSTRUCTS.sub(lambda inner: self._construct(inner, found), g["link_text"])
-        if g["ref_url"] is not None:
-            ok, host = self.hosts.verdict(g["ref_url"])
-            if ok:
-                return m.group(0)
-            found.append(Intervention(LINK_RULE, "reference", host))
-            return g["ref_head"] + "#"
-        if g["auto_url"] is not None:
-            ok, host = self.hosts.verdict(g["auto_url"])
-            if ok:
-                return m.group(0)
-            found.append(Intervention(LINK_RULE, "url", host))
-            return "[link removed]"
-        if g["attr_url"] is not None:
-            ok, host = self.hosts.verdict(g["attr_url"])
-            if ok:
-                return m.group(0)
-            is_img = m.group(0).lower().startswith(("src", "srcset", "poster", "background"))
-            found.append(Intervention(IMAGE_RULE if is_img else LINK_RULE, "attribute", host))
-            return g["attr_head"] + "#"
-        url = _url_end(g["bare_url"])
-        rest = g["bare_url"][len(url) :]
+        kind = next(k for k in ("img_url", "link_url", "ref_url", "auto_url", "attr_url", "bare_url") if g[k] is not None)
+        url = g[kind] if kind != "bare_url" else _url_end(g[kind])
         ok, host = self.hosts.verdict(url)
         if ok:
             return m.group(0)
+        if kind == "img_url":
+            found.append(Intervention(IMAGE_RULE, "image", host))
+            return "[image removed]"
+        if kind == "link_url":
+            found.append(Intervention(LINK_RULE, "link", host))
+            return _CONSTRUCTS.sub(lambda inner: self._construct(inner, found), g["link_text"])
+        if kind == "ref_url":
+            found.append(Intervention(LINK_RULE, "reference", host))
+            return g["ref_head"] + "#"
+        if kind == "attr_url":
+            is_img = m.group(0).lower().startswith(("src", "srcset", "poster", "background"))
+            found.append(Intervention(IMAGE_RULE if is_img else LINK_RULE, "attribute", host))
+            return g["attr_head"] + "#"
         found.append(Intervention(LINK_RULE, "url", host))
-        return "[link removed]" + rest
+        return "[link removed]" + (g[kind][len(url) :] if kind == "bare_url" else "")
 
 
 def secrets_in(text: str, extra: list[re.Pattern[str]]) -> set[str]:

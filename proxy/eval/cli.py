@@ -34,13 +34,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--signing-key", help="with --url: private key PEM that signs tokens Warden accepts (else [auth] hs256_secret_env)")
     p.add_argument("--audit-db", help="with --url: the audit store to read decisions from (default: the config's)")
     p.add_argument("--model", help="send every case to this model")
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per case")
     p.add_argument("--price", help="USD per million tokens, PROMPT,COMPLETION (adds cost to the run)")
     p.add_argument("--baseline", help="a run file to compare against (adds the diff to --html and to the exit code)")
-    p.add_argument("--junit", help="also write JUnit XML here")
-    p.add_argument("--html", help="also write the HTML report here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
+    _run_args(p)
     p.set_defaults(func=cmd_run)
 
     p = esub.add_parser("compare", help="what changed between two runs; exit 1 on a regression")
@@ -68,11 +64,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--upstream", help="a real provider's base URL (default: the obedient model, in-process)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="with --upstream: the environment variable holding its key")
     p.add_argument("--model", help="the model to ask (with --upstream)")
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per case")
-    p.add_argument("--junit", help="also write JUnit XML here")
-    p.add_argument("--html", help="also write the HTML report here")
-    p.add_argument("--no-progress", action="store_true")
+    _run_args(p)
     p.set_defaults(func=cmd_redteam)
 
     p = esub.add_parser("export", help="cases from accepted feedback and corrections in the audit log")
@@ -84,6 +76,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--until")
     p.add_argument("--min-rating", type=int, help="feedback rated at least this counts as accepted")
     p.set_defaults(func=cmd_export)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """What every command that runs cases takes: concurrency, timeout, reports, progress."""
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per case")
+    p.add_argument("--junit", help="also write JUnit XML here")
+    p.add_argument("--html", help="also write the HTML report here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
 
 
 def _fail(msg: str) -> int:

@@ -25,6 +25,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.content import content_text
+
 _ids = itertools.count(1)
 
 
@@ -34,14 +36,6 @@ class Instruction:
     """Planted text the model obeys when it sees it."""
     calls: tuple[tuple[str, dict[str, Any]], ...] = ()
     say: str = ""
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
 
 
 @dataclass
@@ -54,12 +48,12 @@ class ObedientModel:
     def decide(self, body: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]]]:
         """(content, tool calls) for one request."""
         msgs = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-        seen = "\n".join(_text(m.get("content")) for m in msgs if m.get("role") != "assistant")
+        seen = "\n".join(content_text(m.get("content")) for m in msgs if m.get("role") != "assistant")
         found = [i for i in self.instructions if i.trigger in seen]
         calls = [(n, a) for i in found for n, a in i.calls]
         if calls:
             return None, [{"id": f"call_ob{next(_ids)}", "type": "function", "function": {"name": n, "arguments": orjson.dumps(a).decode()}} for n, a in calls]
-        context = [_text(m.get("content")) for m in msgs if m.get("role") in ("system", "tool", "developer")]
+        context = [content_text(m.get("content")) for m in msgs if m.get("role") in ("system", "tool", "developer")]
         parts = [i.say for i in found if i.say] + ["Here is everything I was given:"] + context
         return "\n\n".join(p for p in parts if p), []
 

@@ -43,6 +43,34 @@ def eval_config(fake: FakeProvider, tmp: Path, **over: Any) -> dict[str, Any]:
     return cfg
 
 
+DEV_SECRET_ENV = "WARDEN_EVAL_DEV_SECRET"
+
+
+def dev_config(fake: FakeProvider, tmp: Path, tail: str) -> Path:
+    """A config file whose [auth] takes dev HS256 tokens (secret in ``DEV_SECRET_ENV``); ``tail`` adds sections."""
+    p = tmp / "warden.toml"
+    p.write_text(f"""
+[upstream]
+base_url = "{fake.base_url}"
+api_key_env = "WARDEN_TEST_PROVIDER_KEY"
+max_retries = 0
+
+[auth]
+mode = "jwt"
+algorithms = ["HS256"]
+issuer = "https://issuer.test"
+audience = "warden-test"
+hs256_secret_env = "{DEV_SECRET_ENV}"
+
+[admin]
+token_env = "WARDEN_TEST_ADMIN_TOKEN"
+
+[logging]
+access_log = false
+{tail}""")
+    return p
+
+
 async def put_docs(admin_url: str, docs: list[tuple[str, str, dict[str, Any]]]) -> None:
     async with aiohttp.ClientSession() as s:
         for tenant, doc_id, body in docs:

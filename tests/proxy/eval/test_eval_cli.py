@@ -12,6 +12,7 @@ import orjson
 import yaml
 
 from tests.fakeprovider import FakeProvider, Reply
+from tests.proxy.eval.conftest import DEV_SECRET_ENV, dev_config
 
 CASES = [
     {"id": "window", "tags": ["golden"], "principal": {"tenant": "acme", "user": "alice"}, "messages": [{"role": "user", "content": "refund window?"}],
@@ -21,34 +22,11 @@ CASES = [
 
 
 def _config(fake: FakeProvider, tmp: Path) -> Path:
-    p = tmp / "warden.toml"
-    p.write_text(f"""
-[upstream]
-base_url = "{fake.base_url}"
-api_key_env = "WARDEN_TEST_PROVIDER_KEY"
-max_retries = 0
-
-[auth]
-mode = "jwt"
-algorithms = ["HS256"]
-issuer = "https://issuer.test"
-audience = "warden-test"
-hs256_secret_env = "WARDEN_EVAL_TEST_SECRET"
-
-[admin]
-token_env = "WARDEN_TEST_ADMIN_TOKEN"
-
-[audit]
-enabled = false
-
-[logging]
-access_log = false
-""")
-    return p
+    return dev_config(fake, tmp, "[audit]\nenabled = false\n")
 
 
 async def warden(*args: str, cwd: Path) -> tuple[int, str, str]:
-    env = {**os.environ, "WARDEN_EVAL_TEST_SECRET": "s" * 32}
+    env = {**os.environ, DEV_SECRET_ENV: "s" * 32}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", *args, cwd=cwd, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 120)

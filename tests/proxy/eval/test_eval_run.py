@@ -10,6 +10,7 @@ import yaml
 from proxy.eval.cases import load_cases
 from proxy.eval.runner import InProcessTarget, RunOptions, run_cases
 from tests.fakeprovider import FakeProvider, Reply
+from tests.proxy.eval.conftest import DEV_SECRET_ENV, dev_config
 
 STAFF = {"tenant": "acme", "user": "alice", "groups": ["staff"]}
 ASK = [{"role": "user", "content": "What is the refund window?"}]
@@ -118,26 +119,11 @@ async def test_a_running_warden_by_url_with_the_dev_secret_and_its_audit_store(f
     from proxy.plugin import available_plugins
     from proxy.testing import RunningWarden
 
-    monkeypatch.setenv("WARDEN_EVAL_DEV_SECRET", "d" * 40)
-    cfg_path = tmp_path / "warden.toml"
-    cfg_path.write_text(f"""
-[upstream]
-base_url = "{fake.base_url}"
-api_key_env = "WARDEN_TEST_PROVIDER_KEY"
-max_retries = 0
-[auth]
-mode = "jwt"
-algorithms = ["HS256"]
-issuer = "dev"
-audience = "warden"
-hs256_secret_env = "WARDEN_EVAL_DEV_SECRET"
-[admin]
-token_env = "WARDEN_TEST_ADMIN_TOKEN"
+    monkeypatch.setenv(DEV_SECRET_ENV, "d" * 40)
+    cfg_path = dev_config(fake, tmp_path, """
 [audit]
 path = "audit.db"
 fsync = false
-[logging]
-access_log = false
 [plugins]
 enabled = ["headers", "tools"]
 [policy]
@@ -145,7 +131,7 @@ state_db = "state.db"
 [[tools]]
 name = "refund"
 effect = "write"
-schema = {{ type = "object" }}
+schema = { type = "object" }
 """)
     classes = available_plugins()
     cfg = load_config(cfg_path, classes)
