@@ -38,13 +38,17 @@ LINK_RULE = "outputguard.link_host"
 ECHO_RULE = "outputguard.context_echo"
 WITHHELD = "[withheld]"
 
-_TARGET = r"<?(?P<{n}>[^\s)>]+)>?(?:\s+(?:\"[^\"]*\"|'[^']*'|\([^)]*\)))?\s*"
+# Every repetition is bounded by a character the construct cannot contain ("[", "(", a quote, a newline) or by a
+# length, so a hostile answer ("[[[[…", "![a](![a](…") is scanned in linear time.  A target with "(" is not
+# taken as a link target: its URL is still found by the bare-URL rule, and "javascript:" by its own.
+_TARGET = r"<?(?P<{n}>[^\s()<>]{{1,4096}})>?(?:\s+(?:\"[^\"\n]{{0,256}}\"|'[^'\n]{{0,256}}'|\([^()\n]{{0,256}}\)))?\s*"
 _CONSTRUCTS = re.compile(
-    r"!\[(?P<img_alt>[^\]\n]*)\]\(\s*" + _TARGET.format(n="img_url") + r"\)"
-    r"|\[(?P<link_text>[^\]\n]*)\]\(\s*" + _TARGET.format(n="link_url") + r"\)"
-    r"|^(?P<ref_head>[ \t]{0,3}\[[^\]\n]+\]:[ \t]*)<?(?P<ref_url>[^\s>]+)>?"
-    r"|<(?P<auto_url>[A-Za-z][A-Za-z0-9+.-]{1,31}:[^\s<>]*)>"
-    r"|(?P<attr_head>\b(?:src|href|srcset|poster|background|action|formaction|data)\s*=\s*[\"']?)(?P<attr_url>[^\"'\s>]+)"
+    r"!\[(?P<img_alt>[^\[\]\n]{0,1024})\]\(\s*" + _TARGET.format(n="img_url") + r"\)"
+    r"|\[(?P<link_text>[^\[\]\n]{0,1024})\]\(\s*" + _TARGET.format(n="link_url") + r"\)"
+    r"|^(?P<ref_head>[ \t]{0,3}\[[^\[\]\n]{1,1024}\]:[ \t]*)<?(?P<ref_url>[^\s<>]{1,4096})>?"
+    r"|<(?P<auto_url>[A-Za-z][A-Za-z0-9+.-]{1,31}:[^\s<>]{0,4096})>"
+    r"|(?P<attr_head>\b(?:src|href|srcset|poster|background|action|formaction|data)\s{0,16}=\s{0,16}[\"']?)(?P<attr_url>[^\"'\s>]{1,4096})"
+    r"|(?P<script_url>\b(?:javascript|vbscript):)"
     r"|(?P<bare_url>(?:https?|ftp|wss?)://[^\s<>\"'`]+)",
     re.IGNORECASE | re.MULTILINE,
 )
@@ -118,7 +122,7 @@ class Guard:
     def _construct(self, m: re.Match[str], found: list[Intervention]) -> str:
         """One matched construct: as it is when its URL is allowed, else neutralised (and recorded)."""
         g = m.groupdict()
-        kind = next(k for k in ("img_url", "link_url", "ref_url", "auto_url", "attr_url", "bare_url") if g[k] is not None)
+        kind = next(k for k in ("img_url", "link_url", "ref_url", "auto_url", "attr_url", "script_url", "bare_url") if g[k] is not None)
         url = g[kind] if kind != "bare_url" else _url_end(g[kind])
         ok, host = self.hosts.verdict(url)
         if ok:
@@ -167,7 +171,7 @@ def secrets_in(text: str, extra: list[re.Pattern[str]]) -> set[str]:
     return out
 
 
-_OPENERS = re.compile(r"^[ \t]{0,3}\[[^\]\n]+\]:[ \t]*\S*\Z|!?\[[^\]\n]*(?:\](?:\([^)\n]*)?)?\Z|<[^<>\n]*\Z|!\Z", re.MULTILINE)
+_OPENERS = re.compile(r"^[ \t]{0,3}\[[^\[\]\n]+\]:[ \t]*\S*\Z|!?\[[^\[\]\n]*(?:\](?:\([^()\n]*)?)?\Z|<[^<>\n]*\Z|!\Z", re.MULTILINE)
 
 
 _SCHEMES = ("https://", "http://", "ftp://", "wss://", "ws://")

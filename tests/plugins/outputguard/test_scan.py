@@ -32,7 +32,10 @@ def apply(text: str) -> tuple[str, list[Intervention]]:
         ("![x](data:image/png;base64,AAAA)", "[image removed]", [IMAGE_RULE]),
         ("![x](images/local.png)", "![x](images/local.png)", []),
         ("[click](https://evil.test/?q=1) please", "click please", [LINK_RULE]),
-        ("[js](javascript:alert(1))", "js)", [LINK_RULE]),
+        ("[js](javascript:alert(1))", "[js]([link removed]alert(1))", [LINK_RULE]),
+        ("[js](JavaScript:void)", "js", [LINK_RULE]),
+        ("[wiki](https://docs.example.com/a_(b))", "[wiki](https://docs.example.com/a_(b))", []),
+        ("[w](https://evil.test/a_(b))", "[w]([link removed]))", [LINK_RULE]),
         ("[docs](https://docs.example.com/x) and [top](#top)", "[docs](https://docs.example.com/x) and [top](#top)", []),
         ("[https://evil.test/a](https://evil.test/a)", "[link removed]", [LINK_RULE, LINK_RULE]),
         ("go to https://evil.test/x?data=1.", "go to [link removed].", [LINK_RULE]),
@@ -89,6 +92,20 @@ def test_a_stream_split_anywhere_relays_what_the_whole_answer_gives(answer: str)
         relayed = "".join(sg.feed(p, found) for p in parts) + sg.flush(found)
         assert relayed == whole, parts
         assert sorted(f.rule for f in found) == sorted(f.rule for f in found_whole)
+
+
+@pytest.mark.parametrize("hostile", ["[" * 50000, "![a](" * 20000, "<" * 50000, "[x](" * 20000 + "http", '![a](x "' * 10000, "](" * 30000, "a:" * 50000, "h" * 50000])
+def test_hostile_answers_are_scanned_in_linear_time(hostile: str) -> None:
+    import time
+
+    t0 = time.perf_counter()
+    apply(hostile)
+    sg = StreamGuard(guard(), max_hold_chars=2048)
+    found: list[Intervention] = []
+    for i in range(0, 20000, 7):
+        sg.feed(hostile[i : i + 7], found)
+    sg.flush(found)
+    assert time.perf_counter() - t0 < 5.0
 
 
 def test_a_stream_holds_back_only_what_may_still_change() -> None:
