@@ -210,7 +210,12 @@ class RemoteTarget:
             reader = await open_reader(target) if cfg.audit.enabled or audit_db else None
         except (FileNotFoundError, ConnectionError) as e:
             raise ConfigError("audit", f"cannot read the audit store for the run's decisions: {e}") from None
-        return cls(url, cfg, key, reader)
+        try:
+            return cls(url, cfg, key, reader)
+        except ConfigError:
+            if reader is not None:
+                await reader.close()
+            raise
 
     def token_for(self, p: CasePrincipal) -> str:
         return jwt.encode(claims_for(self.cfg, p), self._key, algorithm=self._alg)
