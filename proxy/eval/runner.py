@@ -359,6 +359,9 @@ def _from_record(o: Outcome, rec: dict[str, Any]) -> None:
         o.usage = rec["usage"]
     if isinstance(rec.get("error"), dict):
         o.error = {k: rec["error"].get(k) for k in ("rule", "code", "type", "message")}
+        status = rec["error"].get("status")
+        if isinstance(status, int) and status >= 400:
+            o.status = status  # a stream refused mid-way answered 200 first: the record has the refusal's status
 
 
 async def run_case(session: aiohttp.ClientSession, target: Target, case: Case, opts: RunOptions) -> CaseResult:

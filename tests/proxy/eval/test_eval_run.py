@@ -78,14 +78,17 @@ async def test_a_refusal_is_expected_by_status_and_rule(target: InProcessTarget,
         {"id": "refused-other-rule", "principal": STAFF, "messages": [{"role": "user", "content": "refund 42"}], "tools": OFFER,
          "expect": {"refusal": {"rule": "policy.schema"}}},
         {"id": "expected-refusal-but-answered", "principal": STAFF, "messages": ASK, "expect": {"refusal": True}},
+        {"id": "refused-mid-stream", "principal": STAFF, "messages": [{"role": "user", "content": "refund 42"}], "tools": OFFER, "stream": True,
+         "expect": {"refusal": {"status": 403, "rule": "policy.read_only"}}},
     ]))
     call = Reply(content=None, tool_calls=[{"name": "refund", "arguments": '{"invoice_id": "42"}'}])
-    fake.push(call, call, call, call, call, call, Reply(content="fine"))
+    fake.push(call, call, call, call, call, call, Reply(content="fine"), call, call, call)
     results = {r.case.id: r for r in await run_cases(target, cases, RunOptions(concurrency=1))}
     assert results["refused"].passed, [c.as_dict() for c in results["refused"].checks]
     assert results["refused"].outcome.status == 403 and results["refused"].outcome.error
     assert not results["refused-other-rule"].passed
     assert not results["expected-refusal-but-answered"].passed
+    assert results["refused-mid-stream"].passed, [c.as_dict() for c in results["refused-mid-stream"].checks]
 
 
 async def test_the_principal_of_each_case_is_the_one_warden_sees(target: InProcessTarget, fake: FakeProvider, tmp_path: Path) -> None:
