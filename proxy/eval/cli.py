@@ -67,6 +67,16 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _run_args(p)
     p.set_defaults(func=cmd_redteam)
 
+    p = esub.add_parser("slo", help="retrieval's standing from the audit log: permission re-check, citation coverage, invalid citations, content age")
+    p.add_argument("--db", help="audit database: a SQLite file or a postgresql:// URL (default: the config's)")
+    p.add_argument("--since", default="24h", help="ISO time, epoch seconds, or an age like 24h (default 24h)")
+    p.add_argument("--until")
+    p.add_argument("--min-citation-coverage", type=float, default=0.9)
+    p.add_argument("--max-invalid-citation-rate", type=float, default=0.02)
+    p.add_argument("--max-content-age-p95-days", type=float)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_slo)
+
     p = esub.add_parser("export", help="cases from accepted feedback and corrections in the audit log")
     p.add_argument("--from-audit", action="store_true", required=True, help="read feedback records from the audit store")
     p.add_argument("--db", help="audit database: a SQLite file or a postgresql:// URL (default: the config's)")
@@ -210,6 +220,46 @@ def cmd_redteam(args: argparse.Namespace) -> int:
     for f in goals["failures"][:20]:
         print(f"  MISSED {f['case']}: relayed {f['relayed']}, hidden documents {f['hidden_docs']}, secrets echoed {f['secrets_echoed']}")
     return 0 if goals["met"] else 1
+
+
+def cmd_slo(args: argparse.Namespace) -> int:
+    from proxy.audit.cli import _db_path, parse_time
+    from proxy.audit.reader import open_reader
+    from proxy.eval.slo import Targets, standing
+
+    try:
+        since, until = parse_time(args.since), parse_time(args.until)
+    except ValueError as e:
+        return _fail(str(e))
+    target = _db_path(args)
+    targets = Targets(args.min_citation_coverage, args.max_invalid_citation_rate, args.max_content_age_p95_days)
+
+    async def go() -> Any:
+        try:
+            reader = await open_reader(target)
+        except (FileNotFoundError, ConnectionError) as e:
+            return str(e)
+        try:
+            return await standing(reader, since, until, targets)
+        finally:
+            await reader.close()
+
+    res = asyncio.run(go())
+    if isinstance(res, str):
+        return _fail(res)
+    if args.json:
+        print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
+    else:
+        pc, cc, ic, age = res["permission_correctness"], res["citation_coverage"], res["invalid_citation_rate"], res["content_age_days"]
+        mark = {True: "met", False: "MISSED"}
+        print(f"permission correctness  {pc['correct']}/{pc['checked'] - pc['unverifiable']} verifiable injected documents allowed "
+              f"({pc['violation_count']} violations, {pc['unverifiable']} unverifiable), target 100 %: {mark[res['met']['permission_correctness']]}")
+        for v in pc["violations"][:20]:
+            print(f"  VIOLATION {v['request_id']}: {v['doc_id']}: {v['why']}")
+        print(f"citation coverage       {cc['covered']}/{cc['exchanges_with_context']} answers with context cite it, target {cc['target']:.0%}: {mark[res['met']['citation_coverage']]}")
+        print(f"invalid citations       {ic['invalid']}/{ic['citations']}, target at most {ic['target']:.0%}: {mark[res['met']['invalid_citation_rate']]}")
+        print(f"served-content age      p50 {age['p50']} d, p95 {age['p95']} d over {age['served']} injected chunks: {mark[res['met']['content_age']]}")
+    return 0 if res["all_met"] else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
