@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -222,17 +223,16 @@ def cmd_redteam(args: argparse.Namespace) -> int:
     return 0 if goals["met"] else 1
 
 
-def cmd_slo(args: argparse.Namespace) -> int:
+def _over_audit(args: argparse.Namespace, query: Callable[[Any, int | None, int | None], Awaitable[Any]]) -> Any:
+    """``query(reader, since, until)`` over the audit store of ``--db`` / the config; a string says why it could not run."""
     from proxy.audit.cli import _db_path, parse_time
     from proxy.audit.reader import open_reader
-    from proxy.eval.slo import Targets, standing
 
     try:
         since, until = parse_time(args.since), parse_time(args.until)
     except ValueError as e:
-        return _fail(str(e))
+        return str(e)
     target = _db_path(args)
-    targets = Targets(args.min_citation_coverage, args.max_invalid_citation_rate, args.max_content_age_p95_days)
 
     async def go() -> Any:
         try:
@@ -240,11 +240,18 @@ def cmd_slo(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ConnectionError) as e:
             return str(e)
         try:
-            return await standing(reader, since, until, targets)
+            return await query(reader, since, until)
         finally:
             await reader.close()
 
-    res = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def cmd_slo(args: argparse.Namespace) -> int:
+    from proxy.eval.slo import Targets, standing
+
+    targets = Targets(args.min_citation_coverage, args.max_invalid_citation_rate, args.max_content_age_p95_days)
+    res = _over_audit(args, lambda reader, since, until: standing(reader, since, until, targets))
     if isinstance(res, str):
         return _fail(res)
     if args.json:
@@ -263,27 +270,9 @@ def cmd_slo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from proxy.audit.cli import _db_path, parse_time
-    from proxy.audit.reader import open_reader
     from proxy.eval.export import export_cases
 
-    try:
-        since, until = parse_time(args.since), parse_time(args.until)
-    except ValueError as e:
-        return _fail(str(e))
-    target = _db_path(args)
-
-    async def go() -> Any:
-        try:
-            reader = await open_reader(target)
-        except (FileNotFoundError, ConnectionError) as e:
-            return str(e)
-        try:
-            return await export_cases(reader, tenant=args.tenant, since=since, until=until, min_rating=args.min_rating)
-        finally:
-            await reader.close()
-
-    res = asyncio.run(go())
+    res = _over_audit(args, lambda reader, since, until: export_cases(reader, tenant=args.tenant, since=since, until=until, min_rating=args.min_rating))
     if isinstance(res, str):
         return _fail(res)
     docs = [c.as_dict() for c in res.cases]
