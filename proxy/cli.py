@@ -17,7 +17,7 @@ from proxy.logs import setup_logging
 from proxy.plugin import available_plugins
 
 # Core parts that add subcommands of their own (module with add_cli(sub)).
-CORE_CLI_MODULES = ("proxy.audit.cli", "proxy.db.cli")
+CORE_CLI_MODULES = ("proxy.audit.cli", "proxy.db.cli", "proxy.eval.cli")
 
 
 def _serve(args: argparse.Namespace) -> int:
