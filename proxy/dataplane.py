@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from proxy import chat
-from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout
+from proxy.errors import NotFound, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from proxy.exchange import Exchange
 from proxy.pipeline import Flow, Incoming, JsonReply, Reply, StreamReply, provider_error_reply
 
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from proxy.app import Warden
 
 log = logging.getLogger("warden.dataplane")
+OPENAI_ONLY_ROUTES = frozenset({"embeddings", "models"})
+"""Relay routes whose answer the application reads in the OpenAI format: refused when the provider speaks another API."""
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length", "content-encoding"})
 
 
@@ -36,6 +38,8 @@ def build_data_app(w: Warden) -> web.Application:
 
 async def relay(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     """Authenticated, limited, audited, not interpreted: relay to the provider path built from the matched route."""
+    if req.match.route.name in OPENAI_ONLY_ROUTES and w.upstream.dialect.name != "openai":
+        raise NotFound(f"the provider speaks the {w.upstream.dialect.name} API, which has no OpenAI-format {req.match.route.name} endpoint", rule="upstream.api")
     path = req.match.route.upstream_path(req.match.params)
     if req.query_string:
         path += "?" + req.query_string
