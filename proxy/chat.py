@@ -104,7 +104,8 @@ def _provider_error(w: Warden, ex: Exchange, turn: UpstreamTurn, ur: UpstreamRes
     return provider_error_reply(ex, turn, ur, w.upstream.dialect.error_body(raw))
 
 
-async def _read(w: Warden, turn: UpstreamTurn, ur: UpstreamResponse, limit: int) -> bytes:
+async def read_turn(w: Warden, turn: UpstreamTurn, ur: UpstreamResponse, limit: int) -> bytes:
+    """A whole (non-streamed) upstream answer, bounded; a failure is kept on the turn."""
     try:
         return await w.upstream.read_body(ur, limit)
     except WardenError as e:
@@ -123,7 +124,7 @@ async def _non_stream(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     while True:
         reason = "initial" if not ex.turns else "correction"
         turn, ur = await _call(w, req, ex, body_bytes, reason, body)
-        raw = await _read(w, turn, ur, w.config.upstream.max_response_bytes)
+        raw = await read_turn(w, turn, ur, w.config.upstream.max_response_bytes)
         if ur.status >= 400:
             return _provider_error(w, ex, turn, ur, raw)
         if ur.status != 200:
@@ -215,7 +216,7 @@ class _ChatStream:
         ex = self.ex
         turn, ur = await _call(self.w, self.req, ex, upstream_body(ex), "initial", ex.body)
         if ur.status != 200:
-            raw = await _read(self.w, turn, ur, 1024 * 1024)
+            raw = await read_turn(self.w, turn, ur, 1024 * 1024)
             if ur.status >= 400:
                 return _provider_error(self.w, ex, turn, ur, raw)
             raise _malformed(turn, f"status {ur.status} where a chat completion answers 200")
@@ -263,7 +264,7 @@ class _ChatStream:
                         turn, ur = await _call(self.w, self.req, ex, _exact(orjson.dumps(body)), "correction", body)
                         self._ur = ur
                         if ur.status != 200:
-                            await _read(self.w, turn, ur, 1024 * 1024)
+                            await read_turn(self.w, turn, ur, 1024 * 1024)
                             turn.error = f"provider status {ur.status}"
                             turn.error_kind = f"status_{ur.status // 100}xx"
                             raise UpstreamError(f"the provider answered {ur.status} during a corrective turn", rule="upstream.status")

@@ -108,4 +108,30 @@ async def feedback(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     return JsonReply(200, orjson.dumps(result))
 
 
-FLOWS: dict[str, Flow] = {"chat": chat.run, "relay": relay, "feedback": feedback}
+async def count_tokens(w: Warden, req: Incoming, ex: Exchange) -> Reply:
+    """``POST /v1/messages/count_tokens`` (routed only over an Anthropic provider): the governed body, counted by the provider."""
+    from proxy.upstream_anthropic import COUNT_TOKENS_PATH, check_count, count_tokens_request, openai_error
+
+    assert ex.body is not None
+    body = orjson.dumps(count_tokens_request(ex.body))
+    headers = w.upstream.build_headers(req.headers, w.upstream_extra_headers(ex))
+    turn, ur = await w.send_turn(ex, "POST", COUNT_TOKENS_PATH, body, headers, payload=ex.body)
+    raw = await chat.read_turn(w, turn, ur, 1024 * 1024)
+    if ur.status >= 400:
+        return provider_error_reply(ex, turn, ur, openai_error(raw))
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    why = "status is not 200" if ur.status != 200 else check_count(parsed)
+    if why is not None:
+        turn.error, turn.error_kind = f"malformed answer from provider: {why}", "malformed"
+        raise UpstreamError(f"the provider returned an answer Warden cannot accept: {why}", rule="upstream.protocol")
+    assert isinstance(parsed, dict)
+    turn.response = ex.response_body = {"input_tokens": parsed["input_tokens"]}
+    # Counting generates nothing and is not billed: a token budget's reservation is given back.
+    ex.add_usage({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+    return JsonReply(200, orjson.dumps(ex.response_body), ur.relay_headers())
+
+
+FLOWS: dict[str, Flow] = {"chat": chat.run, "relay": relay, "feedback": feedback, "count_tokens": count_tokens}

@@ -34,6 +34,7 @@ import orjson
 
 from proxy.errors import BadRequest
 from proxy.upstream_anthropic_answer import MessagesStream, completion_of
+from proxy.wire import MAX_TOKEN_COUNT
 
 PATH = "/messages"
 COUNT_TOKENS_PATH = "/messages/count_tokens"
@@ -315,6 +316,26 @@ def _tool_choice(choice: Any, parallel: Any, tools: bool) -> dict[str, Any] | No
     if serial:
         out["disable_parallel_tool_use"] = True
     return out
+
+
+COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice")
+"""What a token-counting request carries of a Messages request (no ``max_tokens``, sampling or ``stream``)."""
+
+
+def count_tokens_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The ``/messages/count_tokens`` request for an internal chat body (the governed request, as it would be sent)."""
+    full = messages_request(body, 1)
+    return {k: full[k] for k in COUNT_FIELDS if k in full}
+
+
+def check_count(obj: object) -> str | None:
+    """Why a count answer is not ``{"input_tokens": N}`` (``None`` when it is)."""
+    if type(obj) is not dict:
+        return "the answer is not a JSON object"
+    n = obj.get("input_tokens")
+    if type(n) is not int or not 0 <= n <= MAX_TOKEN_COUNT:
+        return "input_tokens is not a token count (an integer from 0 to 2**53-1)"
+    return None
 
 
 def openai_error(raw: bytes) -> bytes:

@@ -501,6 +501,8 @@ async def anthropic_count_tokens(fp: FakeProvider, request: web.Request) -> web.
     reply = fp.script.popleft() if fp.script else None
     if reply is not None and reply.status != 200:
         return _anthropic_error(reply.status, reply.error or f"fake error {reply.status}", reply.headers)
+    if reply is not None and reply.body is not None:
+        return web.Response(body=reply.body, content_type="application/json")
     return web.json_response({"input_tokens": _tokens(orjson.dumps([body.get("system"), body.get("messages"), body.get("tools")]).decode())})
 
 

@@ -22,7 +22,9 @@ from proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN, PROVIDER_KEY, WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 from tests.plugins.tools.helpers import LOOKUP_SCHEMA, TOOLS
-from tests.proxy.protocols.conftest import anthropic_client
+from tests.proxy.protocols.conftest import _close_clients, anthropic_client
+
+__all__ = ["_close_clients"]  # the protocol tests' fixture that closes every SDK client while the test's loop runs
 
 ANTHROPIC = {"upstream": {"api": "anthropic", "default_max_tokens": 777}}
 CHAT_TOOLS: list[Any] = [
@@ -353,4 +355,59 @@ async def test_the_openai_format_relay_routes_are_refused_over_an_anthropic_prov
     assert "(rule: upstream.api)" in str(err.value)
     with pytest.raises(openai.NotFoundError):
         await client.models.list()
+    assert fake.requests == []
+
+
+# -- token counting -------------------------------------------------------------------------------------
+
+
+async def test_count_tokens_is_relayed_governed_over_an_anthropic_provider(
+    warden_factory: WardenFactory, tmp_path: Path, token: Callable[..., str], fake: FakeProvider
+) -> None:
+    rw = await start(
+        warden_factory,
+        tmp_path,
+        audit={"enabled": True},
+        plugins={"enabled": ["tools", "headers"]},
+        policy={"state_db": str(tmp_path / "state.db"), "read_only": True, "mode_refresh_s": 0},
+        tools=TOOLS,
+    )
+    client = anthropic_client(rw, token(sub="carol"))
+    raw = await client.messages.with_raw_response.count_tokens(model="claude-x", system="Be brief.", messages=[{"role": "user", "content": "count me"}], tools=MSG_TOOLS)
+    count = await raw.parse()
+    assert count.input_tokens > 0
+    sent = fake.requests[-1]
+    assert sent.path == "/v1/messages/count_tokens" and sent.headers["x-api-key"] == PROVIDER_KEY
+    assert sent.body["system"] == "Be brief." and [t["name"] for t in sent.body["tools"]] == ["lookup"], "the count is of the governed request"
+    assert "max_tokens" not in sent.body
+    rec = await rw.warden.audit.find(raw.headers["x-request-id"])  # type: ignore[union-attr]
+    assert rec is not None and rec["route"] == "messages.count_tokens" and rec["protocol"] == "anthropic.count_tokens" and rec["status"] == 200
+    assert rec["principal"]["subject"] == "carol"
+    with pytest.raises(anthropic.AuthenticationError) as err:
+        await anthropic_client(rw, "not-a-token").messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "x"}])
+    assert isinstance(err.value.body, dict) and err.value.body["type"] == "error"
+
+
+async def test_count_tokens_refusals_and_provider_errors_are_in_anthropic_format(
+    warden_factory: WardenFactory, tmp_path: Path, token: Callable[..., str], fake: FakeProvider
+) -> None:
+    rw = await start(warden_factory, tmp_path, upstream={"api": "anthropic", "max_retries": 0})
+    client = anthropic_client(rw, token())
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        await client.messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "x"}], extra_body={"max_tokens": 5})
+    assert isinstance(bad.value.body, dict) and "(rule: protocol.unsupported)" in bad.value.body["error"]["message"]
+    fake.push(Reply(status=529, error="Overloaded"))
+    with pytest.raises(anthropic.APIStatusError) as over:
+        await client.messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "x"}])
+    assert over.value.status_code == 529 and isinstance(over.value.body, dict) and over.value.body["error"]["type"] == "overloaded_error"
+    fake.push(Reply(status=200, body=b'{"input_tokens": -3}'))
+    with pytest.raises(anthropic.APIStatusError) as malformed:
+        await client.messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "x"}])
+    assert malformed.value.status_code == 502 and "(rule: upstream.protocol)" in str(malformed.value)
+
+
+async def test_count_tokens_stays_refused_over_an_openai_provider(warden: RunningWarden, token: Callable[..., str], fake: FakeProvider) -> None:
+    with pytest.raises(anthropic.NotFoundError) as err:
+        await anthropic_client(warden, token()).messages.count_tokens(model="m", messages=[{"role": "user", "content": "x"}])
+    assert isinstance(err.value.body, dict) and "(rule: server.routes.ungoverned)" in err.value.body["error"]["message"]
     assert fake.requests == []
