@@ -8,6 +8,7 @@ errors (529 retried, then relayed in each API's format), refusals of what cannot
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -411,3 +412,41 @@ async def test_count_tokens_stays_refused_over_an_openai_provider(warden: Runnin
         await anthropic_client(warden, token()).messages.count_tokens(model="m", messages=[{"role": "user", "content": "x"}])
     assert isinstance(err.value.body, dict) and "(rule: server.routes.ungoverned)" in err.value.body["error"]["message"]
     assert fake.requests == []
+
+
+# -- metrics and traces, by API ------------------------------------------------------------------------
+
+
+async def test_metrics_and_traces_are_labelled_by_the_clients_api_and_the_providers(
+    warden_factory: WardenFactory, tmp_path: Path, token: Callable[..., str], fake: FakeProvider
+) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from proxy.tracing import Tracing
+    from tests.proxy.test_metrics import scrape, val
+
+    rw = await start(warden_factory, tmp_path, upstream={"api": "anthropic", "provider_name": "anthropic"})
+    exporter = InMemorySpanExporter()
+    rw.warden.tracing = Tracing(rw.warden.config, exporter=exporter)
+    fake.push(Reply(content="a"), Reply(content="b"))
+    await chat(chat_client(rw, token()), False)
+    aclient = anthropic_client(rw, token())
+    await messages(aclient, True)
+    await aclient.messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(anthropic.AuthenticationError):
+        await anthropic_client(rw, "bad").messages.create(model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    samples = await scrape(rw.admin_url)
+    assert val(samples, "warden_requests_total", route="chat", model="claude-x", status_class="2xx") == 1
+    assert val(samples, "warden_requests_total", route="messages", model="claude-x", status_class="2xx") == 1
+    assert val(samples, "warden_requests_total", route="messages.count_tokens", model="claude-x", status_class="2xx") == 1
+    for _ in range(200):
+        servers = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+        if len(servers) >= 4:
+            break
+        await asyncio.sleep(0.01)
+    protocols = sorted(str((s.attributes or {}).get("warden.protocol")) for s in servers)
+    assert protocols == ["anthropic.count_tokens", "anthropic.messages", "anthropic.messages", "openai.chat"], "a refusal before routing is labelled by its path's API"
+    clients = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert len(clients) == 3 and {(s.attributes or {}).get("warden.upstream.api") for s in clients} == {"anthropic"}
+    assert {(s.attributes or {}).get("gen_ai.provider.name") for s in clients if (s.attributes or {}).get("gen_ai.operation.name") == "chat"} == {"anthropic"}
