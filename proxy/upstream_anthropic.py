@@ -239,7 +239,7 @@ def _conversation(raw: Any) -> tuple[list[str], list[dict[str, Any]]]:
             raise _schema("must be an object", param)
         role = m.get("role")
         content = m.get("content")
-        if m.get("name") is not None and role != "tool":
+        if m.get("name") is not None and role not in ("tool", "function"):
             raise _unsupported("a participant name has no Messages form", f"{param}.name")
         if role in ("system", "developer"):
             if messages:

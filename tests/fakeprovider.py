@@ -300,15 +300,19 @@ class FakeProvider:
             if reply.malformed is not None:
                 base = orjson.loads(chunk({"content": " more"}))
                 events.insert(min(reply.malformed_after, len(events) - 1), malformed_payload(reply.malformed, base, "delta"))
+        return await self.send_events(request, resp, reply, [b"data: " + payload + b"\n\n" for payload in events])
+
+    async def send_events(self, request: web.Request, resp: web.StreamResponse, reply: Reply, events: list[bytes]) -> web.StreamResponse:
+        """Write whole SSE events as ``reply`` says (``cut_after``, ``chunk_delay_s``); a client that leaves is counted."""
         try:
-            for n, payload in enumerate(events):
+            for n, event in enumerate(events):
                 if reply.cut_after is not None and n >= reply.cut_after:
                     assert request.transport is not None
                     request.transport.close()
                     return resp
                 if reply.chunk_delay_s:
                     await asyncio.sleep(reply.chunk_delay_s)
-                await resp.write(b"data: " + payload + b"\n\n")
+                await resp.write(event)
             await resp.write_eof()
         except (ConnectionResetError, ConnectionError):
             self.disconnects += 1
@@ -623,19 +627,4 @@ async def _anthropic_stream(
         events = _anthropic_events(reply, mid, model, calls, stop, prompt, completion)
     if reply.comment is not None:
         events.insert(0, _sse("ping", {"type": "ping"}))
-    try:
-        for n, payload in enumerate(events):
-            if reply.cut_after is not None and n >= reply.cut_after:
-                assert request.transport is not None
-                request.transport.close()
-                return resp
-            if reply.chunk_delay_s:
-                await asyncio.sleep(reply.chunk_delay_s)
-            await resp.write(payload)
-        await resp.write_eof()
-    except (ConnectionResetError, ConnectionError):
-        fp.disconnects += 1
-    except asyncio.CancelledError:
-        fp.disconnects += 1
-        raise
-    return resp
+    return await fp.send_events(request, resp, reply, events)

@@ -24,6 +24,7 @@ from tests.conftest import ADMIN_TOKEN, PROVIDER_KEY, WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 from tests.plugins.tools.helpers import LOOKUP_SCHEMA, TOOLS
 from tests.proxy.protocols.conftest import _close_clients, anthropic_client
+from tests.proxy.protocols.test_anthropic_tools import ask
 
 __all__ = ["_close_clients"]  # the protocol tests' fixture that closes every SDK client while the test's loop runs
 
@@ -61,16 +62,6 @@ async def chat(client: openai.AsyncOpenAI, stream: bool, **kw: Any) -> tuple[str
                 calls.setdefault(tc.index, []).append(tc)
             finish = choice.finish_reason or finish
     return "".join(text), list(calls.values()), finish, usage
-
-
-async def messages(client: anthropic.AsyncAnthropic, stream: bool, **kw: Any) -> Any:
-    body = {"model": "claude-x", "max_tokens": 100, "messages": [{"role": "user", "content": "refund inv_1"}], **kw}
-    if not stream:
-        return await client.messages.create(**body)
-    async with client.messages.stream(**body) as s:
-        async for _ in s:
-            pass
-        return await s.get_final_message()
 
 
 def told(fake: FakeProvider, turn: int) -> dict[str, str]:
@@ -166,7 +157,7 @@ async def test_the_anthropic_sdk_is_served_by_the_anthropic_provider(
 ) -> None:
     rw = await start(warden_factory, tmp_path)
     fake.push(Reply(content="Stopped at", finish_reason="stop_sequence", stop_sequence="END", usage={"prompt_tokens": 9, "completion_tokens": 4}))
-    msg = await messages(anthropic_client(rw, token()), stream, system="Be brief.", stop_sequences=["END"])
+    msg = await ask(anthropic_client(rw, token()), stream, system="Be brief.", stop_sequences=["END"])
     assert [b.text for b in msg.content if b.type == "text"] == ["Stopped at"]
     assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "END"), "the matched stop sequence survives both translations"
     assert (msg.usage.input_tokens, msg.usage.output_tokens) == (9, 4)
@@ -199,7 +190,7 @@ async def test_a_write_tool_is_withheld_and_its_call_refused_in_read_only_mode(
         text, calls, finish, _ = await chat(chat_client(rw, token()), stream, tools=CHAT_TOOLS)
         assert (text, calls, finish) == ("Notes are read-only now.", [], "stop")
     else:
-        msg = await messages(anthropic_client(rw, token()), stream, tools=MSG_TOOLS)
+        msg = await ask(anthropic_client(rw, token()), stream, tools=MSG_TOOLS)
         assert [b.type for b in msg.content] == ["text"] and msg.content[0].text == "Notes are read-only now."
     first = fake.anthropic_requests()[0].body
     assert [t["name"] for t in first["tools"]] == ["lookup"] and first["tools"][0]["input_schema"] == LOOKUP_SCHEMA
@@ -223,7 +214,7 @@ async def test_an_invalid_call_is_corrected_before_the_application_sees_it(
         ids = [c[0].id for c in calls] if stream else [c.id for c in calls]
         assert ids == ["l2"] and finish == "tool_calls"
     else:
-        msg = await messages(anthropic_client(rw, token()), stream, tools=MSG_TOOLS)
+        msg = await ask(anthropic_client(rw, token()), stream, tools=MSG_TOOLS)
         assert [(b.id, b.input) for b in msg.content if b.type == "tool_use"] == [("l2", {"invoice_id": "inv_1"})]
     assert "rule tools[0].schema" in told(fake, 1)["l1"]
 
@@ -290,7 +281,7 @@ async def test_provider_errors_are_relayed_in_each_clients_format(
     assert isinstance(oerr.value.body, dict) and oerr.value.body["message"] == "provider says no" and oerr.value.body["type"] == kind
     fake.push(Reply(status=status, error="provider says no"))
     with pytest.raises(anthropic.APIStatusError) as aerr:
-        await messages(anthropic_client(rw, token()), False)
+        await ask(anthropic_client(rw, token()), False)
     assert aerr.value.status_code == status
     body = aerr.value.body
     assert isinstance(body, dict) and body["type"] == "error" and body["error"]["type"] == kind and "provider says no" in body["error"]["message"]
@@ -302,7 +293,7 @@ async def test_a_mid_stream_error_event_ends_the_stream_with_an_error(
     rw = await start(warden_factory, tmp_path, audit={"enabled": True})
     fake.push(Reply(content="one two three", malformed="error_event", malformed_after=4))
     with pytest.raises(anthropic.APIStatusError) as err:
-        await messages(anthropic_client(rw, token()), True)
+        await ask(anthropic_client(rw, token()), True)
     assert isinstance(err.value.body, dict) and "(rule: upstream.stream)" in err.value.body["error"]["message"]
     rid = err.value.body["request_id"]
     rec = await rw.warden.audit.find(rid)  # type: ignore[union-attr]
@@ -432,13 +423,13 @@ async def test_metrics_and_traces_are_labelled_by_the_clients_api_and_the_provid
     fake.push(Reply(content="a"), Reply(content="b"))
     await chat(chat_client(rw, token()), False)
     aclient = anthropic_client(rw, token())
-    await messages(aclient, True)
+    await ask(aclient, True)
     await aclient.messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(anthropic.AuthenticationError):
         await anthropic_client(rw, "bad").messages.create(model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     samples = await scrape(rw.admin_url)
     assert val(samples, "warden_requests_total", route="chat", model="claude-x", status_class="2xx") == 1
-    assert val(samples, "warden_requests_total", route="messages", model="claude-x", status_class="2xx") == 1
+    assert val(samples, "warden_requests_total", route="messages", model="m", status_class="2xx") == 1
     assert val(samples, "warden_requests_total", route="messages.count_tokens", model="claude-x", status_class="2xx") == 1
     for _ in range(200):
         servers = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
