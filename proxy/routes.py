@@ -10,7 +10,8 @@ never from the client's bytes.
 
 Routes are an allow-list: the governed ones (``chat``, ``messages`` — the
 Anthropic Messages API, served by the chat flow through its protocol
-adapter —, ``embeddings``, ``models``, ``feedback``) plus the pass-through routes an operator lists in
+adapter —, ``embeddings``, ``models``, ``feedback``; ``messages.count_tokens`` only over a provider
+that speaks the Messages API) plus the pass-through routes an operator lists in
 ``[server] passthrough_routes``.  Every other path is refused with 404 (rule
 ``server.routes``); a known path with another method with 405.
 """
