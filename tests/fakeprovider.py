@@ -215,13 +215,18 @@ class FakeProvider:
         err = {"error": {"message": reply.error or f"fake error {reply.status}", "type": "api_error", "code": None, "param": None}}
         return web.Response(status=reply.status, body=orjson.dumps(err), content_type="application/json", headers=reply.headers)
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def next_reply(self, request: web.Request) -> tuple[Any, Reply]:
+        """Record the request, take the next scripted answer and wait as it says (``hang``, ``delay_s``)."""
         body = await self._record(request)
         reply = self.script.popleft() if self.script else Reply()
         if reply.hang:
             await asyncio.sleep(3600)
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
+        return body, reply
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body, reply = await self.next_reply(request)
         if reply.status != 200:
             return self._error(reply)
         if not isinstance(body, dict):
@@ -511,12 +516,7 @@ async def anthropic_count_tokens(fp: FakeProvider, request: web.Request) -> web.
 
 
 async def anthropic_messages(fp: FakeProvider, request: web.Request) -> web.StreamResponse:
-    body = await fp._record(request)
-    reply = fp.script.popleft() if fp.script else Reply()
-    if reply.hang:
-        await asyncio.sleep(3600)
-    if reply.delay_s:
-        await asyncio.sleep(reply.delay_s)
+    body, reply = await fp.next_reply(request)
     if reply.status != 200:
         if reply.body is not None:
             return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
