@@ -10,6 +10,11 @@ assembled and judged before they are shown — always, so the core's offer
 check holds whether or not a tool plugin is enabled.  Events without tool
 calls that no plugin watches are forwarded as the provider sent them.  Provider answers that do not match the wire format are refused
 (502, rule ``upstream.protocol``) before anything of them is relayed.
+
+The provider's API is the upstream's dialect (``[upstream] api``, :class:`proxy.upstream.Dialect`):
+each turn's internal body is encoded for it, and its answers and stream events are checked against
+its wire and decoded into the internal shape before the flow sees them (an Anthropic provider:
+:mod:`proxy.upstream_anthropic`).
 """
 
 from __future__ import annotations
