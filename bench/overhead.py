@@ -25,6 +25,22 @@ completions and its answer rendered back); the direct and floor rows of that
 request send the equivalent chat body, so "added" is what the translation
 costs on top of Warden's own path.
 
+With ``--responses`` each Warden also serves it as an OpenAI Responses request
+(``POST /v1/responses``; direct and floor send the equivalent chat body).  A
+tree that refuses ``/v1/responses`` (404 ``server.routes.ungoverned``) is
+probed once and the rows are skipped with a note.
+
+With ``--anthropic-upstream`` a Warden with ``[upstream] api = "anthropic"``
+serves the chat and Messages requests from the fake provider's native
+Messages endpoint; its direct row sends the equivalent Messages request to
+that endpoint, so "added" includes the translation of the request and of the
+answer (or stream) both ways.
+
+    python bench/overhead.py --messages --responses --anthropic-upstream --stream --variants
+
+The last table puts the APIs side by side: Warden's added p50 and p99 over
+the direct path per API, and each API's added p50 over chat's.
+
 With ``--provider-ms`` the fake provider takes 0.5-1.5x that long per request
 (seeded jitter), as a real one does; concurrency 16 then no longer saturates
 the CPUs (by default the provider answers at once and load generator, provider
@@ -45,6 +61,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
@@ -72,19 +89,22 @@ from bench.delay import Delays
 from tests.fakeprovider import FakeProvider
 async def main():
     fp = FakeProvider()
-    chat, delays = fp._chat, Delays()
-    async def slow(request):
-        # --provider-ms: the load generator says in metadata.delay_ms how long this request takes,
-        # kept by another process (bench/delay.py: uvloop's timers count whole milliseconds).
-        body = await request.json()
-        # Chat bodies carry it in metadata; translated Anthropic bodies in "user" (metadata.user_id).
-        meta = body.get("metadata")
-        delay = meta["delay_ms"] if meta else body["user"].removeprefix("delay_ms=")
-        await delays.sleep(float(delay) / 1000)
-        return await chat(request)
+    delays = Delays()
+    def slow(answer):
+        async def handler(request):
+            # --provider-ms: the load generator says how long this request takes (delay_ms), kept by
+            # another process (bench/delay.py: uvloop's timers count whole milliseconds).
+            body = await request.json()
+            # Chat bodies carry it in metadata.delay_ms; translated bodies in "user" or metadata.user_id.
+            meta = body.get("metadata") or {}
+            delay = meta.get("delay_ms") or (meta.get("user_id") or body.get("user") or "").removeprefix("delay_ms=")
+            await delays.sleep(float(delay) / 1000)
+            return await answer(request)
+        return handler
     if float(sys.argv[2]):
         await delays.start()
-        fp._chat = slow
+        fp._chat = slow(fp._chat)
+        fp._anthropic_messages = slow(fp._anthropic_messages)
     await fp.start(int(sys.argv[1]))
     fp.requests = _Sink()
     await asyncio.Event().wait()
@@ -149,7 +169,8 @@ async def wait_up(url: str, within_s: float = 20.0) -> None:
 async def load(url: str, token: str, bodies: list[bytes], n: int, concurrency: int, stream: bool) -> tuple[list[float], float]:
     """``n`` requests (``bodies[i % len(bodies)]`` for the i-th, whichever worker sends it) from ``concurrency`` workers."""
     lat: list[float] = []
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    # anthropic-version: the fake provider's native Messages endpoint requires it (as Anthropic does); the others ignore it.
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json", "anthropic-version": "2023-06-01"}
     todo = iter(range(n - n % concurrency))
     body = bodies[0]
 
@@ -199,6 +220,48 @@ def parse_variant(name: str) -> tuple[str, list[str]]:
     return audit, [*plugins, "headers"]
 
 
+ANTHROPIC_WARDEN = "warden(api=anthropic)"
+"""The Warden whose provider speaks the Anthropic Messages API (``--anthropic-upstream``)."""
+
+
+def responses_body(messages: list[dict[str, Any]], max_tokens: int, stream: bool) -> dict[str, Any]:
+    """The conversation as an OpenAI Responses request (instructions + input messages), server-side state off."""
+    turns = [*messages[1:], {"role": "user", "content": "And the last question, please answer it briefly. " * 3}]
+    return {"model": "gpt-bench", "instructions": messages[0]["content"], "input": turns, "max_output_tokens": max_tokens, "store": False, "stream": stream}
+
+
+async def refused(url: str, token: str, body: dict[str, Any]) -> str | None:
+    """``None`` when ``url`` answers ``body`` with 200; otherwise the status and the rule (or message) it answered."""
+    async with aiohttp.ClientSession() as s, s.post(url, data=orjson.dumps(body), headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}) as r:
+        if r.status == 200:
+            await r.read()
+            return None
+        text = (await r.read()).decode("utf-8", "replace")
+    rule = text.rsplit("(rule: ", 1)[-1].split(")", 1)[0] if "(rule: " in text else text[:120]
+    return f"{r.status} {rule}"
+
+
+def print_side_by_side(rows: list[tuple[str, int, dict[str, tuple[float, float, float]]]]) -> None:
+    """Warden's added latency per API over its direct path, and each API's added p50 over chat's (same stream, conc, Warden)."""
+    print("\nadded latency by API (ms over the direct path; ratio: this API's added p50 / chat's)\n")
+    print("| request | conc | warden | added p50 | added p99 | / chat |")
+    print("|---|---|---|---|---|---|")
+    chat_added: dict[tuple[bool, int, str, bool], float] = {}
+    for label, conc, res in rows:
+        d = res["direct"]
+        stream, native = " stream" in label, "→ anthropic" in label
+        for name, (p50, p99, _) in res.items():
+            if name in ("direct", "floor"):
+                continue
+            added = p50 - d[0]
+            key = (stream, conc, name, native)
+            if label.startswith("chat"):
+                chat_added[key] = added
+            base = chat_added.get(key)
+            ratio = f"{added / base:.2f}" if base and base > 0 else "—"
+            print(f"| {label} | {conc} | {name} | {added * 1000:.3f} | {(p99 - d[1]) * 1000:.3f} | {ratio} |")
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -209,6 +272,8 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--stream", action="store_true", help="also measure a streamed completion")
     ap.add_argument("--messages", action="store_true", help="also measure the same conversation through POST /v1/messages (Anthropic)")
+    ap.add_argument("--responses", action="store_true", help="also measure it through POST /v1/responses (skipped, with a note, where this tree refuses it)")
+    ap.add_argument("--anthropic-upstream", action="store_true", help="also measure chat (and --messages) through a Warden whose provider speaks the Anthropic Messages API")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell; the median round is reported")
     ap.add_argument(
         "--variants",
@@ -235,6 +300,9 @@ async def main() -> None:
     fport, lport = free_port(), free_port()
     chosen = ["warden", *[v for v in args.variants if v != "warden"]]
     variants = {name: parse_variant(name) for name in chosen}
+    if args.anthropic_upstream:
+        chosen.append(ANTHROPIC_WARDEN)
+        variants[ANTHROPIC_WARDEN] = parse_variant("warden")
     roots = {name: ROOT for name in chosen}
     worktree: Path | None = None
     if args.compare:
@@ -264,6 +332,7 @@ admin_listen = "127.0.0.1:{aport}"
 [upstream]
 base_url = "http://127.0.0.1:{fport}/v1"
 api_key_env = "BENCH_PROVIDER_KEY"
+api = "{'anthropic' if name.startswith(ANTHROPIC_WARDEN) else 'openai'}"
 [auth]
 algorithms = ["RS256"]
 issuer = "{ISS}"
@@ -298,41 +367,72 @@ read_only = false
             {"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i} with some words to make the body realistic. " * 3} for i in range(6)
         ]
         direct = {"direct": f"http://127.0.0.1:{fport}/v1/chat/completions", "floor": f"http://127.0.0.1:{lport}/v1/chat/completions"}
-        modes = [("chat", False, "chat")] + ([("chat stream", True, "chat")] if args.stream else [])
-        if args.messages:
-            modes += [("messages", False, "messages")] + ([("messages stream", True, "messages")] if args.stream else [])
+        kinds = ["chat"] + (["messages"] if args.messages else [])
+        notes: list[str] = []
+        if args.responses:
+            why = await refused(f"http://127.0.0.1:{ports['warden'][0]}/v1/responses", token, responses_body(messages, 256, False))
+            if why is None:
+                kinds.append("responses")
+            else:
+                notes.append(f"/v1/responses skipped: this tree answers {why}")
+        modes = [(k, False, k) for k in kinds] + ([(k + " stream", True, k) for k in kinds] if args.stream else [])
+        if args.anthropic_upstream:
+            modes += [(f"{k}{' stream' if st else ''} → anthropic", st, k) for st in ((False, True) if args.stream else (False,)) for k in kinds if k != "responses"]
         # The Messages API ends on a user turn and needs max_tokens: the same conversation, one user turn longer.
         m_turns = [*messages[1:], {"role": "user", "content": "And the last question, please answer it briefly. " * 3}]
         rnd = random.Random(7)
         delays = [round(args.provider_ms * rnd.uniform(0.5, 1.5), 3) for _ in range(997)] if args.provider_ms else []
         rows = []
         for label, stream, kind in modes:
-            path = "/v1/chat/completions" if kind == "chat" else "/v1/messages"
-            targets = {**direct, **{name: f"http://127.0.0.1:{wp}{path}" for name, (wp, _) in ports.items()}}
+            native = "→ anthropic" in label
+            path = {"chat": "/v1/chat/completions", "messages": "/v1/messages", "responses": "/v1/responses"}[kind]
+            wardens = {name: wp for name, (wp, _) in ports.items() if name.startswith(ANTHROPIC_WARDEN) == native}
+            if native:
+                targets = {"direct": f"http://127.0.0.1:{fport}/v1/messages", **{name: f"http://127.0.0.1:{wp}{path}" for name, wp in wardens.items()}}
+            else:
+                targets = {**direct, **{name: f"http://127.0.0.1:{wp}{path}" for name, wp in wardens.items()}}
             if kind == "chat":
-                chat_base = {"model": "gpt-bench", "messages": messages, "stream": stream}
+                chat_base: dict[str, Any] = {"model": "gpt-bench", "messages": messages, "stream": stream}
                 warden_base = chat_base
             else:
                 chat_base = {"model": "gpt-bench", "messages": [messages[0], *m_turns], "max_tokens": 256, "stream": stream}
                 if stream:
                     chat_base["stream_options"] = {"include_usage": True}
-                warden_base = {"model": "gpt-bench", "system": messages[0]["content"], "messages": m_turns, "max_tokens": 256, "stream": stream}
+                warden_base = (
+                    {"model": "gpt-bench", "system": messages[0]["content"], "messages": m_turns, "max_tokens": 256, "stream": stream}
+                    if kind == "messages"
+                    else responses_body(messages, 256, stream)
+                )
+            if native:
+                from proxy.upstream_anthropic import messages_request
+
+                # What Warden sends the Anthropic provider for this request (chat: max_tokens from default_max_tokens).
+                direct_base = messages_request(warden_base if kind == "chat" else chat_base, 4096)
+            else:
+                direct_base = chat_base
             if delays:
                 # The same seeded provider times, in the same order, for every path: their medians compare.
-                chat_bodies = [orjson.dumps({**chat_base, "metadata": {"delay_ms": str(d)}}) for d in delays]
-                warden_bodies = (
-                    chat_bodies if kind == "chat" else [orjson.dumps({**warden_base, "metadata": {"user_id": f"delay_ms={d}"}}) for d in delays]
-                )
+                def carry(base: dict[str, Any], d: float, how: str) -> bytes:
+                    if how == "metadata":
+                        return orjson.dumps({**base, "metadata": {"delay_ms": str(d)}})
+                    if how == "user_id":
+                        return orjson.dumps({**base, "metadata": {"user_id": f"delay_ms={d}"}})
+                    return orjson.dumps({**base, "user": f"delay_ms={d}"})
+
+                direct_how = "user_id" if native else "metadata"
+                warden_how = {"chat": "user" if native else "metadata", "messages": "user_id", "responses": "user"}[kind]
+                direct_bodies = [carry(direct_base, d, direct_how) for d in delays]
+                warden_bodies = [carry(warden_base, d, warden_how) for d in delays]
             else:
-                chat_bodies = [orjson.dumps(chat_base)]
-                warden_bodies = chat_bodies if kind == "chat" else [orjson.dumps(warden_base)]
+                direct_bodies = [orjson.dumps(direct_base)]
+                warden_bodies = [orjson.dumps(warden_base)]
             for conc in (1, 16):
                 rounds: dict[str, list[tuple[float, float, float]]] = {k: [] for k in targets}
                 for _ in range(args.rounds):
                     for name, url in targets.items():
                         if stream and name == "floor":
                             continue
-                        bodies = chat_bodies if name in direct else warden_bodies
+                        bodies = direct_bodies if name in direct else warden_bodies
                         lat, wall = await load(url, token, bodies, args.requests // args.rounds, conc, stream)
                         rounds[name].append((pct(lat, 0.5), pct(lat, 0.99), len(lat) / wall))
                 res = {k: sorted(v)[len(v) // 2] for k, v in rounds.items() if v}
@@ -349,6 +449,9 @@ read_only = false
                 ratio = f"{(p50 - d[0]) / floor_added:.2f}" if floor_added and name != "direct" else "—"
                 add_txt = f"{added:.3f}" if name != "direct" else "—"
                 print(f"| {label} | {conc} | {name} | {p50*1000:.3f} | {p99*1000:.3f} | {rps:.0f} | {add_txt} | {ratio} |")
+        print_side_by_side(rows)
+        for note in notes:
+            print(f"\nnote: {note}")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

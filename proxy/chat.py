@@ -10,6 +10,11 @@ assembled and judged before they are shown — always, so the core's offer
 check holds whether or not a tool plugin is enabled.  Events without tool
 calls that no plugin watches are forwarded as the provider sent them.  Provider answers that do not match the wire format are refused
 (502, rule ``upstream.protocol``) before anything of them is relayed.
+
+The provider's API is the upstream's dialect (``[upstream] api``, :class:`proxy.upstream.Dialect`):
+each turn's internal body is encoded for it, and its answers and stream events are checked against
+its wire and decoded into the internal shape before the flow sees them (an Anthropic provider:
+:mod:`proxy.upstream_anthropic`).
 """
 
 from __future__ import annotations
@@ -24,16 +29,17 @@ import orjson
 from proxy import sse, tooling, wire
 from proxy.errors import BadRequest, UpstreamError, UpstreamTimeout, WardenError
 from proxy.exchange import Exchange, ToolCall, UpstreamTurn
+from proxy.headers import safe_text
 from proxy.jsonbounds import depth_exceeds
 from proxy.pipeline import Incoming, JsonReply, Reply, StreamReply, provider_error_reply
 from proxy.plugin import StreamEvent
 from proxy.protocols import adapter_for
+from proxy.upstream_anthropic_answer import ProviderStreamError
 
 if TYPE_CHECKING:
     from proxy.app import Warden
-    from proxy.upstream import UpstreamResponse
+    from proxy.upstream import StreamTranslator, UpstreamResponse
 
-PATH = "/chat/completions"
 MAX_ANSWER_DEPTH = 128
 """Deepest nesting a provider answer may have (a chat completion nests about six levels)."""
 
@@ -92,11 +98,19 @@ def _malformed(turn: UpstreamTurn, why: str) -> UpstreamError:
 
 
 async def _call(w: Warden, req: Incoming, ex: Exchange, body: bytes, reason: str, payload: Any) -> tuple[UpstreamTurn, UpstreamResponse]:
+    """One upstream turn in the provider's API (``[upstream] api``); the turn records the internal body as its payload."""
+    dialect = w.upstream.dialect
+    body = dialect.encode(payload, body)
     headers = w.upstream.build_headers(req.headers, w.upstream_extra_headers(ex))
-    return await w.send_turn(ex, "POST", PATH, body, headers, reason, payload)
+    return await w.send_turn(ex, "POST", dialect.path, body, headers, reason, payload)
 
 
-async def _read(w: Warden, turn: UpstreamTurn, ur: UpstreamResponse, limit: int) -> bytes:
+def _provider_error(w: Warden, ex: Exchange, turn: UpstreamTurn, ur: UpstreamResponse, raw: bytes) -> Reply:
+    return provider_error_reply(ex, turn, ur, w.upstream.dialect.error_body(raw))
+
+
+async def read_turn(w: Warden, turn: UpstreamTurn, ur: UpstreamResponse, limit: int) -> bytes:
+    """A whole (non-streamed) upstream answer, bounded; a failure is kept on the turn."""
     try:
         return await w.upstream.read_body(ur, limit)
     except WardenError as e:
@@ -115,21 +129,24 @@ async def _non_stream(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     while True:
         reason = "initial" if not ex.turns else "correction"
         turn, ur = await _call(w, req, ex, body_bytes, reason, body)
-        raw = await _read(w, turn, ur, w.config.upstream.max_response_bytes)
+        raw = await read_turn(w, turn, ur, w.config.upstream.max_response_bytes)
         if ur.status >= 400:
-            return provider_error_reply(ex, turn, ur, raw)
+            return _provider_error(w, ex, turn, ur, raw)
         if ur.status != 200:
             raise _malformed(turn, f"status {ur.status} where a chat completion answers 200")
         try:
-            resp = orjson.loads(raw)
+            parsed = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise _malformed(turn, "the answer is not JSON") from None
-        if depth_exceeds(resp, raw, MAX_ANSWER_DEPTH):
+        if depth_exceeds(parsed, raw, MAX_ANSWER_DEPTH):
             raise _malformed(turn, f"the answer nests deeper than {MAX_ANSWER_DEPTH} levels")
-        why = wire.check_completion(resp)
-        if why is not None:
-            raise _malformed(turn, why)
-        assert isinstance(resp, dict)
+        resp, why = w.upstream.dialect.answer(parsed)
+        if resp is None:
+            raise _malformed(turn, why or "the answer is malformed")
+        if resp is not parsed:
+            # Translated from the provider's API: what is relayed is the internal answer.
+            raw = orjson.dumps(resp)
+            ex.response_modified = True
         turn.response = resp
         ex.add_usage(resp.get("usage"))
         if isinstance(resp.get("model"), str):
@@ -204,9 +221,9 @@ class _ChatStream:
         ex = self.ex
         turn, ur = await _call(self.w, self.req, ex, upstream_body(ex), "initial", ex.body)
         if ur.status != 200:
-            raw = await _read(self.w, turn, ur, 1024 * 1024)
+            raw = await read_turn(self.w, turn, ur, 1024 * 1024)
             if ur.status >= 400:
-                return provider_error_reply(ex, turn, ur, raw)
+                return _provider_error(self.w, ex, turn, ur, raw)
             raise _malformed(turn, f"status {ur.status} where a chat completion answers 200")
         headers = {**ur.relay_headers(), "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         self._ur = ur
@@ -252,7 +269,7 @@ class _ChatStream:
                         turn, ur = await _call(self.w, self.req, ex, _exact(orjson.dumps(body)), "correction", body)
                         self._ur = ur
                         if ur.status != 200:
-                            await _read(self.w, turn, ur, 1024 * 1024)
+                            await read_turn(self.w, turn, ur, 1024 * 1024)
                             turn.error = f"provider status {ur.status}"
                             turn.error_kind = f"status_{ur.status // 100}xx"
                             raise UpstreamError(f"the provider answered {ur.status} during a corrective turn", rule="upstream.status")
@@ -281,12 +298,13 @@ class _ChatStream:
     async def _relay_turn(self, turn: UpstreamTurn, ur: UpstreamResponse, st: _TurnState) -> AsyncIterator[bytes]:
         """The events of one upstream turn, as they are to be relayed; raises a ``WardenError`` when the stream goes bad."""
         parser = self.w.upstream.sse_parser()
+        translator = self.w.upstream.dialect.stream()
         done = False
         try:
             try:
                 async for chunk in ur.resp.content.iter_any():
                     for ev in parser.feed(chunk):
-                        out, done = await self._relay_event(ev, st, turn)
+                        out, done = await self._relay_event(ev, st, turn, translator)
                         if out is not None:
                             yield out
                         if done:
@@ -295,12 +313,16 @@ class _ChatStream:
                         break
                 if not done:
                     for ev in parser.close():
-                        out, done = await self._relay_event(ev, st, turn)
+                        out, done = await self._relay_event(ev, st, turn, translator)
                         if out is not None:
                             yield out
             finally:
                 turn.duration_s = time.perf_counter() - turn.started
                 ur.close()
+        except ProviderStreamError as e:
+            turn.error_kind = "stream_error"
+            turn.error = safe_text(e.message, 500)
+            raise UpstreamError("the provider reported an error mid-stream", rule="upstream.stream") from None
         except sse.SSEError as e:
             turn.error, turn.error_kind = str(e), "malformed"
             raise UpstreamError("the provider sent a malformed stream", rule="upstream.protocol") from None
@@ -310,13 +332,20 @@ class _ChatStream:
         except aiohttp.ClientError as e:
             turn.error, turn.error_kind = type(e).__name__, "connection"
             raise UpstreamError("the provider stream broke off", rule="upstream.base_url") from None
-        if not done and st.finish_reason is None:
+        if not done and (st.finish_reason is None or translator is not None):
             turn.error, turn.error_kind = "stream ended early", "truncated"
             raise UpstreamError("the provider stream ended before the answer was complete", rule="upstream.protocol")
 
-    async def _relay_event(self, ev: sse.RawEvent, st: _TurnState, turn: UpstreamTurn) -> tuple[bytes | None, bool]:
-        """What to relay of one upstream event (``None``: nothing), and whether it was ``[DONE]``."""
-        ex = self.ex
+    async def _relay_event(self, ev: sse.RawEvent, st: _TurnState, turn: UpstreamTurn, translator: StreamTranslator | None) -> tuple[bytes | None, bool]:
+        """What to relay of one upstream event (``None``: nothing), and whether it ended the answer (``[DONE]``)."""
+        if translator is not None:
+            # Another API's event: its chat chunks (already checked against that API's wire), relayed in order.
+            outs: list[bytes] = []
+            for item in translator.feed(ev):
+                out = self.render.keepalive(item) if isinstance(item, bytes) else await self._relay_chunk(item, None, st, turn)
+                if out is not None:
+                    outs.append(out)
+            return (b"".join(outs) if outs else None), translator.done
         data = ev.data
         if data is None:
             # A keep-alive comment is relayed, so idle clients do not give up before the first token.
@@ -339,6 +368,11 @@ class _ChatStream:
         why = wire.check_chunk(obj)
         if why is not None:
             raise sse.SSEError(f"an upstream event is malformed: {why}")
+        return await self._relay_chunk(obj, ev.raw, st, turn), False
+
+    async def _relay_chunk(self, obj: dict[str, Any], raw: bytes | None, st: _TurnState, turn: UpstreamTurn) -> bytes | None:
+        """What to relay of one checked chat chunk (``raw``: the provider's exact event, when it sent chat chunks)."""
+        ex = self.ex
         st.last = obj
         modified = False
         usage = obj.get("usage")
@@ -347,7 +381,7 @@ class _ChatStream:
             ex.add_usage(usage)
             if not choices:
                 st.usage_chunk = obj
-                return None, False
+                return None
         if isinstance(obj.get("model"), str):
             ex.response_model = obj["model"]
         if isinstance(choices, list):
@@ -381,21 +415,21 @@ class _ChatStream:
                         ex.finish_reasons = [str(fr)]
                     if st.calls and first:
                         st.held_finish = obj
-                        return None, False
+                        return None
                     visible = True
             if modified and not visible:
-                return None, False
+                return None
         if "ttft" not in ex.timings:
             now = time.perf_counter()
             ex.timings["ttft"] = now - ex.started
             turn.ttft_s = now - turn.started
         if self.watching:
-            event = StreamEvent(raw=ev.raw, data=obj, modified=modified)
+            event = StreamEvent(raw=raw if raw is not None else sse.encode_json(obj), data=obj, modified=modified)
             await self.w.chain.run_stream_event(ex, event)
             if event.drop:
-                return None, False
+                return None
             modified = event.modified
-        return self.render.event(obj, None if modified else ev.raw), False
+        return self.render.event(obj, None if modified else raw)
 
     def _collect(self, st: _TurnState) -> None:
         self.all_text.extend(st.text)

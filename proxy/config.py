@@ -120,8 +120,19 @@ class UpstreamConfig:
     event (Ollama) cap its arguments here, not at the 16 MiB streamed-arguments
     bound.
     """
+    api: Literal["openai", "anthropic"] = "openai"
+    """The provider's API: ``openai`` (chat completions at ``base_url``) or ``anthropic`` (the Messages API at
+    ``base_url``, e.g. ``https://api.anthropic.com/v1``; the key goes as ``x-api-key``).  See docs/protocols.md."""
+    anthropic_version: str = "2023-06-01"
+    """The ``anthropic-version`` header sent to an Anthropic provider."""
+    default_max_tokens: int = 4096
+    """``max_tokens`` sent to an Anthropic provider (which requires it) when the client's request has none."""
 
     def validate(self, key: str) -> None:
+        if not 1 <= self.default_max_tokens <= 2**31 - 1:
+            raise ConfigError(f"{key}.default_max_tokens", "must be between 1 and 2147483647")
+        if not self.anthropic_version or not self.anthropic_version.replace("-", "").isalnum():
+            raise ConfigError(f"{key}.anthropic_version", "must be a version such as 2023-06-01")
         if not 1024 <= self.max_sse_event_bytes <= 256 * 1024 * 1024:
             raise ConfigError(f"{key}.max_sse_event_bytes", "must be between 1024 and 268435456")
         if not self.base_url.startswith(("http://", "https://")):

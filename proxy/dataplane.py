@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from proxy import chat
-from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout
+from proxy.errors import NotFound, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from proxy.exchange import Exchange
 from proxy.pipeline import Flow, Incoming, JsonReply, Reply, StreamReply, provider_error_reply
 
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from proxy.app import Warden
 
 log = logging.getLogger("warden.dataplane")
+OPENAI_ONLY_ROUTES = frozenset({"embeddings", "models"})
+"""Relay routes whose answer the application reads in the OpenAI format: refused when the provider speaks another API."""
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length", "content-encoding"})
 
 
@@ -36,6 +38,8 @@ def build_data_app(w: Warden) -> web.Application:
 
 async def relay(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     """Authenticated, limited, audited, not interpreted: relay to the provider path built from the matched route."""
+    if req.match.route.name in OPENAI_ONLY_ROUTES and w.upstream.dialect.name != "openai":
+        raise NotFound(f"the provider speaks the {w.upstream.dialect.name} API, which has no OpenAI-format {req.match.route.name} endpoint", rule="upstream.api")
     path = req.match.route.upstream_path(req.match.params)
     if req.query_string:
         path += "?" + req.query_string
@@ -104,4 +108,30 @@ async def feedback(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     return JsonReply(200, orjson.dumps(result))
 
 
-FLOWS: dict[str, Flow] = {"chat": chat.run, "relay": relay, "feedback": feedback}
+async def count_tokens(w: Warden, req: Incoming, ex: Exchange) -> Reply:
+    """``POST /v1/messages/count_tokens`` (routed only over an Anthropic provider): the governed body, counted by the provider."""
+    from proxy.upstream_anthropic import COUNT_TOKENS_PATH, check_count, count_tokens_request, openai_error
+
+    assert ex.body is not None
+    body = orjson.dumps(count_tokens_request(ex.body))
+    headers = w.upstream.build_headers(req.headers, w.upstream_extra_headers(ex))
+    turn, ur = await w.send_turn(ex, "POST", COUNT_TOKENS_PATH, body, headers, payload=ex.body)
+    raw = await chat.read_turn(w, turn, ur, 1024 * 1024)
+    if ur.status >= 400:
+        return provider_error_reply(ex, turn, ur, openai_error(raw))
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    why = "status is not 200" if ur.status != 200 else check_count(parsed)
+    if why is not None:
+        turn.error, turn.error_kind = f"malformed answer from provider: {why}", "malformed"
+        raise UpstreamError(f"the provider returned an answer Warden cannot accept: {why}", rule="upstream.protocol")
+    assert isinstance(parsed, dict)
+    turn.response = ex.response_body = {"input_tokens": parsed["input_tokens"]}
+    # Counting generates nothing and is not billed: a token budget's reservation is given back.
+    ex.add_usage({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+    return JsonReply(200, orjson.dumps(ex.response_body), ur.relay_headers())
+
+
+FLOWS: dict[str, Flow] = {"chat": chat.run, "relay": relay, "feedback": feedback, "count_tokens": count_tokens}

@@ -9,9 +9,14 @@ application behind a subclass of aiohttp's connection protocol
 seams aiohttp offers:
 
 - ``handle_error`` (every error aiohttp answers itself: parser errors, and
-  exceptions a handler let escape) renders an OpenAI-format JSON error with
-  the status that fits (400, 408, 414, 431, 501...), a rule, ``Connection:
-  close`` and a fixed message: never a byte of the input;
+  exceptions a handler let escape) renders a JSON error with the status that
+  fits (400, 408, 414, 431, 501...), a rule, ``Connection: close`` and a
+  fixed message: never a byte of the input.  The error is in the format of
+  the API the request's path belongs to, chosen as the pipeline chooses it
+  (:func:`proxy.protocols.protocol_for_path`; for a parser error the path is
+  read from the request line, when it arrived): Anthropic's under
+  ``/v1/messages``, OpenAI's elsewhere.  A connection refused before any
+  byte is read (``max_connections``) has no path: OpenAI's format;
 - the server's request factory marks the moment a request's headers are
   complete (the header timer stops, the body timer starts);
 - ``connection_made`` / ``connection_lost`` count the listener's open
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import weakref
 from collections.abc import Callable
@@ -55,7 +61,9 @@ from aiohttp.web_request import BaseRequest
 
 from proxy.config import ServerConfig
 from proxy.errors import WardenError, error_body
+from proxy.exchange import Exchange
 from proxy.metrics import Metrics
+from proxy.protocols import adapter_for, protocol_for_path
 
 log = logging.getLogger("warden.edge")
 
@@ -169,9 +177,40 @@ def parse_error(exc: BaseException, cfg: ServerConfig, head: bytes = b"", line_e
     return WardenError(*_PARSE[1:], status=400, rule=_PARSE[0])
 
 
-def _raw_response(status: int, reason: str, err: WardenError, extra: str = "") -> bytes:
+_TARGET = re.compile(rb"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,32} (/[A-Za-z0-9._~:@!$&'()*+,;=/-]*)")
+_HEAD_BYTES = 64
+"""How much of a request's first bytes the protocol keeps (``_head``)."""
+
+
+def target_path(head: bytes) -> str | None:
+    """The path of the request line at the start of ``head`` (``None``: it did not arrive or is malformed).
+
+    ``head`` is at most :data:`_HEAD_BYTES` long: a path that runs to its end
+    is its prefix, which is enough to tell which API it belongs to.  Only
+    used to choose the error format; never quoted.
+    """
+    m = _TARGET.match(head)
+    if m is None:
+        return None
+    end = m.end()
+    if end < len(head) and head[end : end + 1] not in (b" ", b"?", b"#"):
+        return None
+    if end == len(head) and len(head) < _HEAD_BYTES:
+        return None  # the request line is still arriving: its path may go on
+    return m.group(1).decode("ascii")
+
+
+def edge_error_body(err: WardenError, path: str | None) -> bytes:
+    """``err`` in the format of the API that ``path`` belongs to (the pipeline's choice by path); OpenAI's without a path."""
+    if path is None:
+        return error_body(err)
+    ex = Exchange(request_id="req_" + os.urandom(12).hex(), route="unrouted", method="", path=path)
+    return adapter_for(protocol_for_path(path)).error_body(ex, err)
+
+
+def _raw_response(status: int, reason: str, err: WardenError, extra: str = "", path: str | None = None) -> bytes:
     """A whole HTTP/1.1 response written straight to a transport (no request is being handled)."""
-    body = error_body(err)
+    body = edge_error_body(err, path)
     head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n"
     return head.encode("ascii") + body
 
@@ -284,8 +323,8 @@ class EdgeProtocol(RequestHandler):
             if waiter is not None and not waiter.done():
                 self._expect_headers()  # the first byte of a request on a kept-alive connection
         if self._line_end is None and data:
-            if not self._head:
-                self._head = data[:64]
+            if len(self._head) < _HEAD_BYTES:
+                self._head += data[: _HEAD_BYTES - len(self._head)]  # a request line may arrive in pieces
             i = data.find(b"\n")
             if i >= 0:
                 self._line_end = self._seen + i
@@ -356,7 +395,7 @@ class EdgeProtocol(RequestHandler):
         if self._seen:
             lst.metrics.errors.labels(listener=lst.name, rule="server.header_timeout_s").inc()
             err = RequestTimeout(f"the request headers did not arrive within {lst.cfg.header_timeout_s:g} s", rule="server.header_timeout_s")
-            self.transport.write(_raw_response(408, "Request Timeout", err))
+            self.transport.write(_raw_response(408, "Request Timeout", err, path=target_path(self._head) if self._line_end is not None else None))
             log.debug("header timeout", extra={"listener": lst.name, "rule": err.rule})
         self.force_close()
 
@@ -378,12 +417,12 @@ class EdgeProtocol(RequestHandler):
         self._body = None
         if isinstance(resp, web.HTTPException) and resp.status >= 400 and resp.content_type != "application/json":
             # aiohttp's own answers (no route for an odd request target, say): JSON, never its text page.
-            resp = self._json_for_http_exception(resp)
+            resp = self._json_for_http_exception(resp, request.raw_path.partition("?")[0])
         if self._listener.draining and not resp.prepared:
             resp.force_close()
         return await super().finish_response(request, resp, start_time)
 
-    def _json_for_http_exception(self, exc: web.HTTPException) -> web.Response:
+    def _json_for_http_exception(self, exc: web.HTTPException, path: str) -> web.Response:
         status = exc.status
         if status == 404:
             err = WardenError("no such route", status=404, code="not_found", rule="server.routes")
@@ -394,7 +433,7 @@ class EdgeProtocol(RequestHandler):
         else:
             err = WardenError(exc.reason or "refused", status=status, code="http_error", rule=f"http.{status}")
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        return web.Response(status=status, body=error_body(err), content_type="application/json", headers=headers)
+        return web.Response(status=status, body=edge_error_body(err, path), content_type="application/json", headers=headers)
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
         """Every error aiohttp answers itself, as OpenAI-format JSON with ``Connection: close``."""
@@ -402,6 +441,8 @@ class EdgeProtocol(RequestHandler):
         if request.writer.output_size > 0:
             # A response already began: nothing can be sent in its place (aiohttp's own contract).
             raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        # A parser error comes with a stand-in request: the path is read from the request line as it arrived.
+        path = target_path(self._head) if isinstance(exc, HttpProcessingError) else request.raw_path.partition("?")[0]
         if isinstance(exc, HttpProcessingError):
             err = parse_error(exc, lst.cfg, self._head, self._line_end)
             log.debug("malformed request", extra={"listener": lst.name, "rule": err.rule, "status": err.status})
@@ -418,7 +459,7 @@ class EdgeProtocol(RequestHandler):
         lst.metrics.errors.labels(listener=lst.name, rule=err.rule or "http.parse").inc()
         # No further request on this connection: the parser may be mid-message.
         self.close()
-        resp = web.Response(status=err.status, body=error_body(err), content_type="application/json", headers={"Connection": "close"})
+        resp = web.Response(status=err.status, body=edge_error_body(err, path), content_type="application/json", headers={"Connection": "close"})
         resp.force_close()
         return resp
 

@@ -10,7 +10,8 @@ never from the client's bytes.
 
 Routes are an allow-list: the governed ones (``chat``, ``messages`` — the
 Anthropic Messages API — and ``responses`` — the OpenAI Responses API —, both
-served by the chat flow through their protocol adapters, ``embeddings``, ``models``, ``feedback``) plus the pass-through routes an operator lists in
+served by the chat flow through their protocol adapters, ``embeddings``, ``models``, ``feedback``;
+``messages.count_tokens`` only over a provider that speaks the Messages API) plus the pass-through routes an operator lists in
 ``[server] passthrough_routes``.  Every other path is refused with 404 (rule
 ``server.routes``); a known path with another method with 405.
 """
@@ -39,7 +40,7 @@ UNGOVERNED = {
     "/v1/threads": "the Assistants API is not governed by this Warden",
     "/v1/realtime": "the Realtime API is not governed by this Warden",
     "/v1/messages/batches": "the Message Batches API is not governed by this Warden (its requests run on the provider's side, out of the tool fence)",
-    "/v1/messages/count_tokens": "Warden cannot count tokens for the provider's model faithfully (an OpenAI-compatible upstream has no token-counting endpoint)",
+    "/v1/messages/count_tokens": "Warden cannot count tokens for the provider's model faithfully (an OpenAI-compatible upstream has no token-counting endpoint; an Anthropic upstream, [upstream] api = \"anthropic\", has)",
 }
 """Provider APIs refused by name: they carry tool calls or state that Warden cannot fence.
 
@@ -154,6 +155,13 @@ CORE_ROUTES: tuple[Route, ...] = (
 )
 
 
+NATIVE_ANTHROPIC_ROUTES: tuple[Route, ...] = (
+    _route("POST", "/v1/messages/count_tokens", "messages.count_tokens", "count_tokens", "anthropic.count_tokens", True),
+)
+"""Routes governed only over a provider that speaks the Anthropic Messages API (``[upstream] api = "anthropic"``);
+otherwise they stay refused by name (:data:`UNGOVERNED`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Match:
     route: Route
@@ -163,8 +171,8 @@ class Match:
 class RouteTable:
     """The allow-list, compiled once per config: exact paths in a dict, templates scanned."""
 
-    def __init__(self, extra: list[str]) -> None:
-        self.routes: list[Route] = list(CORE_ROUTES)
+    def __init__(self, extra: list[str], native_anthropic: bool = False) -> None:
+        self.routes: list[Route] = list(CORE_ROUTES) + (list(NATIVE_ANTHROPIC_ROUTES) if native_anthropic else [])
         for i, spec in enumerate(extra):
             self.routes.append(parse_route_spec(spec, f"server.passthrough_routes[{i}]"))
         self._exact: dict[str, dict[str, Route]] = {}

@@ -144,6 +144,7 @@ class Tracing:
         self.cfg = cfg
         self.capture = cfg.capture_content
         self.provider_name = config.upstream.provider_name
+        self.upstream_api = config.upstream.api
         u = urlsplit(config.upstream.base_url)
         self.server_address = u.hostname or ""
         self.server_port = u.port or (443 if u.scheme == "https" else 80)
@@ -293,7 +294,7 @@ class Tracing:
         """
         start = self._ns(ex, turn.started)
         end = self._ns(ex, turn.started + turn.duration_s) if turn.duration_s is not None else time.time_ns()
-        a: dict[str, Any] = {"http.request.method": ex.method, "warden.turn.index": turn.index, "warden.turn.reason": turn.reason}
+        a: dict[str, Any] = {"http.request.method": ex.method, "warden.turn.index": turn.index, "warden.turn.reason": turn.reason, "warden.upstream.api": self.upstream_api}
         if op is not None:
             a.update(self._client_base(ex, op))
             resp = turn.response

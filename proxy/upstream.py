@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy import wire
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.sse import SSEParser
+from proxy.sse import RawEvent, SSEParser
 
 log = logging.getLogger("warden.upstream")
 
@@ -42,6 +43,81 @@ RELAY_RESPONSE_HEADERS = (
     "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-tokens",
 )
+
+
+class StreamTranslator(Protocol):
+    """A provider stream in another API, event by event, as internal ``chat.completion.chunk`` objects.
+
+    ``feed`` returns chunk objects and keep-alive comment bytes, raises
+    :class:`~proxy.sse.SSEError` for a malformed event; ``done`` says the
+    answer is complete (a stream that ends before is cut).
+    """
+
+    done: bool
+
+    def feed(self, ev: RawEvent) -> list[dict[str, Any] | bytes]: ...
+
+
+class Dialect(Protocol):
+    """The API the provider speaks for the chat flow's upstream turns (``[upstream] api``)."""
+
+    name: str
+    path: str
+    """The provider path of a chat turn, below the base URL."""
+    retry_statuses: frozenset[int]
+
+    def auth_headers(self, key: str | None) -> dict[str, str]:
+        """The headers that carry the provider key (and the API version)."""
+        ...
+
+    def encode(self, payload: dict[str, Any], raw: bytes) -> bytes:
+        """The request bytes for an internal chat body (``raw``: its bytes); raises ``BadRequest`` for what cannot be translated."""
+        ...
+
+    def answer(self, obj: object) -> tuple[dict[str, Any] | None, str | None]:
+        """A parsed 2xx answer as a ``chat.completion`` checked against the wire, or ``(None, why)``."""
+        ...
+
+    def error_body(self, raw: bytes) -> bytes:
+        """A provider error body in the OpenAI format (unchanged when it is not the dialect's error shape)."""
+        ...
+
+    def stream(self) -> StreamTranslator | None:
+        """A translator for one streamed answer; ``None`` when the provider streams chat chunks already."""
+        ...
+
+
+class ChatDialect:
+    """An OpenAI-compatible provider: chat completions, relayed as they are."""
+
+    name = "openai"
+    path = "/chat/completions"
+    retry_statuses = RETRY_STATUSES
+
+    def auth_headers(self, key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def encode(self, payload: dict[str, Any], raw: bytes) -> bytes:
+        return raw
+
+    def answer(self, obj: object) -> tuple[dict[str, Any] | None, str | None]:
+        why = wire.check_completion(obj)
+        return (obj, None) if why is None and isinstance(obj, dict) else (None, why)
+
+    def error_body(self, raw: bytes) -> bytes:
+        return raw
+
+    def stream(self) -> StreamTranslator | None:
+        return None
+
+
+def make_dialect(cfg: UpstreamConfig) -> Dialect:
+    """The dialect ``[upstream] api`` names."""
+    if cfg.api == "anthropic":
+        from proxy.upstream_anthropic import AnthropicDialect
+
+        return AnthropicDialect(cfg.default_max_tokens, cfg.anthropic_version)
+    return ChatDialect()
 
 
 @dataclass(slots=True)
@@ -76,7 +152,9 @@ class Upstream:
         self.base = cfg.base_url.rstrip("/")
         self.session: aiohttp.ClientSession | None = None
         key = cfg.api_key
-        self._auth = f"Bearer {key}" if key else None
+        self.dialect = make_dialect(cfg)
+        self._auth = self.dialect.auth_headers(key)
+        self._forward = tuple(h for h in FORWARD_REQUEST_HEADERS if self.dialect.name == "openai" or h != "openai-beta")
         if cfg.api_key_env and not key:
             log.warning("environment variable %s is not set: requests go upstream without a provider key", cfg.api_key_env)
         self._timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s, sock_connect=cfg.connect_timeout_s, sock_read=cfg.timeout_s)
@@ -103,13 +181,12 @@ class Upstream:
 
     def build_headers(self, incoming: Any, extra: dict[str, str]) -> dict[str, str]:
         headers: dict[str, str] = {}
-        for h in FORWARD_REQUEST_HEADERS:
+        for h in self._forward:
             v = incoming.get(h)
             if v is not None:
                 headers[h] = v
         headers.update(extra)
-        if self._auth is not None:
-            headers["Authorization"] = self._auth
+        headers.update(self._auth)
         return headers
 
     async def send(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> UpstreamResponse:
@@ -141,7 +218,7 @@ class Upstream:
                 if last or method not in IDEMPOTENT_METHODS:
                     raise UpstreamError(f"provider connection failed: {type(e).__name__}", rule="upstream.base_url") from None
             else:
-                if resp.status in RETRY_STATUSES and attempts <= self.cfg.max_retries:
+                if resp.status in self.dialect.retry_statuses and attempts <= self.cfg.max_retries:
                     resp.release()
                 else:
                     return UpstreamResponse(resp.status, resp.headers.copy(), resp, attempts)

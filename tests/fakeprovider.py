@@ -92,10 +92,12 @@ class Reply:
     finish_reason: str | None = None
     malformed: str | None = None
     malformed_after: int = 2
+    stop_sequence: str | None = None
 
     def __post_init__(self) -> None:
-        if self.malformed is not None and self.malformed not in MALFORMED:
-            raise ValueError(f"unknown malformed answer {self.malformed!r} (known: {', '.join(sorted(MALFORMED))})")
+        if self.malformed is not None and self.malformed not in MALFORMED and self.malformed not in ANTHROPIC_MALFORMED:
+            known = sorted({*MALFORMED, *ANTHROPIC_MALFORMED})
+            raise ValueError(f"unknown malformed answer {self.malformed!r} (known: {', '.join(known)})")
 
 
 @dataclass
@@ -141,6 +143,8 @@ class FakeProvider:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/messages", self._anthropic_messages)
+        app.router.add_post("/v1/messages/count_tokens", self._anthropic_count_tokens)
         app.router.add_route("*", "/v1/{tail:.*}", self._echo)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self.runner.setup()
@@ -152,6 +156,16 @@ class FakeProvider:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+
+    def anthropic_requests(self) -> list[Received]:
+        """Requests to the native Anthropic Messages endpoint (``POST /v1/messages``)."""
+        return [r for r in self.requests if r.path == "/v1/messages"]
+
+    async def _anthropic_messages(self, request: web.Request) -> web.StreamResponse:
+        return await anthropic_messages(self, request)
+
+    async def _anthropic_count_tokens(self, request: web.Request) -> web.Response:
+        return await anthropic_count_tokens(self, request)
 
     async def _record(self, request: web.Request) -> Any:
         raw = await request.read()
@@ -201,13 +215,18 @@ class FakeProvider:
         err = {"error": {"message": reply.error or f"fake error {reply.status}", "type": "api_error", "code": None, "param": None}}
         return web.Response(status=reply.status, body=orjson.dumps(err), content_type="application/json", headers=reply.headers)
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def next_reply(self, request: web.Request) -> tuple[Any, Reply]:
+        """Record the request, take the next scripted answer and wait as it says (``hang``, ``delay_s``)."""
         body = await self._record(request)
         reply = self.script.popleft() if self.script else Reply()
         if reply.hang:
             await asyncio.sleep(3600)
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
+        return body, reply
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body, reply = await self.next_reply(request)
         if reply.status != 200:
             return self._error(reply)
         if not isinstance(body, dict):
@@ -286,15 +305,19 @@ class FakeProvider:
             if reply.malformed is not None:
                 base = orjson.loads(chunk({"content": " more"}))
                 events.insert(min(reply.malformed_after, len(events) - 1), malformed_payload(reply.malformed, base, "delta"))
+        return await self.send_events(request, resp, reply, [b"data: " + payload + b"\n\n" for payload in events])
+
+    async def send_events(self, request: web.Request, resp: web.StreamResponse, reply: Reply, events: list[bytes]) -> web.StreamResponse:
+        """Write whole SSE events as ``reply`` says (``cut_after``, ``chunk_delay_s``); a client that leaves is counted."""
         try:
-            for n, payload in enumerate(events):
+            for n, event in enumerate(events):
                 if reply.cut_after is not None and n >= reply.cut_after:
                     assert request.transport is not None
                     request.transport.close()
                     return resp
                 if reply.chunk_delay_s:
                     await asyncio.sleep(reply.chunk_delay_s)
-                await resp.write(b"data: " + payload + b"\n\n")
+                await resp.write(event)
             await resp.write_eof()
         except (ConnectionResetError, ConnectionError):
             self.disconnects += 1
@@ -417,3 +440,191 @@ def malformed_payload(name: str, obj: dict[str, Any], where: str) -> bytes:
     if name == "truncated_json":
         return raw[: len(raw) // 2]
     return raw
+
+
+# -- the native Anthropic Messages API ------------------------------------------------------------
+#
+# ``POST /v1/messages`` (JSON and SSE) and ``POST /v1/messages/count_tokens``, answering the same
+# scripted :class:`Reply` values as chat completions: ``content`` is one ``text`` block, each of
+# ``tool_calls`` a ``tool_use`` block (``arguments`` parsed as its ``input``), ``finish_reason`` an
+# Anthropic ``stop_reason`` when given (``end_turn`` / ``tool_use`` otherwise), ``usage`` in the
+# chat names (``prompt_tokens`` → ``input_tokens``).  A ``status`` other than 200 answers Anthropic's
+# error body (529 ``overloaded_error``...).  Requests without a key (``x-api-key`` or, as the SDK
+# now sends it, ``Authorization: Bearer``: 401) or
+# ``anthropic-version`` (400) are refused as Anthropic refuses them.  A stream is ``message_start``,
+# ``ping``, a text block (one ``text_delta`` per word), one ``tool_use`` block per call (its input in
+# three ``input_json_delta`` fragments), ``message_delta`` (stop reason, usage), ``message_stop``;
+# ``comment`` adds a ``ping`` first, ``raw_events`` are whole SSE events sent as they are.
+# ``malformed`` names one of :data:`ANTHROPIC_MALFORMED`.
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
+
+ANTHROPIC_MALFORMED = {
+    "no_message_stop": "the stream ends after message_delta (no message_stop)",
+    "error_event": "an error event (overloaded) after the first text delta",
+    "truncated_json": "the body / one event's data cut in the middle",
+    "delta_to_closed_block": "a text_delta to a block index that was never opened",
+    "tool_input_not_object": "a tool_use input that is a list (streamed: partial_json fragments making a list)",
+    "thinking_block": "a thinking block, which Warden never asks for",
+    "negative_usage": "usage.output_tokens is -1",
+    "unknown_stop_reason": "stop_reason 'xyz'",
+    "pause_turn": "stop_reason 'pause_turn' (a server-tool turn paused)",
+    "second_message_start": "message_start sent twice",
+    "event_name_mismatch": "an event named content_block_delta whose data is a message_delta",
+    "before_message_start": "a content_block_start before message_start",
+    "unknown_event": "an event type this API version does not define (must be ignored)",
+}
+"""Named Anthropic answers that break (or, ``unknown_event``, stretch) the Messages wire format."""
+
+
+def _anthropic_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error"), "message": message}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers={"request-id": "req_fake", **(headers or {})})
+
+
+def _anthropic_refusal(request: web.Request, body: Any, *, need_max_tokens: bool = True) -> web.Response | None:
+    """What Anthropic answers a request without its key, its version header or the required fields."""
+    if not request.headers.get("x-api-key") and not request.headers.get("Authorization", "").startswith("Bearer "):
+        return _anthropic_error(401, "x-api-key header is required")
+    if not request.headers.get("anthropic-version"):
+        return _anthropic_error(400, "anthropic-version: header is required")
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not isinstance(body.get("messages"), list):
+        return _anthropic_error(400, "model and messages are required")
+    if need_max_tokens and not isinstance(body.get("max_tokens"), int):
+        return _anthropic_error(400, "max_tokens: Field required")
+    return None
+
+
+def _anthropic_usage(body: dict[str, Any], reply: Reply, calls: list[tuple[str, str, Any]]) -> tuple[int, int]:
+    if reply.usage is not None:
+        return reply.usage.get("prompt_tokens", 0), reply.usage.get("completion_tokens", 0)
+    prompt = _tokens(orjson.dumps([body.get("system"), body.get("messages"), body.get("tools")]).decode())
+    return prompt, _tokens((reply.content or "") + "".join(orjson.dumps(c[2]).decode() for c in calls))
+
+
+async def anthropic_count_tokens(fp: FakeProvider, request: web.Request) -> web.Response:
+    body = await fp._record(request)
+    refused = _anthropic_refusal(request, body, need_max_tokens=False)
+    if refused is not None:
+        return refused
+    reply = fp.script.popleft() if fp.script else None
+    if reply is not None and reply.status != 200:
+        return _anthropic_error(reply.status, reply.error or f"fake error {reply.status}", reply.headers)
+    if reply is not None and reply.body is not None:
+        return web.Response(body=reply.body, content_type="application/json")
+    return web.json_response({"input_tokens": _tokens(orjson.dumps([body.get("system"), body.get("messages"), body.get("tools")]).decode())})
+
+
+async def anthropic_messages(fp: FakeProvider, request: web.Request) -> web.StreamResponse:
+    body, reply = await fp.next_reply(request)
+    if reply.status != 200:
+        if reply.body is not None:
+            return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+        return _anthropic_error(reply.status, reply.error or f"fake error {reply.status}", reply.headers)
+    refused = _anthropic_refusal(request, body)
+    if refused is not None:
+        return refused
+    if reply.malformed is not None and reply.malformed not in ANTHROPIC_MALFORMED:
+        return _anthropic_error(500, f"the fake has no Anthropic form of {reply.malformed!r}")
+    model = reply.model or body["model"]
+    mid = f"msg_fake{next(_ids)}"
+    calls: list[tuple[str, str, Any]] = []
+    for i, tc in enumerate(reply.tool_calls or []):
+        args = tc.get("arguments", "{}")
+        try:
+            parsed = orjson.loads(args)
+        except orjson.JSONDecodeError:
+            parsed = {"unparsed": args}
+        calls.append((tc.get("id") or f"toolu_{mid[-6:]}_{i}", tc["name"], parsed))
+    stop = reply.finish_reason or ("tool_use" if calls else "end_turn")
+    prompt, completion = _anthropic_usage(body, reply, calls)
+    defect = reply.malformed
+    if body.get("stream"):
+        return await _anthropic_stream(fp, request, reply, mid, model, calls, stop, prompt, completion)
+    content: list[dict[str, Any]] = []
+    if reply.content:
+        content.append({"type": "text", "text": reply.content})
+    for call_id, name, parsed in calls:
+        content.append({"type": "tool_use", "id": call_id, "name": name, "input": parsed})
+    usage: dict[str, Any] = {"input_tokens": prompt, "output_tokens": completion, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    out: dict[str, Any] = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": content, "stop_reason": stop, "stop_sequence": reply.stop_sequence, "usage": usage}
+    if defect == "tool_input_not_object":
+        out["content"].append({"type": "tool_use", "id": "toolu_bad", "name": "lookup", "input": [1]})
+    elif defect == "thinking_block":
+        out["content"].insert(0, {"type": "thinking", "thinking": "hmm", "signature": "sig"})
+    elif defect == "negative_usage":
+        usage["output_tokens"] = -1
+    elif defect in ("unknown_stop_reason", "pause_turn"):
+        out["stop_reason"] = "xyz" if defect == "unknown_stop_reason" else "pause_turn"
+    raw = orjson.dumps(out)
+    if defect == "truncated_json":
+        raw = raw[: len(raw) // 2]
+    if reply.body is not None:
+        raw = reply.body
+    return web.Response(body=raw, content_type="application/json", headers={"request-id": "req_" + mid, **reply.headers})
+
+
+def _sse(name: str, obj: Any) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _anthropic_events(reply: Reply, mid: str, model: str, calls: list[tuple[str, str, Any]], stop: str, prompt: int, completion: int) -> list[bytes]:
+    defect = reply.malformed
+    start = {"type": "message_start", "message": {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": prompt, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}
+    events = [_sse("message_start", start), _sse("ping", {"type": "ping"})]
+    index = 0
+    if reply.content:
+        events.append(_sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}))
+        for i, word in enumerate(reply.content.split(" ")):
+            events.append(_sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": word if i == 0 else " " + word}}))
+        events.append(_sse("content_block_stop", {"type": "content_block_stop", "index": index}))
+        index += 1
+    if defect == "tool_input_not_object":
+        calls = [*calls, ("toolu_bad", "lookup", None)]
+    for call_id, name, parsed in calls:
+        events.append(_sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": {"type": "tool_use", "id": call_id, "name": name, "input": {}}}))
+        args = "[1, 2]" if parsed is None else orjson.dumps(parsed).decode()
+        step = max(1, len(args) // 3)
+        for j in range(0, len(args), step):
+            events.append(_sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": args[j : j + step]}}))
+        events.append(_sse("content_block_stop", {"type": "content_block_stop", "index": index}))
+        index += 1
+    usage: dict[str, Any] = {"output_tokens": completion}
+    if defect == "negative_usage":
+        usage["output_tokens"] = -1
+    reason = {"unknown_stop_reason": "xyz", "pause_turn": "pause_turn"}.get(defect or "", stop)
+    events.append(_sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": reply.stop_sequence}, "usage": usage}))
+    if defect != "no_message_stop":
+        events.append(_sse("message_stop", {"type": "message_stop"}))
+    at = min(reply.malformed_after, len(events) - 1)
+    if defect == "error_event":
+        events.insert(at, _sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+    elif defect == "truncated_json":
+        events[at] = events[at][: len(events[at]) // 2] + b"\n\n"
+    elif defect == "delta_to_closed_block":
+        events.insert(at, _sse("content_block_delta", {"type": "content_block_delta", "index": 7, "delta": {"type": "text_delta", "text": "x"}}))
+    elif defect == "thinking_block":
+        events.insert(2, _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}))
+    elif defect == "second_message_start":
+        events.insert(at, events[0])
+    elif defect == "event_name_mismatch":
+        events.insert(at, _sse("content_block_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}}))
+    elif defect == "before_message_start":
+        events.insert(0, _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))
+    elif defect == "unknown_event":
+        events.insert(at, _sse("content_block_hint", {"type": "content_block_hint", "index": 0, "text": "never relayed"}))
+    return events
+
+
+async def _anthropic_stream(
+    fp: FakeProvider, request: web.Request, reply: Reply, mid: str, model: str, calls: list[tuple[str, str, Any]], stop: str, prompt: int, completion: int
+) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "request-id": "req_" + mid, **reply.headers})
+    await resp.prepare(request)
+    if reply.raw_events is not None:
+        events = [e if e.endswith(b"\n\n") else e + b"\n\n" for e in reply.raw_events]
+    else:
+        events = _anthropic_events(reply, mid, model, calls, stop, prompt, completion)
+    if reply.comment is not None:
+        events.insert(0, _sse("ping", {"type": "ping"}))
+    return await fp.send_events(request, resp, reply, events)

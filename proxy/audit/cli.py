@@ -377,6 +377,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         cfg = _config(args)
     except ConfigError as e:
         return _fail(str(e))
+    if not args.upstream and cfg is not None and cfg.upstream.api != "openai":
+        # The record holds the internal (chat-completions) request; replay sends it as it is.
+        return _fail(f'replay sends the recorded chat-completions request, and this config\'s provider speaks the {cfg.upstream.api} API ([upstream] api = "{cfg.upstream.api}"): give --upstream an OpenAI-compatible URL')
     base = args.upstream or (cfg.upstream.base_url if cfg is not None else None)
     if not base:
         return _fail("give --upstream URL or --config FILE")

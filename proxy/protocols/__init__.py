@@ -12,6 +12,7 @@ the internal representation.
 from __future__ import annotations
 
 from proxy.protocols.anthropic import AnthropicMessages
+from proxy.protocols.anthropic_count import AnthropicCountTokens
 from proxy.protocols.base import Bounds, Protocol, StreamRenderer
 from proxy.protocols.openai_chat import OpenAIChat, OpenAIRelay
 from proxy.protocols.openai_responses import OpenAIResponses
@@ -22,7 +23,7 @@ ANTHROPIC_PATH = "/v1/messages"
 """The Messages API's path; it and every path below it answer in Anthropic's format."""
 
 _RELAY = OpenAIRelay()
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (OpenAIChat(), AnthropicMessages(), OpenAIResponses())}
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (OpenAIChat(), AnthropicMessages(), AnthropicCountTokens(), OpenAIResponses())}
 """Adapters by ``Exchange.protocol``; every other protocol (embeddings, models, feedback, pass-through) is OpenAI-format."""
 
 
