@@ -82,8 +82,8 @@ class AdminClient:
 
 def _api_message(raw: bytes, status: int) -> str:
     try:
-        data = orjson.loads(raw)
-        message = data["error"]["message"]
+        error = orjson.loads(raw)["error"]
+        message = error if isinstance(error, str) else error["message"]  # POST /admin/reload: {"result": "refused", "error": "..."}
         if isinstance(message, str):
             return f"{status}: {message}"
     except (orjson.JSONDecodeError, KeyError, TypeError):
