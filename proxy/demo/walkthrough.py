@@ -118,7 +118,17 @@ class Demo:
                   "tenant": content.TENANT, "groups": list(who.groups), "scope": ""}
         return jwt.encode(claims, self.jwt_secret, algorithm="HS256")
 
+    def check_ports(self) -> None:
+        for port, flag in ((self.port, "--port"), (self.admin_port, "--admin-port")):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will: a closed socket's TIME_WAIT is no conflict
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    raise StepFailed(f"127.0.0.1:{port} is in use (another Warden?): pass {flag} with another port, or 0 for any free one") from None
+
     async def start(self, provider_url: str) -> None:
+        self.check_ports()
         cfg = self.root / "warden.toml"
         cfg.write_text(content.config_text(provider_url, f"127.0.0.1:{self.port}", f"127.0.0.1:{self.admin_port}"))
         self.say(f"demo folder   {self.root}")
