@@ -10,13 +10,17 @@
 # Options: --demo (the demo even with a key), --serve (serve even without a key: a provider
 # that needs none, set in [upstream] of config.example.toml), --no-wait (the demo exits
 # after its walk-through; for CI), --setup-only (install and write the secrets, start nothing).
+# Arguments after -- go to `warden demo` (e.g. -- --port 0 --admin-port 0 for any free ports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mode=auto
 demo_args=()
-for arg in "$@"; do
+while [ $# -gt 0 ]; do
+  arg=$1
+  shift
   case "$arg" in
+    --) demo_args+=("$@"); break ;;
     --demo) mode=demo ;;
     --serve) mode=serve ;;
     --setup-only) mode=setup ;;
