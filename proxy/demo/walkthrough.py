@@ -353,12 +353,14 @@ class Demo:
         self.say(f"  token     {self.token(ALICE)}   (alice; valid 8 hours)")
         self.say(f"\n  from openai import OpenAI\n  client = OpenAI(base_url=\"{self.base}\", api_key=\"<token>\")")
         self.say(f"  client.chat.completions.create(model=\"{MODEL}\", messages=[{{\"role\": \"user\", \"content\": \"{content.QUESTION}\"}}])")
+        beside = Path(sys.executable).with_name("warden")
+        warden = str(beside) if beside.exists() else "warden"
         self.say("\nOperate it from another shell:")
         self.say(f"  export WARDEN_ADMIN_URL={self.admin} WARDEN_ADMIN_TOKEN={self.admin_token}")
-        self.say("  warden admin approvals list --status all")
-        self.say(f"  warden admin search 'meal allowance' --tenant {content.TENANT} --user bob --group finance")
-        self.say(f"  warden --config {self.root / 'warden.toml'} audit search --limit 5")
-        self.say("\nCtrl-C stops Warden (its audit log is sealed with a checkpoint) and removes the demo folder.")
+        self.say(f"  {warden} admin approvals list --status all")
+        self.say(f"  {warden} admin search 'meal allowance' --tenant {content.TENANT} --user bob --group finance")
+        self.say(f"  {warden} --config {self.root / 'warden.toml'} audit search --limit 5")
+        self.say("\nCtrl-C stops Warden cleanly (its audit log is sealed with a checkpoint).")
 
 
 def _content(data: dict[str, Any]) -> str:
@@ -424,6 +426,7 @@ async def run_demo(root: Path, *, wait: bool, remove: bool, port: int, admin_por
             handler.close()
         if remove:
             await asyncio.to_thread(shutil.rmtree, root, True)
+            demo.say("\nWarden stopped; the demo folder is removed (--keep or --folder keeps it).")
         else:
-            demo.say(f"\nThe demo folder stays: {root}")
+            demo.say(f"\nWarden stopped; the demo folder stays: {root}")
     return code

@@ -56,7 +56,7 @@ def test_the_demo_walks_through_every_step_and_leaves_a_sealed_audit_log(tmp_pat
     assert "WARNING" not in audit
     assert audit.count(" exchange ") >= 11 and "tools.approval.approve" in audit and "tools.mode" in audit
     assert "principal    tenant=acme subject=alice" in audit
-    assert "Every step showed what it should." in out and "The demo folder stays" in out
+    assert "Every step showed what it should." in out and f"Warden stopped; the demo folder stays: {folder}" in out
 
     # The log says it is a demo; Warden's request lines name the demo model.
     log = (folder / "warden.log").read_text()
