@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 
 from proxy.audit.chain import key_id, parse_verifier_key, public_bytes, read_checkpoint_file
+from proxy.audit.pg_chain import lock_key
 from proxy.audit.verify import KeyRing, Report, _b, check_chain, keyring
 
 
@@ -133,6 +134,7 @@ async def verify_pg(dsn: str, *, keys: list[str] | None = None, checkpoint_file:
         raise ConnectionError(f"cannot open the audit database {out.target}: {type(e).__name__}: {e}") from None
     try:
         await check_schema(conn, "audit", latest_version(COMPONENTS["audit"]))
+        live = await _live_origins(conn)
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             stored = [str(r["verifier"]) for r in await conn.fetch("SELECT verifier FROM audit_keys")]
             if keys is None:
@@ -141,7 +143,7 @@ async def verify_pg(dsn: str, *, keys: list[str] | None = None, checkpoint_file:
             chains = await conn.fetch("SELECT chain_id, origin, seq, hash, pruned_through FROM audit_chains ORDER BY chain_id")
             for ch in chains:
                 origin = str(ch["origin"])
-                report = Report(f"{out.target} chain {ch['chain_id']}", origin=origin)
+                report = Report(f"{out.target} chain {ch['chain_id']}", origin=origin, live=origin in live)
                 cps = [
                     (int(r["size"]), _b(r["hash"]), str(r["note"]))
                     for r in await conn.fetch("SELECT size, hash, note FROM audit_checkpoints WHERE chain_id = $1 ORDER BY size", ch["chain_id"])
@@ -174,6 +176,23 @@ async def verify_pg(dsn: str, *, keys: list[str] | None = None, checkpoint_file:
     for origin, lost in notes.items():
         out.store.add("fault", "deleted_chain", f"{len(lost)} external checkpoints name chain {origin!r}, which is not in the database")
     return out
+
+
+async def _live_origins(conn: asyncpg.Connection) -> set[str]:
+    """The origins of the open chains whose writer runs: it holds the chain's advisory lock (:mod:`proxy.audit.pg_chain`).
+
+    Probed by taking the lock without waiting and releasing it at once, as a
+    starting replica does before it seals the chains of dead processes.
+    """
+    live: set[str] = set()
+    for r in await conn.fetch("SELECT origin FROM audit_chains WHERE closed_us IS NULL"):
+        origin = str(r["origin"])
+        k = lock_key(origin)
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", k):
+            await conn.execute("SELECT pg_advisory_unlock($1)", k)
+        else:
+            live.add(origin)
+    return live
 
 
 async def _rows(conn: asyncpg.Connection, chain_id: int, page: int = 1000) -> AsyncIterator[tuple[int, bytes, bytes, bytes, tuple[Any, ...]]]:

@@ -48,6 +48,7 @@ from proxy.audit.chain import (
     repair_checkpoint_file,
     verifier_key,
 )
+from proxy.audit.liveness import LiveLock
 from proxy.audit.reader import AuditReader
 from proxy.audit.record import Prepared, Projector, RecordStageError
 from proxy.audit.upkeep import SCHEMA, file_sizes, forget_stale_writers, note_size, prune_delete, prune_mark, wall_us
@@ -152,6 +153,7 @@ class SQLiteAuditLog(ReaderQueries):
         self._export_lock = asyncio.Lock()
         self._file_through = 0  # every checkpoint in the database up to this size is in checkpoint_file
         self._seen_restarts = 0
+        self.live_lock: LiveLock | None = None
 
     # -- AuditSink -----------------------------------------------------------
 
@@ -184,6 +186,7 @@ class SQLiteAuditLog(ReaderQueries):
         """Open the store, load the key, repair a torn tail, start the writer."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._key = await asyncio.to_thread(self._load_key)
+        self.live_lock = await asyncio.to_thread(LiveLock, self.path)
         db = await aiosqlite.connect(str(self.path), isolation_level=None)
         self._db = db
         try:
@@ -698,6 +701,8 @@ class SQLiteAuditLog(ReaderQueries):
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self.live_lock is not None:
+            self.live_lock.release()  # last: the log is sealed and closed
 
 
 def build_audit(cfg: Config) -> AuditSink | None:

@@ -13,7 +13,10 @@ Warnings (exit code 0): an unsealed tail — records after the last checkpoint,
 left by an unclean stop and sealed at the next start —, a torn last note
 in the checkpoint file, and an interrupted retention prune (``partial_prune``:
 records still below ``pruned_through``, deleted by the next prune).  All are
-what a crash leaves, not tampering.
+what a crash leaves, not tampering.  While a Warden is writing the log (a
+SQLite store holds a lock on ``<db>.live``, see :mod:`proxy.audit.liveness`; a
+PostgreSQL chain's writer holds its advisory lock) its unsealed tail is only
+the records since the last checkpoint, reported as ``info`` (``live``).
 
 A chain kept only in its own database cannot prove its tail was not cut:
 pass the latest checkpoint kept elsewhere (``--checkpoint FILE``) and the
@@ -41,6 +44,7 @@ from proxy.audit.chain import (
     public_bytes,
     read_checkpoint_file,
 )
+from proxy.audit.liveness import writer_running
 from proxy.audit.reader import AuditReader
 
 Severity = Literal["fault", "warning", "info"]
@@ -75,6 +79,8 @@ class Report:
     external_checkpoints: int = 0
     findings: list[Finding] = field(default_factory=list)
     suppressed: int = 0
+    live: bool = False
+    """A Warden was writing this log while it was verified."""
 
     @property
     def faults(self) -> list[Finding]:
@@ -95,6 +101,7 @@ class Report:
             "path": self.path,
             "ok": self.ok,
             "origin": self.origin,
+            "live": self.live,
             "records": self.records,
             "first_seq": self.first_seq,
             "last_seq": self.last_seq,
@@ -106,7 +113,7 @@ class Report:
         }
 
     def render(self) -> str:
-        lines = [f"audit log {self.path}", f"  origin       {self.origin}"]
+        lines = [f"audit log {self.path}" + (" (live: a running Warden is writing it)" if self.live else ""), f"  origin       {self.origin}"]
         span = f"{self.first_seq}..{self.last_seq}" if self.records else "none"
         lines.append(f"  records      {self.records} (seq {span})")
         lines.append(f"  checkpoints  {self.checkpoints} in the database, {self.external_checkpoints} external")
@@ -142,7 +149,7 @@ async def verify_db(path: Path, *, keys: list[str] | None = None, checkpoint_fil
     database are trusted, and the report says so).  ``checkpoint_file``: notes
     kept outside the database to compare the tail against.
     """
-    report = Report(str(path))
+    report = Report(str(path), live=writer_running(path))
     reader = await AuditReader.open(path)
     try:
         # One read transaction: every query below sees the same snapshot. Paged reads outside one would
@@ -325,7 +332,15 @@ async def check_chain(
     for cp in external:
         _compare(report, cp, at, last, pruned, "external checkpoint")
     sealed = max(cps) if cps else 0
-    if report.last_seq is not None and report.last_seq > sealed:
+    if report.last_seq is not None and report.last_seq > sealed and report.live:
+        report.add(
+            "info",
+            "live",
+            f"{report.last_seq - sealed} records after the last checkpoint ({sealed}) are not sealed yet: the running Warden "
+            "signs a checkpoint every [audit] checkpoint_every records and when it stops",
+            sealed + 1,
+        )
+    elif report.last_seq is not None and report.last_seq > sealed:
         report.add(
             "warning",
             "torn_tail",

@@ -160,9 +160,16 @@ async def test_torn_checkpoint_file_and_unsealed_tail_are_warnings_not_faults(ma
     log = await make_log(durability="sync", checkpoint_every=10)
     for i in range(3):
         await log.record_exchange(make_exchange(request_id=f"late_{i}"))
-    # no stop(): the last three records are after the last checkpoint, as after a SIGKILL
+    # no stop(): the last three records are after the last checkpoint. While the log is open they are "live" ...
     report = await verify_db(path, checkpoint_file=cp)
-    assert report.ok, report.render()
+    assert report.ok and report.live, report.render()
+    assert [(f.severity, f.seq) for f in report.findings if f.kind == "live"] == [("info", 21)], report.render()
+    assert "live: a running Warden is writing it" in report.render()
+    # ... and once the process is gone (the kernel drops its lock, as here) they are what an unclean stop left.
+    assert log.live_lock is not None
+    log.live_lock.release()
+    report = await verify_db(path, checkpoint_file=cp)
+    assert report.ok and not report.live, report.render()
     warnings = [f for f in report.findings if f.severity == "warning"]
     assert {w.kind for w in warnings} == {"torn_tail"}
     assert len(warnings) == 2

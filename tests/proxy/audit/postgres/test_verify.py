@@ -151,3 +151,18 @@ async def test_independent_key_trusts_the_fleet_key_and_refuses_another(make_pg_
     assert not bad.ok and _first(bad)[1] == "forged_checkpoint"
     with pytest.raises(ValueError):
         await verify_pg(pg_dsn, keys=["not a key"])
+
+
+async def test_a_running_replicas_chain_is_reported_live_not_unclean(make_pg_log: PgLogFactory, pg_dsn: str) -> None:
+    log = await make_pg_log(durability="sync", checkpoint_every=1000)
+    for i in range(3):
+        await log.record_exchange(make_exchange(request_id=f"req_live_{i}"))
+    report = await verify_pg(pg_dsn)  # its writer holds the chain's advisory lock
+    assert report.ok, report.render()
+    (chain,) = [r for r in report.chains if r.origin == log.origin]
+    assert chain.live and [f.kind for f in chain.findings if f.severity != "info"] == [], report.render()
+    assert "live" in [f.kind for f in chain.findings]
+    await log.stop()
+    report = await verify_pg(pg_dsn)
+    (chain,) = [r for r in report.chains if r.origin == log.origin]
+    assert not chain.live and "live" not in [f.kind for f in chain.findings], report.render()
