@@ -15,7 +15,7 @@ import orjson
 
 from proxy.audit.reader import like_pattern
 
-_SELECT = "SELECT c.origin, r.seq, r.body FROM audit_records r JOIN audit_chains c USING (chain_id)"
+_SELECT = "SELECT c.origin, r.chain_id, r.ts_us, r.seq, r.body FROM audit_records r JOIN audit_chains c USING (chain_id)"
 
 
 class PgAuditReader:
@@ -72,14 +72,34 @@ class PgAuditReader:
         until: int | None = None,
         limit: int = 100,
         kind: str | None = None,
+        *,
+        request_id: str | None = None,
+        status: int | None = None,
+        before: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Records matching every given filter, newest first (``since``/``until``: µs since the epoch, inclusive/exclusive)."""
+        """Records matching every given filter, newest first (``since``/``until``: µs since the epoch, inclusive/exclusive).
+
+        Each record carries ``_cursor`` (``ts_us.chain_id.seq``); passing the
+        last one as ``before`` returns the next page (keyset pagination).  A
+        cursor that is not one of ours is a ``ValueError``.
+        """
         where: list[str] = []
         args: list[Any] = []
 
         def arg(v: Any) -> str:
             args.append(v)
             return f"${len(args)}"
+
+        if before is not None:
+            parts = before.split(".")
+            if len(parts) != 3 or not all(p.isdigit() and len(p) <= 19 for p in parts):
+                raise ValueError("not a cursor of this audit store")
+            ts_us, chain_id, seq = (int(p) for p in parts)
+            where.append(f"(r.ts_us, r.chain_id, r.seq) < ({arg(ts_us)}, {arg(chain_id)}, {arg(seq)})")
+        if request_id is not None:
+            where.append(f"r.request_id = {arg(request_id)}")
+        if status is not None:
+            where.append(f"r.status = {arg(status)}")
 
         if tenant is not None:
             where.append(f"r.tenant = {arg(tenant)}")
@@ -122,4 +142,5 @@ def _record(row: Any) -> dict[str, Any]:
     rec: dict[str, Any] = orjson.loads(row["body"])
     rec["_seq"] = int(row["seq"])
     rec["_origin"] = row["origin"]
+    rec["_cursor"] = f"{row['ts_us']}.{row['chain_id']}.{row['seq']}"
     return rec

@@ -84,13 +84,31 @@ class AuditReader:
         until: int | None = None,
         limit: int = 100,
         kind: str | None = None,
+        *,
+        request_id: str | None = None,
+        status: int | None = None,
+        before: str | None = None,
     ) -> list[dict[str, Any]]:
         """Records matching every given filter, newest first.
 
         ``since``/``until`` are microseconds since the epoch (inclusive/exclusive).
+        Each record carries ``_cursor``; passing the last one as ``before``
+        returns the next page (keyset pagination: no OFFSET scan).  A cursor
+        that is not one of ours is a ``ValueError``.
         """
         where: list[str] = []
         args: list[str | int] = []
+        if before is not None:
+            if not before.isdigit() or len(before) > 19:
+                raise ValueError("not a cursor of this audit store")
+            where.append("seq < ?")
+            args.append(int(before))
+        if request_id is not None:
+            where.append("request_id = ?")
+            args.append(request_id)
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
         if tenant is not None:
             where.append("tenant = ?")
             args.append(tenant)
@@ -120,6 +138,7 @@ class AuditReader:
         for seq, body in rows:
             rec = orjson.loads(body)
             rec["_seq"] = seq
+            rec["_cursor"] = str(seq)
             out.append(rec)
         return out
 
@@ -163,6 +182,10 @@ class Reader(Protocol):
         until: int | None = None,
         limit: int = 100,
         kind: str | None = None,
+        *,
+        request_id: str | None = None,
+        status: int | None = None,
+        before: str | None = None,
     ) -> list[dict[str, Any]]: ...
 
     def iter_records(self) -> AsyncIterator[dict[str, Any]]: ...
