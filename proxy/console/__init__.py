@@ -146,7 +146,9 @@ class Console:
             return error_page(400, "Bad request", "The form could not be read (rule console.form).", session)
         token = form.get("csrf", "")
         if not token or not session.csrf_ok(token):
-            return error_page(403, "Refused", "The form's CSRF token is missing or wrong; reload the page and try again (rule console.csrf).", session)
+            return error_page(
+                403, "Refused", "The form's CSRF token is missing or wrong; reload the page and try again (rule console.csrf).", session
+            )
         return None
 
 

@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from proxy.admin import admin_tenant
+from proxy.audit.base import ReaderQueries
 from proxy.console import error_page, html_response, path_quote, safe_id, session_of
 from proxy.console.render import esc, page, pretty, who
 
@@ -82,9 +83,11 @@ def routes(app: web.Application, console: Console) -> None:
         try:
             f = parse_query(request.query, own)
         except BadQuery as e:
-            return html_response(page("Audit", _form({}, own) + f'<p class="error" role="alert">{esc(e)}</p>', session, "audit"), status=400)
+            return html_response(
+                page("Audit", _form({}, own) + f'<p class="error" role="alert">{esc(e)}</p>', session, "audit"), status=400
+            )
         audit = console.w.audit
-        if audit is None:
+        if not isinstance(audit, ReaderQueries):
             return html_response(page("Audit", '<p class="flash warn">The audit log is not enabled on this Warden.</p>', session, "audit"))
         started = time.perf_counter()
         rows: list[dict[str, Any]] = []
@@ -106,7 +109,10 @@ def routes(app: web.Application, console: Console) -> None:
                 if len(batch) < (PAGE if f["model"] is None else 500) or f["model"] is None or scanned >= MODEL_SCAN:
                     break
         except ValueError:
-            return html_response(page("Audit", _form(f, own) + '<p class="error" role="alert">That page cursor is not valid.</p>', session, "audit"), status=400)
+            return html_response(
+                page("Audit", _form(f, own) + '<p class="error" role="alert">That page cursor is not valid.</p>', session, "audit"),
+                status=400,
+            )
         more = len(rows) == PAGE or (f["model"] is not None and scanned >= MODEL_SCAN)
         took = (time.perf_counter() - started) * 1000
         body = _form(f, own) + _table(rows) + _pager(request, cursor if more else None, took, scanned)
@@ -116,7 +122,7 @@ def routes(app: web.Application, console: Console) -> None:
         session = session_of(request)
         rid = safe_id(request.match_info["request_id"])
         audit = console.w.audit
-        if rid is None or audit is None:
+        if rid is None or not isinstance(audit, ReaderQueries):
             return error_page(404, "Exchange", "No such exchange.", session)
         rec = await audit.find(rid, admin_tenant(request))
         if rec is None:
@@ -134,7 +140,9 @@ def _form(f: dict[str, Any], own: str | None) -> str:
         if name in ("since", "until") and isinstance(v, int):
             v = time.strftime("%Y-%m-%dT%H:%M", time.gmtime(v / 1_000_000))
         ro = " readonly" if readonly else ""
-        return f'<div><label for="f-{name}">{label}</label><input id="f-{name}" name="{name}" type="{kind}" value="{esc(v or "")}"{ro}></div>'
+        return (
+            f'<div><label for="f-{name}">{label}</label><input id="f-{name}" name="{name}" type="{kind}" value="{esc(v or "")}"{ro}></div>'
+        )
 
     return (
         '<form method="get" action="/console/audit" class="card search" role="search">'
@@ -157,7 +165,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
     out = []
     for r in rows:
         rid = r.get("request_id")
-        link = f'<a href="/console/audit/exchange/{path_quote(str(rid))}">{esc(rid)}</a>' if r.get("kind") == "exchange" and rid else esc(rid or "—")
+        link = (
+            f'<a href="/console/audit/exchange/{path_quote(str(rid))}">{esc(rid)}</a>'
+            if r.get("kind") == "exchange" and rid
+            else esc(rid or "—")
+        )
         tools = ", ".join(str(c.get("name")) for c in r.get("tool_calls") or [] if isinstance(c, dict))
         lat = (r.get("latency_us") or {}).get("total") if isinstance(r.get("latency_us"), dict) else None
         actor = r.get("principal") if r.get("kind") == "exchange" else r.get("actor")
@@ -200,17 +212,27 @@ def _exchange(rec: dict[str, Any], related: list[dict[str, Any]]) -> str:
             ("Model", esc(f"requested {model.get('requested')}, reported {model.get('reported')} ({rec.get('provider')})")),
             ("Parameters", f"<code>{pretty(rec.get('params'))}</code>"),
             ("Latency", esc(", ".join(f"{k} {v / 1000:.1f} ms" for k, v in lat.items() if isinstance(v, (int, float))))),
-            ("Timings", esc(", ".join(f"{k} {v / 1000:.1f} ms" for k, v in (rec.get("timings_us") or {}).items() if isinstance(v, (int, float))))),
+            (
+                "Timings",
+                esc(", ".join(f"{k} {v / 1000:.1f} ms" for k, v in (rec.get("timings_us") or {}).items() if isinstance(v, (int, float)))),
+            ),
             ("Usage", esc(rec.get("usage"))),
             ("Trace", f"<code>{esc(rec.get('trace_id'))}</code>"),
-            ("Audit chain", f"record {esc(rec.get('_seq'))} of chain {esc(rec.get('_origin', 'local'))}; prove it with <code>warden audit verify</code>"),
+            (
+                "Audit chain",
+                f"record {esc(rec.get('_seq'))} of chain {esc(rec.get('_origin', 'local'))}; prove it with <code>warden audit verify</code>",
+            ),
         ]
     )
     turns = rec.get("turns") or []
     first = turns[0].get("request") if turns and isinstance(turns[0], dict) else None
     messages = first.get("messages") if isinstance(first, dict) else None
     prompt = (
-        "".join(f'<li><span class="role">{esc(m.get("role"))}</span><pre>{esc(m.get("content") if isinstance(m.get("content"), str) else m.get("content"))}</pre></li>' for m in messages if isinstance(m, dict))
+        "".join(
+            f'<li><span class="role">{esc(m.get("role"))}</span><pre>{esc(m.get("content") if isinstance(m.get("content"), str) else m.get("content"))}</pre></li>'
+            for m in messages
+            if isinstance(m, dict)
+        )
         if isinstance(messages, list)
         else ""
     )
@@ -234,7 +256,10 @@ def _exchange(rec: dict[str, Any], related: list[dict[str, Any]]) -> str:
         if isinstance(t, dict)
     )
     response = rec.get("response") or {}
-    rel = "".join(f"<tr><td>{_ts(r)}</td><td>{esc(r.get('kind'))}</td><td>{who(r.get('actor'))}</td><td><pre>{pretty(r.get('data'))}</pre></td></tr>" for r in related)
+    rel = "".join(
+        f"<tr><td>{_ts(r)}</td><td>{esc(r.get('kind'))}</td><td>{who(r.get('actor'))}</td><td><pre>{pretty(r.get('data'))}</pre></td></tr>"
+        for r in related
+    )
 
     def table(head: tuple[str, ...], body: str, empty: str) -> str:
         if not body:

@@ -53,7 +53,9 @@ async def _held_context(console: Console, apr: dict[str, Any]) -> tuple[str | No
     turns = rec.get("turns") or []
     request = turns[0].get("request") if turns and isinstance(turns[0], dict) else None
     messages = request.get("messages") if isinstance(request, dict) else None
-    tail = [m for m in messages if isinstance(m, dict) and m.get("role") != "system"][-CONTEXT_MESSAGES:] if isinstance(messages, list) else []
+    tail = (
+        [m for m in messages if isinstance(m, dict) and m.get("role") != "system"][-CONTEXT_MESSAGES:] if isinstance(messages, list) else []
+    )
     return rule if isinstance(rule, str) else None, tail
 
 
@@ -61,7 +63,9 @@ def _message(m: dict[str, Any]) -> str:
     content = m.get("content")
     text = content if isinstance(content, str) else orjson.dumps(content).decode() if content is not None else ""
     if m.get("tool_calls"):
-        text += " [tool calls: " + ", ".join(str((c.get("function") or {}).get("name")) for c in m["tool_calls"] if isinstance(c, dict)) + "]"
+        text += (
+            " [tool calls: " + ", ".join(str((c.get("function") or {}).get("name")) for c in m["tool_calls"] if isinstance(c, dict)) + "]"
+        )
     return f'<li><span class="role">{esc(m.get("role"))}</span> {esc(text[:600])}</li>'
 
 
@@ -83,7 +87,11 @@ def routes(app: web.Application, console: Console) -> None:
             args = redactor.value(apr.get("arguments"), {})
             aid = str(apr["id"])
             q = path_quote(aid)
-            convo = f'<ol class="context">{"".join(_message(m) for m in context)}</ol>' if context else '<p class="hint">No conversation in the audit log.</p>'
+            convo = (
+                f'<ol class="context">{"".join(_message(m) for m in context)}</ol>'
+                if context
+                else '<p class="hint">No conversation in the audit log.</p>'
+            )
             forms = "".join(
                 f'<form method="post" action="/console/approvals/{q}/{verb}" class="decide">{csrf_field(session)}'
                 f'<label for="c-{verb}-{esc(aid)}">Reason ({label.lower()})</label>'
@@ -147,7 +155,12 @@ def routes(app: web.Application, console: Console) -> None:
         if status == 200:
             who_for = who(data.get("principal"))
             if verb == "approve":
-                session.flash.append(("ok", f"Approved {aid}. The identical {data.get('tool')} call by {who_for} will pass once when the application retries, until the approval expires."))
+                session.flash.append(
+                    (
+                        "ok",
+                        f"Approved {aid}. The identical {data.get('tool')} call by {who_for} will pass once when the application retries, until the approval expires.",
+                    )
+                )
             else:
                 session.flash.append(("ok", f"Denied {aid}. The model will be told it was denied."))
         elif status == 409:

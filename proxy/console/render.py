@@ -17,7 +17,7 @@ CSP = (
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # not no-referrer: with it, browsers send "Origin: null" on form posts
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }

@@ -54,7 +54,10 @@ def app_client(rw: RunningWarden, tok: str) -> openai.AsyncOpenAI:
 
 async def hold_refund(rw: RunningWarden, fake: FakeProvider, tok: str, arguments: str = REFUND) -> str:
     """Have the model ask for a refund, which is held for approval; returns the request id."""
-    fake.push(Reply(content=None, tool_calls=[{"id": "c1", "name": "refund", "arguments": arguments}]), Reply(content="Your refund awaits approval."))
+    fake.push(
+        Reply(content=None, tool_calls=[{"id": "c1", "name": "refund", "arguments": arguments}]),
+        Reply(content="Your refund awaits approval."),
+    )
     async with app_client(rw, tok) as client:
         raw = await client.chat.completions.with_raw_response.create(**BODY, tools=[fn("refund")])  # type: ignore[list-item]
     assert raw.headers["x-warden-tool-decisions"].startswith("refund=held:apr_")

@@ -12,7 +12,7 @@ from yarl import URL
 from proxy.console import CONSOLE_KEY
 from proxy.console.render import CSP
 from tests.conftest import ADMIN_TOKEN
-from tests.proxy.console.conftest import REFUND, hold_refund
+from tests.proxy.console.conftest import hold_refund
 
 PAGES = ["/console/approvals", "/console/approvals/state", "/console/mode", "/console/audit", "/console/audit/exchange/req_x"]
 
@@ -27,7 +27,7 @@ async def test_every_page_needs_a_session(browser_factory: Any, path: str) -> No
 async def test_sign_in_sets_a_strict_httponly_cookie_and_pages_carry_the_csp(browser_factory: Any) -> None:
     b = await browser_factory()
     _, text, r = await b.get("/console/login")
-    assert r.headers["Content-Security-Policy"] == CSP and "<script src=\"/console/static/console.js\"" in text
+    assert r.headers["Content-Security-Policy"] == CSP and '<script src="/console/static/console.js"' in text
     token = re.search(r'name="login_csrf" value="([^"]+)"', text).group(1)  # type: ignore[union-attr]
     status, _, r = await b.post("/console/login", {"login_csrf": token, "token": ADMIN_TOKEN}, allow_redirects=False)
     assert status == 303 and r.headers["Location"] == "/console/approvals"
@@ -225,8 +225,17 @@ async def test_sign_out_ends_the_session(browser_factory: Any) -> None:
 @pytest.mark.parametrize(
     "query",
     [
-        "status=abc", "status=99999", "since=yesterday", "until=2026-13-45T99:99", "before=1%20OR%201=1", "before=" + "9" * 80,
-        "request_id=" + "x" * 300, "user=%00", "tenant=%0d%0aSet-Cookie:x", "before=1.2", "tool=%25%25%25",
+        "status=abc",
+        "status=99999",
+        "since=yesterday",
+        "until=2026-13-45T99:99",
+        "before=1%20OR%201=1",
+        "before=" + "9" * 80,
+        "request_id=" + "x" * 300,
+        "user=%00",
+        "tenant=%0d%0aSet-Cookie:x",
+        "before=1.2",
+        "tool=%25%25%25",
     ],
 )
 async def test_hostile_audit_queries_get_a_clear_400_or_an_empty_page(browser_factory: Any, query: str) -> None:
@@ -239,7 +248,7 @@ async def test_hostile_audit_queries_get_a_clear_400_or_an_empty_page(browser_fa
 
 
 async def test_audit_search_pages_with_a_cursor_and_finds_a_request_id(cw: Any, fake: Any, token: Any, browser_factory: Any) -> None:
-    rids = [await hold_refund(cw, fake, token(groups=["billing"]), '{"invoice_id": "inv_%d", "amount": 500}' % i) for i in range(3)]
+    rids = [await hold_refund(cw, fake, token(groups=["billing"]), f'{{"invoice_id": "inv_{i}", "amount": 500}}') for i in range(3)]
     b = await browser_factory()
     await b.sign_in()
     _, text, _ = await b.get(f"/console/audit?request_id={rids[1]}")
@@ -268,7 +277,17 @@ async def test_the_exchange_page_tells_the_whole_story(cw: Any, fake: Any, token
     await b.sign_in()
     status, text, _ = await b.get(f"/console/audit/exchange/{rid}")
     assert status == 200
-    for part in ("Prompt", "Injected context", "Tool calls", "Upstream turns", "Answer", "Audit chain", "please refund inv_1", "hold", "Your refund awaits approval."):
+    for part in (
+        "Prompt",
+        "Injected context",
+        "Tool calls",
+        "Upstream turns",
+        "Answer",
+        "Audit chain",
+        "please refund inv_1",
+        "hold",
+        "Your refund awaits approval.",
+    ):
         assert part in text, part
     status, text, _ = await b.get("/console/audit/exchange/<script>")
     assert status == 404 and "<script>" not in text
