@@ -13,7 +13,15 @@ import pytest
 
 from proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN
+from tests.proxy.audit.postgres import conftest as pg_audit
 from tests.fakeprovider import FakeProvider, Reply
+
+# The PostgreSQL audit store fixtures (a migrated schema of each test's own, started stores), for the search tests.
+pg_admin = pg_audit.pg_admin
+pg_schema = pg_audit.pg_schema
+pg_dsn = pg_audit.pg_dsn
+key_file = pg_audit.key_file
+make_pg_log = pg_audit.make_pg_log
 
 REFUND_SCHEMA = {
     "type": "object",

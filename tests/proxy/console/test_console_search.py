@@ -11,7 +11,6 @@ from proxy.audit.base import ReaderQueries
 from proxy.audit.sqlite import SQLiteAuditLog
 from proxy.config import AuditConfig
 from tests.proxy.audit.helpers import make_exchange
-from tests.proxy.audit.postgres.conftest import key_file, make_pg_log, pg_admin, pg_dsn, pg_schema  # noqa: F401
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
