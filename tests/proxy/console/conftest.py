@@ -13,8 +13,8 @@ import pytest
 
 from proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN
-from tests.proxy.audit.postgres import conftest as pg_audit
 from tests.fakeprovider import FakeProvider, Reply
+from tests.proxy.audit.postgres import conftest as pg_audit
 
 # The PostgreSQL audit store fixtures (a migrated schema of each test's own, started stores), for the search tests.
 pg_admin = pg_audit.pg_admin
