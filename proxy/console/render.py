@@ -21,7 +21,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }
-NAV = (("approvals", "Approvals"), ("mode", "Read-only"), ("audit", "Audit"))
+NAV = (("approvals", "Approvals"), ("mode", "Read-only"), ("audit", "Audit"), ("retrieval", "Retrieval"))
 
 
 def esc(value: object) -> str:
