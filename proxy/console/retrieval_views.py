@@ -71,7 +71,7 @@ def _search_form(session: Any, values: dict[str, str], own: str | None) -> str:
         f"{csrf_field(session)}"
         + field("tenant", "Tenant")
         + field("user", "User")
-        + field("groups", "Groups", "comma-separated")
+        + field("groups", "Groups (comma-separated)")
         + field("query", "Question")
         + '<div><button type="submit">Show what would be injected</button></div></form>'
     )

@@ -238,3 +238,64 @@ async def test_a_session_that_expires_sends_the_operator_to_sign_in(page: Page, 
     await run(page.open, "/console/approvals")
     await run(page.wait_text, "Your session has expired")
     assert (await run(lambda: page.d.current_url)).endswith("/console/login?expired=1")
+
+
+async def test_keyboard_only_sign_in_and_approve(page: Page, cw: Any, fake: Any, token: Any) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    await hold_refund(cw, fake, token(groups=["billing"]))
+
+    def by_keyboard() -> str:
+        page.d.delete_all_cookies()
+        page.open("/console/login")
+        active = page.d.switch_to.active_element
+        for _ in range(10):  # skip link, then the token field
+            active.send_keys(Keys.TAB)
+            active = page.d.switch_to.active_element
+            if active.get_attribute("id") == "token":
+                break
+        active.send_keys(ADMIN_TOKEN + Keys.ENTER)
+        page.wait_text("please refund inv_1")
+        for _ in range(30):  # through the navigation and links to the first reason field (the approve form)
+            page.d.switch_to.active_element.send_keys(Keys.TAB)
+            if page.d.switch_to.active_element.get_attribute("name") == "comment":
+                break
+        page.d.switch_to.active_element.send_keys("ok by keyboard" + Keys.ENTER)
+        page.wait_text("Approved apr_")
+        return str(page.d.find_element(By.TAG_NAME, "body").text)
+
+    assert "Approved apr_" in await run(by_keyboard)
+    (rec,) = await cw.warden.audit.search(kind="tools.approval.approve", limit=1)
+    assert rec["data"]["comment"] == "ok by keyboard"
+
+
+async def test_retrieval_what_would_this_principal_get(driver: WebDriver, warden_factory: Any, tmp_path: Path) -> None:
+    rw = await warden_factory(
+        {
+            "plugins": {"enabled": ["headers", "retrieval"]},
+            "retrieval": {"db": str(tmp_path / "r.db"), "index_dir": str(tmp_path / "r-index"), "embedding_model": "fake-embed", "sync_interval_s": 0.2},
+        }
+    )
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        for doc_id, body in {
+            "hr/vacation.md": {"title": "Vacation policy", "text": "# Vacation\n\nEmployees get 25 vacation days per year.", "acl": {"allow_groups": ["staff"]}},
+            "hr/salaries.md": {"title": "Salaries", "text": "# Salaries\n\nVacation pay and salary bands.", "acl": {"allow_groups": ["hr"]}},
+        }.items():
+            async with s.put(f"{rw.admin_url}/admin/documents/acme/{doc_id}?wait=true", json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+                assert r.status == 201
+    p = Page(driver, rw.admin_url)
+    await run(p.sign_in, ADMIN_TOKEN)
+    await run(p.open, "/console/retrieval?tenant=acme")
+
+    def ask() -> str:
+        for name, value in (("s-user", "ann"), ("s-groups", "staff"), ("s-query", "how many vacation days")):
+            p.d.find_element(By.ID, name).send_keys(value)
+        p.d.find_element(By.CSS_SELECTOR, "form[action='/console/retrieval/search'] button[type=submit]").click()
+        p.wait_text("Injected for ann@acme")
+        return str(p.d.find_element(By.TAG_NAME, "body").text)
+
+    body = await run(ask)
+    assert "hr/vacation.md" in body and "hr/salaries.md" in body and "salary bands" not in body
+    await run(p.shot, "retrieval")
