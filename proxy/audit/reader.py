@@ -127,10 +127,12 @@ class AuditReader:
         if kind is not None:
             where.append("kind = ?")
             args.append(kind)
-        sql = "SELECT seq, body FROM records"
+        # The page's sequence numbers first, bodies after: a filter served by an index in another order (tenant and
+        # time, a time range) then sorts integers, not every matching record's body.
+        sql = "SELECT seq FROM records"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
+        sql = f"SELECT seq, body FROM records WHERE seq IN ({sql} ORDER BY seq DESC LIMIT ?) ORDER BY seq DESC"
         args.append(max(1, min(int(limit), 100_000)))
         async with self.db.execute(sql, args) as cur:
             rows = await cur.fetchall()
@@ -141,6 +143,34 @@ class AuditReader:
             rec["_cursor"] = str(seq)
             out.append(rec)
         return out
+
+    async def chain_proof(self, seq: int, origin: str | None = None) -> ChainProof | None:
+        """What shows record ``seq`` in its chain: its row, the previous record's hash, the newest checkpoint, the keys.
+
+        ``origin`` is ignored (one chain per SQLite database); ``None`` when there is no record ``seq``.
+        """
+        async with self.db.execute("SELECT seq, prev_hash, hash, body FROM records WHERE seq IN (?, ?)", (seq - 1, seq)) as cur:
+            rows = {int(r[0]): r for r in await cur.fetchall()}
+        if seq not in rows:
+            return None
+        async with self.db.execute("SELECT value FROM meta WHERE key = 'origin'") as cur:
+            row = await cur.fetchone()
+        async with self.db.execute("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1") as cur:
+            note = await cur.fetchone()
+        async with self.db.execute("SELECT verifier FROM keys") as cur:
+            keys = [str(k[0]) for k in await cur.fetchall()]
+        _, prev_hash, h, body = rows[seq]
+        before = rows.get(seq - 1)
+        return ChainProof(
+            origin=str(row[0]) if row else "",
+            seq=seq,
+            prev_hash=bytes(prev_hash),
+            hash=bytes(h),
+            body=bytes(body),
+            previous_hash=bytes(before[2]) if before is not None else None,
+            checkpoint=str(note[0]) if note else None,
+            keys=keys,
+        )
 
     async def iter_rows(self, after: int = 0, page: int = 1000) -> AsyncIterator[tuple[int, bytes, bytes, bytes]]:
         """``(seq, prev_hash, hash, body)`` in chain order, paged."""
@@ -160,6 +190,23 @@ class AuditReader:
         """Every record in chain order as ``{seq, prev_hash, hash, record}`` (hex hashes), for export."""
         async for seq, prev, h, body in self.iter_rows():
             yield {"seq": seq, "prev_hash": prev.hex(), "hash": h.hex(), "record": orjson.loads(body)}
+
+
+@dataclass(frozen=True, slots=True)
+class ChainProof:
+    """The stored pieces that place one record in its hash chain (see ``proxy.audit.verify`` for the whole proof)."""
+
+    origin: str
+    seq: int
+    prev_hash: bytes
+    hash: bytes
+    body: bytes
+    previous_hash: bytes | None
+    """The stored hash of record ``seq - 1`` (``None``: it is the first record, or was pruned)."""
+    checkpoint: str | None
+    """The newest signed checkpoint note of the chain."""
+    keys: list[str]
+    """The verifier keys the writers published in the database."""
 
 
 class Reader(Protocol):

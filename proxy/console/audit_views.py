@@ -12,6 +12,7 @@ from aiohttp import web
 from proxy.admin import admin_tenant
 from proxy.audit.base import ReaderQueries
 from proxy.console import error_page, html_response, path_quote, safe_id, session_of
+from proxy.console.chain_status import chain_html
 from proxy.console.render import esc, page, pretty, who
 
 if TYPE_CHECKING:
@@ -128,7 +129,9 @@ def routes(app: web.Application, console: Console) -> None:
         if rec is None:
             return error_page(404, "Exchange", f"No exchange {rid} in the audit log (or not in your tenant).", session)
         related = [r for r in await audit.search(admin_tenant(request), limit=100, request_id=rid) if r.get("kind") != "exchange"]
-        return html_response(page(f"Exchange {rid}", _exchange(rec, related), session, "audit"))
+        seq, origin = rec.get("_seq"), rec.get("_origin")
+        proof = await audit.chain_proof(seq, origin if isinstance(origin, str) else None) if isinstance(seq, int) else None
+        return html_response(page(f"Exchange {rid}", _exchange(rec, related, chain_html(proof)), session, "audit"))
 
     app.router.add_get("/console/audit", console.signed_in(search))
     app.router.add_get("/console/audit/exchange/{request_id}", console.signed_in(exchange))
@@ -198,7 +201,7 @@ def _dl(pairs: list[tuple[str, Any]]) -> str:
     return '<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
 
 
-def _exchange(rec: dict[str, Any], related: list[dict[str, Any]]) -> str:
+def _exchange(rec: dict[str, Any], related: list[dict[str, Any]], chain: str) -> str:
     model = rec.get("model") or {}
     lat = rec.get("latency_us") or {}
     err = rec.get("error")
@@ -218,10 +221,6 @@ def _exchange(rec: dict[str, Any], related: list[dict[str, Any]]) -> str:
             ),
             ("Usage", esc(rec.get("usage"))),
             ("Trace", f"<code>{esc(rec.get('trace_id'))}</code>"),
-            (
-                "Audit chain",
-                f"record {esc(rec.get('_seq'))} of chain {esc(rec.get('_origin', 'local'))}; prove it with <code>warden audit verify</code>",
-            ),
         ]
     )
     turns = rec.get("turns") or []
@@ -269,6 +268,7 @@ def _exchange(rec: dict[str, Any], related: list[dict[str, Any]]) -> str:
 
     return (
         f'<section class="card"><h2>Summary</h2>{summary}</section>'
+        f'<section class="card"><h2>Audit chain</h2>{chain}</section>'
         f'<section class="card"><h2>Prompt</h2><ol class="context">{prompt}</ol></section>'
         f'<section class="card"><h2>Injected context</h2><p>{esc(rec.get("retrieval") or "")}</p>'
         + table(("Document", "Title", "Score", "ACL / injection", "Citation"), retrieved, "No retrieved context.")

@@ -273,17 +273,32 @@ async def test_retrieval_what_would_this_principal_get(driver: WebDriver, warden
     rw = await warden_factory(
         {
             "plugins": {"enabled": ["headers", "retrieval"]},
-            "retrieval": {"db": str(tmp_path / "r.db"), "index_dir": str(tmp_path / "r-index"), "embedding_model": "fake-embed", "sync_interval_s": 0.2},
+            "retrieval": {
+                "db": str(tmp_path / "r.db"),
+                "index_dir": str(tmp_path / "r-index"),
+                "embedding_model": "fake-embed",
+                "sync_interval_s": 0.2,
+            },
         }
     )
     import aiohttp
 
     async with aiohttp.ClientSession() as s:
         for doc_id, body in {
-            "hr/vacation.md": {"title": "Vacation policy", "text": "# Vacation\n\nEmployees get 25 vacation days per year.", "acl": {"allow_groups": ["staff"]}},
-            "hr/salaries.md": {"title": "Salaries", "text": "# Salaries\n\nVacation pay and salary bands.", "acl": {"allow_groups": ["hr"]}},
+            "hr/vacation.md": {
+                "title": "Vacation policy",
+                "text": "# Vacation\n\nEmployees get 25 vacation days per year.",
+                "acl": {"allow_groups": ["staff"]},
+            },
+            "hr/salaries.md": {
+                "title": "Salaries",
+                "text": "# Salaries\n\nVacation pay and salary bands.",
+                "acl": {"allow_groups": ["hr"]},
+            },
         }.items():
-            async with s.put(f"{rw.admin_url}/admin/documents/acme/{doc_id}?wait=true", json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+            async with s.put(
+                f"{rw.admin_url}/admin/documents/acme/{doc_id}?wait=true", json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            ) as r:
                 assert r.status == 201
     p = Page(driver, rw.admin_url)
     await run(p.sign_in, ADMIN_TOKEN)

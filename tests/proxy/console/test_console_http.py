@@ -284,6 +284,8 @@ async def test_the_exchange_page_tells_the_whole_story(cw: Any, fake: Any, token
         "Upstream turns",
         "Answer",
         "Audit chain",
+        "matches its hash",
+        "links to the record before it",
         "please refund inv_1",
         "hold",
         "Your refund awaits approval.",

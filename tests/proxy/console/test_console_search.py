@@ -67,3 +67,42 @@ async def test_a_forged_cursor_is_refused(store: Any, cursor: str) -> None:
         return
     with pytest.raises(ValueError):
         await store.search(before=cursor)
+
+
+async def test_chain_findings_of_a_recorded_exchange_are_all_good(store: Any) -> None:
+    from proxy.console.chain_status import chain_findings
+
+    rids = await _fill(store, 3)
+    if hasattr(store, "checkpoint"):
+        await store.checkpoint("test")
+    rec = await store.find(rids[1])
+    proof = await store.chain_proof(rec["_seq"], rec.get("_origin"))
+    assert proof is not None and proof.seq == rec["_seq"]
+    kinds = [k for k, _ in chain_findings(proof)]
+    assert kinds == ["ok", "ok", "ok"], chain_findings(proof)
+    assert "covers this record" in chain_findings(proof)[2][1]
+    assert await store.chain_proof(10_000, rec.get("_origin")) is None
+
+
+async def test_an_altered_record_is_shown_as_altered(tmp_path: Path) -> None:
+    import sqlite3
+
+    from proxy.console.chain_status import chain_findings
+
+    log = SQLiteAuditLog(AuditConfig(durability="sync"), tmp_path / "audit.db", upstream_key=None, provider="openai")  # type: ignore[arg-type]
+    await log.start()
+    try:
+        rids = await _fill(log, 3)
+        rec = await log.find(rids[1])
+        conn = sqlite3.connect(tmp_path / "audit.db")
+        conn.execute("DROP TRIGGER records_no_update")
+        conn.execute("UPDATE records SET body = CAST(REPLACE(CAST(body AS TEXT), 'acme', 'acm3') AS BLOB) WHERE seq = ?", (rec["_seq"],))
+        conn.execute("UPDATE records SET prev_hash = zeroblob(32) WHERE seq = ?", (rec["_seq"] + 1,))
+        conn.commit()
+        conn.close()
+        findings = chain_findings(await log.chain_proof(rec["_seq"]))  # type: ignore[arg-type]
+        assert findings[0][0] == "error" and "altered" in findings[0][1]
+        findings = chain_findings(await log.chain_proof(rec["_seq"] + 1))  # type: ignore[arg-type]
+        assert findings[1][0] == "error" and "does not link" in findings[1][1]
+    finally:
+        await log.stop()
