@@ -11,9 +11,11 @@ from aiohttp import web
 
 from proxy.admin import admin_tenant
 from proxy.audit.base import ReaderQueries
-from proxy.console import error_page, html_response, path_quote, safe_id, session_of
+from proxy.audit.feedback import submit_feedback
+from proxy.console import error_page, html_response, path_quote, read_form, safe_id, see_other, session_of
 from proxy.console.chain_status import chain_html
-from proxy.console.render import esc, page, pretty, who
+from proxy.console.render import csrf_field, esc, page, pretty, who
+from proxy.errors import WardenError
 
 if TYPE_CHECKING:
     from proxy.console import Console
@@ -131,9 +133,46 @@ def routes(app: web.Application, console: Console) -> None:
         related = [r for r in await audit.search(admin_tenant(request), limit=100, request_id=rid) if r.get("kind") != "exchange"]
         seq, origin = rec.get("_seq"), rec.get("_origin")
         proof = await audit.chain_proof(seq, origin if isinstance(origin, str) else None) if isinstance(seq, int) else None
-        return html_response(page(f"Exchange {rid}", _exchange(rec, related, chain_html(proof)), session, "audit"))
+        body = _exchange(rec, related, chain_html(proof)) + _feedback_form(rid, csrf_field(session))
+        return html_response(page(f"Exchange {rid}", body, session, "audit"))
+
+    async def feedback(request: web.Request) -> web.StreamResponse:
+        session = session_of(request)
+        rid = safe_id(request.match_info["request_id"])
+        audit = console.w.audit
+        if rid is None or audit is None:
+            return error_page(404, "Exchange", "No such exchange.", session)
+        form = await read_form(request) or {}
+        payload: dict[str, Any] = {"request_id": rid}
+        rating = form.get("rating", "")
+        if rating:
+            if rating not in {"-1", "0", "1", "2", "3", "4", "5"}:
+                return error_page(400, "Feedback", "rating must be an integer from -1 to 5.", session)
+            payload["rating"] = int(rating)
+        accepted = form.get("accepted_answer", "")
+        if accepted:
+            if accepted not in ("yes", "no"):
+                return error_page(400, "Feedback", "accepted_answer must be yes or no.", session)
+            payload["accepted_answer"] = accepted == "yes"
+        for name in ("comment", "correction"):
+            if form.get(name, "").strip():
+                payload[name] = form[name]
+        own = admin_tenant(request)
+        tenant = own
+        if tenant is None:
+            rec = await audit.find(rid)
+            owner = (rec or {}).get("principal") or {}
+            tenant = owner.get("tenant") if isinstance(owner.get("tenant"), str) else ""
+        try:
+            result = await submit_feedback(audit, session.principal, payload, tenant=tenant)
+        except WardenError as e:
+            session.flash.append(("error", f"Feedback not recorded: {e.message} (rule {e.rule or e.code})."))
+        else:
+            session.flash.append(("ok", f"Feedback {result['id']} recorded."))
+        return see_other(f"/console/audit/exchange/{path_quote(rid)}")
 
     app.router.add_get("/console/audit", console.signed_in(search))
+    app.router.add_post("/console/audit/exchange/{request_id}/feedback", console.signed_in(feedback))
     app.router.add_get("/console/audit/exchange/{request_id}", console.signed_in(exchange))
 
 
@@ -282,4 +321,22 @@ def _exchange(rec: dict[str, Any], related: list[dict[str, Any]], chain: str) ->
         f'<section class="card"><h2>Related records</h2>'
         + table(("Time", "Kind", "Actor", "Data"), rel, "No approvals, feedback or other records name this request.")
         + "</section>"
+    )
+
+
+def _feedback_form(rid: str, csrf: str) -> str:
+    """Record a reviewer's verdict (``feedback`` records, which evaluation exports); at least one field."""
+    ratings = "".join(
+        f'<option value="{v}">{label}</option>'
+        for v, label in (("", "—"), ("1", "👍 1"), ("0", "0"), ("-1", "👎 -1"), ("2", "2"), ("3", "3"), ("4", "4"), ("5", "5"))
+    )
+    return (
+        f'<form method="post" action="/console/audit/exchange/{path_quote(rid)}/feedback" class="card search" aria-label="Feedback">'
+        f"{csrf}<h2>Review this answer</h2>"
+        f'<div><label for="fb-rating">Rating</label><select id="fb-rating" name="rating">{ratings}</select></div>'
+        '<div><label for="fb-accepted">Accepted answer</label><select id="fb-accepted" name="accepted_answer">'
+        '<option value="">—</option><option value="yes">yes</option><option value="no">no</option></select></div>'
+        '<div><label for="fb-comment">Comment</label><input id="fb-comment" name="comment" maxlength="4000"></div>'
+        '<div><label for="fb-correction">Correct answer (override)</label><textarea id="fb-correction" name="correction" rows="3" maxlength="32000"></textarea></div>'
+        '<div><button type="submit">Record feedback</button></div></form>'
     )

@@ -318,3 +318,38 @@ async def test_bad_session_ttl_is_a_config_error(warden_factory: Any) -> None:
 
     with pytest.raises(ConfigError, match="console_session_ttl_s"):
         await warden_factory({"admin": {"console_session_ttl_s": 0}})
+
+
+async def test_feedback_and_an_override_are_recorded_with_the_reviewer(cw: Any, fake: Any, token: Any, browser_factory: Any) -> None:
+    rid = await hold_refund(cw, fake, token(groups=["billing"]))
+    b = await browser_factory()
+    await b.sign_in()
+    csrf = await b.csrf(f"/console/audit/exchange/{rid}")
+    form = {"csrf": csrf, "rating": "-1", "accepted_answer": "no", "comment": "wrong tone", "correction": "Refund queued for approval."}
+    status, text, _ = await b.post(f"/console/audit/exchange/{rid}/feedback", form)
+    assert status == 200 and "Feedback fb_" in text and "recorded" in text
+    assert "Refund queued for approval." in text  # the related records list it
+    (rec,) = await cw.warden.audit.search(kind="feedback", limit=1)
+    assert rec["actor"]["subject"] == "bootstrap-admin" and rec["data"]["request_id"] == rid
+    assert (
+        rec["data"]["rating"] == -1
+        and rec["data"]["accepted_answer"] is False
+        and rec["data"]["correction"] == "Refund queued for approval."
+    )
+    for bad in ({"rating": "7"}, {"accepted_answer": "maybe"}):
+        status, _, _ = await b.post(f"/console/audit/exchange/{rid}/feedback", {"csrf": csrf, **bad})
+        assert status == 400
+    status, text, _ = await b.post(f"/console/audit/exchange/{rid}/feedback", {"csrf": csrf})
+    assert "Feedback not recorded" in text and "feedback.schema" in text
+    status, text, _ = await b.post(f"/console/audit/exchange/{rid}/feedback", {"rating": "1"})
+    assert status == 403
+
+
+async def test_a_tenant_admin_cannot_review_another_tenants_exchange(cw: Any, fake: Any, token: Any, browser_factory: Any) -> None:
+    rid = await hold_refund(cw, fake, token(groups=["billing"]))
+    b = await browser_factory()
+    await b.sign_in(token(tenant="globex", sub="gadmin", scope="warden:admin"))
+    csrf = await b.csrf("/console/mode")
+    _, text, _ = await b.post(f"/console/audit/exchange/{rid}/feedback", {"csrf": csrf, "rating": "1"})
+    assert "Feedback not recorded" in text and "feedback.request" in text
+    assert await cw.warden.audit.search(kind="feedback") == []
