@@ -103,18 +103,10 @@ class AuditReader:
                 raise ValueError("not a cursor of this audit store")
             where.append("seq < ?")
             args.append(int(before))
-        if request_id is not None:
-            where.append("request_id = ?")
-            args.append(request_id)
-        if status is not None:
-            where.append("status = ?")
-            args.append(status)
-        if tenant is not None:
-            where.append("tenant = ?")
-            args.append(tenant)
-        if user is not None:
-            where.append("subject = ?")
-            args.append(user)
+        for column, value in (("request_id", request_id), ("status", status), ("tenant", tenant), ("subject", user), ("kind", kind)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
         if tool is not None:
             where.append("tools LIKE ? ESCAPE '\\'")
             args.append(f"%,{_like(tool)},%")
@@ -124,9 +116,6 @@ class AuditReader:
         if until is not None:
             where.append("ts_us < ?")
             args.append(until)
-        if kind is not None:
-            where.append("kind = ?")
-            args.append(kind)
         # The page's sequence numbers first, bodies after: a filter served by an index in another order (tenant and
         # time, a time range) then sorts integers, not every matching record's body.
         sql = "SELECT seq FROM records"

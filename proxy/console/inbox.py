@@ -32,10 +32,6 @@ def redactor_for(console: Console) -> Redactor:
     return Projector.for_audit(cfg.audit, upstream_key=cfg.upstream.api_key, secrets=secret_values(cfg), provider=None).redactor
 
 
-def _tools_missing(session_page: str) -> str:
-    return f'<p class="flash warn">The tools plugin is not enabled on this Warden: there are no {session_page}.</p>'
-
-
 async def _held_context(console: Console, apr: dict[str, Any]) -> tuple[str | None, list[Any]]:
     """The rule that held the call and the conversation's last messages, from the exchange's audit record."""
     audit = console.w.audit
@@ -72,13 +68,21 @@ def _message(m: dict[str, Any]) -> str:
 def routes(app: web.Application, console: Console) -> None:
     redactor = redactor_for(console)
 
+    async def _read(request: web.Request, path: str, title: str, active: str) -> tuple[Any, web.Response | None]:
+        """A tools admin API read, or the page to answer instead (plugin not enabled, or the API refused)."""
+        status, data = await console.api.call(request, "GET", path)
+        if status == 404:
+            note = f'<p class="flash warn">The tools plugin is not enabled on this Warden: there is no {esc(title.lower())} page.</p>'
+            return None, html_response(page(title, note, session_of(request), active))
+        if status != 200:
+            return None, error_page(status, title, api_error(data), session_of(request))
+        return data, None
+
     async def approvals(request: web.Request) -> web.StreamResponse:
         session = session_of(request)
-        status, data = await console.api.call(request, "GET", "/admin/approvals?status=pending&limit=200")
-        if status == 404:
-            return html_response(page("Approvals", _tools_missing("approvals"), session, "approvals"))
-        if status != 200:
-            return error_page(status, "Approvals", api_error(data), session)
+        data, refusal = await _read(request, "/admin/approvals?status=pending&limit=200", "Approvals", "approvals")
+        if refusal is not None:
+            return refusal
         _, recent = await console.api.call(request, "GET", "/admin/approvals?status=all&limit=20")
         now = time.time()
         items = []
@@ -171,11 +175,9 @@ def routes(app: web.Application, console: Console) -> None:
 
     async def mode(request: web.Request) -> web.StreamResponse:
         session = session_of(request)
-        status, data = await console.api.call(request, "GET", "/admin/mode")
-        if status == 404:
-            return html_response(page("Read-only mode", _tools_missing("switches"), session, "mode"))
-        if status != 200:
-            return error_page(status, "Read-only mode", api_error(data), session)
+        data, refusal = await _read(request, "/admin/mode", "Read-only mode", "mode")
+        if refusal is not None:
+            return refusal
         own = admin_tenant(request)
 
         def switch(target: str, label: str) -> str:

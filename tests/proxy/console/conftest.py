@@ -117,3 +117,39 @@ async def browser_factory(cw: RunningWarden) -> AsyncIterator[Callable[[], Await
     yield make
     for b in made:
         await b.close()
+
+
+@pytest.fixture
+async def retrieval_warden(warden_factory: Any, tmp_path: Path) -> RunningWarden:
+    """Warden with the retrieval plugin and three documents: two of acme (readable by staff / by hr), one of globex."""
+    rw: RunningWarden = await warden_factory(
+        {
+            "plugins": {"enabled": ["headers", "retrieval"]},
+            "retrieval": {
+                "db": str(tmp_path / "r.db"),
+                "index_dir": str(tmp_path / "r-index"),
+                "embedding_model": "fake-embed",
+                "sync_interval_s": 0.2,
+            },
+        }
+    )
+    docs = {
+        ("acme", "hr/vacation.md"): {
+            "title": "Vacation policy",
+            "text": "# Vacation\n\nEmployees get 25 vacation days per year.",
+            "acl": {"allow_groups": ["staff"]},
+        },
+        ("acme", "hr/salaries.md"): {
+            "title": "Salaries",
+            "text": "# Salaries\n\nVacation pay and salary bands for every level.",
+            "acl": {"allow_groups": ["hr"]},
+        },
+        ("globex", "secret.md"): {"title": "Globex plans", "text": "Globex vacation plans are secret.", "acl": {"public": True}},
+    }
+    async with aiohttp.ClientSession() as s:
+        for (tenant, doc_id), body in docs.items():
+            async with s.put(
+                f"{rw.admin_url}/admin/documents/{tenant}/{doc_id}?wait=true", json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            ) as r:
+                assert r.status == 201
+    return rw

@@ -269,37 +269,8 @@ async def test_keyboard_only_sign_in_and_approve(page: Page, cw: Any, fake: Any,
     assert rec["data"]["comment"] == "ok by keyboard"
 
 
-async def test_retrieval_what_would_this_principal_get(driver: WebDriver, warden_factory: Any, tmp_path: Path) -> None:
-    rw = await warden_factory(
-        {
-            "plugins": {"enabled": ["headers", "retrieval"]},
-            "retrieval": {
-                "db": str(tmp_path / "r.db"),
-                "index_dir": str(tmp_path / "r-index"),
-                "embedding_model": "fake-embed",
-                "sync_interval_s": 0.2,
-            },
-        }
-    )
-    import aiohttp
-
-    async with aiohttp.ClientSession() as s:
-        for doc_id, body in {
-            "hr/vacation.md": {
-                "title": "Vacation policy",
-                "text": "# Vacation\n\nEmployees get 25 vacation days per year.",
-                "acl": {"allow_groups": ["staff"]},
-            },
-            "hr/salaries.md": {
-                "title": "Salaries",
-                "text": "# Salaries\n\nVacation pay and salary bands.",
-                "acl": {"allow_groups": ["hr"]},
-            },
-        }.items():
-            async with s.put(
-                f"{rw.admin_url}/admin/documents/acme/{doc_id}?wait=true", json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
-            ) as r:
-                assert r.status == 201
+async def test_retrieval_what_would_this_principal_get(driver: WebDriver, retrieval_warden: Any) -> None:
+    rw = retrieval_warden
     p = Page(driver, rw.admin_url)
     await run(p.sign_in, ADMIN_TOKEN)
     await run(p.open, "/console/retrieval?tenant=acme")

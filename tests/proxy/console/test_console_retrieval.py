@@ -2,49 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_TOKEN
 from tests.proxy.console.conftest import Browser
 
 
 @pytest.fixture
-async def rw(warden_factory: Any, tmp_path: Path) -> Any:
-    rw = await warden_factory(
-        {
-            "plugins": {"enabled": ["headers", "retrieval"]},
-            "retrieval": {
-                "db": str(tmp_path / "r.db"),
-                "index_dir": str(tmp_path / "r-index"),
-                "embedding_model": "fake-embed",
-                "sync_interval_s": 0.2,
-            },
-        }
-    )
-    docs = {
-        ("acme", "hr/vacation.md"): {
-            "title": "Vacation policy",
-            "text": "# Vacation\n\nEmployees get 25 vacation days per year.",
-            "acl": {"allow_groups": ["staff"]},
-        },
-        ("acme", "hr/salaries.md"): {
-            "title": "Salaries",
-            "text": "# Salaries\n\nVacation pay and salary bands for every level.",
-            "acl": {"allow_groups": ["hr"]},
-        },
-        ("globex", "secret.md"): {"title": "Globex plans", "text": "Globex vacation plans are secret.", "acl": {"public": True}},
-    }
-    async with aiohttp.ClientSession() as s:
-        for (tenant, doc_id), body in docs.items():
-            async with s.put(
-                f"{rw.admin_url}/admin/documents/{tenant}/{doc_id}?wait=true", json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
-            ) as r:
-                assert r.status == 201
-    return rw
+async def rw(retrieval_warden: Any) -> Any:
+    return retrieval_warden
 
 
 @pytest.fixture
