@@ -158,7 +158,7 @@ async def measure(path: Path, picked: dict[str, Any], repeat: int) -> list[tuple
                 ("audit, tenant + user", f"/console/audit?tenant={picked['tenant']}&user={picked['user']}"),
                 ("audit, tool", "/console/audit?tool=refund"),
                 ("audit, status 502", "/console/audit?status=502"),
-                ("audit, model (scan, ≤2000 read)", "/console/audit?model=llama-3-70b"),
+                ("audit, model (scan, ≤1000 read)", "/console/audit?model=llama-3-70b"),
                 ("audit, one-day range", f"/console/audit?since={picked['since']}&until={picked['until']}"),
                 (
                     "audit, tenant + one-day range",

@@ -82,7 +82,9 @@ class AdminApi:
         """``(status, decoded JSON)`` of one admin API call on the listener that served ``request``."""
         sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
         if not isinstance(sock, tuple) or len(sock) < 2:
-            raise WardenError("the console cannot reach the admin API on this listener", status=500, code="console_unavailable")
+            raise WardenError(
+                "the console cannot reach the admin API on this listener", status=500, code="console_unavailable", rule="console.admin_api"
+            )
         host = str(sock[0])
         url = f"http://{'[' + host + ']' if ':' in host else host}:{int(sock[1])}{path}"
         if self._http is None:
@@ -91,12 +93,17 @@ class AdminApi:
         headers = {"Authorization": session_of(request).credential}
         if data is not None:
             headers["Content-Type"] = "application/json"
-        async with self._http.request(method, url, data=data, headers=headers) as resp:
-            raw = await resp.read()
-            try:
-                return resp.status, orjson.loads(raw) if raw else None
-            except orjson.JSONDecodeError:
-                return resp.status, None
+        try:
+            async with self._http.request(method, url, data=data, headers=headers) as resp:
+                raw = await resp.read()
+                try:
+                    return resp.status, orjson.loads(raw) if raw else None
+                except orjson.JSONDecodeError:
+                    return resp.status, None
+        except (aiohttp.ClientError, TimeoutError):
+            raise WardenError(
+                "the admin API did not answer the console", status=502, code="console_unavailable", rule="console.admin_api"
+            ) from None
 
 
 def api_error(data: Any) -> str:
@@ -134,7 +141,10 @@ class Console:
                 refusal = await self._check_post(request, session)
                 if refusal is not None:
                     return refusal
-            return await handler(request)
+            try:
+                return await handler(request)
+            except WardenError as e:
+                return error_page(e.status, "Error", f"{e.message} (rule {e.rule or e.code}).", session)
 
         return wrapped
 

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from proxy.console import Console
 
 PAGE = 50
-MODEL_SCAN = 2000
+MODEL_SCAN = 1000
+MODEL_BATCH = 250
 """Records read per page when filtering by model (the model is not an indexed column)."""
 TEXT_FIELDS = ("request_id", "tenant", "user", "tool", "model", "kind")
 MAX_FIELD = 256
@@ -96,10 +97,11 @@ def routes(app: web.Application, console: Console) -> None:
         rows: list[dict[str, Any]] = []
         cursor = f["before"]
         scanned = 0
+        size = PAGE if f["model"] is None else MODEL_BATCH
         try:
-            while len(rows) < PAGE:
+            while True:
                 batch = await audit.search(
-                    f["tenant"], f["user"], f["tool"], f["since"], f["until"], PAGE if f["model"] is None else 500, f["kind"],
+                    f["tenant"], f["user"], f["tool"], f["since"], f["until"], size, f["kind"],
                     request_id=f["request_id"], status=f["status"], before=cursor,
                 )  # fmt: skip
                 for rec in batch:
@@ -109,7 +111,7 @@ def routes(app: web.Application, console: Console) -> None:
                         rows.append(rec)
                         if len(rows) == PAGE:
                             break
-                if len(batch) < (PAGE if f["model"] is None else 500) or f["model"] is None or scanned >= MODEL_SCAN:
+                if len(rows) == PAGE or len(batch) < size or f["model"] is None or scanned >= MODEL_SCAN:
                     break
         except ValueError:
             return html_response(
