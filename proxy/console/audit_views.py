@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+import orjson
 from aiohttp import web
 
 from proxy.admin import admin_tenant
@@ -238,6 +239,16 @@ def _pager(request: web.Request, cursor: str | None, took_ms: float, scanned: in
     return f'<p class="pager"><a href="/console/audit?{esc(urlencode(q))}" rel="next">Older records →</a></p>{note}'
 
 
+def _json_text(value: Any) -> Any:
+    """Tool-call arguments are recorded as the model's text: shown parsed when they are JSON."""
+    if isinstance(value, str):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    return value
+
+
 def _dl(pairs: list[tuple[str, Any]]) -> str:
     return '<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
 
@@ -260,7 +271,12 @@ def _exchange(rec: dict[str, Any], related: list[dict[str, Any]], chain: str) ->
                 "Timings",
                 esc(", ".join(f"{k} {v / 1000:.1f} ms" for k, v in (rec.get("timings_us") or {}).items() if isinstance(v, (int, float)))),
             ),
-            ("Usage", esc(rec.get("usage"))),
+            (
+                "Usage",
+                esc(
+                    ", ".join(f"{k.removesuffix('_tokens')} {v}" for k, v in (rec.get("usage") or {}).items() if isinstance(v, int)) or "—"
+                ),
+            ),
             ("Trace", f"<code>{esc(rec.get('trace_id'))}</code>"),
         ]
     )
@@ -284,7 +300,7 @@ def _exchange(rec: dict[str, Any], related: list[dict[str, Any]], chain: str) ->
     )
     calls = "".join(
         f"<tr><td>{esc(c.get('turn'))}</td><td><code>{esc(c.get('name'))}</code></td><td>{esc(c.get('decision'))}</td>"
-        f"<td><code>{esc(c.get('rule'))}</code></td><td>{esc(c.get('reason'))}</td><td><pre>{pretty(c.get('arguments'))}</pre></td></tr>"
+        f"<td><code>{esc(c.get('rule'))}</code></td><td>{esc(c.get('reason'))}</td><td><pre>{pretty(_json_text(c.get('arguments')))}</pre></td></tr>"
         for c in rec.get("tool_calls") or []
         if isinstance(c, dict)
     )
@@ -333,12 +349,13 @@ def _feedback_form(rid: str, csrf: str) -> str:
         for v, label in (("", "—"), ("1", "👍 1"), ("0", "0"), ("-1", "👎 -1"), ("2", "2"), ("3", "3"), ("4", "4"), ("5", "5"))
     )
     return (
-        f'<form method="post" action="/console/audit/exchange/{path_quote(rid)}/feedback" class="card search" aria-label="Feedback">'
-        f"{csrf}<h2>Review this answer</h2>"
+        '<section class="card"><h2 id="review">Review this answer</h2>'
+        f'<form method="post" action="/console/audit/exchange/{path_quote(rid)}/feedback" class="search" aria-labelledby="review">'
+        f"{csrf}"
         f'<div><label for="fb-rating">Rating</label><select id="fb-rating" name="rating">{ratings}</select></div>'
         '<div><label for="fb-accepted">Accepted answer</label><select id="fb-accepted" name="accepted_answer">'
         '<option value="">—</option><option value="yes">yes</option><option value="no">no</option></select></div>'
         '<div><label for="fb-comment">Comment</label><input id="fb-comment" name="comment" maxlength="4000"></div>'
         '<div><label for="fb-correction">Correct answer (override)</label><textarea id="fb-correction" name="correction" rows="3" maxlength="32000"></textarea></div>'
-        '<div><button type="submit">Record feedback</button></div></form>'
+        '<div><button type="submit">Record feedback</button></div></form></section>'
     )
