@@ -42,10 +42,10 @@ def _login_form(token: str, message: str = "", kind: str = "error") -> str:
     )
 
 
-def _login_page(message: str = "", status: int = 200, kind: str = "error") -> web.Response:
+def _login_page(request: web.Request, message: str = "", status: int = 200, kind: str = "error") -> web.Response:
     token = new_token()
     resp = html_response(page("Sign in", _login_form(token, message, kind), None), status=status)
-    resp.set_cookie(LOGIN_COOKIE, token, path="/console/login", httponly=True, samesite="Strict", max_age=3600)
+    resp.set_cookie(LOGIN_COOKIE, token, path="/console/login", httponly=True, secure=request.secure, samesite="Strict", max_age=3600)
     return resp
 
 
@@ -54,27 +54,27 @@ def routes(app: web.Application, console: Console) -> None:
         if console.sessions.get(request.cookies.get(COOKIE)) is not None:
             return see_other("/console/approvals")
         if request.query.get("expired") == "1":
-            return _login_page("Your session has expired; sign in again.", kind="warn")
-        return _login_page()
+            return _login_page(request, "Your session has expired; sign in again.", kind="warn")
+        return _login_page(request)
 
     async def login(request: web.Request) -> web.StreamResponse:
         if not same_origin(request):
-            return _login_page("The sign-in came from another site (rule console.origin).", status=403)
+            return _login_page(request, "The sign-in came from another site (rule console.origin).", status=403)
         form = await read_form(request)
         if form is None:
-            return _login_page("The form could not be read (rule console.form).", status=400)
+            return _login_page(request, "The form could not be read (rule console.form).", status=400)
         expected = request.cookies.get(LOGIN_COOKIE, "")
         given = form.get("login_csrf", "")
         if not expected or not hmac.compare_digest(expected.encode("utf-8", "surrogateescape"), given.encode("utf-8", "surrogateescape")):
-            return _login_page("The sign-in form expired; try again (rule console.csrf).", status=403)
+            return _login_page(request, "The sign-in form expired; try again (rule console.csrf).", status=403)
         credential = form.get("token", "").strip()
         if not credential or len(credential) > MAX_CREDENTIAL:
-            return _login_page("Enter an admin token.", status=400)
+            return _login_page(request, "Enter an admin token.", status=400)
         header = f"Bearer {credential}"
         try:
             principal = await console.authenticate(header)
         except WardenError as e:
-            return _login_page(f"Sign-in refused: {e.message} (rule {e.rule or e.code}).", status=e.status)
+            return _login_page(request, f"Sign-in refused: {e.message} (rule {e.rule or e.code}).", status=e.status)
         exp = principal.claims.get("exp") if principal.claims else None
         sid, session = console.sessions.create(principal, header, float(exp) if isinstance(exp, (int, float)) else None)
         await console.w.record_event("console.sign_in", principal.summary(), {"expires": session.expires})
