@@ -16,6 +16,7 @@ from proxy.audit.feedback import submit_feedback
 from proxy.console import error_page, html_response, path_quote, read_form, safe_id, see_other, session_of
 from proxy.console.chain_status import chain_html
 from proxy.console.render import csrf_field, esc, page, pretty, who
+from proxy.console.replay_view import replay_form
 from proxy.errors import WardenError
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def routes(app: web.Application, console: Console) -> None:
         related = [r for r in await audit.search(admin_tenant(request), limit=100, request_id=rid) if r.get("kind") != "exchange"]
         seq, origin = rec.get("_seq"), rec.get("_origin")
         proof = await audit.chain_proof(seq, origin if isinstance(origin, str) else None) if isinstance(seq, int) else None
-        body = _exchange(rec, related, chain_html(proof)) + _feedback_form(rid, csrf_field(session))
+        body = _exchange(rec, related, chain_html(proof)) + _feedback_form(rid, csrf_field(session)) + replay_form(rid, csrf_field(session))
         return html_response(page(f"Exchange {rid}", body, session, "audit"))
 
     async def feedback(request: web.Request) -> web.StreamResponse:

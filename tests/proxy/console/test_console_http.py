@@ -353,3 +353,32 @@ async def test_a_tenant_admin_cannot_review_another_tenants_exchange(cw: Any, fa
     _, text, _ = await b.post(f"/console/audit/exchange/{rid}/feedback", {"csrf": csrf, "rating": "1"})
     assert "Feedback not recorded" in text and "feedback.request" in text
     assert await cw.warden.audit.search(kind="feedback") == []
+
+
+async def test_replay_against_another_model_side_by_side(cw: Any, fake: Any, token: Any, browser_factory: Any) -> None:
+    from tests.fakeprovider import Reply
+    from tests.proxy.console.conftest import BODY, app_client
+
+    fake.push(Reply(content="Refunds take 5 days."))
+    async with app_client(cw, token()) as client:
+        raw = await client.chat.completions.with_raw_response.create(**BODY)
+    rid = raw.headers["x-request-id"]
+    b = await browser_factory()
+    await b.sign_in()
+    csrf = await b.csrf(f"/console/audit/exchange/{rid}")
+    fake.push(Reply(content="Refunds take 3 days.", model="other-model"))
+    status, text, _ = await b.post(f"/console/audit/exchange/{rid}/replay", {"csrf": csrf, "model": "other-model"})
+    assert status == 200 and "Refunds take 5 days." in text and "Refunds take 3 days." in text and "differs" in text
+    sent = fake.chat_requests()[-1]
+    assert sent.body["model"] == "other-model" and sent.body["messages"] == BODY["messages"]
+    (rec,) = await cw.warden.audit.search(kind="console.replay", limit=1)
+    assert rec["actor"]["subject"] == "bootstrap-admin" and rec["data"] == {"request_id": rid, "model": "other-model", "status": 200}
+    status, _, _ = await b.post(f"/console/audit/exchange/{rid}/replay", {"csrf": csrf, "model": "x" * 200})
+    assert status == 400
+    status, _, _ = await b.post(f"/console/audit/exchange/{rid}/replay", {"model": "m"})
+    assert status == 403
+    tenant_admin = await browser_factory()
+    await tenant_admin.sign_in(token(tenant="globex", sub="gadmin", scope="warden:admin"))
+    csrf = await tenant_admin.csrf("/console/mode")
+    status, text, _ = await tenant_admin.post(f"/console/audit/exchange/{rid}/replay", {"csrf": csrf})
+    assert status == 404 and "not in your tenant" in text
