@@ -106,3 +106,42 @@ async def test_an_altered_record_is_shown_as_altered(tmp_path: Path) -> None:
         assert findings[1][0] == "error" and "does not link" in findings[1][1]
     finally:
         await log.stop()
+
+
+async def test_the_console_on_a_postgresql_audit_log(
+    warden_factory: Any, tmp_path: Path, pg_dsn: str, key_file: Path, monkeypatch: pytest.MonkeyPatch, fake: Any, token: Any
+) -> None:
+    import re
+
+    from tests.proxy.console.conftest import TOOLS, Browser, hold_refund
+
+    monkeypatch.setenv("WARDEN_TEST_AUDIT_DSN", pg_dsn)
+    rw = await warden_factory(
+        {
+            "plugins": {"enabled": ["tools", "headers"]},
+            "policy": {"state_db": str(tmp_path / "state.db"), "read_only": False, "mode_refresh_s": 0},
+            "tools": TOOLS,
+            "audit": {"enabled": True, "backend": "postgres", "durability": "sync", "signing_key_file": str(key_file)},
+            "database": {"dsn_env": "WARDEN_TEST_AUDIT_DSN", "pool_max": 4},
+        }
+    )
+    rids = [await hold_refund(rw, fake, token(groups=["billing"]), f'{{"invoice_id": "inv_{i}", "amount": 500}}') for i in range(3)]
+    b = Browser(rw)
+    try:
+        await b.sign_in()
+        _, text, _ = await b.get(f"/console/audit?request_id={rids[1]}")
+        assert rids[1] in text and rids[0] not in text
+        import proxy.console.audit_views as av
+
+        monkeypatch.setattr(av, "PAGE", 2)
+        _, text, _ = await b.get("/console/audit?kind=exchange")
+        assert rids[2] in text and rids[1] in text and rids[0] not in text
+        nxt = re.search(r'href="(/console/audit\?[^"]+)" rel="next"', text).group(1).replace("&amp;", "&")  # type: ignore[union-attr]
+        _, text, _ = await b.get(nxt)
+        assert rids[0] in text and rids[1] not in text
+        status, text, _ = await b.get(f"/console/audit/exchange/{rids[0]}")
+        assert status == 200 and "matches its hash" in text and "links to the record before it" in text and "please refund inv_1" in text
+        _, text, _ = await b.get("/console/approvals")
+        assert text.count("data-approval=") == 3
+    finally:
+        await b.close()
