@@ -19,6 +19,7 @@ from aiohttp import web
 from proxy import chat
 from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout
 from proxy.exchange import Exchange
+from proxy.mcp import flow as mcp_flow
 from proxy.pipeline import Flow, Incoming, JsonReply, Reply, StreamReply, provider_error_reply
 
 if TYPE_CHECKING:
@@ -104,4 +105,4 @@ async def feedback(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     return JsonReply(200, orjson.dumps(result))
 
 
-FLOWS: dict[str, Flow] = {"chat": chat.run, "relay": relay, "feedback": feedback}
+FLOWS: dict[str, Flow] = {"chat": chat.run, "relay": relay, "feedback": feedback, "mcp": mcp_flow.run}

@@ -140,6 +140,25 @@ class Decision:
         return Decision("hold", rule, reason, approval_id=approval_id)
 
 
+@dataclass(frozen=True, slots=True)
+class ToolOffer:
+    """Whether a tool may be shown to this principal now, before any call (MCP ``tools/list``).
+
+    ``allowed`` false: hidden, ``rule`` and ``reason`` say why.  Allowed: the
+    policy's ``effect``, its argument ``schema`` (what is enforced, so what
+    the caller is shown) and its ``description`` override (``""``: keep the
+    upstream's).
+    """
+
+    name: str
+    allowed: bool
+    rule: str
+    reason: str = ""
+    effect: str = "write"
+    schema: dict[str, Any] | None = None
+    description: str = ""
+
+
 @dataclass(slots=True)
 class ToolDecisionRecord:
     """A tool call and the verdict on it, as kept on the exchange."""
@@ -337,6 +356,8 @@ class Exchange:
     relayed_bytes: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)
     local_reply: LocalReply | None = None
+    mcp: dict[str, Any] | None = None
+    """What the MCP gateway did (server, method, tool, session, decision, result digest), recorded as ``mcp``."""
     slots: Slots = field(default_factory=Slots)
     plugin_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)

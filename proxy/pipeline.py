@@ -156,7 +156,7 @@ class Pipeline:
     def __init__(self, w: Warden, flows: dict[str, Flow]) -> None:
         self.w = w
         self.flows = flows
-        self.routes = RouteTable(w.config.server.passthrough_routes)
+        self.routes = RouteTable(w.config.server.passthrough_routes, tuple(s.name for s in w.config.mcp.servers))
         self.streams: set[asyncio.Task[Any]] = set()
         """Requests relaying a stream."""
         self.waiting: set[asyncio.Task[Any]] = set()

@@ -148,6 +148,17 @@ CORE_ROUTES: tuple[Route, ...] = (
 )
 
 
+def mcp_routes(server: str) -> tuple[Route, ...]:
+    """The Streamable HTTP endpoint of one configured MCP server (``[[mcp.servers]]``): messages in
+    (POST), the server's stream (GET), the end of a session (DELETE); one route name ``mcp {server}``."""
+    template, name = f"/mcp/{server}", f"mcp {server}"
+    return (
+        _route("POST", template, name, "mcp", "mcp", True),
+        _route("GET", template, name, "mcp", "mcp", False),
+        _route("DELETE", template, name, "mcp", "mcp", False),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Match:
     route: Route
@@ -157,10 +168,12 @@ class Match:
 class RouteTable:
     """The allow-list, compiled once per config: exact paths in a dict, templates scanned."""
 
-    def __init__(self, extra: list[str]) -> None:
+    def __init__(self, extra: list[str], mcp_servers: tuple[str, ...] = ()) -> None:
         self.routes: list[Route] = list(CORE_ROUTES)
         for i, spec in enumerate(extra):
             self.routes.append(parse_route_spec(spec, f"server.passthrough_routes[{i}]"))
+        for server in mcp_servers:
+            self.routes.extend(mcp_routes(server))
         self._exact: dict[str, dict[str, Route]] = {}
         self._templated: list[Route] = []
         for r in self.routes:

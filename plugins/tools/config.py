@@ -19,7 +19,8 @@ from plugins.tools.bounds import MAX_BYTES_LIMIT, MAX_DEPTH_LIMIT
 from proxy.errors import ConfigError
 from proxy.gcra import Rate, parse_rate
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NAME_RE = re.compile(r"^(?:[a-z][a-z0-9_-]{0,31}\.)?[A-Za-z0-9_-]{1,64}$")
+"""A function name, or ``server.tool`` for a tool of the MCP server ``server`` (``[[mcp.servers]]``)."""
 MAX_ERRORS_REPORTED = 20
 MAX_ERROR_CHARS = 300
 
@@ -79,7 +80,7 @@ class ToolSpec:
     """One ``[[tools]]`` entry: a governed tool."""
 
     name: str
-    """The function name the model calls (``^[A-Za-z0-9_-]{1,64}$``)."""
+    """The function name the model calls (``^[A-Za-z0-9_-]{1,64}$``), or ``server.tool`` for a tool of an MCP server."""
     effect: Literal["read", "write"]
     """``write`` tools are removed and refused while read-only mode is on."""
     schema: dict[str, Any]

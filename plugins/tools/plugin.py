@@ -22,11 +22,12 @@ from typing import Any
 from plugins.tools.admin import ToolsAdmin
 from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
 from plugins.tools.judge import ExchangeState, ToolJudge
+from plugins.tools.offer import offer
 from plugins.tools.policy import ModeState, permission_failure
 from plugins.tools.request import fence_tools, scan_history
 from plugins.tools.store import StateBackendDown, ToolStateStore, ToolStore
 from proxy.errors import BadRequest, ConfigError, ServiceUnavailable
-from proxy.exchange import Decision, Exchange, StateKey, ToolCall
+from proxy.exchange import Decision, Exchange, StateKey, ToolCall, ToolOffer
 from proxy.plugin import Plugin, PluginContext
 
 log = logging.getLogger("warden.tools")
@@ -312,6 +313,10 @@ class ToolsPlugin(Plugin):
         if decision.details is not None and decision.details.get("approval") == "requested":
             self.approvals_pending += 1
         return decision
+
+    def on_tool_offer(self, ex: Exchange, name: str) -> ToolOffer:
+        """Whether ``name`` may be shown to this principal (see :mod:`plugins.tools.offer`)."""
+        return offer(self.registry, self.mode, ex.principal, name)
 
     async def on_response(self, ex: Exchange) -> None:
         """Add ``x-warden-tool-decisions`` summarising every verdict of the exchange."""

@@ -296,6 +296,8 @@ class Projector:
         meta["request_headers"] = {k: v for k, v in ex.request_headers.items() if k.lower() not in _DROP_HEADERS}
         meta["response_headers"] = ex.response_headers
         meta["plugins"] = ex.plugin_fields
+        if ex.mcp is not None:
+            meta["mcp"] = ex.mcp
         if scrub:
             meta = _scrub(meta, 0)
         redactor = self.redactor

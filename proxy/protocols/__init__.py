@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from proxy.protocols.anthropic import AnthropicMessages
 from proxy.protocols.base import Bounds, Protocol, StreamRenderer
+from proxy.protocols.mcp import MCP_PATH, McpProtocol
 from proxy.protocols.openai_chat import OpenAIChat, OpenAIRelay
 
 __all__ = ["Bounds", "Protocol", "StreamRenderer", "adapter_for", "protocol_for_path", "ANTHROPIC_PATH"]
@@ -21,7 +22,7 @@ ANTHROPIC_PATH = "/v1/messages"
 """The Messages API's path; it and every path below it answer in Anthropic's format."""
 
 _RELAY = OpenAIRelay()
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (OpenAIChat(), AnthropicMessages())}
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (OpenAIChat(), AnthropicMessages(), McpProtocol())}
 """Adapters by ``Exchange.protocol``; every other protocol (embeddings, models, feedback, pass-through) is OpenAI-format."""
 
 
@@ -34,4 +35,6 @@ def protocol_for_path(path: str) -> str:
     """The protocol a request's errors are rendered in before it is routed (by its raw path)."""
     if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
         return AnthropicMessages.name
+    if path == MCP_PATH or path.startswith(MCP_PATH + "/"):
+        return McpProtocol.name
     return OpenAIChat.name
