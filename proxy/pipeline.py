@@ -282,8 +282,9 @@ class Pipeline:
             ex.body_refused = "request.json"
             raise BadRequest(f"request body is not valid JSON: {safe_text(e.msg, 120)}", rule="request.json") from None
         if not isinstance(body, dict):
-            ex.body_refused = "request.json"
-            raise BadRequest("request body must be a JSON object", rule="request.json")
+            err = adapter_for(route.protocol).not_an_object(body)
+            ex.body_refused = err.rule
+            raise err
         if depth_exceeds(body, ex.raw_body, cfg.max_json_depth):
             ex.body_refused = "request.json_depth"
             raise BadRequest(f"request body nests deeper than {cfg.max_json_depth} levels", rule="request.json_depth")

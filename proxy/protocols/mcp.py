@@ -16,7 +16,7 @@ import orjson
 
 from proxy.errors import WardenError
 from proxy.exchange import Exchange
-from proxy.mcp.jsonrpc import classify, error_message, rpc_code
+from proxy.mcp.jsonrpc import McpRefusal, classify, error_message, rpc_code
 from proxy.protocols.base import Bounds, Protocol, StreamRenderer
 
 MCP_PATH = "/mcp"
@@ -76,6 +76,11 @@ class McpProtocol(Protocol):
     def parse(self, ex: Exchange, body: dict[str, Any], bounds: Bounds) -> None:
         ex.client_body = ex.body = body
         classify(body)
+
+    def not_an_object(self, body: Any) -> WardenError:
+        if isinstance(body, list):
+            return McpRefusal("JSON-RPC batches are not accepted (MCP 2025-06-18 removed them); send one message per request", rule="mcp.batch")
+        return McpRefusal("the body must be one JSON-RPC message (an object)", rule="mcp.jsonrpc")
 
     def render(self, ex: Exchange, status: int, body: bytes) -> bytes:
         if ex.response_modified and ex.response_body is not None:
