@@ -73,6 +73,8 @@ async def run(w: Warden, req: Incoming, ex: Exchange) -> Reply:
         version = req.headers.get("MCP-Protocol-Version")
         if version is not None and version not in HANDSHAKE_VERSIONS:
             raise McpRefusal("this gateway relays MCP protocol revisions 2024-11-05 to 2025-11-25", rule="mcp.protocol_version")
+        if version is not None:
+            info["protocol_version"] = version
         if method == "POST":
             if len(ex.raw_body) > gw.cfg.max_message_bytes:
                 ex.body_refused = "mcp.max_message_bytes"
@@ -83,6 +85,7 @@ async def run(w: Warden, req: Incoming, ex: Exchange) -> Reply:
             info["kind"] = msg.kind
             if msg.id is not None:
                 info["jsonrpc_id"] = msg.id
+            _describe(msg, info)
             reply = await _post(w, gw, server, req, ex, msg, version, info)
         else:
             info["method"] = "stream" if method == "GET" else "session/end"
@@ -93,6 +96,14 @@ async def run(w: Warden, req: Incoming, ex: Exchange) -> Reply:
         raise
     gw.requests.labels(server.name, _method_label(info), info.get("decision", "relayed")).inc()
     return reply
+
+
+def _describe(msg: Message, info: dict[str, Any]) -> None:
+    """What the record and the trace say of a request's target (bounded text; the tool is set by the judge)."""
+    if msg.method == "prompts/get" and isinstance(msg.params.get("name"), str):
+        info["prompt"] = safe_text(msg.params["name"], 128)
+    elif msg.method in ("resources/read", "resources/subscribe", "resources/unsubscribe") and isinstance(msg.params.get("uri"), str):
+        info["resource_uri"] = safe_text(msg.params["uri"], 512)
 
 
 def _method_label(info: dict[str, Any]) -> str:
@@ -407,6 +418,7 @@ async def _judge_call(w: Warden, gw: McpGateway, server: McpServerConfig, sessio
     offer = w.chain.offer_tool(ex, qualified)
     governed = offer is not None and offer.rule != "policy.unknown_tools"
     info["tool"] = safe_text(name, 128)
+    info["governed"] = governed
     label = name if governed else "(undeclared)"
 
     def refuse(kind: str, rule: str, reason: str, approval_id: str | None = None) -> dict[str, Any]:

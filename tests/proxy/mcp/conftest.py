@@ -41,6 +41,12 @@ TOOLS: list[dict[str, Any]] = [
             "additionalProperties": False,
         },
     },
+    {
+        "name": "crm.confirm",
+        "effect": "read",
+        "allow_groups": ["ops"],
+        "schema": {"type": "object", "properties": {"order_id": ORDER}, "required": ["order_id"], "additionalProperties": False},
+    },
 ]
 
 

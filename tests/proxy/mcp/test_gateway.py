@@ -76,3 +76,36 @@ async def test_auto_mode_falls_back_to_the_handshake(gateway: RunningWarden, tok
     # (not on the allow-list) and the SDK falls back to initialize.
     async with mcp_client(gateway, token(), mode="auto") as c:
         assert [t.name for t in (await c.list_tools()).tools] == ["lookup"]
+
+
+async def test_server_initiated_requests_and_notifications_are_relayed(gateway: RunningWarden, upstream: Upstream, token: TokenFactory) -> None:
+    """A tool that reports progress and asks the user (elicitation) mid-call: both travel on the call's SSE stream,
+    the caller's answer comes back as a JSON-RPC response message, and the call completes."""
+    import mcp_types as types
+
+    asked: list[str] = []
+    progress: list[float] = []
+
+    async def on_elicit(context: object, params: types.ElicitRequestParams) -> types.ElicitResult:
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"ok": True})
+
+    async def on_progress(p: float, total: float | None, message: str | None) -> None:
+        progress.append(p)
+
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    from tests.proxy.mcp.conftest import mcp_url
+
+    async with create_mcp_http_client(headers={"Authorization": f"Bearer {token(groups=['ops'])}"}) as hc:
+        async with Client(streamable_http_client(mcp_url(gateway), http_client=hc), mode="legacy", elicitation_callback=on_elicit) as c:  # type: ignore[arg-type]
+            r = await c.call_tool("confirm", {"order_id": "o-5"}, progress_callback=on_progress)
+    assert not r.is_error and r.content[0].text == "accept: True"  # type: ignore[union-attr]
+    assert asked == ["Really close o-5?"] and progress == [0.5]
+    assert upstream.effects.calls == [("confirm", {"order_id": "o-5", "action": "accept"})]
+    # The caller's answer to the server's request was a message of its own, recorded like any other.
+    assert gateway.warden.audit is not None
+    kinds = [r["record"].get("mcp", {}).get("kind") async for r in gateway.warden.audit.iter_records()]
+    assert "response" in kinds

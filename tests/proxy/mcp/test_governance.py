@@ -105,7 +105,7 @@ async def test_every_exchange_is_audited_and_the_chain_verifies(gateway: Running
     assert methods[:2] == ["initialize", "notifications/initialized"] and "tools/list" in methods
     listing = next(r for r in records if r["mcp"].get("method") == "tools/list")
     assert listing["mcp"]["tools_shown"] == ["lookup", "refund"]
-    assert listing["mcp"]["tools_hidden"] == {"delete_everything": "policy.unknown_tools"}
+    assert listing["mcp"]["tools_hidden"] == {"delete_everything": "policy.unknown_tools", "confirm": "tools[2].allow_groups"}
     calls = [r for r in records if r["mcp"].get("method") == "tools/call"]
     ok, bad = calls
     assert ok["principal"]["subject"] == "alice" and ok["mcp"]["server"] == "crm" and ok["mcp"]["tool"] == "lookup"
@@ -126,3 +126,32 @@ async def test_metrics_by_server_and_tool(gateway: RunningWarden, token: TokenFa
     assert 'warden_mcp_tool_calls_total{decision="allow",server="crm",tool="lookup"} 1.0' in text
     assert 'warden_mcp_tool_calls_total{decision="deny",server="crm",tool="(undeclared)"} 1.0' in text
     assert 'warden_mcp_requests_total{method="tools/call",outcome="allow",server="crm"}' in text
+
+
+async def test_spans_follow_the_mcp_conventions(gateway: RunningWarden, token: TokenFactory) -> None:
+    import asyncio
+
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from proxy.tracing import Tracing
+
+    exporter = InMemorySpanExporter()
+    gateway.warden.tracing = Tracing(gateway.warden.config, exporter=exporter)
+    async with mcp_client(gateway, token()) as c:
+        await c.call_tool("lookup", {"order_id": "o-1"})
+        await c.get_prompt("apologise", {"customer": "Bob"})
+    for _ in range(100):
+        servers = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+        if any(s.name == "prompts/get" for s in servers):
+            break
+        await asyncio.sleep(0.02)
+    by_name = {s.name: s for s in servers}
+    call = by_name["tools/call lookup"]
+    attrs = dict(call.attributes or {})
+    assert attrs["mcp.method.name"] == "tools/call" and attrs["gen_ai.tool.name"] == "lookup"
+    assert attrs["gen_ai.operation.name"] == "execute_tool" and attrs["network.transport"] == "tcp"
+    assert len(attrs["mcp.session.id"]) == 16 and attrs["mcp.protocol.version"] == "2025-11-25"
+    assert attrs["warden.decision"] == "allow" and "jsonrpc.request.id" in attrs
+    assert dict(by_name["prompts/get"].attributes or {})["gen_ai.prompt.name"] == "apologise"
+    assert "initialize" in by_name

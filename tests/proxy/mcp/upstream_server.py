@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import BaseModel
 
 LOOKUP_DESCRIPTION = "Look up an order by id."
 REFUND_DESCRIPTION = "Refund an order."
@@ -48,7 +49,18 @@ def build_server(effects: SideEffects) -> MCPServer:
         effects.record("delete_everything", {})
         return "deleted"
 
+    class Confirmation(BaseModel):
+        ok: bool
+
+    async def confirm(order_id: str, ctx: Context) -> str:
+        """Asks the user (a request from the server, over the caller's stream) and reports progress."""
+        await ctx.report_progress(0.5, 1.0, "asking")
+        answer = await ctx.elicit(f"Really close {order_id}?", Confirmation)
+        effects.record("confirm", {"order_id": order_id, "action": answer.action})
+        return f"{answer.action}: {getattr(answer.data, 'ok', None)}"
+
     server.add_tool(lookup, description=LOOKUP_DESCRIPTION)
+    server.add_tool(confirm, description="Close an order after the user confirms.")
     server.add_tool(refund, description=REFUND_DESCRIPTION)
     server.add_tool(delete_everything, description="Not governed by any policy.")
 
