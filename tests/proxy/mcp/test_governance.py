@@ -73,8 +73,8 @@ async def test_changed_description_is_caught_until_accepted(warden_factory: Ward
 
 
 async def test_config_pin(warden_factory: WardenFactory, upstream: Upstream, token: TokenFactory, tmp_path: Path) -> None:
-    from tests.proxy.mcp.upstream_server import LOOKUP_DESCRIPTION
     from proxy.mcp.pins import tool_digest
+    from tests.proxy.mcp.upstream_server import LOOKUP_DESCRIPTION
 
     schema = {"properties": {"order_id": {"title": "Order Id", "type": "string"}}, "required": ["order_id"], "title": "lookupArguments", "type": "object"}
     pin = tool_digest({"description": LOOKUP_DESCRIPTION, "inputSchema": schema})

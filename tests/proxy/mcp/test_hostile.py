@@ -134,3 +134,34 @@ async def test_get_and_delete_need_a_session(gateway: RunningWarden, token: Toke
     async with aiohttp.ClientSession() as s, s.request(method, mcp_url(gateway), headers={**HEADERS, "Authorization": f"Bearer {token()}"}) as r:
         body = await r.json()
     refused(r.status, body, 400, -32600, "mcp.session")
+
+
+async def test_get_stream_and_session_end_are_relayed(gateway: RunningWarden, token: TokenFactory) -> None:
+    tok = token()
+    sid = await session_of(gateway, tok)
+    h = {**HEADERS, "Authorization": f"Bearer {tok}", "Mcp-Session-Id": sid, "Accept": "text/event-stream"}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(mcp_url(gateway), headers=h) as r:
+            assert r.status == 200 and r.content_type == "text/event-stream"
+        async with s.delete(mcp_url(gateway), headers=h) as r:
+            assert r.status in (200, 204)
+    # The upstream session is over: the upstream's 404 is relayed, so the client starts a new session.
+    status, body, _ = await post(gateway, {"jsonrpc": "2.0", "id": 4, "method": "tools/list"}, tok, sid)
+    assert status == 404 and body["error"]
+
+
+async def test_limits_apply_to_mcp_messages(warden_factory: WardenFactory, upstream: Upstream, token: TokenFactory, tmp_path: Path) -> None:
+    """The same pipeline: a request limit refuses MCP messages too, as JSON-RPC errors with 429 and Retry-After."""
+    cfg = mcp_config(tmp_path, [{"name": "crm", "url": upstream.http.url}])
+    cfg["plugins"] = {"enabled": ["limits", "tools"]}
+    cfg["limits"] = {"rules": [{"scope": "user", "requests": "3/minute"}], "idempotency": False}
+    rw = await warden_factory(cfg)
+    tok = token()
+    sid = await session_of(rw, tok)
+    statuses = []
+    for i in range(4):
+        status, body, headers = await post(rw, {"jsonrpc": "2.0", "id": 10 + i, "method": "ping"}, tok, sid)
+        statuses.append(status)
+    assert statuses == [200, 200, 429, 429]  # initialize was the first of the 3
+    refused(status, body, 429, -32600, "limits.rules[0] (user requests 3/minute)")
+    assert "Retry-After" in headers

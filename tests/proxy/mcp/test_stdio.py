@@ -15,13 +15,14 @@ from mcp.shared.exceptions import MCPError
 from tests.conftest import WardenFactory
 from tests.proxy.mcp.conftest import TOOLS, TokenFactory, mcp_client, mcp_config
 
+ROOT = str(Path(__file__).resolve().parents[3])
 LOCAL_TOOLS = [{**t, "name": t["name"].replace("crm.", "local.")} for t in TOOLS]
 
 
 async def test_stdio_server_is_supervised(warden_factory: WardenFactory, token: TokenFactory, tmp_path: Path) -> None:
     log = tmp_path / "effects.jsonl"
     server = {"name": "local", "command": sys.executable, "args": ["-m", "tests.proxy.mcp.upstream_server", str(log)], "env": {"PYTHONPATH": "WARDEN_TEST_PYTHONPATH"}}
-    os.environ["WARDEN_TEST_PYTHONPATH"] = str(Path(__file__).resolve().parents[3])
+    os.environ["WARDEN_TEST_PYTHONPATH"] = ROOT
     cfg = mcp_config(tmp_path, [server])
     cfg["tools"] = LOCAL_TOOLS
     rw = await warden_factory(cfg)

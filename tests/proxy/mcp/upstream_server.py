@@ -99,8 +99,11 @@ class HttpServer:
         app = app if app is not None else self.server.streamable_http_app()
         self._uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
         self._task = asyncio.create_task(self._uv.serve())
-        while not self._uv.started:
+        for _ in range(1000):
+            if self._uv.started:
+                break
             await asyncio.sleep(0.01)
+        assert self._uv.started, "the upstream MCP server did not start"
         port = self._uv.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}/mcp"
 
