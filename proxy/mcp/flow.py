@@ -25,6 +25,7 @@ The flow returns a reply; the pipeline records it and sends it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -33,10 +34,20 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
-from proxy.errors import UpstreamError, UpstreamTimeout, WardenError
+from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout, WardenError
 from proxy.exchange import Exchange, StateKey, ToolDecisionRecord, UpstreamTurn
 from proxy.headers import safe_text
-from proxy.mcp.jsonrpc import HANDSHAKE_VERSIONS, McpRefusal, Message, classify, error_message, tool_error_result
+from proxy.mcp.jsonrpc import (
+    CLIENT_NOTIFICATIONS,
+    CLIENT_REQUESTS,
+    HANDSHAKE_VERSIONS,
+    McpRefusal,
+    Message,
+    classify,
+    error_message,
+    server_message_refusal,
+    tool_error_result,
+)
 from proxy.mcp.pins import tool_digest
 from proxy.mcp.sessions import Session
 from proxy.pipeline import Incoming, JsonReply, Reply, StreamReply
@@ -108,8 +119,6 @@ def _describe(msg: Message, info: dict[str, Any]) -> None:
 
 def _method_label(info: dict[str, Any]) -> str:
     m = info.get("method", "none")
-    from proxy.mcp.jsonrpc import CLIENT_NOTIFICATIONS, CLIENT_REQUESTS
-
     return m if m in CLIENT_REQUESTS or m in CLIENT_NOTIFICATIONS or m in ("response", "stream", "session/end") else "other"
 
 
@@ -145,8 +154,12 @@ async def _post(w: Warden, gw: McpGateway, server: McpServerConfig, req: Incomin
     stdio = gw.stdio.get(server.name)
     if stdio is not None:
         if msg.kind != "request":
-            if msg.method not in (None, "notifications/initialized"):
+            # On the pipe, requests carry Warden's ids: a caller's cancellation or progress names an id the
+            # server never saw, and Warden answers the server's own requests itself. Only this one applies.
+            if msg.method == "notifications/roots/list_changed":
                 await stdio.notify(msg.method, msg.params)
+            else:
+                info["dropped"] = {"not forwarded to a stdio server": 1}
             return JsonReply(202, b"", {})
         assert msg.method is not None and msg.id is not None
         turn = _turn(ex, ex.body, body)
@@ -171,8 +184,6 @@ async def _initialize(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Ex
     stdio = gw.stdio.get(server.name)
     if stdio is not None:
         if not stdio.ready or stdio.init_result is None:
-            from proxy.errors import ServiceUnavailable
-
             raise ServiceUnavailable(f"MCP stdio server {server.name!r} is (re)starting", rule="mcp.servers.command", headers={"Retry-After": "1"})
         result = dict(stdio.init_result)
         asked = msg.params.get("protocolVersion")
@@ -222,7 +233,10 @@ async def _relay_http(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Ex
         turn.error, turn.error_kind = "not JSON", "malformed"
         raise UpstreamError(f"the MCP server answered {resp.status} with a body that is not JSON", rule="mcp.upstream") from None
     turn.response = answer
-    if isinstance(answer, dict) and msg.id is not None and answer.get("id") == msg.id:
+    if msg.id is not None and resp.status < 300:
+        if not isinstance(answer, dict) or answer.get("id") != msg.id or "method" in answer or server_message_refusal(answer) is not None:
+            turn.error, turn.error_kind = "not the response to the request", "malformed"
+            raise UpstreamError("the MCP server answered with something other than the response to this request", rule="mcp.upstream")
         answer = await _transform(w, gw, server, ex, msg, answer, info)
     ex.response_body = answer
     headers["Content-Type"] = "application/json"
@@ -251,26 +265,46 @@ def _event_id(raw: bytes) -> bytes | None:
 
 
 async def _sse(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Exchange, msg: Message | None, resp: aiohttp.ClientResponse, turn: UpstreamTurn, info: dict[str, Any]) -> AsyncIterator[bytes]:
-    """The upstream's SSE stream, event by event; the response to the caller's request is governed before it is relayed."""
+    """The upstream's SSE stream, event by event.
+
+    The response to the caller's request is governed before it is relayed;
+    the server's own requests and notifications pass when their method is on
+    the allow-list; every other message — a response to anything but this
+    POST's request (on a GET stream: any response), a batch, data that is not
+    JSON — is dropped and counted (``mcp.dropped`` in the record), so no
+    answer reaches the caller around the filter.
+    """
     parser = SSEParser(gw.cfg.max_message_bytes)
     events = 0
+    dropped: dict[str, int] = {}
+    answered = False
     try:
         async for chunk in resp.content.iter_any():
             for ev in parser.feed(chunk):
                 events += 1
                 data = ev.data
-                if msg is not None and msg.id is not None and data:
-                    try:
-                        parsed = orjson.loads(data)
-                    except orjson.JSONDecodeError:
-                        parsed = None
-                    if isinstance(parsed, dict) and parsed.get("id") == msg.id and "method" not in parsed:
+                if not data or not data.strip():
+                    yield ev.raw  # a priming event (its id only) or a comment
+                    continue
+                try:
+                    parsed = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    parsed = None
+                why = server_message_refusal(parsed)
+                if why is None and isinstance(parsed, dict) and "method" not in parsed:
+                    if msg is None or msg.id is None or answered or parsed.get("id") != msg.id:
+                        why = "response to another request"
+                    else:
+                        answered = True
                         turn.response = parsed
                         answer = await _transform(w, gw, server, ex, msg, parsed, info)
                         ex.response_body = answer
                         eid = _event_id(ev.raw)
                         yield (b"id: " + eid + b"\n" if eid else b"") + b"event: message\ndata: " + orjson.dumps(answer) + b"\n\n"
                         continue
+                if why is not None:
+                    dropped[why] = dropped.get(why, 0) + 1
+                    continue
                 yield ev.raw
     except SSEError:
         turn.error, turn.error_kind = "an event exceeds max_message_bytes", "malformed"
@@ -283,6 +317,8 @@ async def _sse(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Exchange,
         raise UpstreamError("the MCP server's stream broke off", rule="mcp.upstream") from None
     finally:
         info["events"] = events
+        if dropped:
+            info["dropped"] = dropped
         turn.duration_s = time.perf_counter() - turn.started
         resp.release()
 
@@ -399,8 +435,6 @@ def _note_change(w: Warden, gw: McpGateway, server: str, tool: str, digest: str,
     if key in gw.reported_changes or len(gw.reported_changes) > 10000:
         return
     gw.reported_changes.add(key)
-    import asyncio
-
     task = asyncio.get_running_loop().create_task(w.record_event(kind, {"subject": "warden"}, {"server": server, "tool": tool, "digest": digest}))
     gw.background.add(task)
     task.add_done_callback(gw.background.discard)

@@ -45,6 +45,23 @@ CLIENT_REQUESTS = frozenset(
 CLIENT_NOTIFICATIONS = frozenset({"notifications/initialized", "notifications/cancelled", "notifications/progress", "notifications/roots/list_changed"})
 """Notifications a caller may send."""
 
+SERVER_REQUESTS = frozenset({"ping", "sampling/createMessage", "elicitation/create", "roots/list"})
+"""Requests an upstream server may send the caller (relayed on the caller's stream)."""
+
+SERVER_NOTIFICATIONS = frozenset(
+    {
+        "notifications/message",
+        "notifications/progress",
+        "notifications/cancelled",
+        "notifications/resources/updated",
+        "notifications/resources/list_changed",
+        "notifications/tools/list_changed",
+        "notifications/prompts/list_changed",
+        "notifications/elicitation/complete",
+    }
+)
+"""Notifications an upstream server may send the caller."""
+
 MAX_ID_CHARS = 256
 
 
@@ -118,6 +135,18 @@ def classify(body: dict[str, Any]) -> Message:
     if method not in CLIENT_NOTIFICATIONS:
         raise McpRefusal(f"notification {_shown(method)} is not relayed by this gateway", rule="mcp.methods", status=404, rpc_code=METHOD_NOT_FOUND)
     return Message("notification", method, None, params)
+
+
+def server_message_refusal(parsed: Any) -> str | None:
+    """Why a message from an upstream server is not relayed to the caller, or ``None`` (a response is judged by the caller of this)."""
+    if not isinstance(parsed, dict):
+        return "not a JSON-RPC message"
+    method = parsed.get("method")
+    if method is None:
+        return None if "id" in parsed and ("result" in parsed or "error" in parsed) else "not a JSON-RPC message"
+    if "id" in parsed:
+        return None if method in SERVER_REQUESTS and _valid_id(parsed["id"]) else "server request not on the allow-list"
+    return None if method in SERVER_NOTIFICATIONS else "server notification not on the allow-list"
 
 
 def _shown(method: str) -> str:
