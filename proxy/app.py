@@ -194,7 +194,7 @@ class Warden:
             return {"result": "refused", "error": str(e)}
         restart = [
             name
-            for name in ("server", "upstream", "auth", "admin", "audit", "database", "metrics", "tracing", "logging")
+            for name in ("server", "upstream", "auth", "admin", "audit", "database", "metrics", "tracing", "logging", "mcp")
             if getattr(new, name) != getattr(self.config, name)
         ]
         self.config.plugin_sections = new.plugin_sections

@@ -155,3 +155,24 @@ async def test_spans_follow_the_mcp_conventions(gateway: RunningWarden, token: T
     assert attrs["warden.decision"] == "allow" and "jsonrpc.request.id" in attrs
     assert dict(by_name["prompts/get"].attributes or {})["gen_ai.prompt.name"] == "apologise"
     assert "initialize" in by_name
+
+
+async def test_a_call_before_any_list_checks_the_pin_itself(warden_factory: WardenFactory, upstream: Upstream, token: TokenFactory, tmp_path: Path) -> None:
+    """Another replica listed the tools (or none did): Warden lists them in the caller's session before judging the call."""
+    from tests.proxy.mcp.upstream_server import LOOKUP_DESCRIPTION
+    from proxy.mcp.pins import tool_digest
+
+    schema = {"properties": {"order_id": {"title": "Order Id", "type": "string"}}, "required": ["order_id"], "title": "lookupArguments", "type": "object"}
+    pin = tool_digest({"description": LOOKUP_DESCRIPTION, "inputSchema": schema})
+    rw = await warden_factory(mcp_config(tmp_path, [{"name": "crm", "url": upstream.http.url, "pins": {"lookup": pin}}], unpinned="refuse"))
+    gw = rw.warden.mcp
+    assert gw is not None
+    async with mcp_client(rw, token()) as c:
+        assert gw.pins.seen == {}
+        ok = await c.call_tool("lookup", {"order_id": "o-1"})
+        assert not ok.is_error
+        rug_pull(upstream.server, upstream.effects)
+        gw.pins.seen.clear()
+        refused = await c.call_tool("lookup", {"order_id": "o-2"})
+        assert refused.is_error and "rule: mcp.pin)" in refused.content[0].text  # type: ignore[union-attr]
+    assert upstream.effects.calls == [("lookup", {"order_id": "o-1"})]
