@@ -40,8 +40,10 @@ class McpServerConfig:
     """Arguments of ``command``."""
     env: dict[str, str] = field(default_factory=dict)
     """Environment of ``command``: variable → the name of a variable of Warden's environment to copy (secrets never in the file)."""
-    timeout_s: float = 60.0
-    """Longest wait for the upstream's answer to one request (504 ``mcp.servers[i].timeout_s``)."""
+    timeout_s: float = 300.0
+    """Longest silence of the upstream while an answer is awaited: before it, or between the events of its
+    stream (504 ``mcp.servers.timeout_s``); elicitations wait on a human, so keep it generous.  The server's
+    own stream (GET) has no such bound."""
     pins: dict[str, str] = field(default_factory=dict)
     """Tool name → ``sha256:<hex>`` digest of its accepted description and input schema (see docs/mcp.md)."""
 

@@ -208,6 +208,7 @@ async def _relay_http(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Ex
         turn.duration_s = time.perf_counter() - turn.started
         raise
     turn.status = resp.status
+    _check_status(resp)
     headers: dict[str, str] = {}
     if msg.method == "initialize" and resp.status < 300:
         sid = resp.headers.get(SESSION_HEADER, "")
@@ -231,6 +232,9 @@ async def _relay_http(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Ex
         answer = orjson.loads(raw)
     except orjson.JSONDecodeError:
         turn.error, turn.error_kind = "not JSON", "malformed"
+        if resp.status == 404:
+            # The upstream ended the session: 404 tells the caller's client to start a new one.
+            raise McpRefusal("the MCP server ended this session; start a new session with initialize", rule="mcp.session", status=404) from None
         raise UpstreamError(f"the MCP server answered {resp.status} with a body that is not JSON", rule="mcp.upstream") from None
     turn.response = answer
     if msg.id is not None and resp.status < 300:
@@ -241,6 +245,17 @@ async def _relay_http(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Ex
     ex.response_body = answer
     headers["Content-Type"] = "application/json"
     return JsonReply(resp.status, orjson.dumps(answer), headers)
+
+
+def _check_status(resp: aiohttp.ClientResponse) -> None:
+    """Upstream statuses that must not reach the caller as they are: a redirect (never followed) and a refusal
+    of Warden's own credentials (the caller's client would take it for its own and start an auth flow)."""
+    if 300 <= resp.status < 400:
+        resp.release()
+        raise UpstreamError(f"the MCP server answered {resp.status} (a redirect); Warden does not follow redirects", rule="mcp.servers.url")
+    if resp.status in (401, 403):
+        resp.release()
+        raise UpstreamError(f"the MCP server refused Warden's credentials ({resp.status})", rule="mcp.servers.headers_env")
 
 
 async def _read(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -340,6 +355,7 @@ async def _get_or_delete(w: Warden, gw: McpGateway, server: McpServerConfig, req
         turn.duration_s = time.perf_counter() - turn.started
         raise
     turn.status = resp.status
+    _check_status(resp)
     if method == "GET" and resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", ""):
         ex.stream = True
         headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

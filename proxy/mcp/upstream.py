@@ -64,7 +64,9 @@ class HttpUpstream:
             headers["Content-Type"] = "application/json"
         if last_event_id:
             headers["Last-Event-ID"] = last_event_id
-        timeout = aiohttp.ClientTimeout(total=None, connect=min(10.0, self.cfg.timeout_s), sock_read=self.cfg.timeout_s)
+        # The server's own stream (GET) may stay quiet for as long as the caller keeps it open.
+        quiet = None if method == "GET" else self.cfg.timeout_s
+        timeout = aiohttp.ClientTimeout(total=None, connect=min(10.0, self.cfg.timeout_s), sock_read=quiet)
         try:
             return await self.session.request(method, self.cfg.url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
         except TimeoutError:

@@ -42,6 +42,12 @@ class Scripted:
         if "id" not in msg:
             return web.Response(status=202)
         answer = {"jsonrpc": "2.0", "id": msg["id"], "result": {"tools": [GOVERNED, HIDDEN]}}
+        if self.mode == "401":
+            return web.json_response({"error": "bad token"}, status=401, headers={"WWW-Authenticate": 'Bearer resource_metadata="https://evil/"'})
+        if self.mode == "302":
+            return web.Response(status=302, headers={"Location": "http://169.254.169.254/"})
+        if self.mode == "404":
+            return web.Response(status=404, text="session gone")
         if self.mode == "json-wrong-id":
             return web.json_response({**answer, "id": "other"})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -129,3 +135,19 @@ async def test_an_oversized_upstream_event_ends_the_stream(warden_factory: Warde
     status, body, _ = await post(rw, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, tok, sid)
     # The stream had begun (200): it ends with a JSON-RPC error event naming the rule.
     assert status == 200 and body["error"]["data"]["rule"] == "mcp.max_message_bytes" and body["id"] == 2
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "rule"),
+    [("401", 502, "mcp.servers.headers_env"), ("302", 502, "mcp.servers.url"), ("404", 404, "mcp.session")],
+)
+async def test_upstream_statuses_are_translated(warden_factory: WardenFactory, scripted: Scripted, token: TokenFactory, tmp_path: Path, mode: str, status: int, rule: str) -> None:
+    """Never relayed as they are: the upstream refusing Warden's credentials (the caller's client would start its own
+    auth flow), a redirect (never followed); a session the upstream ended is the caller's 404 (start a new session)."""
+    rw = await _gateway(warden_factory, scripted, tmp_path)
+    scripted.mode = mode
+    tok = token()
+    sid = await session_of(rw, tok)
+    got, body, headers = await post(rw, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, tok, sid)
+    refused(got, body, status, -32603 if status == 502 else -32600, rule)
+    assert "WWW-Authenticate" not in headers and "Location" not in headers
