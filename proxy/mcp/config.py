@@ -44,6 +44,8 @@ class McpServerConfig:
     """Longest silence of the upstream while an answer is awaited: before it, or between the events of its
     stream (504 ``mcp.servers.timeout_s``); elicitations wait on a human, so keep it generous.  The server's
     own stream (GET) has no such bound."""
+    relay_instructions: bool = False
+    """Whether the server's ``instructions`` (from ``initialize``, text the model reads) reach the caller; off: dropped."""
     pins: dict[str, str] = field(default_factory=dict)
     """Tool name → ``sha256:<hex>`` digest of its accepted description and input schema (see docs/mcp.md)."""
 

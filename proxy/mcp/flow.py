@@ -185,11 +185,8 @@ async def _initialize(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Ex
     if stdio is not None:
         if not stdio.ready or stdio.init_result is None:
             raise ServiceUnavailable(f"MCP stdio server {server.name!r} is (re)starting", rule="mcp.servers.command", headers={"Retry-After": "1"})
-        result = dict(stdio.init_result)
-        asked = msg.params.get("protocolVersion")
-        if isinstance(asked, str) and asked in HANDSHAKE_VERSIONS and asked <= str(result.get("protocolVersion", "")):
-            result["protocolVersion"] = asked
-        answer = {"jsonrpc": "2.0", "id": msg.id, "result": result}
+        # The handshake Warden made with the process: its version and capabilities are what the process speaks.
+        answer = await _transform(w, gw, server, ex, msg, {"jsonrpc": "2.0", "id": msg.id, "result": dict(stdio.init_result)}, info)
         sealed = gw.sealer.seal(Session(server.name, ex.principal.tenant, ex.principal.subject, "", stdio.generation))
         ex.response_body = answer
         return JsonReply(200, orjson.dumps(answer), {"Content-Type": "application/json", SESSION_HEADER: sealed})
@@ -378,6 +375,10 @@ async def _get_or_delete(w: Warden, gw: McpGateway, server: McpServerConfig, req
 async def _transform(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Exchange, msg: Message, answer: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     """The upstream's response to the caller's request, as the caller may see it."""
     result = answer.get("result")
+    if msg.method == "initialize" and isinstance(result, dict) and "instructions" in result and not server.relay_instructions:
+        # Server instructions are text the model reads, from a party Warden does not trust (never pinned).
+        info["instructions_dropped"] = True
+        return {**answer, "result": {k: v for k, v in result.items() if k != "instructions"}}
     if msg.method == "tools/list" and isinstance(result, dict):
         return {**answer, "result": _filter_tools(w, gw, server, ex, result, info)}
     if msg.method == "tools/call":
@@ -422,11 +423,12 @@ def _show(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Exchange, t: d
     pin = _pin_status(w, gw, server, name, tool_digest(t))
     if pin is not None:
         return pin
-    out = dict(t)
-    if offer.schema is not None:
-        out["inputSchema"] = offer.schema
-    if offer.description:
-        out["description"] = offer.description
+    # Only what is pinned or the policy's own reaches the caller: the name, the description (pinned, or the
+    # policy's), the policy's schema; the upstream's title, annotations, output schema, icons and _meta do not.
+    out: dict[str, Any] = {"name": name, "inputSchema": offer.schema if offer.schema is not None else t.get("inputSchema")}
+    description = offer.description or t.get("description")
+    if isinstance(description, str):
+        out["description"] = description
     shown.append(out)
     return None
 

@@ -18,6 +18,8 @@ async def test_tools_list_is_filtered_per_principal(gateway: RunningWarden, upst
     assert sorted(tools) == ["lookup", "refund"]
     # The policy's schema (what is enforced) is what the caller sees.
     assert tools["refund"].input_schema["properties"]["amount"]["maximum"] == 1000
+    # Only the name, the pinned description and the policy schema: no upstream title, annotations or output schema.
+    assert tools["lookup"].title is None and tools["lookup"].output_schema is None and tools["lookup"].annotations is None
     # Warden's own credential went upstream, never the caller's token.
     assert upstream.headers is not None
     assert set(upstream.headers.authorization) == {UPSTREAM_TOKEN}

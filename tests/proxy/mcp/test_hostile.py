@@ -102,6 +102,12 @@ async def test_oversized_messages(warden_factory: WardenFactory, upstream: Upstr
     assert upstream.effects.calls == []
 
 
+async def test_server_instructions_are_dropped(gateway: RunningWarden, token: TokenFactory) -> None:
+    status, body, _ = await post(gateway, INIT, token())
+    assert status == 200 and body["result"]["serverInfo"]["name"] == "crm-test"
+    assert "instructions" not in body["result"]
+
+
 async def test_sessions_are_bound_to_their_principal(gateway: RunningWarden, token: TokenFactory) -> None:
     alice, mallory = token(sub="alice"), token(sub="mallory")
     sid = await session_of(gateway, alice)
