@@ -7,10 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from proxy.audit.verify import verify_db
+from proxy.mcp.pins import tool_digest
 from proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 from tests.proxy.mcp.conftest import TokenFactory, Upstream, admin, mcp_client, mcp_config
-from tests.proxy.mcp.upstream_server import rug_pull
+from tests.proxy.mcp.upstream_server import LOOKUP_DESCRIPTION, rug_pull
+
+
+def lookup_pin() -> str:
+    """The digest of the upstream's lookup tool, computed as an operator would from its listing."""
+    schema = {"properties": {"order_id": {"title": "Order Id", "type": "string"}}, "required": ["order_id"], "title": "lookupArguments", "type": "object"}
+    return tool_digest({"description": LOOKUP_DESCRIPTION, "inputSchema": schema})
 
 
 async def _records(rw: RunningWarden) -> list[dict[str, Any]]:
@@ -73,11 +80,7 @@ async def test_changed_description_is_caught_until_accepted(warden_factory: Ward
 
 
 async def test_config_pin(warden_factory: WardenFactory, upstream: Upstream, token: TokenFactory, tmp_path: Path) -> None:
-    from proxy.mcp.pins import tool_digest
-    from tests.proxy.mcp.upstream_server import LOOKUP_DESCRIPTION
-
-    schema = {"properties": {"order_id": {"title": "Order Id", "type": "string"}}, "required": ["order_id"], "title": "lookupArguments", "type": "object"}
-    pin = tool_digest({"description": LOOKUP_DESCRIPTION, "inputSchema": schema})
+    pin = lookup_pin()
     rw = await warden_factory(mcp_config(tmp_path, [{"name": "crm", "url": upstream.http.url, "pins": {"lookup": pin}}], unpinned="refuse"))
     async with mcp_client(rw, token()) as c:
         assert [t.name for t in (await c.list_tools()).tools] == ["lookup"]
@@ -159,11 +162,7 @@ async def test_spans_follow_the_mcp_conventions(gateway: RunningWarden, token: T
 
 async def test_a_call_before_any_list_checks_the_pin_itself(warden_factory: WardenFactory, upstream: Upstream, token: TokenFactory, tmp_path: Path) -> None:
     """Another replica listed the tools (or none did): Warden lists them in the caller's session before judging the call."""
-    from tests.proxy.mcp.upstream_server import LOOKUP_DESCRIPTION
-    from proxy.mcp.pins import tool_digest
-
-    schema = {"properties": {"order_id": {"title": "Order Id", "type": "string"}}, "required": ["order_id"], "title": "lookupArguments", "type": "object"}
-    pin = tool_digest({"description": LOOKUP_DESCRIPTION, "inputSchema": schema})
+    pin = lookup_pin()
     rw = await warden_factory(mcp_config(tmp_path, [{"name": "crm", "url": upstream.http.url, "pins": {"lookup": pin}}], unpinned="refuse"))
     gw = rw.warden.mcp
     assert gw is not None
