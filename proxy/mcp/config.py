@@ -82,6 +82,17 @@ class McpServerConfig:
             if not _DIGEST.match(digest):
                 raise ConfigError(f"{key}.pins.{tool}", "must be 'sha256:' and 64 lowercase hex digits")
 
+    def secret_values(self) -> list[str]:
+        """The upstream credentials this entry resolves (``headers_env`` and ``env`` values), for redaction by value;
+        a header value's credential after its scheme too (``Bearer <token>`` → ``<token>``)."""
+        out: list[str] = []
+        for value in [*self.upstream_headers().values(), *(v for k, v in self.process_env().items() if k != "PATH")]:
+            out.append(value)
+            scheme, _, credential = value.partition(" ")
+            if credential.strip() and scheme.isalpha():
+                out.append(credential.strip())
+        return out
+
     def upstream_headers(self) -> dict[str, str]:
         """The configured upstream headers, read from the environment now (missing variables are left out)."""
         out: dict[str, str] = {}

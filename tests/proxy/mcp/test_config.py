@@ -53,3 +53,21 @@ def test_upstream_headers_come_from_the_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("WARDEN_TEST_MCP_TOKEN", "Bearer s3cret")
     s = _load({"servers": [{"name": "crm", "url": "https://crm/mcp", "headers_env": {"Authorization": "WARDEN_TEST_MCP_TOKEN", "X-Other": "WARDEN_TEST_UNSET"}}]}).mcp.servers[0]
     assert s.upstream_headers() == {"Authorization": "Bearer s3cret"}
+
+
+def test_upstream_credentials_are_redacted_by_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.secrets import secret_values
+
+    monkeypatch.setenv("WARDEN_TEST_MCP_TOKEN", "Bearer upstream-token-0123456789")
+    monkeypatch.setenv("WARDEN_TEST_MCP_FILES", "files-secret-0123456789")
+    cfg = _load(
+        {
+            "servers": [
+                {"name": "crm", "url": "https://crm/mcp", "headers_env": {"Authorization": "WARDEN_TEST_MCP_TOKEN"}},
+                {"name": "files", "command": "files-mcp", "env": {"FILES_TOKEN": "WARDEN_TEST_MCP_FILES"}},
+            ]
+        }
+    )
+    values = secret_values(cfg)
+    assert {"Bearer upstream-token-0123456789", "upstream-token-0123456789", "files-secret-0123456789"} <= set(values)
+    assert not any(v.startswith("/") for v in values)  # PATH is not a secret
