@@ -304,7 +304,7 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     wall_time: float = field(default_factory=time.time)
     protocol: str = "openai.chat"
-    """The API of the route: ``openai.chat``, ``anthropic.messages``, ``openai.embeddings``, ``openai.models``, ``warden.feedback``, ``passthrough``."""
+    """The API of the route: ``openai.chat``, ``anthropic.messages``, ``openai.embeddings``, ``openai.models``, ``warden.feedback``, ``passthrough``, ``mcp``."""
     phase: str = "identify"
     """The pipeline stage the exchange is in (see :mod:`proxy.pipeline`)."""
     principal: Principal | None = None

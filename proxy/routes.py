@@ -11,7 +11,9 @@ never from the client's bytes.
 Routes are an allow-list: the governed ones (``chat``, ``messages`` — the
 Anthropic Messages API, served by the chat flow through its protocol
 adapter —, ``embeddings``, ``models``, ``feedback``) plus the pass-through routes an operator lists in
-``[server] passthrough_routes``.  Every other path is refused with 404 (rule
+``[server] passthrough_routes`` and, for each configured MCP server
+(``[[mcp.servers]]``), ``/mcp/{name}`` served by the MCP flow
+(:mod:`proxy.mcp.flow`).  Every other path is refused with 404 (rule
 ``server.routes``); a known path with another method with 405.
 """
 
