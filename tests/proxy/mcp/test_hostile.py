@@ -171,3 +171,21 @@ async def test_limits_apply_to_mcp_messages(warden_factory: WardenFactory, upstr
     assert statuses == [200, 200, 429, 429]  # initialize was the first of the 3
     refused(status, body, 429, -32600, "limits.rules[0] (user requests 3/minute)")
     assert "Retry-After" in headers
+
+
+@pytest.mark.parametrize("shared_key", [True, False])
+async def test_a_session_moves_between_replicas_with_the_shared_key(
+    warden_factory: WardenFactory, upstream: Upstream, token: TokenFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_key: bool
+) -> None:
+    """Replicas share no memory: with [mcp] session_key_env set alike, replica B serves a session replica A opened."""
+    monkeypatch.setenv("WARDEN_TEST_MCP_SESSION_KEY", "5a" * 32)
+    extra = {"session_key_env": "WARDEN_TEST_MCP_SESSION_KEY"} if shared_key else {}
+    a = await warden_factory(mcp_config(tmp_path / "a", [{"name": "crm", "url": upstream.http.url}], audit=False, **extra))
+    b = await warden_factory(mcp_config(tmp_path / "b", [{"name": "crm", "url": upstream.http.url}], audit=False, **extra))
+    tok = token()
+    sid = await session_of(a, tok)
+    status, body, _ = await post(b, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, tok, sid)
+    if shared_key:
+        assert status == 200 and [t["name"] for t in body["result"]["tools"]] == ["lookup"]
+    else:
+        refused(status, body, 404, -32600, "mcp.session")
