@@ -111,3 +111,16 @@ async def test_server_initiated_requests_and_notifications_are_relayed(gateway: 
     assert gateway.warden.audit is not None
     kinds = [r["record"].get("mcp", {}).get("kind") async for r in gateway.warden.audit.iter_records()]
     assert "response" in kinds
+
+
+async def test_tool_rate_limit(warden_factory: WardenFactory, upstream: Upstream, token: TokenFactory, tmp_path: Path) -> None:
+    from tests.proxy.mcp.conftest import TOOLS, mcp_config
+
+    cfg = mcp_config(tmp_path, [{"name": "crm", "url": upstream.http.url}])
+    cfg["tools"] = [{**TOOLS[0], "rate_limit": "2/minute"}, *TOOLS[1:]]
+    rw = await warden_factory(cfg)
+    async with mcp_client(rw, token()) as c:
+        results = [await c.call_tool("lookup", {"order_id": f"o-{i}"}) for i in range(3)]
+    assert [r.is_error for r in results] == [False, False, True]
+    assert "tools[0].rate_limit" in results[2].content[0].text  # type: ignore[union-attr]
+    assert len(upstream.effects.calls) == 2
