@@ -9,7 +9,8 @@ auth (RS256), the ``tools`` plugin and the MCP gateway in front of it.  One
 session each; the load generator sends ``tools/list`` and ``tools/call`` (a
 read tool) one at a time (concurrency 1) and reports p50/p99 latency and the
 latency Warden adds (pipeline, policy filter or judge, sealing, audit).
-``--json`` makes the upstream answer with JSON instead of an SSE stream.
+``--json`` makes the upstream answer with JSON instead of an SSE stream;
+``--audit sync|batch|off`` sets Warden's audit durability.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="the upstream answers with JSON, not SSE")
+    ap.add_argument("--audit", choices=["sync", "batch", "off"], default="sync", help="Warden's audit durability (off: no audit log)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="warden-bench-mcp-"))
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -88,7 +90,8 @@ issuer = "{ISS}"
 audience = "{AUD}"
 public_key_file = "{tmp / 'pub.pem'}"
 [audit]
-enabled = true
+enabled = {"false" if args.audit == "off" else "true"}
+durability = "{"batch" if args.audit == "batch" else "sync"}"
 path = "{tmp / 'audit.db'}"
 [logging]
 access_log = false
@@ -125,7 +128,7 @@ schema = {{ type = "object", required = ["order_id"], additionalProperties = fal
         async with aiohttp.ClientSession() as s:
             direct_h = await session(s, direct_url, HEADERS)
             warden_h = await session(s, warden_url, {**HEADERS, "Authorization": f"Bearer {token}"})
-            print(f"upstream answers with {'JSON' if args.json else 'SSE'}; {args.requests} messages per cell, concurrency 1, median of {args.rounds} rounds")
+            print(f"upstream answers with {'JSON' if args.json else 'SSE'}; audit {args.audit}; {args.requests} messages per cell, concurrency 1, median of {args.rounds} rounds")
             print(f"{'message':<12} {'path':<8} {'p50 ms':>8} {'p99 ms':>8} {'added p50 ms':>13}")
             for label, body in cells.items():
                 await run(s, direct_url, direct_h, body, 50)
