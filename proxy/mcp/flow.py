@@ -196,16 +196,7 @@ async def _initialize(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Ex
 
 async def _relay_http(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Exchange, msg: Message, body: bytes, upstream_sid: str | None, version: str | None, info: dict[str, Any]) -> Reply:
     assert ex.principal is not None
-    up = gw.http[server.name]
-    turn = _turn(ex, ex.body, body)
-    try:
-        resp = await up.send("POST", body, upstream_sid, version, ex.traceparent)
-    except WardenError as e:
-        turn.error, turn.error_kind = e.message, "timeout" if e.status == 504 else "connection"
-        turn.duration_s = time.perf_counter() - turn.started
-        raise
-    turn.status = resp.status
-    _check_status(resp)
+    turn, resp = await _open(gw, server, ex, "POST", body, ex.body, upstream_sid, version)
     headers: dict[str, str] = {}
     if msg.method == "initialize" and resp.status < 300:
         sid = resp.headers.get(SESSION_HEADER, "")
@@ -242,6 +233,22 @@ async def _relay_http(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Ex
     ex.response_body = answer
     headers["Content-Type"] = "application/json"
     return JsonReply(resp.status, orjson.dumps(answer), headers)
+
+
+async def _open(
+    gw: McpGateway, server: McpServerConfig, ex: Exchange, method: str, body: bytes | None, payload: Any, upstream_sid: str | None, version: str | None, last_event_id: str | None = None
+) -> tuple[UpstreamTurn, aiohttp.ClientResponse]:
+    """Open one upstream HTTP request as a turn of ``ex`` (a failure is kept on the turn); statuses checked."""
+    turn = _turn(ex, payload, body or b"")
+    try:
+        resp = await gw.http[server.name].send(method, body, upstream_sid, version, ex.traceparent, last_event_id)
+    except WardenError as e:
+        turn.error, turn.error_kind = e.message, "timeout" if e.status == 504 else "connection"
+        turn.duration_s = time.perf_counter() - turn.started
+        raise
+    turn.status = resp.status
+    _check_status(resp)
+    return turn, resp
 
 
 def _check_status(resp: aiohttp.ClientResponse) -> None:
@@ -340,19 +347,10 @@ async def _get_or_delete(w: Warden, gw: McpGateway, server: McpServerConfig, req
         if method == "DELETE":
             return JsonReply(204, b"", {})
         raise McpRefusal("a stdio server has no stream of its own to open", rule="mcp.stream", status=405, headers={"Allow": "POST, DELETE"})
-    up = gw.http[server.name]
     last = req.headers.get("Last-Event-ID")
     if last is not None and (len(last) > 256 or not (last.isascii() and last.isprintable())):
         last = None
-    turn = _turn(ex, None, b"")
-    try:
-        resp = await up.send(method, None, session.upstream_id, version, ex.traceparent, last)
-    except WardenError as e:
-        turn.error, turn.error_kind = e.message, "timeout" if e.status == 504 else "connection"
-        turn.duration_s = time.perf_counter() - turn.started
-        raise
-    turn.status = resp.status
-    _check_status(resp)
+    turn, resp = await _open(gw, server, ex, method, None, None, session.upstream_id, version, last)
     if method == "GET" and resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", ""):
         ex.stream = True
         headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

@@ -118,36 +118,29 @@ async def test_only_the_filtered_answer_reaches_the_caller(warden_factory: Warde
     ]
 
 
-async def test_a_mismatched_json_answer_is_refused(warden_factory: WardenFactory, scripted: Scripted, token: TokenFactory, tmp_path: Path) -> None:
+async def _list_through(warden_factory: WardenFactory, scripted: Scripted, token: TokenFactory, tmp_path: Path, mode: str) -> tuple[int, Any, Any]:
+    """``tools/list`` through Warden while the upstream answers in ``mode``."""
     rw = await _gateway(warden_factory, scripted, tmp_path)
-    scripted.mode = "json-wrong-id"
+    scripted.mode = mode
     tok = token()
     sid = await session_of(rw, tok)
-    status, body, _ = await post(rw, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, tok, sid)
-    refused(status, body, 502, -32603, "mcp.upstream")
+    return await post(rw, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, tok, sid)
 
 
 async def test_an_oversized_upstream_event_ends_the_stream(warden_factory: WardenFactory, scripted: Scripted, token: TokenFactory, tmp_path: Path) -> None:
-    rw = await _gateway(warden_factory, scripted, tmp_path)
-    scripted.mode = "sse-oversized"
-    tok = token()
-    sid = await session_of(rw, tok)
-    status, body, _ = await post(rw, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, tok, sid)
+    status, body, _ = await _list_through(warden_factory, scripted, token, tmp_path, "sse-oversized")
     # The stream had begun (200): it ends with a JSON-RPC error event naming the rule.
     assert status == 200 and body["error"]["data"]["rule"] == "mcp.max_message_bytes" and body["id"] == 2
 
 
 @pytest.mark.parametrize(
     ("mode", "status", "rule"),
-    [("401", 502, "mcp.servers.headers_env"), ("302", 502, "mcp.servers.url"), ("404", 404, "mcp.session")],
+    [("401", 502, "mcp.servers.headers_env"), ("302", 502, "mcp.servers.url"), ("404", 404, "mcp.session"), ("json-wrong-id", 502, "mcp.upstream")],
 )
 async def test_upstream_statuses_are_translated(warden_factory: WardenFactory, scripted: Scripted, token: TokenFactory, tmp_path: Path, mode: str, status: int, rule: str) -> None:
     """Never relayed as they are: the upstream refusing Warden's credentials (the caller's client would start its own
-    auth flow), a redirect (never followed); a session the upstream ended is the caller's 404 (start a new session)."""
-    rw = await _gateway(warden_factory, scripted, tmp_path)
-    scripted.mode = mode
-    tok = token()
-    sid = await session_of(rw, tok)
-    got, body, headers = await post(rw, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, tok, sid)
+    auth flow), a redirect (never followed), an answer that is not the response to the request; a session the upstream
+    ended is the caller's 404 (start a new session)."""
+    got, body, headers = await _list_through(warden_factory, scripted, token, tmp_path, mode)
     refused(got, body, status, -32603 if status == 502 else -32600, rule)
     assert "WWW-Authenticate" not in headers and "Location" not in headers
