@@ -7,6 +7,7 @@ from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
 from plugins.tools.offer import offer
 from plugins.tools.policy import ModeState
 from proxy.exchange import Principal
+from proxy.tooling import parse_call
 
 SCHEMA = {"type": "object", "properties": {"id": {"type": "string"}}}
 BEFORE, AFTER = 1_790_000_000.0, 1_900_000_000.0  # around the sunset 2027-01-31
@@ -52,3 +53,10 @@ def test_a_deprecated_version_is_offered_with_its_note_until_the_sunset() -> Non
     o = offer(policy(now=AFTER), ModeState(False), STAFF, "contacts/find.v1", "crm")
     assert not o.allowed and o.rule == "tools[3].deprecated" and "retired" in o.reason
     assert o.deprecation is not None and o.deprecation["retired"]
+
+
+def test_a_call_of_an_undeclared_mcp_tool_is_refused_even_when_unknown_tools_are_allowed() -> None:
+    p = policy("allow")
+    call = parse_call("c", "delete", "{}", 0)
+    assert p.verdict(STAFF, call, lambda _t: (False, ""), "crm").rule == "policy.unknown_tools"
+    assert p.verdict(STAFF, call, lambda _t: (False, "")).kind == "allow", "a chat function follows unknown_tools"
