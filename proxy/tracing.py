@@ -394,6 +394,8 @@ class Tracing:
             }
             if d.approval_id:
                 a["warden.approval_id"] = d.approval_id
+            if rec.call.server is not None:
+                a["warden.mcp.server"] = rec.call.server
             if self.capture:
                 a["gen_ai.tool.call.arguments"] = self._clip(rec.call.arguments)
                 if d.reason:
