@@ -205,6 +205,11 @@ class ToolsPlugin(Plugin):
     def _set_registry(self, registry: ToolRegistry) -> None:
         self.registry = registry
         self.judge.registry = registry
+        if self._ctx is not None:
+            served = {s.name for s in self._ctx.config.mcp.servers}
+            for server in sorted(set(registry.servers) - served):
+                # Fail closed (its tools are refused like any undeclared one) but say so: most likely a typo.
+                log.warning("[[tools]] entries name server %r, which is not in [[mcp.servers]]: they govern nothing", server)
 
     @property
     def tool_policy(self) -> ToolPolicy:

@@ -216,3 +216,15 @@ async def test_policy_test_gives_the_gateways_verdicts(
     assert not small.is_error
     assert [r.meta["warden/decision"]["rule"] for r in (large, undeclared) if r.meta is not None] == ["tools[2].rules.over_limit", "policy.unknown_tools"]
     assert upstream_v2.effects.calls == [("refund", {"order_id": "o-1", "amount": 5})]
+
+
+async def test_entries_of_a_server_that_is_not_configured_are_reported(
+    warden_factory: WardenFactory, upstream_v2: Upstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = mcp_config(tmp_path, [{"name": "crm", "url": upstream_v2.http.url}])
+    cfg["tools"] = [*tomllib.loads(POLICY)["tools"], {"server": "CRM", "name": "lookup", "effect": "read", "schema": {"type": "object"}}]
+    with caplog.at_level("WARNING", logger="warden.tools"):
+        await warden_factory(cfg)
+    assert [r.getMessage() for r in caplog.records if r.name == "warden.tools"] == [
+        "[[tools]] entries name server 'CRM', which is not in [[mcp.servers]]: they govern nothing"
+    ]
