@@ -108,7 +108,8 @@ pin_db = "{tmp / 'pins.db'}"
 name = "crm"
 url = "http://127.0.0.1:{uport}/mcp"
 [[tools]]
-name = "crm.lookup"
+server = "crm"
+name = "lookup"
 effect = "read"
 schema = {{ type = "object", required = ["order_id"], additionalProperties = false, properties = {{ order_id = {{ type = "string" }} }} }}
 """
