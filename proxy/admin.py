@@ -68,7 +68,9 @@ def build_admin_app(w: Warden) -> web.Application:
         bootstrap = ""
 
     async def authenticate(request: web.Request) -> Principal:
-        header = request.headers.get("Authorization", "")
+        return await authenticate_header(request.headers.get("Authorization", ""))
+
+    async def authenticate_header(header: str) -> Principal:
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
@@ -133,6 +135,10 @@ def build_admin_app(w: Warden) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/reload", reload)
+    if w.config.admin.console:
+        from proxy.console import add_console
+
+        add_console(app, w, authenticate_header)
     for method, path, handler in w.admin_routes:
         if not path.startswith("/admin/"):
             raise ValueError(f"admin route {method} {path} must be under /admin/ (only /admin/ routes are authenticated)")

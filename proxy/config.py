@@ -244,6 +244,14 @@ class AdminConfig:
     """Environment variable holding the bootstrap admin token (at least 24 characters; redacted by value from logs and the audit log)."""
     scope: str = "warden:admin"
     """Scope an admin JWT must carry."""
+    console: bool = True
+    """Serve the operator console at ``/console`` on the admin listener (sign-in with an admin JWT or the bootstrap token)."""
+    console_session_ttl_s: float = 3600.0
+    """How long a console session lasts after sign-in (never past the admin JWT's ``exp``); then the operator signs in again."""
+
+    def validate(self, key: str) -> None:
+        if not 1 <= self.console_session_ttl_s <= 7 * 86400:
+            raise ConfigError(f"{key}.console_session_ttl_s", "must be between 1 and 604800 seconds")
 
 
 @dataclass

@@ -10,10 +10,13 @@ be, so the response is never released without its record.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.errors import AuditUnavailable
 from proxy.exchange import Exchange
+
+if TYPE_CHECKING:
+    from proxy.audit.reader import ChainProof
 
 
 class AuditSink(Protocol):
@@ -43,10 +46,23 @@ class RecordReader(Protocol):
     async def find(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None: ...
 
     async def search(
-        self, tenant: str | None, user: str | None, tool: str | None, since: int | None, until: int | None, limit: int, kind: str | None
+        self,
+        tenant: str | None,
+        user: str | None,
+        tool: str | None,
+        since: int | None,
+        until: int | None,
+        limit: int,
+        kind: str | None,
+        *,
+        request_id: str | None = None,
+        status: int | None = None,
+        before: str | None = None,
     ) -> list[dict[str, Any]]: ...
 
     def iter_records(self) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def chain_proof(self, seq: int, origin: str | None = None) -> ChainProof | None: ...
 
 
 class ReaderQueries:
@@ -71,9 +87,17 @@ class ReaderQueries:
         until: int | None = None,
         limit: int = 100,
         kind: str | None = None,
+        *,
+        request_id: str | None = None,
+        status: int | None = None,
+        before: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Records matching the filters, newest first."""
-        return await self._open_reader().search(tenant, user, tool, since, until, limit, kind)
+        """Records matching the filters, newest first; ``before`` is the ``_cursor`` of a previous page's last record."""
+        return await self._open_reader().search(tenant, user, tool, since, until, limit, kind, request_id=request_id, status=status, before=before)
+
+    async def chain_proof(self, seq: int, origin: str | None = None) -> ChainProof | None:
+        """The stored pieces that place record ``seq`` (of chain ``origin`` on PostgreSQL) in its hash chain."""
+        return await self._open_reader().chain_proof(seq, origin)
 
     async def iter_records(self) -> AsyncIterator[dict[str, Any]]:
         """Every record in chain order (chain by chain on PostgreSQL), for export."""

@@ -67,16 +67,19 @@ def validate_feedback(payload: Any) -> dict[str, Any]:
     return out
 
 
-async def submit_feedback(audit: FeedbackStore, principal: Principal, payload: Any) -> dict[str, Any]:
+async def submit_feedback(audit: FeedbackStore, principal: Principal, payload: Any, *, tenant: str | None = None) -> dict[str, Any]:
     """Validate and record feedback on an exchange of the principal's tenant.
 
+    ``tenant`` names the exchange's tenant when the reviewer is an admin of
+    every tenant (the console); by default it is the principal's own.
     Returns the response body: ``{"id", "object": "feedback", "request_id",
     "recorded": true}``.  Raises :class:`BadRequest` or :class:`NotFound`.
     """
     data = validate_feedback(payload)
-    rec = await audit.find(data["request_id"], principal.tenant)
+    tenant = principal.tenant if tenant is None else tenant
+    rec = await audit.find(data["request_id"], tenant)
     owner = (rec or {}).get("principal") or {}
-    if rec is None or owner.get("tenant") != principal.tenant:
+    if rec is None or owner.get("tenant") != tenant:
         raise NotFound(f"no request {data['request_id']!r} for this tenant", rule="feedback.request", param="request_id")
     fid = f"fb_{secrets.token_hex(12)}"
     record = {

@@ -13,9 +13,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from proxy.audit.reader import like_pattern
+from proxy.audit.reader import ChainProof, like_pattern
 
-_SELECT = "SELECT c.origin, r.seq, r.body FROM audit_records r JOIN audit_chains c USING (chain_id)"
+_SELECT = "SELECT c.origin, r.chain_id, r.ts_us, r.seq, r.body FROM audit_records r JOIN audit_chains c USING (chain_id)"
 
 
 class PgAuditReader:
@@ -72,14 +72,34 @@ class PgAuditReader:
         until: int | None = None,
         limit: int = 100,
         kind: str | None = None,
+        *,
+        request_id: str | None = None,
+        status: int | None = None,
+        before: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Records matching every given filter, newest first (``since``/``until``: µs since the epoch, inclusive/exclusive)."""
+        """Records matching every given filter, newest first (``since``/``until``: µs since the epoch, inclusive/exclusive).
+
+        Each record carries ``_cursor`` (``ts_us.chain_id.seq``); passing the
+        last one as ``before`` returns the next page (keyset pagination).  A
+        cursor that is not one of ours is a ``ValueError``.
+        """
         where: list[str] = []
         args: list[Any] = []
 
         def arg(v: Any) -> str:
             args.append(v)
             return f"${len(args)}"
+
+        if before is not None:
+            parts = before.split(".")
+            if len(parts) != 3 or not all(p.isdigit() and len(p) <= 19 for p in parts):
+                raise ValueError("not a cursor of this audit store")
+            ts_us, chain_id, seq = (int(p) for p in parts)
+            where.append(f"(r.ts_us, r.chain_id, r.seq) < ({arg(ts_us)}, {arg(chain_id)}, {arg(seq)})")
+        if request_id is not None:
+            where.append(f"r.request_id = {arg(request_id)}")
+        if status is not None:
+            where.append(f"r.status = {arg(status)}")
 
         if tenant is not None:
             where.append(f"r.tenant = {arg(tenant)}")
@@ -96,6 +116,36 @@ class PgAuditReader:
         sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
         sql += f" ORDER BY r.ts_us DESC, r.chain_id DESC, r.seq DESC LIMIT {arg(max(1, min(int(limit), 100_000)))}"
         return [_record(r) for r in await self.pool.fetch(sql, *args)]
+
+    async def chain_proof(self, seq: int, origin: str | None = None) -> ChainProof | None:
+        """What shows record ``seq`` of chain ``origin`` in its chain (see the SQLite reader); ``None`` when there is none."""
+        if origin is None:
+            return None
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            chain_id = await conn.fetchval("SELECT chain_id FROM audit_chains WHERE origin = $1", origin)
+            if chain_id is None:
+                return None
+            rows = {
+                int(r["seq"]): r
+                for r in await conn.fetch(
+                    "SELECT seq, prev_hash, hash, body FROM audit_records WHERE chain_id = $1 AND seq IN ($2, $3)", chain_id, seq - 1, seq
+                )
+            }
+            if seq not in rows:
+                return None
+            note = await conn.fetchval("SELECT note FROM audit_checkpoints WHERE chain_id = $1 ORDER BY size DESC LIMIT 1", chain_id)
+            keys = [str(r["verifier"]) for r in await conn.fetch("SELECT verifier FROM audit_keys")]
+        row, before = rows[seq], rows.get(seq - 1)
+        return ChainProof(
+            origin=origin,
+            seq=seq,
+            prev_hash=bytes(row["prev_hash"]),
+            hash=bytes(row["hash"]),
+            body=bytes(row["body"]),
+            previous_hash=bytes(before["hash"]) if before is not None else None,
+            checkpoint=str(note) if note is not None else None,
+            keys=keys,
+        )
 
     async def iter_records(self, page: int = 1000) -> AsyncIterator[dict[str, Any]]:
         """Every record as ``{origin, seq, prev_hash, hash, record}`` (hex hashes), chain by chain in chain order.
@@ -122,4 +172,5 @@ def _record(row: Any) -> dict[str, Any]:
     rec: dict[str, Any] = orjson.loads(row["body"])
     rec["_seq"] = int(row["seq"])
     rec["_origin"] = row["origin"]
+    rec["_cursor"] = f"{row['ts_us']}.{row['chain_id']}.{row['seq']}"
     return rec

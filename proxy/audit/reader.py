@@ -84,19 +84,29 @@ class AuditReader:
         until: int | None = None,
         limit: int = 100,
         kind: str | None = None,
+        *,
+        request_id: str | None = None,
+        status: int | None = None,
+        before: str | None = None,
     ) -> list[dict[str, Any]]:
         """Records matching every given filter, newest first.
 
         ``since``/``until`` are microseconds since the epoch (inclusive/exclusive).
+        Each record carries ``_cursor``; passing the last one as ``before``
+        returns the next page (keyset pagination: no OFFSET scan).  A cursor
+        that is not one of ours is a ``ValueError``.
         """
         where: list[str] = []
         args: list[str | int] = []
-        if tenant is not None:
-            where.append("tenant = ?")
-            args.append(tenant)
-        if user is not None:
-            where.append("subject = ?")
-            args.append(user)
+        if before is not None:
+            if not before.isdigit() or len(before) > 19:
+                raise ValueError("not a cursor of this audit store")
+            where.append("seq < ?")
+            args.append(int(before))
+        for column, value in (("request_id", request_id), ("status", status), ("tenant", tenant), ("subject", user), ("kind", kind)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
         if tool is not None:
             where.append("tools LIKE ? ESCAPE '\\'")
             args.append(f"%,{_like(tool)},%")
@@ -106,13 +116,12 @@ class AuditReader:
         if until is not None:
             where.append("ts_us < ?")
             args.append(until)
-        if kind is not None:
-            where.append("kind = ?")
-            args.append(kind)
-        sql = "SELECT seq, body FROM records"
+        # The page's sequence numbers first, bodies after: a filter served by an index in another order (tenant and
+        # time, a time range) then sorts integers, not every matching record's body.
+        sql = "SELECT seq FROM records"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
+        sql = f"SELECT seq, body FROM records WHERE seq IN ({sql} ORDER BY seq DESC LIMIT ?) ORDER BY seq DESC"
         args.append(max(1, min(int(limit), 100_000)))
         async with self.db.execute(sql, args) as cur:
             rows = await cur.fetchall()
@@ -120,8 +129,37 @@ class AuditReader:
         for seq, body in rows:
             rec = orjson.loads(body)
             rec["_seq"] = seq
+            rec["_cursor"] = str(seq)
             out.append(rec)
         return out
+
+    async def chain_proof(self, seq: int, origin: str | None = None) -> ChainProof | None:
+        """What shows record ``seq`` in its chain: its row, the previous record's hash, the newest checkpoint, the keys.
+
+        ``origin`` is ignored (one chain per SQLite database); ``None`` when there is no record ``seq``.
+        """
+        async with self.db.execute("SELECT seq, prev_hash, hash, body FROM records WHERE seq IN (?, ?)", (seq - 1, seq)) as cur:
+            rows = {int(r[0]): r for r in await cur.fetchall()}
+        if seq not in rows:
+            return None
+        async with self.db.execute("SELECT value FROM meta WHERE key = 'origin'") as cur:
+            row = await cur.fetchone()
+        async with self.db.execute("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1") as cur:
+            note = await cur.fetchone()
+        async with self.db.execute("SELECT verifier FROM keys") as cur:
+            keys = [str(k[0]) for k in await cur.fetchall()]
+        _, prev_hash, h, body = rows[seq]
+        before = rows.get(seq - 1)
+        return ChainProof(
+            origin=str(row[0]) if row else "",
+            seq=seq,
+            prev_hash=bytes(prev_hash),
+            hash=bytes(h),
+            body=bytes(body),
+            previous_hash=bytes(before[2]) if before is not None else None,
+            checkpoint=str(note[0]) if note else None,
+            keys=keys,
+        )
 
     async def iter_rows(self, after: int = 0, page: int = 1000) -> AsyncIterator[tuple[int, bytes, bytes, bytes]]:
         """``(seq, prev_hash, hash, body)`` in chain order, paged."""
@@ -141,6 +179,23 @@ class AuditReader:
         """Every record in chain order as ``{seq, prev_hash, hash, record}`` (hex hashes), for export."""
         async for seq, prev, h, body in self.iter_rows():
             yield {"seq": seq, "prev_hash": prev.hex(), "hash": h.hex(), "record": orjson.loads(body)}
+
+
+@dataclass(frozen=True, slots=True)
+class ChainProof:
+    """The stored pieces that place one record in its hash chain (see ``proxy.audit.verify`` for the whole proof)."""
+
+    origin: str
+    seq: int
+    prev_hash: bytes
+    hash: bytes
+    body: bytes
+    previous_hash: bytes | None
+    """The stored hash of record ``seq - 1`` (``None``: it is the first record, or was pruned)."""
+    checkpoint: str | None
+    """The newest signed checkpoint note of the chain."""
+    keys: list[str]
+    """The verifier keys the writers published in the database."""
 
 
 class Reader(Protocol):
@@ -163,6 +218,10 @@ class Reader(Protocol):
         until: int | None = None,
         limit: int = 100,
         kind: str | None = None,
+        *,
+        request_id: str | None = None,
+        status: int | None = None,
+        before: str | None = None,
     ) -> list[dict[str, Any]]: ...
 
     def iter_records(self) -> AsyncIterator[dict[str, Any]]: ...

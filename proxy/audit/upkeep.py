@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_request ON records (request_id);
 CREATE INDEX IF NOT EXISTS records_tenant_ts ON records (tenant, ts_us);
 CREATE INDEX IF NOT EXISTS records_ts ON records (ts_us);
+CREATE INDEX IF NOT EXISTS records_subject ON records (subject);
+CREATE INDEX IF NOT EXISTS records_status ON records (status);
+CREATE INDEX IF NOT EXISTS records_kind ON records (kind);
 CREATE TABLE IF NOT EXISTS checkpoints (
     size INTEGER PRIMARY KEY,
     hash BLOB NOT NULL,
