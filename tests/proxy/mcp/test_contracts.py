@@ -28,6 +28,9 @@ SUNSET = dt.datetime(2027, 1, 31, tzinfo=dt.UTC).timestamp()
 V2 = "orders/lookup.v2"
 """Version 2 of ``lookup``: an MCP tool name with "/" and "." (allowed for MCP tools, SEP-986)."""
 
+LOOKUP = 'effect = "read"\nschema = { type = "object", required = ["order_id"], additionalProperties = false, properties = { order_id = { type = "string" } } }'
+"""The two versions of lookup take the same arguments."""
+
 POLICY = f"""
 [policy]
 read_only = false
@@ -37,18 +40,16 @@ server = "crm"
 name = "lookup"
 version = 1
 function_name = "lookup"
-effect = "read"
 deprecated = "2027-01-31"
 replacement = "lookup@2"
-schema = {{ type = "object", required = ["order_id"], additionalProperties = false, properties = {{ order_id = {{ type = "string" }} }} }}
+{LOOKUP}
 
 [[tools]]
 server = "crm"
 name = "lookup"
 version = 2
 function_name = "{V2}"
-effect = "read"
-schema = {{ type = "object", required = ["order_id"], additionalProperties = false, properties = {{ order_id = {{ type = "string" }} }} }}
+{LOOKUP}
 
 [[tools]]
 server = "crm"
