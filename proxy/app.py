@@ -32,6 +32,7 @@ from proxy.secrets import secret_values
 from proxy.upstream import Upstream, UpstreamResponse
 
 if TYPE_CHECKING:
+    from proxy.mcp.gateway import McpGateway
     from proxy.tracing import Tracing
 
 log = logging.getLogger("warden")
@@ -78,6 +79,11 @@ class Warden:
             section = config.plugin_sections.get(cls.config_section) if cls.config_section else None
             plugins.append(cls(section))
         self.chain = PluginChain(plugins)
+        self.mcp: McpGateway | None = None
+        if config.mcp.servers:
+            from proxy.mcp.gateway import McpGateway
+
+            self.mcp = McpGateway(self, config.mcp)
         self.pipeline = Pipeline(self, dataplane.FLOWS)
         self.stream_cut = asyncio.Event()
         """Set at the drain deadline: every open stream ends at once with an error event (rule ``server.drain``)."""
@@ -121,6 +127,9 @@ class Warden:
                     log.error("plugin %s failed to start: %s: %s", plugin.name, type(e).__name__, e)
                     raise
                 self.admin_routes.extend(ctx.admin_routes)
+            if self.mcp is not None:
+                await self.mcp.start()
+                self.admin_routes.extend(self.mcp.admin_routes())
         except BaseException:
             await self._shutdown(started)
             raise
@@ -144,6 +153,11 @@ class Warden:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cut_watch
             self._cut_watch = None
+        if self.mcp is not None:
+            try:
+                await self.mcp.stop()
+            except Exception:
+                log.exception("the MCP gateway failed to stop cleanly")
         for plugin in reversed(plugins):
             try:
                 await plugin.stop()
@@ -180,7 +194,7 @@ class Warden:
             return {"result": "refused", "error": str(e)}
         restart = [
             name
-            for name in ("server", "upstream", "auth", "admin", "audit", "database", "metrics", "tracing", "logging")
+            for name in ("server", "upstream", "auth", "admin", "audit", "database", "metrics", "tracing", "logging", "mcp")
             if getattr(new, name) != getattr(self.config, name)
         ]
         self.config.plugin_sections = new.plugin_sections

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from proxy.confload import load_dataclass
 from proxy.errors import ConfigError
+from proxy.mcp.config import McpConfig
 
 
 def parse_hostport(value: str, key: str) -> tuple[str, int]:
@@ -460,6 +461,7 @@ CORE_SECTIONS: dict[str, type] = {
     "tracing": TracingConfig,
     "logging": LoggingConfig,
     "plugins": PluginsConfig,
+    "mcp": McpConfig,
 }
 
 
@@ -475,6 +477,7 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    mcp: McpConfig = field(default_factory=McpConfig)
     plugin_sections: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
     base_dir: Path = field(default_factory=Path.cwd)

@@ -19,6 +19,7 @@ from aiohttp import web
 from proxy import chat
 from proxy.errors import NotFound, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from proxy.exchange import Exchange
+from proxy.mcp import flow as mcp_flow
 from proxy.pipeline import Flow, Incoming, JsonReply, Reply, StreamReply, provider_error_reply
 
 if TYPE_CHECKING:
@@ -134,4 +135,4 @@ async def count_tokens(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     return JsonReply(200, orjson.dumps(ex.response_body), ur.relay_headers())
 
 
-FLOWS: dict[str, Flow] = {"chat": chat.run, "relay": relay, "feedback": feedback, "count_tokens": count_tokens}
+FLOWS: dict[str, Flow] = {"chat": chat.run, "relay": relay, "feedback": feedback, "count_tokens": count_tokens, "mcp": mcp_flow.run}

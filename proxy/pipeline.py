@@ -156,7 +156,11 @@ class Pipeline:
     def __init__(self, w: Warden, flows: dict[str, Flow]) -> None:
         self.w = w
         self.flows = flows
-        self.routes = RouteTable(w.config.server.passthrough_routes, native_anthropic=w.config.upstream.api == "anthropic")
+        self.routes = RouteTable(
+            w.config.server.passthrough_routes,
+            native_anthropic=w.config.upstream.api == "anthropic",
+            mcp_servers=tuple(s.name for s in w.config.mcp.servers),
+        )
         self.streams: set[asyncio.Task[Any]] = set()
         """Requests relaying a stream."""
         self.waiting: set[asyncio.Task[Any]] = set()
@@ -282,8 +286,9 @@ class Pipeline:
             ex.body_refused = "request.json"
             raise BadRequest(f"request body is not valid JSON: {safe_text(e.msg, 120)}", rule="request.json") from None
         if not isinstance(body, dict):
-            ex.body_refused = "request.json"
-            raise BadRequest("request body must be a JSON object", rule="request.json")
+            err = adapter_for(route.protocol).not_an_object(body)
+            ex.body_refused = err.rule
+            raise err
         if depth_exceeds(body, ex.raw_body, cfg.max_json_depth):
             ex.body_refused = "request.json_depth"
             raise BadRequest(f"request body nests deeper than {cfg.max_json_depth} levels", rule="request.json_depth")

@@ -121,13 +121,17 @@ def check_call(
 ) -> Decision | Passed:
     """Checks 1–8 of a call (unknown, retired, permission, read-only, bounds, JSON, schema, argument rules).
 
+    ``server`` names the MCP server whose tool is called (``None``: a chat
+    function); an MCP tool without an entry is always unknown.
+
     Never raises for bad input: a validator that fails is a decision too.
     """
     name = call.name
     tool = registry.resolve(name, server)
     dep: Deprecation | None = None
     if tool is None:
-        if policy.unknown_tools == "deny":
+        # An MCP server's tool list is not the operator's policy: its undeclared tools are refused whatever unknown_tools says.
+        if policy.unknown_tools == "deny" or server:
             return Decision.deny(
                 "policy.unknown_tools",
                 f"there is no tool named {quote(name)} available to you. Do not call it again; use only the tools you were given.",
@@ -225,7 +229,7 @@ def offer_failure(
     is_read_only, where = read_only
     tool = registry.resolve(name, server)
     if tool is None:
-        if policy.unknown_tools == "deny":
+        if policy.unknown_tools == "deny" or server:
             return "policy.unknown_tools", "it is not declared in the tool registry"
         if is_read_only:
             return "policy.read_only", f"undeclared tools count as write tools and read-only mode is on {where}"

@@ -244,6 +244,8 @@ class Projector:
                     "details": dec.details,
                 }
             )
+            if call.server is not None:
+                calls[-1]["server"] = call.server
             names.add(call.name)
             ids.append(call.id)
         response: dict[str, Any] = {"finish_reasons": list(ex.finish_reasons)}
@@ -296,6 +298,8 @@ class Projector:
         meta["request_headers"] = {k: v for k, v in ex.request_headers.items() if k.lower() not in _DROP_HEADERS}
         meta["response_headers"] = ex.response_headers
         meta["plugins"] = ex.plugin_fields
+        if ex.mcp is not None:
+            meta["mcp"] = ex.mcp
         if scrub:
             meta = _scrub(meta, 0)
         redactor = self.redactor

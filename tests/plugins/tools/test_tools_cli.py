@@ -54,7 +54,7 @@ def write(tmp_path: Path, cases: str, name: str = "cases.yaml", policy: str = PO
 def test_the_example_policy_passes_its_cases(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(["policy", "test", str(EXAMPLE_CASES)], capsys)
     assert rc == 0, out + err
-    assert out.splitlines()[-1] == "21 cases: 21 passed, 0 failed"
+    assert out.splitlines()[-1] == "22 cases: 22 passed, 0 failed"
     assert "  ok     17  version 1 is refused from its sunset on, naming refund_v2: deny (tools[1].deprecated)" in out
     assert "[deprecated]" in out and err == ""
 
@@ -64,7 +64,7 @@ def test_the_console_command_runs_the_cases() -> None:
         [sys.executable, "-m", "proxy", "policy", "test", "--quiet", str(EXAMPLE_CASES)], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.splitlines() == [f"policy {EXAMPLE_POLICY} (4 tools), cases {EXAMPLE_CASES}", "21 cases: 21 passed, 0 failed"]
+    assert done.stdout.splitlines() == [f"policy {EXAMPLE_POLICY} (4 tools), cases {EXAMPLE_CASES}", "22 cases: 22 passed, 0 failed"]
 
 
 def test_a_wrong_expectation_fails_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
