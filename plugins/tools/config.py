@@ -206,6 +206,11 @@ class PolicyConfig:
     approval_ttl_s: float = 3600.0
     """A pending approval expires this long after it was requested; an
     approved one must be used within this long after the approval."""
+    self_approval: bool = False
+    """Whether a reviewer may approve a call they asked for themselves (the
+    same tenant and subject): off by default, so an approval always takes a
+    second person (rule ``tools.approval.self``); denying one's own call is
+    always allowed."""
     state_backend: Literal["sqlite", "redis"] = "sqlite"
     """Where approvals and the read-only switch live: ``sqlite`` (``state_db``,
     one replica or several workers sharing the file) or ``redis`` (shared by
