@@ -116,7 +116,7 @@ schema = {{ type = "object", required = ["order_id"], additionalProperties = fal
     )
     procs = [
         spawn([sys.executable, "-c", UPSTREAM, str(uport), "json" if args.json else "sse"]),
-        spawn([sys.executable, "-m", "proxy", "serve", "--config", str(tmp / "config.toml")]),
+        spawn([sys.executable, "-m", "llm_warden.proxy", "serve", "--config", str(tmp / "config.toml")]),
     ]
     try:
         await wait_up(f"http://127.0.0.1:{aport}/readyz")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, cast
 
-from proxy.errors import WardenError
+from llm_warden.proxy.errors import WardenError
 
 T = TypeVar("T")
 

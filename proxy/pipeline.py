@@ -43,7 +43,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
-from proxy.errors import (
+from llm_warden.proxy.errors import (
     AuditUnavailable,
     BadRequest,
     MethodNotAllowed,
@@ -54,16 +54,16 @@ from proxy.errors import (
     error_body,
     internal_error,
 )
-from proxy.exchange import Exchange, UpstreamTurn
-from proxy.headers import safe_headers, safe_text
-from proxy.jsonbounds import depth_exceeds
-from proxy.logs import request_line
-from proxy.protocols import Bounds, adapter_for, protocol_for_path
-from proxy.routes import Match, Route, RouteTable, path_error, ungoverned_reason
+from llm_warden.proxy.exchange import Exchange, UpstreamTurn
+from llm_warden.proxy.headers import safe_headers, safe_text
+from llm_warden.proxy.jsonbounds import depth_exceeds
+from llm_warden.proxy.logs import request_line
+from llm_warden.proxy.protocols import Bounds, adapter_for, protocol_for_path
+from llm_warden.proxy.routes import Match, Route, RouteTable, path_error, ungoverned_reason
 
 if TYPE_CHECKING:
-    from proxy.app import Warden
-    from proxy.upstream import UpstreamResponse
+    from llm_warden.proxy.app import Warden
+    from llm_warden.proxy.upstream import UpstreamResponse
 
 log = logging.getLogger("warden.pipeline")
 _SKIP_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})

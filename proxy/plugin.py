@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import web
 
-from proxy.errors import ConfigError
-from proxy.exchange import Decision, Exchange, ToolCall, ToolOffer
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.exchange import Decision, Exchange, ToolCall, ToolOffer
 
 if TYPE_CHECKING:
-    from proxy.config import Config
+    from llm_warden.proxy.config import Config
 
 AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from proxy.errors import ConfigError
+from llm_warden.proxy.errors import ConfigError
 
 # RFC 3986 unreserved characters and the sub-delimiters an API path uses; no '%', no '/' inside a segment.
 _SEGMENT = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]+$")

@@ -61,14 +61,14 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from proxy.config import Config
-from proxy.mcp import telemetry as mcp_telemetry
-from proxy.metrics import turn_outcome
+from llm_warden.proxy.config import Config
+from llm_warden.proxy.mcp import telemetry as mcp_telemetry
+from llm_warden.proxy.metrics import turn_outcome
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from proxy.exchange import Exchange, UpstreamTurn
+    from llm_warden.proxy.exchange import Exchange, UpstreamTurn
 
 log = logging.getLogger("warden.tracing")
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config import CORE_SECTIONS, load_config
-from proxy.plugin import available_plugins
+from llm_warden.proxy.config import CORE_SECTIONS, load_config
+from llm_warden.proxy.plugin import available_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
@@ -21,7 +21,7 @@ def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WARDEN_DEV_JWT_SECRET", "x" * 40)
     cfg = load_config(EXAMPLE)
     assert cfg.plugins.enabled == ["limits", "retrieval", "tools", "headers"]
-    from proxy.auth import Authenticator
+    from llm_warden.proxy.auth import Authenticator
 
     Authenticator(cfg.auth, cfg)
 

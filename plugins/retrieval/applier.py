@@ -31,11 +31,11 @@ from pathlib import Path
 
 import orjson
 
-from plugins.retrieval.acl import Acl, IndexedChunk
-from plugins.retrieval.lexical import LexicalIndex
-from plugins.retrieval.records import ChangeBatch, ChunkRow, DocumentRow, RecordStore
-from plugins.retrieval.tokenize import ANALYZER
-from plugins.retrieval.vector import VectorIndex
+from llm_warden.plugins.retrieval.acl import Acl, IndexedChunk
+from llm_warden.plugins.retrieval.lexical import LexicalIndex
+from llm_warden.plugins.retrieval.records import ChangeBatch, ChunkRow, DocumentRow, RecordStore
+from llm_warden.plugins.retrieval.tokenize import ANALYZER
+from llm_warden.plugins.retrieval.vector import VectorIndex
 
 log = logging.getLogger("warden.retrieval")
 

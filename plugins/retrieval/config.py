@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from proxy.errors import ConfigError
+from llm_warden.proxy.errors import ConfigError
 
 DEFAULT_TEMPLATE = (
     "The numbered context entries below were retrieved from the organisation's documents for this "

@@ -24,15 +24,15 @@ import logging
 import time
 from typing import Any
 
-from plugins.retrieval.acl import Reader
-from plugins.retrieval.citations import header_value, map_citations
-from plugins.retrieval.config import RetrievalConfig
-from plugins.retrieval.inject import build_query, insert_context, render_context
-from plugins.retrieval.pgstore import MIGRATIONS
-from plugins.retrieval.service import RetrievalService, build_service
-from proxy.errors import ConfigError, ServiceUnavailable, WardenError
-from proxy.exchange import Exchange, RetrievalSummary
-from proxy.plugin import Plugin, PluginContext
+from llm_warden.plugins.retrieval.acl import Reader
+from llm_warden.plugins.retrieval.citations import header_value, map_citations
+from llm_warden.plugins.retrieval.config import RetrievalConfig
+from llm_warden.plugins.retrieval.inject import build_query, insert_context, render_context
+from llm_warden.plugins.retrieval.pgstore import MIGRATIONS
+from llm_warden.plugins.retrieval.service import RetrievalService, build_service
+from llm_warden.proxy.errors import ConfigError, ServiceUnavailable, WardenError
+from llm_warden.proxy.exchange import Exchange, RetrievalSummary
+from llm_warden.proxy.plugin import Plugin, PluginContext
 
 log = logging.getLogger("warden.retrieval")
 
@@ -62,7 +62,7 @@ class RetrievalPlugin(Plugin):
 
     async def start(self, ctx: PluginContext) -> None:
         """Open the store and engines (crash repair, re-embed on a model change), register the admin API."""
-        from plugins.retrieval.admin import register_admin_routes
+        from llm_warden.plugins.retrieval.admin import register_admin_routes
 
         self.service = build_service(self.section, ctx.config)
         await self.service.start(background_sync=True)
@@ -184,6 +184,6 @@ class RetrievalPlugin(Plugin):
     @classmethod
     def add_cli(cls, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         """``warden ingest``, ``warden search``, ``warden index rebuild|status``."""
-        from plugins.retrieval.cli import add_cli
+        from llm_warden.plugins.retrieval.cli import add_cli
 
         add_cli(sub)

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from aiohttp import web
 
-from plugins.tools.store import LIST_STATUSES
-from proxy.admin import admin_principal, admin_tenant, require_all_tenants
-from proxy.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
-from proxy.exchange import Principal
+from llm_warden.plugins.tools.store import LIST_STATUSES
+from llm_warden.proxy.admin import admin_principal, admin_tenant, require_all_tenants
+from llm_warden.proxy.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from llm_warden.proxy.exchange import Principal
 
 if TYPE_CHECKING:
-    from plugins.tools.plugin import ToolsPlugin
+    from llm_warden.plugins.tools.plugin import ToolsPlugin
 
 MAX_COMMENT = 2000
 

@@ -20,15 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from plugins.tools.bounds import bounds_failure
-from plugins.tools.canonical import NotCanonical, canonical_json
-from plugins.tools.config import CompiledTool, PolicyConfig, ToolRegistry
-from plugins.tools.policy import permission_failure, quote
-from plugins.tools.rules import RuleVerdict
-from plugins.tools.schemas import validator_failure
-from plugins.tools.versions import Deprecation
-from proxy.exchange import Decision, Principal, ToolCall
-from proxy.tooling import loads_arguments
+from llm_warden.plugins.tools.bounds import bounds_failure
+from llm_warden.plugins.tools.canonical import NotCanonical, canonical_json
+from llm_warden.plugins.tools.config import CompiledTool, PolicyConfig, ToolRegistry
+from llm_warden.plugins.tools.policy import permission_failure, quote
+from llm_warden.plugins.tools.rules import RuleVerdict
+from llm_warden.plugins.tools.schemas import validator_failure
+from llm_warden.plugins.tools.versions import Deprecation
+from llm_warden.proxy.exchange import Decision, Principal, ToolCall
+from llm_warden.proxy.tooling import loads_arguments
 
 log = logging.getLogger("warden.tools")
 

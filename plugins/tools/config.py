@@ -17,12 +17,12 @@ from urllib.parse import urlparse
 
 import jsonschema_rs
 
-from plugins.tools.bounds import MAX_BYTES_LIMIT, MAX_DEPTH_LIMIT
-from plugins.tools.rules import ArgumentRule, RuleSet, build_rule_set
-from plugins.tools.schemas import compile_schema
-from plugins.tools.versions import Deprecation, Sunset, contract_id, default_function_name, parse_sunset
-from proxy.errors import ConfigError
-from proxy.gcra import Rate, parse_rate
+from llm_warden.plugins.tools.bounds import MAX_BYTES_LIMIT, MAX_DEPTH_LIMIT
+from llm_warden.plugins.tools.rules import ArgumentRule, RuleSet, build_rule_set
+from llm_warden.plugins.tools.schemas import compile_schema
+from llm_warden.plugins.tools.versions import Deprecation, Sunset, contract_id, default_function_name, parse_sunset
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.gcra import Rate, parse_rate
 
 __all__ = ["CompiledTool", "PolicyConfig", "ToolRegistry", "ToolSpec", "compile_schema"]
 

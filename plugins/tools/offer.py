@@ -9,9 +9,9 @@ server's tool list is not the operator's policy).
 
 from __future__ import annotations
 
-from plugins.tools.check import ToolPolicy
-from plugins.tools.policy import ModeState
-from proxy.exchange import Principal, ToolOffer
+from llm_warden.plugins.tools.check import ToolPolicy
+from llm_warden.plugins.tools.policy import ModeState
+from llm_warden.proxy.exchange import Principal, ToolOffer
 
 
 def offer(policy: ToolPolicy, mode: ModeState, principal: Principal | None, name: str, server: str) -> ToolOffer:

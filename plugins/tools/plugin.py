@@ -20,17 +20,17 @@ import re
 from collections import Counter
 from typing import Any
 
-from plugins.tools.admin import ToolsAdmin
-from plugins.tools.check import ToolPolicy, offer_failure
-from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
-from plugins.tools.judge import ExchangeState, ToolJudge
-from plugins.tools.offer import offer
-from plugins.tools.policy import ModeState
-from plugins.tools.request import fence_tools, scan_history
-from plugins.tools.store import StateBackendDown, ToolStateStore, ToolStore
-from proxy.errors import BadRequest, ConfigError, ServiceUnavailable
-from proxy.exchange import Decision, Exchange, Principal, StateKey, ToolCall, ToolOffer
-from proxy.plugin import Plugin, PluginContext
+from llm_warden.plugins.tools.admin import ToolsAdmin
+from llm_warden.plugins.tools.check import ToolPolicy, offer_failure
+from llm_warden.plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
+from llm_warden.plugins.tools.judge import ExchangeState, ToolJudge
+from llm_warden.plugins.tools.offer import offer
+from llm_warden.plugins.tools.policy import ModeState
+from llm_warden.plugins.tools.request import fence_tools, scan_history
+from llm_warden.plugins.tools.store import StateBackendDown, ToolStateStore, ToolStore
+from llm_warden.proxy.errors import BadRequest, ConfigError, ServiceUnavailable
+from llm_warden.proxy.exchange import Decision, Exchange, Principal, StateKey, ToolCall, ToolOffer
+from llm_warden.proxy.plugin import Plugin, PluginContext
 
 log = logging.getLogger("warden.tools")
 
@@ -96,7 +96,7 @@ class ToolsPlugin(Plugin):
     @classmethod
     def add_cli(cls, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         """``warden policy test CASES``."""
-        from plugins.tools.cli import add_cli
+        from llm_warden.plugins.tools.cli import add_cli
 
         add_cli(sub)
 
@@ -135,7 +135,7 @@ class ToolsPlugin(Plugin):
     def _make_store(self, ctx: PluginContext) -> ToolStore:
         """The store named by ``state_backend``."""
         if self.policy.state_backend == "redis":
-            from plugins.tools.redis_store import RedisToolStateStore
+            from llm_warden.plugins.tools.redis_store import RedisToolStateStore
 
             return RedisToolStateStore(self.policy.redis_url, self.policy.redis_key_prefix)
         return ToolStateStore(ctx.config.resolve_path(self.policy.state_db))

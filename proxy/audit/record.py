@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from proxy.audit.chain import canonical
-from proxy.audit.redact import Redactor, scan_bytes
-from proxy.exchange import Exchange
+from llm_warden.proxy.audit.chain import canonical
+from llm_warden.proxy.audit.redact import Redactor, scan_bytes
+from llm_warden.proxy.exchange import Exchange
 
 if TYPE_CHECKING:
-    from proxy.config import AuditConfig
+    from llm_warden.proxy.config import AuditConfig
 
 ContentMode = Literal["full", "redacted", "hashes"]
 RECORD_VERSION = 1

@@ -17,10 +17,10 @@ from typing import Any
 import orjson
 import yaml
 
-from proxy.errors import ConfigError
-from proxy.eval.cases import CaseError, load_cases
-from proxy.eval.report import RunFileError, build_run, compare, compare_text, html_report, junit_xml, load_run
-from proxy.eval.runner import InProcessTarget, RemoteTarget, RunOptions, Target, run_cases
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.eval.cases import CaseError, load_cases
+from llm_warden.proxy.eval.report import RunFileError, build_run, compare, compare_text, html_report, junit_xml, load_run
+from llm_warden.proxy.eval.runner import InProcessTarget, RemoteTarget, RunOptions, Target, run_cases
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -192,8 +192,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_redteam(args: argparse.Namespace) -> int:
-    from proxy.eval.corpus import CorpusUnavailable, load_agentdojo
-    from proxy.eval.redteam import build_suite, run_redteam
+    from llm_warden.proxy.eval.corpus import CorpusUnavailable, load_agentdojo
+    from llm_warden.proxy.eval.redteam import build_suite, run_redteam
 
     if args.concurrency < 1:
         return _fail("--concurrency must be at least 1")
@@ -225,8 +225,8 @@ def cmd_redteam(args: argparse.Namespace) -> int:
 
 def _over_audit(args: argparse.Namespace, query: Callable[[Any, int | None, int | None], Awaitable[Any]]) -> Any:
     """``query(reader, since, until)`` over the audit store of ``--db`` / the config; a string says why it could not run."""
-    from proxy.audit.cli import _db_path, parse_time
-    from proxy.audit.reader import open_reader
+    from llm_warden.proxy.audit.cli import _db_path, parse_time
+    from llm_warden.proxy.audit.reader import open_reader
 
     try:
         since, until = parse_time(args.since), parse_time(args.until)
@@ -248,7 +248,7 @@ def _over_audit(args: argparse.Namespace, query: Callable[[Any, int | None, int 
 
 
 def cmd_slo(args: argparse.Namespace) -> int:
-    from proxy.eval.slo import Targets, standing
+    from llm_warden.proxy.eval.slo import Targets, standing
 
     targets = Targets(args.min_citation_coverage, args.max_invalid_citation_rate, args.max_content_age_p95_days)
     res = _over_audit(args, lambda reader, since, until: standing(reader, since, until, targets))
@@ -270,7 +270,7 @@ def cmd_slo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from proxy.eval.export import export_cases
+    from llm_warden.proxy.eval.export import export_cases
 
     res = _over_audit(args, lambda reader, since, until: export_cases(reader, tenant=args.tenant, since=since, until=until, min_rating=args.min_rating))
     if isinstance(res, str):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlparse
 
-from proxy.errors import ConfigError
+from llm_warden.proxy.errors import ConfigError
 
 SERVER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]{1,64}$")

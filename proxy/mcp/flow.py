@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
-from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout, WardenError
-from proxy.exchange import Decision, Exchange, StateKey, ToolDecisionRecord, UpstreamTurn
-from proxy.headers import safe_text
-from proxy.mcp.jsonrpc import (
+from llm_warden.proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout, WardenError
+from llm_warden.proxy.exchange import Decision, Exchange, StateKey, ToolDecisionRecord, UpstreamTurn
+from llm_warden.proxy.headers import safe_text
+from llm_warden.proxy.mcp.jsonrpc import (
     CLIENT_NOTIFICATIONS,
     CLIENT_REQUESTS,
     HANDSHAKE_VERSIONS,
@@ -52,16 +52,16 @@ from proxy.mcp.jsonrpc import (
     server_message_refusal,
     tool_error_result,
 )
-from proxy.mcp.pins import tool_digest
-from proxy.mcp.sessions import Session
-from proxy.pipeline import Incoming, JsonReply, Reply, StreamReply
-from proxy.sse import SSEError, SSEParser
-from proxy.tooling import parse_call
+from llm_warden.proxy.mcp.pins import tool_digest
+from llm_warden.proxy.mcp.sessions import Session
+from llm_warden.proxy.pipeline import Incoming, JsonReply, Reply, StreamReply
+from llm_warden.proxy.sse import SSEError, SSEParser
+from llm_warden.proxy.tooling import parse_call
 
 if TYPE_CHECKING:
-    from proxy.app import Warden
-    from proxy.mcp.config import McpServerConfig
-    from proxy.mcp.gateway import McpGateway
+    from llm_warden.proxy.app import Warden
+    from llm_warden.proxy.mcp.config import McpServerConfig
+    from llm_warden.proxy.mcp.gateway import McpGateway
 
 SESSION_HEADER = "Mcp-Session-Id"
 MAX_HIDDEN_RECORDED = 100

@@ -11,14 +11,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.errors import BadRequest, NotFound
-from proxy.mcp.config import McpConfig, McpServerConfig
-from proxy.mcp.pins import PinStore
-from proxy.mcp.sessions import SessionSealer
-from proxy.mcp.upstream import HttpUpstream, StdioServer
+from llm_warden.proxy.errors import BadRequest, NotFound
+from llm_warden.proxy.mcp.config import McpConfig, McpServerConfig
+from llm_warden.proxy.mcp.pins import PinStore
+from llm_warden.proxy.mcp.sessions import SessionSealer
+from llm_warden.proxy.mcp.upstream import HttpUpstream, StdioServer
 
 if TYPE_CHECKING:
-    from proxy.app import Warden
+    from llm_warden.proxy.app import Warden
 
 MAX_RECENT_WRITES = 10000
 
@@ -101,14 +101,14 @@ class McpGateway:
         return out
 
     async def _list_pins(self, request: web.Request) -> web.Response:
-        from proxy.admin import json_response, require_all_tenants
+        from llm_warden.proxy.admin import json_response, require_all_tenants
 
         require_all_tenants(request, "MCP tool pins")
         return json_response({"servers": self.pin_table()})
 
     async def _accept_pin(self, request: web.Request) -> web.Response:
         """``{"server", "tool", "digest"}``: accept a tool's description and schema (audited as ``mcp_pin_accepted``)."""
-        from proxy.admin import admin_principal, json_response, require_all_tenants
+        from llm_warden.proxy.admin import admin_principal, json_response, require_all_tenants
 
         require_all_tenants(request, "MCP tool pins")
         try:

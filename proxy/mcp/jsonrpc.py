@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy.errors import WardenError
+from llm_warden.proxy.errors import WardenError
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600

@@ -19,7 +19,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from proxy.exchange import Principal
+from llm_warden.proxy.exchange import Principal
 
 _AAD = b"warden.mcp.session.v1"
 _PREFIX = "w1."

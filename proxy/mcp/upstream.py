@@ -27,9 +27,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout
-from proxy.mcp.config import McpServerConfig
-from proxy.mcp.jsonrpc import METHOD_NOT_FOUND, McpRefusal, error_message
+from llm_warden.proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTimeout
+from llm_warden.proxy.mcp.config import McpServerConfig
+from llm_warden.proxy.mcp.jsonrpc import METHOD_NOT_FOUND, McpRefusal, error_message
 
 log = logging.getLogger("warden.mcp")
 CLIENT_INFO = {"name": "warden-mcp-gateway", "version": "1"}

@@ -11,12 +11,12 @@ the internal representation.
 
 from __future__ import annotations
 
-from proxy.protocols.anthropic import AnthropicMessages
-from proxy.protocols.anthropic_count import AnthropicCountTokens
-from proxy.protocols.base import Bounds, Protocol, StreamRenderer
-from proxy.protocols.mcp import MCP_PATH, McpProtocol
-from proxy.protocols.openai_chat import OpenAIChat, OpenAIRelay
-from proxy.protocols.openai_responses import OpenAIResponses
+from llm_warden.proxy.protocols.anthropic import AnthropicMessages
+from llm_warden.proxy.protocols.anthropic_count import AnthropicCountTokens
+from llm_warden.proxy.protocols.base import Bounds, Protocol, StreamRenderer
+from llm_warden.proxy.protocols.mcp import MCP_PATH, McpProtocol
+from llm_warden.proxy.protocols.openai_chat import OpenAIChat, OpenAIRelay
+from llm_warden.proxy.protocols.openai_responses import OpenAIResponses
 
 __all__ = ["Bounds", "Protocol", "StreamRenderer", "adapter_for", "protocol_for_path", "ANTHROPIC_PATH"]
 

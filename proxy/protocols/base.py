@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.errors import BadRequest, WardenError
-from proxy.exchange import Exchange
+from llm_warden.proxy.errors import BadRequest, WardenError
+from llm_warden.proxy.exchange import Exchange
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,10 +14,10 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import WardenError
-from proxy.exchange import Exchange
-from proxy.mcp.jsonrpc import McpRefusal, classify, error_message, rpc_code
-from proxy.protocols.base import Bounds, Protocol, StreamRenderer
+from llm_warden.proxy.errors import WardenError
+from llm_warden.proxy.exchange import Exchange
+from llm_warden.proxy.mcp.jsonrpc import McpRefusal, classify, error_message, rpc_code
+from llm_warden.proxy.protocols.base import Bounds, Protocol, StreamRenderer
 
 MCP_PATH = "/mcp"
 """Every path below it answers in JSON-RPC."""

@@ -8,8 +8,8 @@ from typing import Any
 import aiohttp
 import openai
 
-from proxy.config import MetricsConfig
-from proxy.metrics import Metrics
+from llm_warden.proxy.config import MetricsConfig
+from llm_warden.proxy.metrics import Metrics
 from tests.conftest import ADMIN_TOKEN, deep_merge
 from tests.fakeprovider import FakeProvider, Reply
 

@@ -25,10 +25,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from proxy.auth import Authenticator
-from proxy.config import AuthConfig, load_config
-from proxy.errors import ConfigError, Unauthorized
-from proxy.exchange import Principal
+from llm_warden.proxy.auth import Authenticator
+from llm_warden.proxy.config import AuthConfig, load_config
+from llm_warden.proxy.errors import ConfigError, Unauthorized
+from llm_warden.proxy.exchange import Principal
 from tests.conftest import AUDIENCE, ISSUER, Keys, WardenFactory
 
 HS_SECRET = "hostile-input-test-secret-0123456789abcdef"

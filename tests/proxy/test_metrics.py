@@ -18,10 +18,20 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import MetricsConfig
-from proxy.exchange import Citation, Decision, Exchange, Principal, RetrievalSummary, ToolCall, ToolDecisionRecord, UpstreamTurn, Usage
-from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics, turn_outcome, upstream_error_kind
-from proxy.plugin import Plugin
+from llm_warden.proxy.config import MetricsConfig
+from llm_warden.proxy.exchange import (
+    Citation,
+    Decision,
+    Exchange,
+    Principal,
+    RetrievalSummary,
+    ToolCall,
+    ToolDecisionRecord,
+    UpstreamTurn,
+    Usage,
+)
+from llm_warden.proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics, turn_outcome, upstream_error_kind
+from llm_warden.proxy.plugin import Plugin
 from tests.fakeprovider import FakeProvider, Reply
 from tests.plugins.test_plugin_metrics import all_plugins_config
 
@@ -713,8 +723,8 @@ def test_alert_rules_fire_when_they_should_with_promtool(tmp_path: Path) -> None
 def test_documented_config_sections_are_the_defaults() -> None:
     import tomllib
 
-    from proxy.config import LoggingConfig, TracingConfig, load_config
-    from proxy.plugin import available_plugins
+    from llm_warden.proxy.config import LoggingConfig, TracingConfig, load_config
+    from llm_warden.proxy.plugin import available_plugins
 
     data = tomllib.loads((ROOT / "docs/observability.config.toml").read_text())
     assert set(data) == {"metrics", "tracing", "logging"}

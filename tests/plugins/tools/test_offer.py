@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from plugins.tools.check import ToolPolicy
-from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
-from plugins.tools.offer import offer
-from plugins.tools.policy import ModeState
-from proxy.exchange import Principal
-from proxy.tooling import parse_call
+from llm_warden.plugins.tools.check import ToolPolicy
+from llm_warden.plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
+from llm_warden.plugins.tools.offer import offer
+from llm_warden.plugins.tools.policy import ModeState
+from llm_warden.proxy.exchange import Principal
+from llm_warden.proxy.tooling import parse_call
 
 SCHEMA = {"type": "object", "properties": {"id": {"type": "string"}}}
 BEFORE, AFTER = 1_790_000_000.0, 1_900_000_000.0  # around the sunset 2027-01-31

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import main
+from llm_warden.proxy.cli import main
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE_CASES = ROOT / "docs" / "tools.cases.yaml"
@@ -61,7 +61,7 @@ def test_the_example_policy_passes_its_cases(capsys: pytest.CaptureFixture[str])
 
 def test_the_console_command_runs_the_cases() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "proxy", "policy", "test", "--quiet", str(EXAMPLE_CASES)], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [sys.executable, "-m", "llm_warden.proxy", "policy", "test", "--quiet", str(EXAMPLE_CASES)], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == [f"policy {EXAMPLE_POLICY} (4 tools), cases {EXAMPLE_CASES}", "22 cases: 22 passed, 0 failed"]

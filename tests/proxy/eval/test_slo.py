@@ -11,10 +11,10 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.audit.reader import AuditReader
-from proxy.eval.cases import CasePrincipal
-from proxy.eval.runner import InProcessTarget
-from proxy.eval.slo import Targets, acl_allows, standing
+from llm_warden.proxy.audit.reader import AuditReader
+from llm_warden.proxy.eval.cases import CasePrincipal
+from llm_warden.proxy.eval.runner import InProcessTarget
+from llm_warden.proxy.eval.slo import Targets, acl_allows, standing
 from tests.fakeprovider import FakeProvider, Reply
 
 ALICE = CasePrincipal("acme", "alice", ("staff",))
@@ -69,7 +69,7 @@ async def test_a_served_document_the_recorded_acl_denies_is_a_violation(target: 
     assert {v["why"] for v in res["permission_correctness"]["violations"]} == {"the ACL does not allow alice", "served after its deletion"}
     assert not res["all_met"]
 
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "eval", "slo", "--db", target.cfg.audit.path, "--since", "1h", "--json",
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_warden.proxy", "eval", "slo", "--db", target.cfg.audit.path, "--since", "1h", "--json",
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ))
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1, err

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config import load_config
-from proxy.errors import ConfigError
+from llm_warden.proxy.config import load_config
+from llm_warden.proxy.errors import ConfigError
 
 
 def _load(mcp: dict[str, Any]) -> Any:
@@ -56,7 +56,7 @@ def test_upstream_headers_come_from_the_environment(monkeypatch: pytest.MonkeyPa
 
 
 def test_upstream_credentials_are_redacted_by_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    from proxy.secrets import secret_values
+    from llm_warden.proxy.secrets import secret_values
 
     monkeypatch.setenv("WARDEN_TEST_MCP_TOKEN", "Bearer upstream-token-0123456789")
     monkeypatch.setenv("WARDEN_TEST_MCP_FILES", "files-secret-0123456789")

@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from plugins.tools import ToolsPlugin
-from proxy.cli import main
-from proxy.testing import RunningWarden
+from llm_warden.plugins.tools import ToolsPlugin
+from llm_warden.proxy.cli import main
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 from tests.proxy.mcp.conftest import TokenFactory, Upstream, mcp_client, mcp_config
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 from tests.proxy.mcp.conftest import UPSTREAM_TOKEN, TokenFactory, Upstream, mcp_client
 

@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from proxy.audit.verify import verify_db
-from proxy.mcp.pins import tool_digest
-from proxy.testing import RunningWarden
+from llm_warden.proxy.audit.verify import verify_db
+from llm_warden.proxy.mcp.pins import tool_digest
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 from tests.proxy.mcp.conftest import TokenFactory, Upstream, admin, mcp_client, mcp_config
 from tests.proxy.mcp.upstream_server import LOOKUP_DESCRIPTION, rug_pull
@@ -137,7 +137,7 @@ async def test_spans_follow_the_mcp_conventions(gateway: RunningWarden, token: T
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.trace import SpanKind
 
-    from proxy.tracing import Tracing
+    from llm_warden.proxy.tracing import Tracing
 
     exporter = InMemorySpanExporter()
     gateway.warden.tracing = Tracing(gateway.warden.config, exporter=exporter)

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 from tests.proxy.mcp.conftest import TokenFactory, Upstream, mcp_config, mcp_url
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from proxy.mcp.jsonrpc import McpRefusal, classify, server_message_refusal
+from llm_warden.proxy.mcp.jsonrpc import McpRefusal, classify, server_message_refusal
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from proxy.exchange import Principal
-from proxy.mcp.sessions import Session, SessionSealer
+from llm_warden.proxy.exchange import Principal
+from llm_warden.proxy.mcp.sessions import Session, SessionSealer
 
 ALICE = Principal("acme", "alice")
 
