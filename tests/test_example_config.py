@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,18 @@ def test_every_key_is_documented(section: str) -> None:
     tp = _sections()[section]
     assert section in data, f"[{section}] missing from config.example.toml"
     block = text[text.index(f"[{section}]") :]
+    hints = typing.get_type_hints(tp)
     for f in dataclasses.fields(tp):
         if f.name == "rules" and section == "limits":
             assert "[[limits.rules]]" in block
+            continue
+        sub = hints[f.name]
+        if dataclasses.is_dataclass(sub):
+            # A nested table: its own header, and every key of it documented under that header.
+            assert f"[{section}.{f.name}]" in block, f"[{section}.{f.name}] is not documented in config.example.toml"
+            table = block[block.index(f"[{section}.{f.name}]") :]
+            for g in dataclasses.fields(sub):
+                assert re.search(rf"^#?\s*{re.escape(g.name)}\s*=", table, re.M), f"{section}.{f.name}.{g.name} is not documented in config.example.toml"
             continue
         pattern = rf"^#?\s*{re.escape(f.name)}\s*="
         assert re.search(pattern, block, re.M), f"{section}.{f.name} is not documented in config.example.toml"
