@@ -33,6 +33,9 @@ done
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "quickstart.sh: Python 3.11 or newer is needed as python3" >&2; exit 2; }
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# An editable install from before the package was named llm_warden left its metadata at the top of
+# the checkout; with the checkout on sys.path (pytest does that) it would name the old module paths.
+rm -rf llm_warden.egg-info
 .venv/bin/python -m pip install -q -e '.[test]'
 if [ ! -f .warden-dev.env ]; then
   umask 077
