@@ -49,9 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.delay import Delays  # noqa: E402
-from proxy.audit.record import Projector  # noqa: E402
-from proxy.audit.sqlite import SQLiteAuditLog  # noqa: E402
-from proxy.config import AuditConfig  # noqa: E402
+from llm_warden.proxy.audit.record import Projector  # noqa: E402
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog  # noqa: E402
+from llm_warden.proxy.config import AuditConfig  # noqa: E402
 from tests.proxy.audit.helpers import make_exchange  # noqa: E402
 
 UPSTREAM_KEY = "sk-bench-upstream-key-0123456789abcdef"

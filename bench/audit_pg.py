@@ -42,11 +42,11 @@ import asyncpg  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from bench.delay import Delays  # noqa: E402
-from proxy.audit.chain import seed_bytes  # noqa: E402
-from proxy.audit.postgres import PostgresAuditLog  # noqa: E402
-from proxy.audit.sqlite import SQLiteAuditLog  # noqa: E402
-from proxy.config import AuditConfig, DatabaseConfig  # noqa: E402
-from proxy.db.migrate import COMPONENTS, migrate  # noqa: E402
+from llm_warden.proxy.audit.chain import seed_bytes  # noqa: E402
+from llm_warden.proxy.audit.postgres import PostgresAuditLog  # noqa: E402
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog  # noqa: E402
+from llm_warden.proxy.config import AuditConfig, DatabaseConfig  # noqa: E402
+from llm_warden.proxy.db.migrate import COMPONENTS, migrate  # noqa: E402
 from tests.proxy.audit.helpers import make_exchange  # noqa: E402
 
 DSN = os.environ.get("WARDEN_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/test")

@@ -47,8 +47,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.audit.chain import genesis_hash, leaf_hash  # noqa: E402
-from proxy.audit.record import Prepared, Projector  # noqa: E402
+from llm_warden.proxy.audit.chain import genesis_hash, leaf_hash  # noqa: E402
+from llm_warden.proxy.audit.record import Prepared, Projector  # noqa: E402
 from tests.proxy.audit.helpers import make_exchange  # noqa: E402
 
 PSY_BINARY = os.environ.get("PSY_BINARY", "1") == "1"

@@ -36,12 +36,12 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.app import Warden  # noqa: E402
-from proxy.audit.chain import canonical, leaf_hash  # noqa: E402
-from proxy.audit.sqlite import SQLiteAuditLog  # noqa: E402
-from proxy.config import AuditConfig, load_config  # noqa: E402
-from proxy.plugin import available_plugins  # noqa: E402
-from proxy.testing import RunningWarden  # noqa: E402
+from llm_warden.proxy.app import Warden  # noqa: E402
+from llm_warden.proxy.audit.chain import canonical, leaf_hash  # noqa: E402
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog  # noqa: E402
+from llm_warden.proxy.config import AuditConfig, load_config  # noqa: E402
+from llm_warden.proxy.plugin import available_plugins  # noqa: E402
+from llm_warden.proxy.testing import RunningWarden  # noqa: E402
 from tests.proxy.audit.helpers import make_exchange  # noqa: E402
 
 ADMIN_TOKEN = "bench-console-admin-token-0123456789"
@@ -140,7 +140,7 @@ async def measure(path: Path, picked: dict[str, Any], repeat: int) -> list[tuple
         },
         classes,
     )
-    from proxy.audit.factory import build_audit
+    from llm_warden.proxy.audit.factory import build_audit
 
     rw = await RunningWarden.start(Warden(cfg, classes, audit=build_audit(cfg)))
     rows: list[tuple[str, float, float]] = []

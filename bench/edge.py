@@ -65,9 +65,9 @@ uvloop.run(main())
 TRIVIAL = """
 import asyncio, sys, uvloop
 from aiohttp import web
-from proxy.config import MetricsConfig, ServerConfig
-from proxy.edge import start_listener
-from proxy.metrics import Metrics
+from llm_warden.proxy.config import MetricsConfig, ServerConfig
+from llm_warden.proxy.edge import start_listener
+from llm_warden.proxy.metrics import Metrics
 async def ok(request):
     await request.read()
     return web.json_response({"ok": True})
@@ -334,7 +334,7 @@ async def main() -> None:
             cfg = tmp / f"config-{bound}.toml"
             cfg.write_text(config(port, aport, provider, pub, bound))
             log = tmp / f"warden-{len(procs)}.log"
-            proc = spawn([sys.executable, "-m", "proxy", "serve", "--config", str(cfg)], log)
+            proc = spawn([sys.executable, "-m", "llm_warden.proxy", "serve", "--config", str(cfg)], log)
             procs.append(proc)
             await wait_port(port, proc, log)
             rows.append(await phase(name, f"http://127.0.0.1:{port}/v1/chat/completions", f"http://127.0.0.1:{aport}", port, token, args.concurrency, slow_n, args.phase_s, proc.pid))

@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from plugins.retrieval.acl import Acl
-from plugins.retrieval.config import RetrievalConfig
-from plugins.retrieval.service import DocumentInput, RetrievalService
+from llm_warden.plugins.retrieval.acl import Acl
+from llm_warden.plugins.retrieval.config import RetrievalConfig
+from llm_warden.plugins.retrieval.service import DocumentInput, RetrievalService
 
 WORDS = [f"w{i}" for i in range(5000)]
 

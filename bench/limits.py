@@ -26,12 +26,12 @@ from typing import Any
 
 import orjson
 
-from plugins.ratelimit.config import LimitsConfig
-from plugins.ratelimit.plugin import LimitsPlugin
-from proxy.config import Config
-from proxy.confload import load_dataclass
-from proxy.exchange import Exchange, Principal, UpstreamTurn
-from proxy.plugin import PluginContext
+from llm_warden.plugins.ratelimit.config import LimitsConfig
+from llm_warden.plugins.ratelimit.plugin import LimitsPlugin
+from llm_warden.proxy.config import Config
+from llm_warden.proxy.confload import load_dataclass
+from llm_warden.proxy.exchange import Exchange, Principal, UpstreamTurn
+from llm_warden.proxy.plugin import PluginContext
 
 RULES = [
     {"scope": "tenant", "requests": "1000000/minute", "tokens": "1000000/second"},

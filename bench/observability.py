@@ -39,8 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.config import Config, load_config  # noqa: E402
-from proxy.exchange import (  # noqa: E402
+from llm_warden.proxy.config import Config, load_config  # noqa: E402
+from llm_warden.proxy.exchange import (  # noqa: E402
     Citation,
     Decision,
     Exchange,
@@ -51,7 +51,7 @@ from proxy.exchange import (  # noqa: E402
     UpstreamTurn,
     Usage,
 )
-from proxy.metrics import Metrics, upstream_error_kind  # noqa: E402
+from llm_warden.proxy.metrics import Metrics, upstream_error_kind  # noqa: E402
 
 
 def exchanges() -> list[Exchange]:
@@ -212,7 +212,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=200, help="exchanges run on one side before switching to the other")
     ap.add_argument("--before", default="4aaa092", help="git revision of the 'before' metrics.py and tracing.py")
     args = ap.parse_args()
-    from proxy.tracing import Tracing
+    from llm_warden.proxy.tracing import Tracing
 
     new_exs = exchanges()
     old_exs = [as_dicts(ex) for ex in new_exs]

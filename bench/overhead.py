@@ -357,7 +357,7 @@ embedder = "none"
 read_only = false
 """.replace("'", '"')
         )
-        procs.append(spawn([sys.executable, "-m", "proxy", "serve", "--config", str(d / "config.toml")], env={"BENCH_PROVIDER_KEY": "sk-bench"}, root=roots[name]))
+        procs.append(spawn([sys.executable, "-m", "llm_warden.proxy", "serve", "--config", str(d / "config.toml")], env={"BENCH_PROVIDER_KEY": "sk-bench"}, root=roots[name]))
     try:
         await wait_up(f"http://127.0.0.1:{fport}/v1/models")
         await wait_up(f"http://127.0.0.1:{lport}/v1/chat/completions")
@@ -404,7 +404,7 @@ read_only = false
                     else responses_body(messages, 256, stream)
                 )
             if native:
-                from proxy.upstream_anthropic import messages_request
+                from llm_warden.proxy.upstream_anthropic import messages_request
 
                 # What Warden sends the Anthropic provider for this request (chat: max_tokens from default_max_tokens).
                 direct_base = messages_request(warden_base if kind == "chat" else chat_base, 4096)

@@ -30,11 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from plugins.retrieval.acl import Acl, IndexedChunk, Reader  # noqa: E402
-from plugins.retrieval.fusion import rrf  # noqa: E402
-from plugins.retrieval.lexical import LexicalIndex  # noqa: E402
-from plugins.retrieval.tokenize import ENGLISH_STOPWORDS  # noqa: E402
-from plugins.retrieval.vector import VectorIndex  # noqa: E402
+from llm_warden.plugins.retrieval.acl import Acl, IndexedChunk, Reader  # noqa: E402
+from llm_warden.plugins.retrieval.fusion import rrf  # noqa: E402
+from llm_warden.plugins.retrieval.lexical import LexicalIndex  # noqa: E402
+from llm_warden.plugins.retrieval.tokenize import ENGLISH_STOPWORDS  # noqa: E402
+from llm_warden.plugins.retrieval.vector import VectorIndex  # noqa: E402
 
 DIM = 384
 SCOPES = {"0.1%": 1000, "1%": 100, "10%": 10, "100%": 1}  # chunk i is in scope when i % n == 0

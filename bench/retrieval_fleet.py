@@ -49,8 +49,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from plugins.retrieval.pgstore import MIGRATIONS  # noqa: E402
-from proxy.db.migrate import migrate  # noqa: E402
+from llm_warden.plugins.retrieval.pgstore import MIGRATIONS  # noqa: E402
+from llm_warden.proxy.db.migrate import migrate  # noqa: E402
 
 TOKEN = "bench-admin-" + secrets.token_hex(12)
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -128,7 +128,7 @@ index_dir = "{folder / 'idx'}"
     def spawn(self) -> float:
         out = open(LOGS / f"{self.folder.name}-{self.admin_port}.log", "ab")  # noqa: SIM115 (kept open for the child)
         t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(self.folder / "config.toml")], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "llm_warden.proxy", "serve", "--config", str(self.folder / "config.toml")], cwd=ROOT,
                                      env={**os.environ, **self.env, "WARDEN_BENCH_ADMIN": TOKEN, "PYTHONPATH": str(ROOT)},
                                      stdout=out, stderr=subprocess.STDOUT)
         return t0
@@ -330,8 +330,8 @@ async def cmd_freshness(a: argparse.Namespace) -> None:
 
 async def fill_direct(dsn: str, chunks: int, dim: int, corpus: Corpus) -> int:
     """Write documents of three chunks with random unit vectors straight into the store (as if an embedder had run)."""
-    from plugins.retrieval.pgstore import PostgresStore
-    from plugins.retrieval.records import ChunkRow, DocumentRow
+    from llm_warden.plugins.retrieval.pgstore import PostgresStore
+    from llm_warden.plugins.retrieval.records import ChunkRow, DocumentRow
 
     store = PostgresStore(dsn, pool_max=2)
     await store.open()

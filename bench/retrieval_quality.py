@@ -21,12 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from plugins.retrieval.acl import Acl, Reader
-from plugins.retrieval.chunking import approx_tokens
-from plugins.retrieval.config import RetrievalConfig
-from plugins.retrieval.embed_local import LocalEmbedder
-from plugins.retrieval.records import DocumentInput
-from plugins.retrieval.service import RetrievalService
+from llm_warden.plugins.retrieval.acl import Acl, Reader
+from llm_warden.plugins.retrieval.chunking import approx_tokens
+from llm_warden.plugins.retrieval.config import RetrievalConfig
+from llm_warden.plugins.retrieval.embed_local import LocalEmbedder
+from llm_warden.plugins.retrieval.records import DocumentInput
+from llm_warden.plugins.retrieval.service import RetrievalService
 
 TENANT = "bench"
 

@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ingest import WORDS, make_doc  # noqa: E402
-from plugins.retrieval.acl import Acl, Reader  # noqa: E402
-from plugins.retrieval.config import RetrievalConfig  # noqa: E402
-from plugins.retrieval.embed import normalize  # noqa: E402
-from plugins.retrieval.service import DocumentInput, RetrievalService  # noqa: E402
+from llm_warden.plugins.retrieval.acl import Acl, Reader  # noqa: E402
+from llm_warden.plugins.retrieval.config import RetrievalConfig  # noqa: E402
+from llm_warden.plugins.retrieval.embed import normalize  # noqa: E402
+from llm_warden.plugins.retrieval.service import DocumentInput, RetrievalService  # noqa: E402
 
 DIM = 384
 

@@ -269,14 +269,14 @@ def _fix_exact_body() -> None:
     held by the exchange's turn for the whole stream.  orjson (3.12 and later) returns its bytes in the
     buffer it grew while writing, never shrunk: a 1.5 KB body holds 4 KiB, a 100 KB one 1 MiB.  The fix
     copies it into an exact-size bytes (one memcpy) in ``proxy.chat.upstream_body``."""
-    import proxy.chat
+    import llm_warden.proxy.chat
 
     def upstream_body(ex: Any) -> bytes:
         if ex.body_modified:
             return bytes(memoryview(orjson.dumps(ex.body)))
         return ex.raw_body  # type: ignore[no-any-return]
 
-    proxy.chat.upstream_body = upstream_body
+    llm_warden.proxy.chat.upstream_body = upstream_body
 
 
 class _CompactText(list):  # type: ignore[type-arg]
@@ -296,15 +296,15 @@ class _CompactText(list):  # type: ignore[type-arg]
 def _fix_compact_text() -> None:
     """``_TurnState.text`` (every content delta of the turn, kept for ``ex.response_text``) as a
     :class:`_CompactText`; ``proxy/chat.py`` would do the same with a joined buffer."""
-    import proxy.chat
+    import llm_warden.proxy.chat
 
-    orig = proxy.chat._TurnState.__init__
+    orig = llm_warden.proxy.chat._TurnState.__init__
 
     def init(self: Any) -> None:
         orig(self)
         self.text = _CompactText()
 
-    proxy.chat._TurnState.__init__ = init  # type: ignore[method-assign]
+    llm_warden.proxy.chat._TurnState.__init__ = init  # type: ignore[method-assign]
 
 
 FIXES: dict[str, Callable[[], None]] = {"exact-body": _fix_exact_body, "compact-text": _fix_compact_text}
@@ -327,21 +327,21 @@ def child_main(argv: list[str]) -> int:
 
     from aiohttp import web
 
-    import proxy.app
-    import proxy.serve
-    from proxy.config import load_config
-    from proxy.logs import setup_logging
+    import llm_warden.proxy.app
+    import llm_warden.proxy.serve
+    from llm_warden.proxy.config import load_config
+    from llm_warden.proxy.logs import setup_logging
 
     m = Malloc()
     snaps: dict[str, tuple[Any, Counter[str]]] = {}
 
-    orig_init = proxy.app.Warden.__init__
+    orig_init = llm_warden.proxy.app.Warden.__init__
 
     def init(self: Any, *a: Any, **kw: Any) -> None:
         orig_init(self, *a, **kw)
         _WARDEN.append(self)
 
-    proxy.app.Warden.__init__ = init  # type: ignore[method-assign]
+    llm_warden.proxy.app.Warden.__init__ = init  # type: ignore[method-assign]
 
     async def stats(request: web.Request) -> web.Response:
         rel = m.releases
@@ -399,7 +399,7 @@ def child_main(argv: list[str]) -> int:
             ]
         return web.json_response(out)
 
-    orig_run = proxy.serve.run
+    orig_run = llm_warden.proxy.serve.run
 
     async def run(config: Any, **kw: Any) -> int:
         ctl = web.Application()
@@ -423,10 +423,10 @@ def child_main(argv: list[str]) -> int:
                 idle.cancel()
             await runner.cleanup()
 
-    proxy.serve.run = run
+    llm_warden.proxy.serve.run = run
     cfg = load_config(args.config)
     setup_logging(cfg.logging.level)
-    return proxy.serve.serve(cfg)
+    return llm_warden.proxy.serve.serve(cfg)
 
 
 # -- the bench ---------------------------------------------------------------------------

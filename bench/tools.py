@@ -38,13 +38,13 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from plugins.tools import ToolsPlugin  # noqa: E402
-from proxy import tooling  # noqa: E402
-from proxy.app import Warden  # noqa: E402
-from proxy.config import load_config  # noqa: E402
-from proxy.exchange import Exchange, Principal, UpstreamTurn  # noqa: E402
-from proxy.plugin import PluginChain, PluginContext  # noqa: E402
-from proxy.testing import RunningWarden  # noqa: E402
+from llm_warden.plugins.tools import ToolsPlugin  # noqa: E402
+from llm_warden.proxy import tooling  # noqa: E402
+from llm_warden.proxy.app import Warden  # noqa: E402
+from llm_warden.proxy.config import load_config  # noqa: E402
+from llm_warden.proxy.exchange import Exchange, Principal, UpstreamTurn  # noqa: E402
+from llm_warden.proxy.plugin import PluginChain, PluginContext  # noqa: E402
+from llm_warden.proxy.testing import RunningWarden  # noqa: E402
 from tests.fakeprovider import FakeProvider, Reply  # noqa: E402
 
 

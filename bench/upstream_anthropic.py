@@ -29,9 +29,9 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.sse import SSEParser  # noqa: E402
-from proxy.upstream_anthropic import messages_request  # noqa: E402
-from proxy.upstream_anthropic_answer import MessagesStream, completion_of  # noqa: E402
+from llm_warden.proxy.sse import SSEParser  # noqa: E402
+from llm_warden.proxy.upstream_anthropic import messages_request  # noqa: E402
+from llm_warden.proxy.upstream_anthropic_answer import MessagesStream, completion_of  # noqa: E402
 
 MESSAGES: list[dict[str, Any]] = [{"role": "system", "content": "You are a helpful assistant." * 4}] + [
     {"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i} with some words to make the body realistic. " * 3} for i in range(6)

@@ -26,8 +26,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.sse import SSEParser  # noqa: E402
-from proxy.wire import check_chunk, check_completion  # noqa: E402
+from llm_warden.proxy.sse import SSEParser  # noqa: E402
+from llm_warden.proxy.wire import check_chunk, check_completion  # noqa: E402
 
 TEXT_ANSWER: dict[str, Any] = {
     "id": "chatcmpl-1",

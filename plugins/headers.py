@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from proxy.errors import ConfigError
-from proxy.exchange import Exchange
-from proxy.plugin import Plugin
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.exchange import Exchange
+from llm_warden.proxy.plugin import Plugin
 
 _FORBIDDEN = {"content-length", "content-type", "transfer-encoding", "connection", "x-request-id"}
 

@@ -1,5 +1,5 @@
 import sys
 
-from proxy.cli import main
+from llm_warden.proxy.cli import main
 
 sys.exit(main())

@@ -19,12 +19,12 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.errors import Forbidden, NotFound, Unauthorized, WardenError, error_body, internal_error
-from proxy.exchange import Principal
-from proxy.logs import add_secret
+from llm_warden.proxy.errors import Forbidden, NotFound, Unauthorized, WardenError, error_body, internal_error
+from llm_warden.proxy.exchange import Principal
+from llm_warden.proxy.logs import add_secret
 
 if TYPE_CHECKING:
-    from proxy.app import Warden
+    from llm_warden.proxy.app import Warden
 
 log = logging.getLogger("warden.admin")
 # A typed request key (aiohttp warns about plain string keys); handlers read it through admin_principal().
@@ -136,7 +136,7 @@ def build_admin_app(w: Warden) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/reload", reload)
     if w.config.admin.console:
-        from proxy.console import add_console
+        from llm_warden.proxy.console import add_console
 
         add_console(app, w, authenticate_header)
     for method, path, handler in w.admin_routes:

@@ -16,23 +16,24 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from proxy import dataplane
-from proxy.admin import build_admin_app
-from proxy.audit.base import AuditSink
-from proxy.auth import Authenticator
-from proxy.config import Config, load_config
-from proxy.errors import ConfigError, WardenError
-from proxy.exchange import Exchange, UpstreamTurn
-from proxy.headers import safe_text
-from proxy.logs import add_secrets
-from proxy.metrics import Metrics
-from proxy.pipeline import Pipeline
-from proxy.plugin import Plugin, PluginChain, PluginContext, available_plugins
-from proxy.secrets import secret_values
-from proxy.upstream import Upstream, UpstreamResponse
+from llm_warden.proxy import dataplane
+from llm_warden.proxy.admin import build_admin_app
+from llm_warden.proxy.audit.base import AuditSink
+from llm_warden.proxy.auth import Authenticator
+from llm_warden.proxy.config import Config, load_config
+from llm_warden.proxy.errors import ConfigError, WardenError
+from llm_warden.proxy.exchange import Exchange, UpstreamTurn
+from llm_warden.proxy.headers import safe_text
+from llm_warden.proxy.logs import add_secrets
+from llm_warden.proxy.metrics import Metrics
+from llm_warden.proxy.pipeline import Pipeline
+from llm_warden.proxy.plugin import Plugin, PluginChain, PluginContext, available_plugins
+from llm_warden.proxy.secrets import secret_values
+from llm_warden.proxy.upstream import Upstream, UpstreamResponse
 
 if TYPE_CHECKING:
-    from proxy.tracing import Tracing
+    from llm_warden.proxy.mcp.gateway import McpGateway
+    from llm_warden.proxy.tracing import Tracing
 
 log = logging.getLogger("warden")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -60,7 +61,7 @@ class Warden:
         self.metrics = Metrics(config.metrics)
         self.tracing: Tracing | None = None
         if config.tracing.enabled:
-            from proxy.tracing import Tracing
+            from llm_warden.proxy.tracing import Tracing
 
             self.tracing = Tracing(config)
         add_secrets(secret_values(config))
@@ -78,6 +79,11 @@ class Warden:
             section = config.plugin_sections.get(cls.config_section) if cls.config_section else None
             plugins.append(cls(section))
         self.chain = PluginChain(plugins)
+        self.mcp: McpGateway | None = None
+        if config.mcp.servers:
+            from llm_warden.proxy.mcp.gateway import McpGateway
+
+            self.mcp = McpGateway(self, config.mcp)
         self.pipeline = Pipeline(self, dataplane.FLOWS)
         self.stream_cut = asyncio.Event()
         """Set at the drain deadline: every open stream ends at once with an error event (rule ``server.drain``)."""
@@ -121,6 +127,9 @@ class Warden:
                     log.error("plugin %s failed to start: %s: %s", plugin.name, type(e).__name__, e)
                     raise
                 self.admin_routes.extend(ctx.admin_routes)
+            if self.mcp is not None:
+                await self.mcp.start()
+                self.admin_routes.extend(self.mcp.admin_routes())
         except BaseException:
             await self._shutdown(started)
             raise
@@ -144,6 +153,11 @@ class Warden:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cut_watch
             self._cut_watch = None
+        if self.mcp is not None:
+            try:
+                await self.mcp.stop()
+            except Exception:
+                log.exception("the MCP gateway failed to stop cleanly")
         for plugin in reversed(plugins):
             try:
                 await plugin.stop()
@@ -180,7 +194,7 @@ class Warden:
             return {"result": "refused", "error": str(e)}
         restart = [
             name
-            for name in ("server", "upstream", "auth", "admin", "audit", "database", "metrics", "tracing", "logging")
+            for name in ("server", "upstream", "auth", "admin", "audit", "database", "metrics", "tracing", "logging", "mcp")
             if getattr(new, name) != getattr(self.config, name)
         ]
         self.config.plugin_sections = new.plugin_sections

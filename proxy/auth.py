@@ -40,9 +40,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from proxy.config import AuthConfig, Config
-from proxy.errors import ConfigError, Unauthorized, WardenError
-from proxy.exchange import Principal
+from llm_warden.proxy.config import AuthConfig, Config
+from llm_warden.proxy.errors import ConfigError, Unauthorized, WardenError
+from llm_warden.proxy.exchange import Principal
 
 log = logging.getLogger("warden.auth")
 

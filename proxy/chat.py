@@ -26,19 +26,19 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
-from proxy import sse, tooling, wire
-from proxy.errors import BadRequest, UpstreamError, UpstreamTimeout, WardenError
-from proxy.exchange import Exchange, ToolCall, UpstreamTurn
-from proxy.headers import safe_text
-from proxy.jsonbounds import depth_exceeds
-from proxy.pipeline import Incoming, JsonReply, Reply, StreamReply, provider_error_reply
-from proxy.plugin import StreamEvent
-from proxy.protocols import adapter_for
-from proxy.upstream_anthropic_answer import ProviderStreamError
+from llm_warden.proxy import sse, tooling, wire
+from llm_warden.proxy.errors import BadRequest, UpstreamError, UpstreamTimeout, WardenError
+from llm_warden.proxy.exchange import Exchange, ToolCall, UpstreamTurn
+from llm_warden.proxy.headers import safe_text
+from llm_warden.proxy.jsonbounds import depth_exceeds
+from llm_warden.proxy.pipeline import Incoming, JsonReply, Reply, StreamReply, provider_error_reply
+from llm_warden.proxy.plugin import StreamEvent
+from llm_warden.proxy.protocols import adapter_for
+from llm_warden.proxy.upstream_anthropic_answer import ProviderStreamError
 
 if TYPE_CHECKING:
-    from proxy.app import Warden
-    from proxy.upstream import StreamTranslator, UpstreamResponse
+    from llm_warden.proxy.app import Warden
+    from llm_warden.proxy.upstream import StreamTranslator, UpstreamResponse
 
 MAX_ANSWER_DEPTH = 128
 """Deepest nesting a provider answer may have (a chat completion nests about six levels)."""

@@ -17,13 +17,13 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
-from proxy.config import load_config
-from proxy.errors import ConfigError
-from proxy.logs import setup_logging
-from proxy.plugin import available_plugins
+from llm_warden.proxy.config import load_config
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.logs import setup_logging
+from llm_warden.proxy.plugin import available_plugins
 
 # Core parts that add subcommands of their own (module with add_cli(sub)).
-CORE_CLI_MODULES = ("proxy.audit.cli", "proxy.db.cli", "proxy.eval.cli", "proxy.admincli", "proxy.demo.cli")
+CORE_CLI_MODULES = ("llm_warden.proxy.audit.cli", "llm_warden.proxy.db.cli", "llm_warden.proxy.eval.cli", "llm_warden.proxy.admincli", "llm_warden.proxy.demo.cli")
 
 CONFIG_OPTIONAL = frozenset({"audit", "replay", "db", "admin", "demo", "eval", "policy"})
 """Top-level subcommands that run without ``--config``: the audit commands take
@@ -33,7 +33,7 @@ say themselves when the command at hand needs one (``eval compare`` and
 ``policy test --policy FILE`` do not).  Every other command needs one."""
 
 def _serve(args: argparse.Namespace) -> int:
-    from proxy.serve import serve
+    from llm_warden.proxy.serve import serve
 
     cfg = load_config(args.config)
     setup_logging(cfg.logging.level)
@@ -42,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    from proxy.auth import Authenticator
+    from llm_warden.proxy.auth import Authenticator
 
     Authenticator(cfg.auth, cfg)
     print(f"{args.config}: ok (plugins: {', '.join(cfg.plugins.enabled) or 'none'})")

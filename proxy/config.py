@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from proxy.confload import load_dataclass
-from proxy.errors import ConfigError
+from llm_warden.proxy.confload import load_dataclass
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.mcp.config import McpConfig
 
 
 def parse_hostport(value: str, key: str) -> tuple[str, int]:
@@ -92,7 +93,7 @@ class ServerConfig:
         for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
             if not 0 < getattr(self, name) <= 86400:
                 raise ConfigError(f"{key}.{name}", "must be positive (and at most 86400)")
-        from proxy.routes import parse_route_spec
+        from llm_warden.proxy.routes import parse_route_spec
 
         for i, spec in enumerate(self.passthrough_routes):
             parse_route_spec(spec, f"{key}.passthrough_routes[{i}]")
@@ -319,7 +320,7 @@ class AuditConfig:
             raise ConfigError(key, "set at most one of signing_key_file, signing_key_env")
         if self.origin and (not self.origin.isprintable() or "\n" in self.origin or " " in self.origin or "+" in self.origin):
             raise ConfigError(f"{key}.origin", "must be printable, without spaces or '+'")
-        from proxy.audit.redact import Redactor
+        from llm_warden.proxy.audit.redact import Redactor
 
         Redactor(patterns=self.redact_patterns, pii=self.redact_pii)
 
@@ -460,6 +461,7 @@ CORE_SECTIONS: dict[str, type] = {
     "tracing": TracingConfig,
     "logging": LoggingConfig,
     "plugins": PluginsConfig,
+    "mcp": McpConfig,
 }
 
 
@@ -475,6 +477,7 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    mcp: McpConfig = field(default_factory=McpConfig)
     plugin_sections: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
     base_dir: Path = field(default_factory=Path.cwd)
@@ -496,7 +499,7 @@ def load_config(
     too.  A section that no core part or known plugin owns is an error.
     """
     if plugin_classes is None:
-        from proxy.plugin import available_plugins
+        from llm_warden.proxy.plugin import available_plugins
 
         plugin_classes = available_plugins()
     path: str | None = None
@@ -556,6 +559,6 @@ def _is_list(tp: Any) -> bool:
 
 
 def _load_plugin_section(tp: Any, value: Any, key: str) -> Any:
-    from proxy.confload import convert
+    from llm_warden.proxy.confload import convert
 
     return convert(tp, value, key)

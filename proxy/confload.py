@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from proxy.errors import ConfigError
+from llm_warden.proxy.errors import ConfigError
 
 T = TypeVar("T")
 _hints_cache: dict[type, dict[str, Any]] = {}

@@ -16,13 +16,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy import chat
-from proxy.errors import NotFound, ServiceUnavailable, UpstreamError, UpstreamTimeout
-from proxy.exchange import Exchange
-from proxy.pipeline import Flow, Incoming, JsonReply, Reply, StreamReply, provider_error_reply
+from llm_warden.proxy import chat
+from llm_warden.proxy.errors import NotFound, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from llm_warden.proxy.exchange import Exchange
+from llm_warden.proxy.mcp import flow as mcp_flow
+from llm_warden.proxy.pipeline import Flow, Incoming, JsonReply, Reply, StreamReply, provider_error_reply
 
 if TYPE_CHECKING:
-    from proxy.app import Warden
+    from llm_warden.proxy.app import Warden
 
 log = logging.getLogger("warden.dataplane")
 OPENAI_ONLY_ROUTES = frozenset({"embeddings", "models"})
@@ -98,7 +99,7 @@ async def relay(w: Warden, req: Incoming, ex: Exchange) -> Reply:
 
 async def feedback(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     """``POST /v1/feedback``: the authenticated principal's verdict on one of its tenant's exchanges."""
-    from proxy.audit.feedback import submit_feedback
+    from llm_warden.proxy.audit.feedback import submit_feedback
 
     if w.audit is None:
         raise ServiceUnavailable("feedback needs the audit log, which is disabled", rule="audit.enabled")
@@ -110,7 +111,7 @@ async def feedback(w: Warden, req: Incoming, ex: Exchange) -> Reply:
 
 async def count_tokens(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     """``POST /v1/messages/count_tokens`` (routed only over an Anthropic provider): the governed body, counted by the provider."""
-    from proxy.upstream_anthropic import COUNT_TOKENS_PATH, check_count, count_tokens_request, openai_error
+    from llm_warden.proxy.upstream_anthropic import COUNT_TOKENS_PATH, check_count, count_tokens_request, openai_error
 
     assert ex.body is not None
     body = orjson.dumps(count_tokens_request(ex.body))
@@ -134,4 +135,4 @@ async def count_tokens(w: Warden, req: Incoming, ex: Exchange) -> Reply:
     return JsonReply(200, orjson.dumps(ex.response_body), ur.relay_headers())
 
 
-FLOWS: dict[str, Flow] = {"chat": chat.run, "relay": relay, "feedback": feedback, "count_tokens": count_tokens}
+FLOWS: dict[str, Flow] = {"chat": chat.run, "relay": relay, "feedback": feedback, "count_tokens": count_tokens, "mcp": mcp_flow.run}

@@ -59,11 +59,11 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
-from proxy.config import ServerConfig
-from proxy.errors import WardenError, error_body
-from proxy.exchange import Exchange
-from proxy.metrics import Metrics
-from proxy.protocols import adapter_for, protocol_for_path
+from llm_warden.proxy.config import ServerConfig
+from llm_warden.proxy.errors import WardenError, error_body
+from llm_warden.proxy.exchange import Exchange
+from llm_warden.proxy.metrics import Metrics
+from llm_warden.proxy.protocols import adapter_for, protocol_for_path
 
 log = logging.getLogger("warden.edge")
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, cast
 
-from proxy.errors import WardenError
+from llm_warden.proxy.errors import WardenError
 
 T = TypeVar("T")
 
@@ -103,6 +103,9 @@ class ToolCall:
     parse_error: str | None = None
     legacy: bool = False
     """A legacy ``function_call`` (not an entry of ``tool_calls``)."""
+    server: str | None = None
+    """The MCP server whose tool is called (``/mcp/{server}``); ``None``: a function the model calls in chat.
+    A tool policy resolves the tool by (name, server): the same name on two servers, or in chat, is three tools."""
 
 
 DecisionKind = Literal["allow", "deny", "repair", "hold"]
@@ -139,6 +142,27 @@ class Decision:
     @staticmethod
     def hold(rule: str, reason: str, approval_id: str) -> Decision:
         return Decision("hold", rule, reason, approval_id=approval_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOffer:
+    """Whether a tool may be shown to this principal now, before any call (MCP ``tools/list``).
+
+    ``allowed`` false: hidden, ``rule`` and ``reason`` say why.  Allowed: the
+    policy's ``effect``, its argument ``schema`` (what is enforced, so what
+    the caller is shown), its ``description`` override (``""``: keep the
+    upstream's) and, for a deprecated version, ``deprecation`` (contract,
+    sunset, replacement, and the ``note`` that heads the description shown).
+    """
+
+    name: str
+    allowed: bool
+    rule: str
+    reason: str = ""
+    effect: str = "write"
+    schema: dict[str, Any] | None = None
+    description: str = ""
+    deprecation: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -290,7 +314,7 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     wall_time: float = field(default_factory=time.time)
     protocol: str = "openai.chat"
-    """The API of the route: ``openai.chat``, ``anthropic.messages``, ``openai.responses``, ``openai.embeddings``, ``openai.models``, ``warden.feedback``, ``passthrough``."""
+    """The API of the route: ``openai.chat``, ``anthropic.messages``, ``openai.responses``, ``openai.embeddings``, ``openai.models``, ``warden.feedback``, ``passthrough``, ``mcp``."""
     phase: str = "identify"
     """The pipeline stage the exchange is in (see :mod:`proxy.pipeline`)."""
     principal: Principal | None = None
@@ -342,6 +366,8 @@ class Exchange:
     relayed_bytes: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)
     local_reply: LocalReply | None = None
+    mcp: dict[str, Any] | None = None
+    """What the MCP gateway did (server, method, tool, session, decision, result digest), recorded as ``mcp``."""
     slots: Slots = field(default_factory=Slots)
     plugin_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 
-from proxy.secrets import MIN_SECRET_CHARS
+from llm_warden.proxy.secrets import MIN_SECRET_CHARS
 
 if TYPE_CHECKING:
-    from proxy.config import LoggingConfig
-    from proxy.exchange import Exchange
+    from llm_warden.proxy.config import LoggingConfig
+    from llm_warden.proxy.exchange import Exchange
 
 _STD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime", "taskName"}
 

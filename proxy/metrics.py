@@ -34,10 +34,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.config import MetricsConfig
+from llm_warden.proxy.config import MetricsConfig
 
 if TYPE_CHECKING:
-    from proxy.exchange import Exchange, UpstreamTurn
+    from llm_warden.proxy.exchange import Exchange, UpstreamTurn
 
 log = logging.getLogger("warden.metrics")
 

@@ -43,7 +43,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
-from proxy.errors import (
+from llm_warden.proxy.errors import (
     AuditUnavailable,
     BadRequest,
     MethodNotAllowed,
@@ -54,16 +54,16 @@ from proxy.errors import (
     error_body,
     internal_error,
 )
-from proxy.exchange import Exchange, UpstreamTurn
-from proxy.headers import safe_headers, safe_text
-from proxy.jsonbounds import depth_exceeds
-from proxy.logs import request_line
-from proxy.protocols import Bounds, adapter_for, protocol_for_path
-from proxy.routes import Match, Route, RouteTable, path_error, ungoverned_reason
+from llm_warden.proxy.exchange import Exchange, UpstreamTurn
+from llm_warden.proxy.headers import safe_headers, safe_text
+from llm_warden.proxy.jsonbounds import depth_exceeds
+from llm_warden.proxy.logs import request_line
+from llm_warden.proxy.protocols import Bounds, adapter_for, protocol_for_path
+from llm_warden.proxy.routes import Match, Route, RouteTable, path_error, ungoverned_reason
 
 if TYPE_CHECKING:
-    from proxy.app import Warden
-    from proxy.upstream import UpstreamResponse
+    from llm_warden.proxy.app import Warden
+    from llm_warden.proxy.upstream import UpstreamResponse
 
 log = logging.getLogger("warden.pipeline")
 _SKIP_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
@@ -156,7 +156,11 @@ class Pipeline:
     def __init__(self, w: Warden, flows: dict[str, Flow]) -> None:
         self.w = w
         self.flows = flows
-        self.routes = RouteTable(w.config.server.passthrough_routes, native_anthropic=w.config.upstream.api == "anthropic")
+        self.routes = RouteTable(
+            w.config.server.passthrough_routes,
+            native_anthropic=w.config.upstream.api == "anthropic",
+            mcp_servers=tuple(s.name for s in w.config.mcp.servers),
+        )
         self.streams: set[asyncio.Task[Any]] = set()
         """Requests relaying a stream."""
         self.waiting: set[asyncio.Task[Any]] = set()
@@ -282,8 +286,9 @@ class Pipeline:
             ex.body_refused = "request.json"
             raise BadRequest(f"request body is not valid JSON: {safe_text(e.msg, 120)}", rule="request.json") from None
         if not isinstance(body, dict):
-            ex.body_refused = "request.json"
-            raise BadRequest("request body must be a JSON object", rule="request.json")
+            err = adapter_for(route.protocol).not_an_object(body)
+            ex.body_refused = err.rule
+            raise err
         if depth_exceeds(body, ex.raw_body, cfg.max_json_depth):
             ex.body_refused = "request.json_depth"
             raise BadRequest(f"request body nests deeper than {cfg.max_json_depth} levels", rule="request.json_depth")

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import web
 
-from proxy.errors import ConfigError
-from proxy.exchange import Decision, Exchange, ToolCall
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.exchange import Decision, Exchange, ToolCall, ToolOffer
 
 if TYPE_CHECKING:
-    from proxy.config import Config
+    from llm_warden.proxy.config import Config
 
 AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -146,6 +146,13 @@ class Plugin:
         """Judge one complete tool call.  Return ``None`` to abstain."""
         return None
 
+    def on_tool_offer(self, ex: Exchange, name: str, server: str) -> ToolOffer | None:
+        """May MCP server ``server``'s tool ``name`` be shown to this exchange's principal now (the MCP gateway's ``tools/list``)?
+
+        Answer from configuration and state the plugin keeps (never I/O);
+        ``None`` abstains.  A call is still judged by ``on_tool_call``."""
+        return None
+
     async def on_complete(self, ex: Exchange) -> None:
         """Fires once for every exchange, after the response hooks and before
         the audit record is written (so what it settles is recorded), whatever
@@ -166,7 +173,7 @@ class Plugin:
         """Add ``warden`` subcommands; each must set ``func(args) -> int``."""
 
 
-HOOKS = ("on_request", "on_response", "on_stream_event", "on_tool_call", "on_complete", "audit_fields")
+HOOKS = ("on_request", "on_response", "on_stream_event", "on_tool_call", "on_tool_offer", "on_complete", "audit_fields")
 
 
 def available_plugins() -> dict[str, type[Plugin]]:
@@ -194,6 +201,7 @@ class PluginChain:
         self.response = list(reversed(self.by_hook["on_response"]))
         self.stream = list(reversed(self.by_hook["on_stream_event"]))
         self.tool = self.by_hook["on_tool_call"]
+        self.offer = self.by_hook["on_tool_offer"]
         self.complete = list(reversed(self.by_hook["on_complete"]))
         self.audit = self.by_hook["audit_fields"]
 
@@ -228,3 +236,15 @@ class PluginChain:
                 return d
             verdict = d
         return verdict or Decision.allow("no_tool_policy")
+
+    def offer_tool(self, ex: Exchange, name: str, server: str) -> ToolOffer | None:
+        """The first refusal wins; ``None`` when no plugin governs tools (the caller then hides the tool)."""
+        verdict: ToolOffer | None = None
+        for p in self.offer:
+            o = p.on_tool_offer(ex, name, server)
+            if o is None:
+                continue
+            if not o.allowed:
+                return o
+            verdict = verdict or o
+        return verdict

@@ -12,7 +12,9 @@ Routes are an allow-list: the governed ones (``chat``, ``messages`` — the
 Anthropic Messages API — and ``responses`` — the OpenAI Responses API —, both
 served by the chat flow through their protocol adapters, ``embeddings``, ``models``, ``feedback``;
 ``messages.count_tokens`` only over a provider that speaks the Messages API) plus the pass-through routes an operator lists in
-``[server] passthrough_routes``.  Every other path is refused with 404 (rule
+``[server] passthrough_routes`` and, for each configured MCP server
+(``[[mcp.servers]]``), ``/mcp/{name}`` served by the MCP flow
+(:mod:`proxy.mcp.flow`).  Every other path is refused with 404 (rule
 ``server.routes``); a known path with another method with 405.
 """
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from proxy.errors import ConfigError
+from llm_warden.proxy.errors import ConfigError
 
 # RFC 3986 unreserved characters and the sub-delimiters an API path uses; no '%', no '/' inside a segment.
 _SEGMENT = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]+$")
@@ -162,6 +164,17 @@ NATIVE_ANTHROPIC_ROUTES: tuple[Route, ...] = (
 otherwise they stay refused by name (:data:`UNGOVERNED`)."""
 
 
+def mcp_routes(server: str) -> tuple[Route, ...]:
+    """The Streamable HTTP endpoint of one configured MCP server (``[[mcp.servers]]``): messages in
+    (POST), the server's stream (GET), the end of a session (DELETE); one route name ``mcp {server}``."""
+    template, name = f"/mcp/{server}", f"mcp {server}"
+    return (
+        _route("POST", template, name, "mcp", "mcp", True),
+        _route("GET", template, name, "mcp", "mcp", False),
+        _route("DELETE", template, name, "mcp", "mcp", False),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Match:
     route: Route
@@ -171,10 +184,12 @@ class Match:
 class RouteTable:
     """The allow-list, compiled once per config: exact paths in a dict, templates scanned."""
 
-    def __init__(self, extra: list[str], native_anthropic: bool = False) -> None:
+    def __init__(self, extra: list[str], native_anthropic: bool = False, mcp_servers: tuple[str, ...] = ()) -> None:
         self.routes: list[Route] = list(CORE_ROUTES) + (list(NATIVE_ANTHROPIC_ROUTES) if native_anthropic else [])
         for i, spec in enumerate(extra):
             self.routes.append(parse_route_spec(spec, f"server.passthrough_routes[{i}]"))
+        for server in mcp_servers:
+            self.routes.extend(mcp_routes(server))
         self._exact: dict[str, dict[str, Route]] = {}
         self._templated: list[Route] = []
         for r in self.routes:

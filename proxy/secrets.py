@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
-    from proxy.config import Config
+    from llm_warden.proxy.config import Config
 
 log = logging.getLogger("warden.secrets")
 
@@ -73,7 +73,7 @@ def url_passwords(text: str) -> list[str]:
 
 def collect_secrets(cfg: Config) -> list[Secret]:
     """Every secret the configuration resolves (the convention above), short ones included, in config order."""
-    from proxy.config import CORE_SECTIONS
+    from llm_warden.proxy.config import CORE_SECTIONS
 
     out: list[Secret] = []
     for name in CORE_SECTIONS:

@@ -33,11 +33,11 @@ import logging
 import os
 import signal
 
-from proxy.app import Warden
-from proxy.config import Config, parse_hostport
-from proxy.edge import Listener
-from proxy.errors import ConfigError
-from proxy.memory import idle_trim
+from llm_warden.proxy.app import Warden
+from llm_warden.proxy.config import Config, parse_hostport
+from llm_warden.proxy.edge import Listener
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.memory import idle_trim
 
 log = logging.getLogger("warden")
 
@@ -83,7 +83,7 @@ def build_warden(config: Config) -> Warden:
     """Compose a Warden with the audit store the config asks for."""
     audit = None
     if config.audit.enabled:
-        from proxy.audit.factory import build_audit
+        from llm_warden.proxy.audit.factory import build_audit
 
         audit = build_audit(config)
     return Warden(config, audit=audit)

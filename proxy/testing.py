@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 
-from proxy.app import Warden
-from proxy.edge import Listener
-from proxy.exchange import Exchange, Principal
+from llm_warden.proxy.app import Warden
+from llm_warden.proxy.edge import Listener
+from llm_warden.proxy.exchange import Exchange, Principal
 
 
 def make_exchange(

@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import Forbidden, ToolCallInvalid, WardenError
-from proxy.exchange import Decision, Exchange, ToolCall, ToolDecisionRecord
-from proxy.plugin import PluginChain
-from proxy.sse import SSEError
+from llm_warden.proxy.errors import Forbidden, ToolCallInvalid, WardenError
+from llm_warden.proxy.exchange import Decision, Exchange, ToolCall, ToolDecisionRecord
+from llm_warden.proxy.plugin import PluginChain
+from llm_warden.proxy.sse import SSEError
 
 MAX_STREAMED_CALLS = 128
 MAX_STREAMED_ARGS_BYTES = 16 * 1024 * 1024

@@ -61,13 +61,14 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from proxy.config import Config
-from proxy.metrics import turn_outcome
+from llm_warden.proxy.config import Config
+from llm_warden.proxy.mcp import telemetry as mcp_telemetry
+from llm_warden.proxy.metrics import turn_outcome
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from proxy.exchange import Exchange, UpstreamTurn
+    from llm_warden.proxy.exchange import Exchange, UpstreamTurn
 
 log = logging.getLogger("warden.tracing")
 
@@ -243,6 +244,8 @@ class Tracing:
                 a["gen_ai.usage.input_tokens"] = usage.prompt_tokens
                 if op == "chat":
                     a["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        if ex.mcp is not None:
+            a.update(mcp_telemetry.attributes(ex.mcp))
         corrections = sum(1 for t in ex.turns if t.reason != "initial")
         if corrections:
             a["warden.corrective_turns"] = corrections
@@ -391,6 +394,8 @@ class Tracing:
             }
             if d.approval_id:
                 a["warden.approval_id"] = d.approval_id
+            if rec.call.server is not None:
+                a["warden.mcp.server"] = rec.call.server
             if self.capture:
                 a["gen_ai.tool.call.arguments"] = self._clip(rec.call.arguments)
                 if d.reason:
@@ -410,6 +415,8 @@ def span_name(ex: Exchange) -> str:
     op = _OPERATIONS.get(ex.protocol)
     if op is not None:
         return f"{op} {ex.model}" if ex.model else op
+    if ex.mcp is not None:
+        return mcp_telemetry.span_name(ex.mcp)
     words = ex.route.split(" ")
     if ex.method in words:
         # A route name that carries its method already (pass-through routes): the method leads, once.

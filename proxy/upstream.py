@@ -19,10 +19,10 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import wire
-from proxy.config import UpstreamConfig
-from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.sse import RawEvent, SSEParser
+from llm_warden.proxy import wire
+from llm_warden.proxy.config import UpstreamConfig
+from llm_warden.proxy.errors import UpstreamError, UpstreamTimeout
+from llm_warden.proxy.sse import RawEvent, SSEParser
 
 log = logging.getLogger("warden.upstream")
 
@@ -114,7 +114,7 @@ class ChatDialect:
 def make_dialect(cfg: UpstreamConfig) -> Dialect:
     """The dialect ``[upstream] api`` names."""
     if cfg.api == "anthropic":
-        from proxy.upstream_anthropic import AnthropicDialect
+        from llm_warden.proxy.upstream_anthropic import AnthropicDialect
 
         return AnthropicDialect(cfg.default_max_tokens, cfg.anthropic_version)
     return ChatDialect()

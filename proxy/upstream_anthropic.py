@@ -32,9 +32,9 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import BadRequest
-from proxy.upstream_anthropic_answer import MessagesStream, completion_of
-from proxy.wire import MAX_TOKEN_COUNT
+from llm_warden.proxy.errors import BadRequest
+from llm_warden.proxy.upstream_anthropic_answer import MessagesStream, completion_of
+from llm_warden.proxy.wire import MAX_TOKEN_COUNT
 
 PATH = "/messages"
 COUNT_TOKENS_PATH = "/messages/count_tokens"

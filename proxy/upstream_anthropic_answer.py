@@ -34,9 +34,9 @@ from typing import Any
 
 import orjson
 
-from proxy.sse import RawEvent, SSEError
-from proxy.tooling import MAX_STREAMED_ARGS_BYTES
-from proxy.wire import MAX_TOKEN_COUNT
+from llm_warden.proxy.sse import RawEvent, SSEError
+from llm_warden.proxy.tooling import MAX_STREAMED_ARGS_BYTES
+from llm_warden.proxy.wire import MAX_TOKEN_COUNT
 
 STOP_REASONS = {
     "end_turn": "stop",

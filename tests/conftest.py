@@ -15,10 +15,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from proxy.app import Warden
-from proxy.config import Config, load_config
-from proxy.plugin import available_plugins
-from proxy.testing import RunningWarden
+from llm_warden.proxy.app import Warden
+from llm_warden.proxy.config import Config, load_config
+from llm_warden.proxy.plugin import available_plugins
+from llm_warden.proxy.testing import RunningWarden
 from tests.fakeprovider import FakeProvider
 from tests.redis_helpers import REDIS_URL, RedisServer, redis_answers
 
@@ -154,7 +154,7 @@ async def warden_factory(base_config: dict[str, Any], tmp_path: Path) -> AsyncIt
         cfg: Config = load_config(data, classes)
         cfg.base_dir = tmp_path
         if audit is None and cfg.audit.enabled:
-            from proxy.audit.factory import build_audit
+            from llm_warden.proxy.audit.factory import build_audit
 
             audit = build_audit(cfg)
         rw = await RunningWarden.start(Warden(cfg, classes, audit=audit), **kw)

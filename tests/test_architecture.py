@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PKG = "llm_warden"
+"""The installed package: the folders ``proxy/`` and ``plugins/`` are ``llm_warden.proxy`` and ``llm_warden.plugins``."""
 CORE = "proxy"
 PLUGINS = "plugins"
 
@@ -42,8 +44,8 @@ class Violation:
 
 
 def module_name(root: Path, path: Path) -> tuple[str, bool]:
-    """The dotted module name of ``path`` and whether it is a package ``__init__``."""
-    parts = list(path.relative_to(root).with_suffix("").parts)
+    """The dotted (installed) module name of ``path`` and whether it is a package ``__init__``."""
+    parts = [PKG, *path.relative_to(root).with_suffix("").parts]
     is_package = parts[-1] == "__init__"
     if is_package:
         parts.pop()
@@ -52,7 +54,7 @@ def module_name(root: Path, path: Path) -> tuple[str, bool]:
 
 def owner(module: str) -> str | None:
     """``core``, ``plugin <name>``, or ``None`` for the composition root (``plugins`` itself)."""
-    parts = module.split(".")
+    parts = module.removeprefix(PKG + ".").split(".")
     if parts[0] == CORE:
         return "core"
     if parts[0] == PLUGINS:
@@ -80,7 +82,7 @@ def imports(tree: ast.AST, module: str, is_package: bool) -> list[tuple[int, str
             found.extend((node.lineno, alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = _resolve(module, is_package, node.level, node.module)
-            if base == PLUGINS:
+            if base == f"{PKG}.{PLUGINS}":
                 # ``from plugins import tools`` imports the plugin plugins.tools.
                 found.extend((node.lineno, f"{base}.{alias.name}" if alias.name != "*" else base) for alias in node.names)
             else:
@@ -105,6 +107,12 @@ def violations(root: Path) -> list[Violation]:
                 continue
             tree = ast.parse(path.read_bytes(), filename=str(path))
             for line, name in sorted(set(imports(tree, module, is_package))):
+                if name.split(".")[0] in (CORE, PLUGINS):
+                    # The folders are installed as llm_warden.proxy and llm_warden.plugins: a bare
+                    # name would load a second copy of the module (or nothing, once installed).
+                    out.append(Violation(str(path.relative_to(root)), line, who, f"{name} by its folder's name, not {PKG}.{name}"))
+                    continue
+                name = name.removeprefix(PKG + ".")
                 if name != PLUGINS and not name.startswith(PLUGINS + "."):
                     continue
                 if owner(name) != who:
@@ -120,7 +128,8 @@ def test_the_core_and_the_plugins_keep_the_import_contract() -> None:
 def test_the_whole_tree_is_read() -> None:
     """The walk sees the core and every plugin, so an empty result means something."""
     modules = {module_name(ROOT, p)[0] for top in (CORE, PLUGINS) for p in (ROOT / top).rglob("*.py")}
-    assert {"proxy.plugin", "proxy.gcra", "plugins", "plugins.headers", "plugins.tools.judge", "plugins.ratelimit.plugin"} <= modules
+    expected = {"proxy.plugin", "proxy.gcra", "plugins", "plugins.headers", "plugins.tools.judge", "plugins.ratelimit.plugin"}
+    assert {f"{PKG}.{m}" for m in expected} <= modules
     assert {owner(m) for m in modules} >= {"core", "plugin tools", "plugin ratelimit", "plugin retrieval", "plugin headers", None}
 
 
@@ -143,30 +152,36 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
-        ({"proxy/app.py": "import os\nimport plugins.tools\n"}, ["proxy/app.py:2: core imports plugins.tools"]),
-        ({"proxy/app.py": "from plugins.headers import HeadersPlugin\n"}, ["proxy/app.py:1: core imports plugins.headers"]),
-        ({"proxy/app.py": "from plugins import tools, headers\n"}, ["proxy/app.py:1: core imports plugins.headers", "proxy/app.py:1: core imports plugins.tools"]),
-        ({"proxy/app.py": "import plugins\n"}, ["proxy/app.py:1: core imports plugins"]),
+        ({"proxy/app.py": "import os\nimport llm_warden.plugins.tools\n"}, ["proxy/app.py:2: core imports plugins.tools"]),
+        ({"proxy/app.py": "from llm_warden.plugins.headers import HeadersPlugin\n"}, ["proxy/app.py:1: core imports plugins.headers"]),
+        ({"proxy/app.py": "from llm_warden.plugins import tools, headers\n"}, ["proxy/app.py:1: core imports plugins.headers", "proxy/app.py:1: core imports plugins.tools"]),
+        ({"proxy/app.py": "import llm_warden.plugins\n"}, ["proxy/app.py:1: core imports plugins"]),
         (
-            {"proxy/audit/record.py": "def f():\n    x = 1\n    from plugins.tools.judge import ToolJudge\n    return ToolJudge\n"},
+            {"proxy/audit/record.py": "def f():\n    x = 1\n    from llm_warden.plugins.tools.judge import ToolJudge\n    return ToolJudge\n"},
             ["proxy/audit/record.py:3: core imports plugins.tools.judge"],
         ),
         (
-            {"proxy/app.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from plugins.tools import ToolsPlugin\n"},
+            {"proxy/app.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from llm_warden.plugins.tools import ToolsPlugin\n"},
             ["proxy/app.py:3: core imports plugins.tools"],
         ),
-        ({"proxy/app.py": "import importlib\nm = importlib.import_module('plugins.tools')\n"}, ["proxy/app.py:2: core imports plugins.tools"]),
-        ({"proxy/app.py": "__import__('plugins.headers')\n"}, ["proxy/app.py:1: core imports plugins.headers"]),
-        ({"plugins/tools/judge.py": "from plugins.ratelimit.gcra import MemoryGCRA\n"}, ["plugins/tools/judge.py:1: plugin tools imports plugins.ratelimit.gcra"]),
+        ({"proxy/app.py": "import importlib\nm = importlib.import_module('llm_warden.plugins.tools')\n"}, ["proxy/app.py:2: core imports plugins.tools"]),
+        ({"proxy/app.py": "__import__('llm_warden.plugins.headers')\n"}, ["proxy/app.py:1: core imports plugins.headers"]),
+        ({"plugins/tools/judge.py": "from llm_warden.plugins.ratelimit.gcra import MemoryGCRA\n"}, ["plugins/tools/judge.py:1: plugin tools imports plugins.ratelimit.gcra"]),
         ({"plugins/tools/judge.py": "from ..ratelimit import gcra\n"}, ["plugins/tools/judge.py:1: plugin tools imports plugins.ratelimit"]),
         ({"plugins/tools/judge.py": "from .. import headers\n"}, ["plugins/tools/judge.py:1: plugin tools imports plugins.headers"]),
-        ({"plugins/tools/judge.py": "from plugins import *\n"}, ["plugins/tools/judge.py:1: plugin tools imports plugins"]),
-        ({"plugins/headers.py": "def f():\n    import plugins.tools.store\n"}, ["plugins/headers.py:2: plugin headers imports plugins.tools.store"]),
-        ({"plugins/tools/__init__.py": "from plugins.headers import HeadersPlugin\n"}, ["plugins/tools/__init__.py:1: plugin tools imports plugins.headers"]),
+        ({"plugins/tools/judge.py": "from llm_warden.plugins import *\n"}, ["plugins/tools/judge.py:1: plugin tools imports plugins"]),
+        ({"plugins/headers.py": "def f():\n    import llm_warden.plugins.tools.store\n"}, ["plugins/headers.py:2: plugin headers imports plugins.tools.store"]),
+        ({"plugins/tools/__init__.py": "from llm_warden.plugins.headers import HeadersPlugin\n"}, ["plugins/tools/__init__.py:1: plugin tools imports plugins.headers"]),
         # Allowed: a plugin importing itself (absolute or relative) and the core; the composition root naming plugins.
-        ({"plugins/tools/judge.py": "from plugins.tools.store import X\nfrom . import store\nfrom .store import Y\nfrom plugins import tools\nimport proxy.gcra\n"}, []),
-        ({"plugins/__init__.py": "from plugins.tools import ToolsPlugin\nfrom plugins.headers import HeadersPlugin\n"}, []),
-        ({"proxy/app.py": "import proxy.plugin\nfrom proxy import gcra\nimport pluginsx\n"}, []),
+        ({"plugins/tools/judge.py": "from llm_warden.plugins.tools.store import X\nfrom . import store\nfrom .store import Y\nfrom llm_warden.plugins import tools\nimport llm_warden.proxy.gcra\n"}, []),
+        ({"plugins/__init__.py": "from llm_warden.plugins.tools import ToolsPlugin\nfrom llm_warden.plugins.headers import HeadersPlugin\n"}, []),
+        ({"proxy/app.py": "import llm_warden.proxy.plugin\nfrom llm_warden.proxy import gcra\nimport pluginsx\n"}, []),
+        # A folder's bare name is no import of the installed package (it would load a second copy of the module).
+        ({"proxy/app.py": "import proxy.gcra\n"}, ["proxy/app.py:1: core imports proxy.gcra by its folder's name, not llm_warden.proxy.gcra"]),
+        (
+            {"plugins/tools/judge.py": "from plugins.tools import store\n"},
+            ["plugins/tools/judge.py:1: plugin tools imports plugins.tools by its folder's name, not llm_warden.plugins.tools"],
+        ),
     ],
 )
 def test_the_checker_reports_each_offending_line(tmp_path: Path, files: dict[str, str], expected: list[str]) -> None:
@@ -174,7 +189,7 @@ def test_the_checker_reports_each_offending_line(tmp_path: Path, files: dict[str
 
 
 def test_the_failure_message_names_every_offender(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {"proxy/a.py": "import plugins.tools\n", "plugins/tools/b.py": "\n\nimport plugins.ratelimit.gcra\n"})
+    root = _tree(tmp_path, {"proxy/a.py": "import llm_warden.plugins.tools\n", "plugins/tools/b.py": "\n\nimport llm_warden.plugins.ratelimit.gcra\n"})
     found = violations(root)
     with pytest.raises(AssertionError) as err:
         assert not found, "\n".join(map(str, found))

@@ -24,8 +24,8 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit.chain import seed_bytes
-from proxy.db.migrate import registered_components
+from llm_warden.proxy.audit.chain import seed_bytes
+from llm_warden.proxy.db.migrate import registered_components
 from tests import pg_helpers
 from tests.conftest import ADMIN_TOKEN, AUDIENCE, ISSUER, Keys, make_token
 from tests.fakeprovider import FakeProvider, Reply
@@ -126,7 +126,7 @@ class Fleet:
 
 @pytest.fixture
 async def fleet(tmp_path: Path, fake: FakeProvider, rsa_keys: Keys, pg_schema: str, redis_prefix: str) -> AsyncIterator[Fleet]:
-    from proxy.db.migrate import migrate
+    from llm_warden.proxy.db.migrate import migrate
 
     for component, directory in registered_components().items():
         await migrate(pg_schema, component, directory)
@@ -239,7 +239,7 @@ async def test_a_fleet_of_three_replicas_behaves_as_one_system(fleet: Fleet, fak
         await asyncio.wait_for(p.proc.wait(), 15)
     env = {**os.environ, "WARDEN_FLEET_DATABASE_URL": fleet.dsn}
     ok = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "audit", "verify", "--db", fleet.dsn, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
+        sys.executable, "-m", "llm_warden.proxy", "audit", "verify", "--db", fleet.dsn, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
     )
     out = (await ok.communicate())[0].decode()
     assert ok.returncode == 0, out
@@ -256,7 +256,7 @@ async def test_a_fleet_of_three_replicas_behaves_as_one_system(fleet: Fleet, fak
     finally:
         await conn.close()
     bad = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "audit", "verify", "--db", fleet.dsn, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
+        sys.executable, "-m", "llm_warden.proxy", "audit", "verify", "--db", fleet.dsn, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
     )
     out = (await bad.communicate())[0].decode()
     assert bad.returncode != 0 and "FAULT" in out, out

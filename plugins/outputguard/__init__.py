@@ -24,11 +24,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from plugins.outputguard.scan import Guard, HostPolicy, Intervention, StreamGuard, secrets_in
-from proxy.content import content_text
-from proxy.errors import ConfigError
-from proxy.exchange import Exchange, StateKey
-from proxy.plugin import Plugin, StreamEvent
+from llm_warden.plugins.outputguard.scan import Guard, HostPolicy, Intervention, StreamGuard, secrets_in
+from llm_warden.proxy.content import content_text
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.exchange import Exchange, StateKey
+from llm_warden.proxy.plugin import Plugin, StreamEvent
 
 Mode = Literal["off", "report", "enforce"]
 MAX_RECORDED = 50

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from proxy.audit.redact import SECRET_RULES
+from llm_warden.proxy.audit.redact import SECRET_RULES
 
 IMAGE_RULE = "outputguard.image_host"
 LINK_RULE = "outputguard.link_host"

@@ -29,14 +29,14 @@ from urllib.parse import quote, unquote
 import orjson
 from aiohttp import web
 
-from plugins.ratelimit.backends import BackendDown
-from plugins.ratelimit.config import CompiledRule
-from proxy.admin import admin_tenant
-from proxy.errors import BadRequest, Forbidden, ServiceUnavailable
-from proxy.gcra import Rate
+from llm_warden.plugins.ratelimit.backends import BackendDown
+from llm_warden.plugins.ratelimit.config import CompiledRule
+from llm_warden.proxy.admin import admin_tenant
+from llm_warden.proxy.errors import BadRequest, Forbidden, ServiceUnavailable
+from llm_warden.proxy.gcra import Rate
 
 if TYPE_CHECKING:
-    from plugins.ratelimit.plugin import LimitsPlugin
+    from llm_warden.plugins.ratelimit.plugin import LimitsPlugin
 
 RULE = "admin.limits"
 PARAMS = frozenset({"tenant", "user", "rule", "top"})

@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any, Protocol
 
-from proxy.gcra import LimitResult, MemoryGCRA, Rate, to_result
+from llm_warden.proxy.gcra import LimitResult, MemoryGCRA, Rate, to_result
 
 log = logging.getLogger("warden.limits")
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlparse
 
-from proxy.errors import ConfigError
-from proxy.gcra import Rate, parse_rate
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.gcra import Rate, parse_rate
 
 Scope = Literal["tenant", "user", "model", "tenant+model", "user+model"]
 

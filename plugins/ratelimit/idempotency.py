@@ -27,8 +27,8 @@ from urllib.parse import quote
 import aiosqlite
 import orjson
 
-from plugins.ratelimit.backends import RedisClient
-from proxy.exchange import LocalReply
+from llm_warden.plugins.ratelimit.backends import RedisClient
+from llm_warden.proxy.exchange import LocalReply
 
 REPLAY_HEADER = "x-warden-idempotent-replay"
 

@@ -35,10 +35,10 @@ from urllib.parse import quote
 
 import orjson
 
-from plugins.ratelimit.admin import LimitsAdmin
-from plugins.ratelimit.backends import BackendDown, Item, LimitBackend, MemoryBackend, RedisBackend, RedisClient
-from plugins.ratelimit.config import CompiledRule, LimitsConfig, compile_rules
-from plugins.ratelimit.idempotency import (
+from llm_warden.plugins.ratelimit.admin import LimitsAdmin
+from llm_warden.plugins.ratelimit.backends import BackendDown, Item, LimitBackend, MemoryBackend, RedisBackend, RedisClient
+from llm_warden.plugins.ratelimit.config import CompiledRule, LimitsConfig, compile_rules
+from llm_warden.plugins.ratelimit.idempotency import (
     IdempotencyStore,
     Recorded,
     RedisStore,
@@ -52,11 +52,11 @@ from plugins.ratelimit.idempotency import (
     replay_reply,
     valid_key,
 )
-from plugins.ratelimit.tokens import TokenEstimator, load_encoder, reported_tokens
-from proxy.errors import BadRequest, ConfigError, Conflict, RateLimited, ServiceUnavailable
-from proxy.exchange import Exchange, StateKey
-from proxy.gcra import LimitResult
-from proxy.plugin import Plugin, PluginContext
+from llm_warden.plugins.ratelimit.tokens import TokenEstimator, load_encoder, reported_tokens
+from llm_warden.proxy.errors import BadRequest, ConfigError, Conflict, RateLimited, ServiceUnavailable
+from llm_warden.proxy.exchange import Exchange, StateKey
+from llm_warden.proxy.gcra import LimitResult
+from llm_warden.proxy.plugin import Plugin, PluginContext
 
 log = logging.getLogger("warden.limits")
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy
 
 if TYPE_CHECKING:
-    from proxy.exchange import Principal
+    from llm_warden.proxy.exchange import Principal
 
 PUBLIC_TOKEN = "public"
 """Indexed token of a document readable by everyone in its tenant (unless denied)."""

@@ -27,12 +27,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from plugins.retrieval.acl import Acl, Reader
-from plugins.retrieval.records import check_key
-from plugins.retrieval.service import DocumentInput, RetrievalService
-from proxy.admin import admin_principal, require_all_tenants
-from proxy.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, WardenError
-from proxy.plugin import PluginContext
+from llm_warden.plugins.retrieval.acl import Acl, Reader
+from llm_warden.plugins.retrieval.records import check_key
+from llm_warden.plugins.retrieval.service import DocumentInput, RetrievalService
+from llm_warden.proxy.admin import admin_principal, require_all_tenants
+from llm_warden.proxy.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, WardenError
+from llm_warden.proxy.plugin import PluginContext
 
 _DOC_FIELDS = {"text", "title", "uri", "source", "updated_at", "labels", "acl", "kind"}
 _BULK_FIELDS = {"documents"}

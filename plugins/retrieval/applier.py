@@ -31,11 +31,11 @@ from pathlib import Path
 
 import orjson
 
-from plugins.retrieval.acl import Acl, IndexedChunk
-from plugins.retrieval.lexical import LexicalIndex
-from plugins.retrieval.records import ChangeBatch, ChunkRow, DocumentRow, RecordStore
-from plugins.retrieval.tokenize import ANALYZER
-from plugins.retrieval.vector import VectorIndex
+from llm_warden.plugins.retrieval.acl import Acl, IndexedChunk
+from llm_warden.plugins.retrieval.lexical import LexicalIndex
+from llm_warden.plugins.retrieval.records import ChangeBatch, ChunkRow, DocumentRow, RecordStore
+from llm_warden.plugins.retrieval.tokenize import ANALYZER
+from llm_warden.plugins.retrieval.vector import VectorIndex
 
 log = logging.getLogger("warden.retrieval")
 
@@ -107,6 +107,8 @@ class Indexes:
         """Tenants of documents applied since the service last looked (it keeps "has documents" current)."""
         self.seen_model: str | None = None
         self.seen_dim: int | None = None
+        self.on_servable: Callable[[list[DocumentRow]], None] | None = None
+        """Told, after each applied batch, the document versions (upserts) that just became searchable on this replica."""
 
     def _path(self, name: str) -> Path | None:
         return None if self.index_dir is None else self.index_dir / name
@@ -202,6 +204,9 @@ class Indexes:
                 await self._apply(engine, ops_by[name], docs, chunks, vectors=name == "vector")
                 self.state.set(name, batch.changes[-1].seq)
             total += len(batch.changes)
+            if self.on_servable is not None:
+                upserted = {k for ops in ops_by.values() for k, o in ops.items() if "upsert" in o}
+                self.on_servable([docs[k] for k in sorted(upserted) if k in docs])
             done = len(batch.changes) < self.batch
             if done:
                 # The batch ended below the limit: everything up to the snapshot's head is applied.

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from proxy.exchange import CITATION_MARKER as _MARKER_RE
-from proxy.exchange import Citation, RetrievedChunk
+from llm_warden.proxy.exchange import CITATION_MARKER as _MARKER_RE
+from llm_warden.proxy.exchange import Citation, RetrievedChunk
 
 MAX_CITATIONS = 100
 

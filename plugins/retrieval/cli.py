@@ -21,16 +21,16 @@ from typing import Any
 
 import orjson
 
-from plugins.retrieval.acl import Acl, Reader
-from plugins.retrieval.config import RetrievalConfig
-from plugins.retrieval.ingest import IngestError, ingest_paths
-from plugins.retrieval.inject import SearchResult, render_context
-from plugins.retrieval.service import RetrievalService, build_service
-from proxy.errors import ConfigError, WardenError
+from llm_warden.plugins.retrieval.acl import Acl, Reader
+from llm_warden.plugins.retrieval.config import RetrievalConfig
+from llm_warden.plugins.retrieval.ingest import IngestError, ingest_paths
+from llm_warden.plugins.retrieval.inject import SearchResult, render_context
+from llm_warden.plugins.retrieval.service import RetrievalService, build_service
+from llm_warden.proxy.errors import ConfigError, WardenError
 
 
 def _service(args: argparse.Namespace) -> RetrievalService:
-    from proxy.config import load_config
+    from llm_warden.proxy.config import load_config
 
     if args.config:
         config = load_config(args.config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from proxy.errors import ConfigError
+from llm_warden.proxy.errors import ConfigError
 
 DEFAULT_TEMPLATE = (
     "The numbered context entries below were retrieved from the organisation's documents for this "
@@ -23,6 +23,34 @@ DEFAULT_EXTENSIONS = [
     ".md", ".markdown", ".txt", ".rst", ".py", ".js", ".ts", ".go", ".rs", ".java", ".c", ".h",
     ".cc", ".cpp", ".hpp", ".rb", ".sh", ".sql", ".toml", ".yaml", ".yml",
 ]
+
+
+@dataclass
+class SloConfig:
+    """``[retrieval.slo]``: retrieval's objectives.  Exported as ``warden_retrieval_slo_target{objective}`` so the
+    alert rules in ``deploy/prometheus/alerts.yaml`` compare the live metrics with these numbers (see ``docs/retrieval.md``)."""
+
+    ingest_to_servable_p95_s: float = 30.0
+    """Freshness: p95 seconds from a document's ingest (committed to the store of record) to servable on a replica."""
+    source_to_servable_p95_s: float = 86400.0
+    """Freshness: p95 seconds from the source's own update time (``updated_at``: front matter, file mtime or the admin
+    API's field) to servable on a replica; it includes how often the connector ingests."""
+    permission_correctness: float = 1.0
+    """Share of injected chunks whose document ACL, re-read from the store of record, allows the principal (must be 1.0)."""
+    citation_coverage: float = 0.9
+    """Share of answers that had context injected and cite at least one injected entry, at least."""
+    invalid_citation_rate: float = 0.02
+    """Share of citations naming a number that was never given, at most."""
+
+    def validate(self, key: str) -> None:
+        for name in ("ingest_to_servable_p95_s", "source_to_servable_p95_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}", "must be positive")
+        for name in ("citation_coverage", "invalid_citation_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{key}.{name}", "must be between 0 and 1")
+        if self.permission_correctness != 1.0:
+            raise ConfigError(f"{key}.permission_correctness", "must be 1.0: every injected chunk must be readable by its principal")
 
 
 @dataclass
@@ -113,6 +141,8 @@ class RetrievalConfig:
     """Largest document text accepted (admin API and ingest)."""
     ingest_extensions: list[str] = field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
     """File name extensions ``warden ingest`` reads from directories."""
+    slo: SloConfig = field(default_factory=SloConfig)
+    """``[retrieval.slo]``: the objectives (freshness, permission correctness, citations)."""
 
     def validate(self, key: str) -> None:
         positive = ("top_k", "candidate_k", "max_context_tokens", "chunk_tokens", "embedding_max_tokens",
@@ -167,3 +197,4 @@ class RetrievalConfig:
             raise ConfigError(f"{key}.db", "must not be empty")
         if not self.index_dir:
             raise ConfigError(f"{key}.index_dir", "must not be empty")
+        self.slo.validate(f"{key}.slo")

@@ -16,7 +16,7 @@ import aiohttp
 import numpy as np
 import orjson
 
-from proxy.errors import UpstreamError, UpstreamTimeout
+from llm_warden.proxy.errors import UpstreamError, UpstreamTimeout
 
 
 class EmbeddingError(UpstreamError):

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from plugins.retrieval.embed import EmbeddingError, normalize
-from proxy.errors import ConfigError
+from llm_warden.plugins.retrieval.embed import EmbeddingError, normalize
+from llm_warden.proxy.errors import ConfigError
 
 MODEL_NAME = "all-MiniLM-L6-v2-onnx-int8"
 """The name recorded with every vector (changing the local model re-embeds the index)."""

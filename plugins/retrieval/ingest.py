@@ -24,9 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from plugins.retrieval.acl import Acl
-from plugins.retrieval.chunking import kind_for, parse_front_matter
-from plugins.retrieval.service import DocumentInput, RetrievalService
+from llm_warden.plugins.retrieval.acl import Acl
+from llm_warden.plugins.retrieval.chunking import kind_for, parse_front_matter
+from llm_warden.plugins.retrieval.service import DocumentInput, RetrievalService
 
 ACL_FILE = ".warden-acl.toml"
 _ACL_KEYS = ("public", "allow_users", "allow_groups", "deny_users", "deny_groups")

@@ -16,12 +16,12 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from plugins.retrieval.acl import Acl, Reader
-from plugins.retrieval.chunking import approx_tokens
-from proxy.exchange import RetrievedChunk
+from llm_warden.plugins.retrieval.acl import Acl, Reader
+from llm_warden.plugins.retrieval.chunking import approx_tokens
+from llm_warden.proxy.exchange import RetrievedChunk
 
 if TYPE_CHECKING:
-    from plugins.retrieval.store import ChunkRow, DocumentRow
+    from llm_warden.plugins.retrieval.store import ChunkRow, DocumentRow
 
 # "<context", "</context", "< / context", and the same with look-alike brackets
 # (fullwidth, small, angle): a document must not open or close an entry.

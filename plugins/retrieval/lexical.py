@@ -29,8 +29,8 @@ from pathlib import Path
 
 import tantivy
 
-from plugins.retrieval.acl import Acl, IndexedChunk, Reader, acl_tokens, reader_allow_tokens, reader_deny_tokens
-from plugins.retrieval.tokenize import INDEX_TOKENIZER, MAX_QUERY_TERMS, fold_acronym_plurals, query_terms
+from llm_warden.plugins.retrieval.acl import Acl, IndexedChunk, Reader, acl_tokens, reader_allow_tokens, reader_deny_tokens
+from llm_warden.plugins.retrieval.tokenize import INDEX_TOKENIZER, MAX_QUERY_TERMS, fold_acronym_plurals, query_terms
 
 _KEY_SEP = "\x1f"
 

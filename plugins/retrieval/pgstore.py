@@ -37,9 +37,9 @@ import asyncpg
 import numpy as np
 import orjson
 
-from plugins.retrieval.records import Change, ChangeBatch, ChunkRow, DocumentRow, blob_vector, vector_blob
-from proxy.db.migrate import check_schema, latest_version
-from proxy.errors import ServiceUnavailable
+from llm_warden.plugins.retrieval.records import Change, ChangeBatch, ChunkRow, DocumentRow, blob_vector, vector_blob
+from llm_warden.proxy.db.migrate import check_schema, latest_version
+from llm_warden.proxy.errors import ServiceUnavailable
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 COMPONENT = "retrieval"

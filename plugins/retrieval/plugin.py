@@ -5,6 +5,10 @@
   budget go into one system message after the application's own system
   messages.  Skipped with ``x-warden-retrieval: off`` or outside the
   configured routes/models.  Streaming and non-streaming alike (request side).
+  Before injecting, every chosen chunk is re-checked against its document in
+  the store of record by code the search does not share
+  (:mod:`~plugins.retrieval.slo`); a chunk that fails is removed (rule
+  ``retrieval.acl_recheck``).
 - ``on_response``: ``[n]`` markers of the final answer are mapped to document
   ids (``ex.citations``); non-streaming answers get ``x-warden-citations``
   (and ``x-warden-citations-invalid`` for numbers never provided).
@@ -24,15 +28,16 @@ import logging
 import time
 from typing import Any
 
-from plugins.retrieval.acl import Reader
-from plugins.retrieval.citations import header_value, map_citations
-from plugins.retrieval.config import RetrievalConfig
-from plugins.retrieval.inject import build_query, insert_context, render_context
-from plugins.retrieval.pgstore import MIGRATIONS
-from plugins.retrieval.service import RetrievalService, build_service
-from proxy.errors import ConfigError, ServiceUnavailable, WardenError
-from proxy.exchange import Exchange, RetrievalSummary
-from proxy.plugin import Plugin, PluginContext
+from llm_warden.plugins.retrieval.acl import Reader
+from llm_warden.plugins.retrieval.citations import header_value, map_citations
+from llm_warden.plugins.retrieval.config import RetrievalConfig
+from llm_warden.plugins.retrieval.inject import SearchResult, build_query, insert_context, render_context
+from llm_warden.plugins.retrieval.pgstore import MIGRATIONS
+from llm_warden.plugins.retrieval.service import RetrievalService, build_service
+from llm_warden.plugins.retrieval.slo import RECHECK_RULE, Recheck, SloMetrics, recheck, renumber
+from llm_warden.proxy.errors import ConfigError, ServiceUnavailable, WardenError
+from llm_warden.proxy.exchange import Exchange, RetrievalSummary, StateKey
+from llm_warden.proxy.plugin import Plugin, PluginContext
 
 log = logging.getLogger("warden.retrieval")
 
@@ -43,6 +48,7 @@ def _template_digest(template: str) -> str:
     return hashlib.sha256(template.encode()).hexdigest()
 
 OFF_HEADER = "x-warden-retrieval"
+RECHECK: StateKey[Recheck] = StateKey("retrieval.acl_recheck", Recheck)
 RESTART_KEYS = ("store", "store_timeout_s", "db", "index_dir", "embedder", "embedding_base_url", "embedding_api_key_env", "embedding_model", "embedding_dim", "chunk_tokens")
 
 
@@ -59,10 +65,11 @@ class RetrievalPlugin(Plugin):
     def __init__(self, section: RetrievalConfig | None) -> None:
         super().__init__(section or RetrievalConfig())
         self.service: RetrievalService | None = None
+        self.slo: SloMetrics | None = None
 
     async def start(self, ctx: PluginContext) -> None:
         """Open the store and engines (crash repair, re-embed on a model change), register the admin API."""
-        from plugins.retrieval.admin import register_admin_routes
+        from llm_warden.plugins.retrieval.admin import register_admin_routes
 
         self.service = build_service(self.section, ctx.config)
         await self.service.start(background_sync=True)
@@ -80,6 +87,10 @@ class RetrievalPlugin(Plugin):
                 "Age of the oldest change not yet searchable (0 when the indexes are up to date).",
                 callback=service.staleness_s,
             )
+            self.slo = SloMetrics(metrics, lambda: self.section.slo)
+            if self.service.indexes is not None:
+                # After the start's own catch-up: what a replica applies while it follows is what "became servable" means.
+                self.service.indexes.on_servable = self.slo.servable
 
     def ready(self) -> str | None:
         """Not ready while the local indexes are not caught up with the store of record (``max_lag_s``)."""
@@ -135,6 +146,7 @@ class RetrievalPlugin(Plugin):
         t0 = time.perf_counter()
         try:
             result = await self.service.search(reader, query)
+            checked = await recheck(self.service.store, ex.principal, result.hits)
         except Exception as e:
             detail = e.message if isinstance(e, WardenError) else f"{e.__class__.__name__}"
             ex.retrieval = RetrievalSummary(skipped="error", query=query, mode=cfg.mode, error=detail)
@@ -142,6 +154,10 @@ class RetrievalPlugin(Plugin):
                 raise ServiceUnavailable(f"retrieval failed: {detail}", rule="retrieval.on_error") from None
             log.warning("retrieval failed for %s, forwarding without context: %s", ex.request_id, detail)
             return
+        if checked.removed:
+            self._withhold(ex, result, checked)
+        if self.slo is not None:
+            self.slo.rechecked(checked)
         if result.hits:
             ex.set_body(insert_context(ex.body, render_context(result.hits, cfg.template)))
             ex.prompt_template_sha256 = _template_digest(cfg.template)
@@ -161,6 +177,23 @@ class RetrievalPlugin(Plugin):
         )
         ex.timings["retrieval_s"] = time.perf_counter() - t0
 
+    @staticmethod
+    def _withhold(ex: Exchange, result: SearchResult, checked: Recheck) -> None:
+        """Remove the chunks the independent re-check refused (fail closed) and renumber the rest."""
+        log.error("retrieval: %s: the ACL re-check against the store of record removed %d chunk(s): %s", ex.request_id, len(checked.removed),
+                  "; ".join(f"{c}: {w}" for c, w in sorted(checked.removed.items())))
+        kept = []
+        for h in result.hits:
+            if h.chunk_id in checked.removed:
+                h.injected, h.citation, h.excluded_reason = False, None, RECHECK_RULE
+                result.excluded.append(h)
+                result.context_tokens -= h.cost()
+            else:
+                kept.append(h)
+        result.hits = kept
+        renumber(kept)
+        ex.slots[RECHECK] = checked
+
     async def on_response(self, ex: Exchange) -> None:
         """Map ``[n]`` markers to documents; header on non-streaming answers."""
         if not ex.retrieved:
@@ -174,16 +207,23 @@ class RetrievalPlugin(Plugin):
                 ex.response_headers["x-warden-citations-invalid"] = invalid
 
     async def on_complete(self, ex: Exchange) -> None:
-        """Record citations when the answer ended without ``on_response`` (never raises)."""
+        """Record citations when the answer ended without ``on_response``; count the answer (never raises)."""
         try:
             if ex.retrieved and not ex.citations and ex.response_text:
                 ex.citations = map_citations(ex.response_text, ex.retrieved)
+            if self.slo is not None:
+                self.slo.answered(ex)
         except Exception:
-            log.exception("citation mapping failed for %s", ex.request_id)
+            log.exception("retrieval bookkeeping (citations, answer metrics) failed for %s", ex.request_id)
+
+    def audit_fields(self, ex: Exchange) -> dict[str, Any] | None:
+        """The chunks the ACL re-check removed, with why (only when it removed any)."""
+        checked = ex.slots.get(RECHECK)
+        return None if checked is None else {"acl_recheck": checked.as_dict()}
 
     @classmethod
     def add_cli(cls, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         """``warden ingest``, ``warden search``, ``warden index rebuild|status``."""
-        from plugins.retrieval.cli import add_cli
+        from llm_warden.plugins.retrieval.cli import add_cli
 
         add_cli(sub)

@@ -18,8 +18,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from plugins.retrieval.acl import Acl
-from proxy.errors import BadRequest
+from llm_warden.plugins.retrieval.acl import Acl
+from llm_warden.proxy.errors import BadRequest
 
 DocKind = Literal["markdown", "python", "source", "text"]
 MAX_ID_CHARS = 512

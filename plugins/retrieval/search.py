@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from plugins.retrieval.acl import Acl, Reader
-from plugins.retrieval.fusion import rrf
-from plugins.retrieval.inject import Hit, SearchResult, build_result
+from llm_warden.plugins.retrieval.acl import Acl, Reader
+from llm_warden.plugins.retrieval.fusion import rrf
+from llm_warden.plugins.retrieval.inject import Hit, SearchResult, build_result
 
 if TYPE_CHECKING:
-    from plugins.retrieval.service import RetrievalService
+    from llm_warden.plugins.retrieval.service import RetrievalService
 
 
 async def search(svc: RetrievalService, reader: Reader, query: str, top_k: int, max_tokens: int, debug: bool) -> SearchResult:

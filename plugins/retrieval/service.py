@@ -40,15 +40,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from plugins.retrieval.acl import Reader
-from plugins.retrieval.applier import STATE_FILE, Indexes, LocalState
-from plugins.retrieval.chunking import approx_tokens, chunk_text, kind_for, parse_front_matter
-from plugins.retrieval.config import RetrievalConfig
-from plugins.retrieval.embed import Embedder, TokenCounting, UpstreamEmbedder
-from plugins.retrieval.follower import Follower
-from plugins.retrieval.inject import SearchResult
-from plugins.retrieval.lexical import LexicalIndex
-from plugins.retrieval.records import (
+from llm_warden.plugins.retrieval.acl import Reader
+from llm_warden.plugins.retrieval.applier import STATE_FILE, Indexes, LocalState
+from llm_warden.plugins.retrieval.chunking import approx_tokens, chunk_text, kind_for, parse_front_matter
+from llm_warden.plugins.retrieval.config import RetrievalConfig
+from llm_warden.plugins.retrieval.embed import Embedder, TokenCounting, UpstreamEmbedder
+from llm_warden.plugins.retrieval.follower import Follower
+from llm_warden.plugins.retrieval.inject import SearchResult
+from llm_warden.plugins.retrieval.lexical import LexicalIndex
+from llm_warden.plugins.retrieval.records import (
     ChangeBatch,
     ChunkRow,
     DocKind,
@@ -60,15 +60,15 @@ from plugins.retrieval.records import (
     index_head,
     index_text,
 )
-from plugins.retrieval.search import search as run_search
-from plugins.retrieval.store import Store
-from plugins.retrieval.vector import VectorIndex
-from proxy.errors import BadRequest, ConfigError, PayloadTooLarge, ServiceUnavailable
+from llm_warden.plugins.retrieval.search import search as run_search
+from llm_warden.plugins.retrieval.store import Store
+from llm_warden.plugins.retrieval.vector import VectorIndex
+from llm_warden.proxy.errors import BadRequest, ConfigError, PayloadTooLarge, ServiceUnavailable
 
 __all__ = ["DocumentInput", "IndexBusy", "RetrievalService", "UpsertResult", "build_service", "check_key", "index_text"]
 
 if TYPE_CHECKING:
-    from proxy.config import Config
+    from llm_warden.proxy.config import Config
 
 log = logging.getLogger("warden.retrieval")
 
@@ -151,7 +151,7 @@ class RetrievalService:
             if background_sync:
                 connect, channel = None, ""
                 if self.store.kind == "postgres":
-                    from plugins.retrieval.pgstore import PostgresStore
+                    from llm_warden.plugins.retrieval.pgstore import PostgresStore
 
                     assert isinstance(self.store, PostgresStore)
                     connect, channel = self.store.connect, self.store.channel
@@ -557,7 +557,7 @@ def build_service(cfg: RetrievalConfig, config: Config | None) -> RetrievalServi
 
     embedder: Embedder | None = None
     if cfg.embedder == "local":
-        from plugins.retrieval.embed_local import LocalEmbedder
+        from llm_warden.plugins.retrieval.embed_local import LocalEmbedder
 
         embedder = LocalEmbedder()
     elif cfg.embedder == "upstream":
@@ -569,8 +569,8 @@ def build_service(cfg: RetrievalConfig, config: Config | None) -> RetrievalServi
         embedder = UpstreamEmbedder(base_url, key, cfg.embedding_model, cfg.embedding_dim or None, cfg.embedding_batch, cfg.embedding_timeout_s)
     store: RecordStore | None = None
     if cfg.store == "postgres":
-        from plugins.retrieval.pgstore import PostgresStore
-        from proxy.config import DatabaseConfig
+        from llm_warden.plugins.retrieval.pgstore import PostgresStore
+        from llm_warden.proxy.config import DatabaseConfig
 
         database = config.database if config is not None else DatabaseConfig()
         dsn = database.dsn

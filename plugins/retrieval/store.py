@@ -30,7 +30,7 @@ import aiosqlite
 import numpy as np
 import orjson
 
-from plugins.retrieval.records import (
+from llm_warden.plugins.retrieval.records import (
     Change,
     ChangeBatch,
     ChunkRow,

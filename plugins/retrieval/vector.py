@@ -51,7 +51,7 @@ from typing import Any, BinaryIO
 import faiss
 import numpy
 
-from plugins.retrieval.acl import Acl, IndexedChunk, Reader, acl_tokens, reader_allow_tokens, reader_deny_tokens
+from llm_warden.plugins.retrieval.acl import Acl, IndexedChunk, Reader, acl_tokens, reader_allow_tokens, reader_deny_tokens
 
 
 @dataclass

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from aiohttp import web
 
-from plugins.tools.store import LIST_STATUSES
-from proxy.admin import admin_principal, admin_tenant, require_all_tenants
-from proxy.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
-from proxy.exchange import Principal
+from llm_warden.plugins.tools.store import LIST_STATUSES
+from llm_warden.proxy.admin import admin_principal, admin_tenant, require_all_tenants
+from llm_warden.proxy.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from llm_warden.proxy.exchange import Principal
 
 if TYPE_CHECKING:
-    from plugins.tools.plugin import ToolsPlugin
+    from llm_warden.plugins.tools.plugin import ToolsPlugin
 
 MAX_COMMENT = 2000
 
@@ -43,6 +43,12 @@ def _reviewer(request: web.Request) -> dict[str, Any]:
     if not isinstance(principal, Principal):
         raise Unauthorized("admin identity missing", rule="admin.auth")
     return principal.summary()
+
+
+def _same_person(reviewer: dict[str, Any], requester: dict[str, Any]) -> bool:
+    """Whether the reviewer is the principal whose call is held (same tenant and subject)."""
+    subject = reviewer.get("subject")
+    return bool(subject) and subject == requester.get("subject") and reviewer.get("tenant") == requester.get("tenant")
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
@@ -170,6 +176,10 @@ class ToolsAdmin:
         current = await store.get(approval_id)
         if current is None or not _visible(request, current.tenant):
             raise NotFound(f"approval {approval_id!r} not found", rule="admin.approvals")
+        if verdict == "approved" and not self.plugin.policy.self_approval and _same_person(actor, current.principal):
+            raise Forbidden(
+                "a call cannot be approved by the person who asked for it ([policy] self_approval = false)", rule="tools.approval.self"
+            )
         ok = await store.decide(approval_id, verdict, actor, comment, self.plugin.policy.approval_ttl_s)
         now = time.time()
         apr = await store.get(approval_id)

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from plugins.tools.bounds import MAX_DEPTH_LIMIT
+from llm_warden.plugins.tools.bounds import MAX_DEPTH_LIMIT
 
 
 class NotCanonical(ValueError):

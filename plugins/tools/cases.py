@@ -23,13 +23,13 @@ from typing import Any
 import orjson
 import yaml
 
-from plugins.tools.check import ToolPolicy
-from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
-from plugins.tools.versions import parse_sunset
-from proxy.confload import convert, load_dataclass
-from proxy.errors import ConfigError
-from proxy.exchange import Decision, Principal
-from proxy.tooling import parse_call
+from llm_warden.plugins.tools.check import ToolPolicy
+from llm_warden.plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
+from llm_warden.plugins.tools.versions import parse_sunset
+from llm_warden.proxy.confload import convert, load_dataclass
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.exchange import Decision, Principal
+from llm_warden.proxy.tooling import parse_call
 
 DECISIONS = ("allow", "deny", "repair", "hold")
 MODES = {"read-only": True, "read-write": False}

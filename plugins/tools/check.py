@@ -20,15 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from plugins.tools.bounds import bounds_failure
-from plugins.tools.canonical import NotCanonical, canonical_json
-from plugins.tools.config import CompiledTool, PolicyConfig, ToolRegistry
-from plugins.tools.policy import permission_failure, quote
-from plugins.tools.rules import RuleVerdict
-from plugins.tools.schemas import validator_failure
-from plugins.tools.versions import Deprecation
-from proxy.exchange import Decision, Principal, ToolCall
-from proxy.tooling import loads_arguments
+from llm_warden.plugins.tools.bounds import bounds_failure
+from llm_warden.plugins.tools.canonical import NotCanonical, canonical_json
+from llm_warden.plugins.tools.config import CompiledTool, PolicyConfig, ToolRegistry
+from llm_warden.plugins.tools.policy import permission_failure, quote
+from llm_warden.plugins.tools.rules import RuleVerdict
+from llm_warden.plugins.tools.schemas import validator_failure
+from llm_warden.plugins.tools.versions import Deprecation
+from llm_warden.proxy.exchange import Decision, Principal, ToolCall
+from llm_warden.proxy.tooling import loads_arguments
 
 log = logging.getLogger("warden.tools")
 
@@ -121,13 +121,17 @@ def check_call(
 ) -> Decision | Passed:
     """Checks 1–8 of a call (unknown, retired, permission, read-only, bounds, JSON, schema, argument rules).
 
+    ``server`` names the MCP server whose tool is called (``None``: a chat
+    function); an MCP tool without an entry is always unknown.
+
     Never raises for bad input: a validator that fails is a decision too.
     """
     name = call.name
     tool = registry.resolve(name, server)
     dep: Deprecation | None = None
     if tool is None:
-        if policy.unknown_tools == "deny":
+        # An MCP server's tool list is not the operator's policy: its undeclared tools are refused whatever unknown_tools says.
+        if policy.unknown_tools == "deny" or server:
             return Decision.deny(
                 "policy.unknown_tools",
                 f"there is no tool named {quote(name)} available to you. Do not call it again; use only the tools you were given.",
@@ -225,7 +229,7 @@ def offer_failure(
     is_read_only, where = read_only
     tool = registry.resolve(name, server)
     if tool is None:
-        if policy.unknown_tools == "deny":
+        if policy.unknown_tools == "deny" or server:
             return "policy.unknown_tools", "it is not declared in the tool registry"
         if is_read_only:
             return "policy.read_only", f"undeclared tools count as write tools and read-only mode is on {where}"

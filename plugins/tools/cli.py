@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from plugins.tools.cases import CaseError, Outcome, load_policy, read_cases, run_case
-from proxy.errors import ConfigError
+from llm_warden.plugins.tools.cases import CaseError, Outcome, load_policy, read_cases, run_case
+from llm_warden.proxy.errors import ConfigError
 
 _REASON_SHOWN = 300
 

@@ -17,12 +17,12 @@ from urllib.parse import urlparse
 
 import jsonschema_rs
 
-from plugins.tools.bounds import MAX_BYTES_LIMIT, MAX_DEPTH_LIMIT
-from plugins.tools.rules import ArgumentRule, RuleSet, build_rule_set
-from plugins.tools.schemas import compile_schema
-from plugins.tools.versions import Deprecation, Sunset, contract_id, default_function_name, parse_sunset
-from proxy.errors import ConfigError
-from proxy.gcra import Rate, parse_rate
+from llm_warden.plugins.tools.bounds import MAX_BYTES_LIMIT, MAX_DEPTH_LIMIT
+from llm_warden.plugins.tools.rules import ArgumentRule, RuleSet, build_rule_set
+from llm_warden.plugins.tools.schemas import compile_schema
+from llm_warden.plugins.tools.versions import Deprecation, Sunset, contract_id, default_function_name, parse_sunset
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.gcra import Rate, parse_rate
 
 __all__ = ["CompiledTool", "PolicyConfig", "ToolRegistry", "ToolSpec", "compile_schema"]
 
@@ -206,6 +206,11 @@ class PolicyConfig:
     approval_ttl_s: float = 3600.0
     """A pending approval expires this long after it was requested; an
     approved one must be used within this long after the approval."""
+    self_approval: bool = False
+    """Whether a reviewer may approve a call they asked for themselves (the
+    same tenant and subject): off by default, so an approval always takes a
+    second person (rule ``tools.approval.self``); denying one's own call is
+    always allowed."""
     state_backend: Literal["sqlite", "redis"] = "sqlite"
     """Where approvals and the read-only switch live: ``sqlite`` (``state_db``,
     one replica or several workers sharing the file) or ``redis`` (shared by

@@ -34,14 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from plugins.tools.canonical import call_key, fingerprint
-from plugins.tools.check import Passed, annotate, check_call, describe_failure, short
-from plugins.tools.config import CompiledTool, PolicyConfig, ToolRegistry
-from plugins.tools.policy import ModeState, quote
-from plugins.tools.schemas import validator_failure
-from plugins.tools.store import StateBackendDown, ToolStore
-from proxy.exchange import Decision, Exchange, ToolCall
-from proxy.gcra import MemoryGCRA
+from llm_warden.plugins.tools.canonical import call_key, fingerprint
+from llm_warden.plugins.tools.check import Passed, annotate, check_call, describe_failure, short
+from llm_warden.plugins.tools.config import CompiledTool, PolicyConfig, ToolRegistry
+from llm_warden.plugins.tools.policy import ModeState, quote
+from llm_warden.plugins.tools.schemas import validator_failure
+from llm_warden.plugins.tools.store import StateBackendDown, ToolStore
+from llm_warden.proxy.exchange import Decision, Exchange, ToolCall
+from llm_warden.proxy.gcra import MemoryGCRA
 
 log = logging.getLogger("warden.tools")
 

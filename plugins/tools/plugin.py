@@ -20,16 +20,17 @@ import re
 from collections import Counter
 from typing import Any
 
-from plugins.tools.admin import ToolsAdmin
-from plugins.tools.check import ToolPolicy, offer_failure
-from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
-from plugins.tools.judge import ExchangeState, ToolJudge
-from plugins.tools.policy import ModeState
-from plugins.tools.request import fence_tools, scan_history
-from plugins.tools.store import StateBackendDown, ToolStateStore, ToolStore
-from proxy.errors import BadRequest, ConfigError, ServiceUnavailable
-from proxy.exchange import Decision, Exchange, Principal, StateKey, ToolCall
-from proxy.plugin import Plugin, PluginContext
+from llm_warden.plugins.tools.admin import ToolsAdmin
+from llm_warden.plugins.tools.check import ToolPolicy, offer_failure
+from llm_warden.plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
+from llm_warden.plugins.tools.judge import ExchangeState, ToolJudge
+from llm_warden.plugins.tools.offer import offer
+from llm_warden.plugins.tools.policy import ModeState
+from llm_warden.plugins.tools.request import fence_tools, scan_history
+from llm_warden.plugins.tools.store import StateBackendDown, ToolStateStore, ToolStore
+from llm_warden.proxy.errors import BadRequest, ConfigError, ServiceUnavailable
+from llm_warden.proxy.exchange import Decision, Exchange, Principal, StateKey, ToolCall, ToolOffer
+from llm_warden.proxy.plugin import Plugin, PluginContext
 
 log = logging.getLogger("warden.tools")
 
@@ -95,7 +96,7 @@ class ToolsPlugin(Plugin):
     @classmethod
     def add_cli(cls, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         """``warden policy test CASES``."""
-        from plugins.tools.cli import add_cli
+        from llm_warden.plugins.tools.cli import add_cli
 
         add_cli(sub)
 
@@ -134,7 +135,7 @@ class ToolsPlugin(Plugin):
     def _make_store(self, ctx: PluginContext) -> ToolStore:
         """The store named by ``state_backend``."""
         if self.policy.state_backend == "redis":
-            from plugins.tools.redis_store import RedisToolStateStore
+            from llm_warden.plugins.tools.redis_store import RedisToolStateStore
 
             return RedisToolStateStore(self.policy.redis_url, self.policy.redis_key_prefix)
         return ToolStateStore(ctx.config.resolve_path(self.policy.state_db))
@@ -204,6 +205,11 @@ class ToolsPlugin(Plugin):
     def _set_registry(self, registry: ToolRegistry) -> None:
         self.registry = registry
         self.judge.registry = registry
+        if self._ctx is not None:
+            served = {s.name for s in self._ctx.config.mcp.servers}
+            for server in sorted(set(registry.servers) - served):
+                # Fail closed (its tools are refused like any undeclared one) but say so: most likely a typo.
+                log.warning("[[tools]] entries name server %r, which is not in [[mcp.servers]]: they govern nothing", server)
 
     @property
     def tool_policy(self) -> ToolPolicy:
@@ -335,8 +341,9 @@ class ToolsPlugin(Plugin):
                 self._state(ex).executed = hist.executed
 
     async def on_tool_call(self, ex: Exchange, call: ToolCall) -> Decision:
-        """Judge one complete tool call (see :mod:`plugins.tools.judge`)."""
-        return await self.judge_call(ex, call)
+        """Judge one complete tool call (see :mod:`plugins.tools.judge`): a chat function, or the
+        MCP gateway's call of ``call.server``'s tool."""
+        return await self.judge_call(ex, call, call.server)
 
     def offer_failure(self, principal: Principal | None, name: str, server: str | None = None) -> tuple[str, str] | None:
         """``(rule, why)`` when the tool ``name`` (of MCP server ``server``; ``None``: a chat function)
@@ -370,11 +377,16 @@ class ToolsPlugin(Plugin):
         of a retired version that the request phase withheld.
         """
         for rec in ex.tool_decisions:
-            tool = self.registry.get(rec.call.name)
+            tool = self.registry.resolve(rec.call.name, rec.call.server)
             if tool is None or tool.deprecation is None:
                 continue
             status = "retired" if rec.decision.rule == f"{tool.key}.deprecated" else "warned"
-            self.deprecated_calls[(tool.spec.name, tool.deprecation.version, status)] += 1
+            label = f"{tool.spec.server}/{tool.spec.name}" if tool.spec.server else tool.spec.name
+            self.deprecated_calls[(label, tool.deprecation.version, status)] += 1
+
+    def on_tool_offer(self, ex: Exchange, name: str, server: str) -> ToolOffer:
+        """Whether MCP server ``server``'s tool ``name`` may be shown to this principal (see :mod:`plugins.tools.offer`)."""
+        return offer(self.tool_policy, self.mode, ex.principal, name, server)
 
     async def on_response(self, ex: Exchange) -> None:
         """Add ``x-warden-tool-decisions`` summarising every verdict of the exchange."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from plugins.tools.config import CompiledTool
-from plugins.tools.store import ModeSetting
-from proxy.exchange import Principal
+from llm_warden.plugins.tools.config import CompiledTool
+from llm_warden.plugins.tools.store import ModeSetting
+from llm_warden.proxy.exchange import Principal
 
 
 def quote(name: str, limit: int = 64) -> str:

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import orjson
 
-from plugins.tools.store import Approval, ModeSetting, StateBackendDown, new_pending
+from llm_warden.plugins.tools.store import Approval, ModeSetting, StateBackendDown, new_pending
 
 log = logging.getLogger("warden.tools")
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import orjson
 
-from plugins.tools.canonical import NotCanonical, call_key, canonical_json
-from proxy.errors import BadRequest, Forbidden
+from llm_warden.plugins.tools.canonical import NotCanonical, call_key, canonical_json
+from llm_warden.proxy.errors import BadRequest, Forbidden
 
 DUPLICATE_QUOTE_BYTES = 1000
 

@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 import jsonschema_rs
 
-from plugins.tools.schemas import compile_schema, validator_failure
-from proxy.errors import ConfigError
-from proxy.exchange import Principal
+from llm_warden.plugins.tools.schemas import compile_schema, validator_failure
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.exchange import Principal
 
 _RULE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_MESSAGE_CHARS = 500

@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 import aiosqlite
 import orjson
 
-from proxy.errors import ServiceUnavailable
+from llm_warden.proxy.errors import ServiceUnavailable
 
 ApprovalStatus = Literal["pending", "approved", "denied", "consumed", "expired"]
 LIST_STATUSES = ("pending", "approved", "denied", "consumed", "expired", "all")

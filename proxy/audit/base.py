@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from proxy.errors import AuditUnavailable
-from proxy.exchange import Exchange
+from llm_warden.proxy.errors import AuditUnavailable
+from llm_warden.proxy.exchange import Exchange
 
 if TYPE_CHECKING:
-    from proxy.audit.reader import ChainProof
+    from llm_warden.proxy.audit.reader import ChainProof
 
 
 class AuditSink(Protocol):

@@ -72,7 +72,7 @@ def canonical(record: dict[str, object]) -> bytes:
     try:
         return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
     except TypeError:
-        from proxy.audit.redact import json_default
+        from llm_warden.proxy.audit.redact import json_default
 
         return orjson.dumps(record, option=CANONICAL_OPTS, default=json_default)
 

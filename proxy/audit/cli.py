@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
-from proxy.audit.reader import PgTarget, Reader, open_reader
-from proxy.errors import ConfigError
+from llm_warden.proxy.audit.reader import PgTarget, Reader, open_reader
+from llm_warden.proxy.errors import ConfigError
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -83,7 +83,7 @@ def _config(args: argparse.Namespace) -> Any:
     path = getattr(args, "config", None)
     if not path:
         return None
-    from proxy.config import load_config
+    from llm_warden.proxy.config import load_config
 
     return load_config(path)
 
@@ -342,7 +342,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         keys = [Path(k).read_text() if os.path.exists(k) else k for k in args.key]
     report: Any
     if isinstance(path, PgTarget):
-        from proxy.audit.pg_verify import verify_pg
+        from llm_warden.proxy.audit.pg_verify import verify_pg
 
         try:
             report = asyncio.run(verify_pg(path.dsn, keys=keys, checkpoint_file=checkpoint))
@@ -353,7 +353,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         if not path.exists():
             return _fail(f"audit database {path} does not exist")
-        from proxy.audit.verify import verify_db
+        from llm_warden.proxy.audit.verify import verify_db
 
         try:
             report = asyncio.run(verify_db(path, keys=keys, checkpoint_file=checkpoint))
@@ -370,7 +370,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from proxy.audit.replay import ReplayError, plan_replay, send, side_by_side
+    from llm_warden.proxy.audit.replay import ReplayError, plan_replay, send, side_by_side
 
     try:
         path = _db_path(args)
@@ -409,7 +409,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         except Exception as e:
             return _fail(f"replay request failed: {type(e).__name__}: {e}", 1)
         if args.json:
-            from proxy.audit.replay import tool_call_changes
+            from llm_warden.proxy.audit.replay import tool_call_changes
 
             print(
                 orjson.dumps(

@@ -6,8 +6,8 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.audit.base import AuditSink
-    from proxy.config import Config
+    from llm_warden.proxy.audit.base import AuditSink
+    from llm_warden.proxy.config import Config
 
 
 def build_audit(config: Config) -> AuditSink | None:
@@ -22,18 +22,18 @@ def build_audit(config: Config) -> AuditSink | None:
     if not a.enabled:
         return None
     if a.backend == "postgres":
-        from proxy.audit.postgres import PostgresAuditLog
+        from llm_warden.proxy.audit.postgres import PostgresAuditLog
 
         resolved = dataclasses.replace(
             a,
             signing_key_file=str(config.resolve_path(a.signing_key_file)) if a.signing_key_file else "",
             checkpoint_file=str(config.resolve_path(a.checkpoint_file)) if a.checkpoint_file else "",
         )
-        from proxy.secrets import secret_values
+        from llm_warden.proxy.secrets import secret_values
 
         return PostgresAuditLog(
             resolved, config.database, upstream_key=config.upstream.api_key, held_secrets=secret_values(config), provider=config.upstream.provider_name
         )
-    from proxy.audit.sqlite import build_audit as build_sqlite
+    from llm_warden.proxy.audit.sqlite import build_audit as build_sqlite
 
     return build_sqlite(config)

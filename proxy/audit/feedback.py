@@ -14,8 +14,8 @@ from __future__ import annotations
 import secrets
 from typing import Any, Protocol
 
-from proxy.errors import BadRequest, NotFound
-from proxy.exchange import Principal
+from llm_warden.proxy.errors import BadRequest, NotFound
+from llm_warden.proxy.exchange import Principal
 
 MAX_COMMENT = 4000
 MAX_CORRECTION = 32000

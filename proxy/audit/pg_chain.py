@@ -44,8 +44,8 @@ from typing import Any
 import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit.chain import genesis_hash, leaf_hash, make_checkpoint, verifier_key
-from proxy.audit.record import Prepared
+from llm_warden.proxy.audit.chain import genesis_hash, leaf_hash, make_checkpoint, verifier_key
+from llm_warden.proxy.audit.record import Prepared
 
 log = logging.getLogger("warden.audit")
 

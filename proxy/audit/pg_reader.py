@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from proxy.audit.reader import ChainProof, like_pattern
+from llm_warden.proxy.audit.reader import ChainProof, like_pattern
 
 _SELECT = "SELECT c.origin, r.chain_id, r.ts_us, r.seq, r.body FROM audit_records r JOIN audit_chains c USING (chain_id)"
 
@@ -27,7 +27,7 @@ class PgAuditReader:
     @classmethod
     async def open(cls, dsn: str) -> PgAuditReader:
         """A reader on a small pool of its own (for the CLI); refuses a schema this Warden does not know."""
-        from proxy.db.migrate import COMPONENTS, check_schema, latest_version
+        from llm_warden.proxy.db.migrate import COMPONENTS, check_schema, latest_version
 
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, server_settings={"application_name": "warden-audit-cli"})
         try:

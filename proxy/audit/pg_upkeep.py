@@ -16,10 +16,10 @@ from typing import Any
 import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit.chain import load_private_key
-from proxy.audit.pg_chain import Head, checkpoint, lock_key, publish_key, read_head, wall_us
-from proxy.config import AuditConfig
-from proxy.errors import ConfigError
+from llm_warden.proxy.audit.chain import load_private_key
+from llm_warden.proxy.audit.pg_chain import Head, checkpoint, lock_key, publish_key, read_head, wall_us
+from llm_warden.proxy.config import AuditConfig
+from llm_warden.proxy.errors import ConfigError
 
 log = logging.getLogger("warden.audit")
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import asyncpg
 
-from proxy.audit.chain import key_id, parse_verifier_key, public_bytes, read_checkpoint_file
-from proxy.audit.pg_chain import lock_key
-from proxy.audit.verify import KeyRing, Report, _b, check_chain, keyring
+from llm_warden.proxy.audit.chain import key_id, parse_verifier_key, public_bytes, read_checkpoint_file
+from llm_warden.proxy.audit.pg_chain import lock_key
+from llm_warden.proxy.audit.verify import KeyRing, Report, _b, check_chain, keyring
 
 
 @dataclass(slots=True)
@@ -115,7 +115,7 @@ async def verify_pg(dsn: str, *, keys: list[str] | None = None, checkpoint_file:
     stored ones).  ``checkpoint_file``: notes kept elsewhere, each compared
     with the chain its origin names.
     """
-    from proxy.db.migrate import COMPONENTS, check_schema, latest_version
+    from llm_warden.proxy.db.migrate import COMPONENTS, check_schema, latest_version
 
     out = StoreReport(redact_dsn(dsn))
     if keys is not None:

@@ -42,16 +42,16 @@ from typing import Any
 import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit import pg_chain, pg_upkeep
-from proxy.audit.base import ReaderQueries
-from proxy.audit.chain import append_checkpoint_file, verifier_key
-from proxy.audit.pg_chain import Appended, ChainMoved, Head
-from proxy.audit.pg_reader import PgAuditReader
-from proxy.audit.record import Prepared, Projector, RecordStageError
-from proxy.config import AuditConfig, DatabaseConfig
-from proxy.db.migrate import COMPONENTS, check_schema, latest_version
-from proxy.errors import AuditUnavailable, ConfigError
-from proxy.exchange import Exchange
+from llm_warden.proxy.audit import pg_chain, pg_upkeep
+from llm_warden.proxy.audit.base import ReaderQueries
+from llm_warden.proxy.audit.chain import append_checkpoint_file, verifier_key
+from llm_warden.proxy.audit.pg_chain import Appended, ChainMoved, Head
+from llm_warden.proxy.audit.pg_reader import PgAuditReader
+from llm_warden.proxy.audit.record import Prepared, Projector, RecordStageError
+from llm_warden.proxy.config import AuditConfig, DatabaseConfig
+from llm_warden.proxy.db.migrate import COMPONENTS, check_schema, latest_version
+from llm_warden.proxy.errors import AuditUnavailable, ConfigError
+from llm_warden.proxy.exchange import Exchange
 
 log = logging.getLogger("warden.audit")
 

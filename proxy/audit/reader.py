@@ -234,7 +234,7 @@ class PgTarget:
     dsn: str
 
     def __str__(self) -> str:
-        from proxy.audit.pg_verify import redact_dsn
+        from llm_warden.proxy.audit.pg_verify import redact_dsn
 
         return redact_dsn(self.dsn)
 
@@ -250,7 +250,7 @@ async def open_reader(target: Path | PgTarget) -> Reader:
         return await AuditReader.open(target)
     import asyncpg
 
-    from proxy.audit.pg_reader import PgAuditReader
+    from llm_warden.proxy.audit.pg_reader import PgAuditReader
 
     try:
         return await PgAuditReader.open(target.dsn)

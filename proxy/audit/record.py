@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from proxy.audit.chain import canonical
-from proxy.audit.redact import Redactor, scan_bytes
-from proxy.exchange import Exchange
+from llm_warden.proxy.audit.chain import canonical
+from llm_warden.proxy.audit.redact import Redactor, scan_bytes
+from llm_warden.proxy.exchange import Exchange
 
 if TYPE_CHECKING:
-    from proxy.config import AuditConfig
+    from llm_warden.proxy.config import AuditConfig
 
 ContentMode = Literal["full", "redacted", "hashes"]
 RECORD_VERSION = 1
@@ -244,6 +244,8 @@ class Projector:
                     "details": dec.details,
                 }
             )
+            if call.server is not None:
+                calls[-1]["server"] = call.server
             names.add(call.name)
             ids.append(call.id)
         response: dict[str, Any] = {"finish_reasons": list(ex.finish_reasons)}
@@ -296,6 +298,8 @@ class Projector:
         meta["request_headers"] = {k: v for k, v in ex.request_headers.items() if k.lower() not in _DROP_HEADERS}
         meta["response_headers"] = ex.response_headers
         meta["plugins"] = ex.plugin_fields
+        if ex.mcp is not None:
+            meta["mcp"] = ex.mcp
         if scrub:
             meta = _scrub(meta, 0)
         redactor = self.redactor

@@ -37,9 +37,9 @@ from typing import Any
 import orjson
 from ahocorasick_rs import AhoCorasick, BytesAhoCorasick, Implementation
 
-from proxy.audit.chain import canonical
-from proxy.errors import ConfigError
-from proxy.secrets import MIN_SECRET_CHARS
+from llm_warden.proxy.audit.chain import canonical
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.secrets import MIN_SECRET_CHARS
 
 try:
     import hyperscan

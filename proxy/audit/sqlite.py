@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 import aiosqlite
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit.base import ReaderQueries
-from proxy.audit.chain import (
+from llm_warden.proxy.audit.base import ReaderQueries
+from llm_warden.proxy.audit.chain import (
     append_checkpoint_file,
     genesis_hash,
     load_or_create_key,
@@ -48,19 +48,19 @@ from proxy.audit.chain import (
     repair_checkpoint_file,
     verifier_key,
 )
-from proxy.audit.liveness import LiveLock
-from proxy.audit.reader import AuditReader
-from proxy.audit.record import Prepared, Projector, RecordStageError
-from proxy.audit.upkeep import SCHEMA, file_sizes, forget_stale_writers, note_size, prune_delete, prune_mark, wall_us
-from proxy.audit.writer import AppendResult, WriterError, WriterGone
-from proxy.audit.writer_process import WriterProcess
-from proxy.config import AuditConfig
-from proxy.errors import AuditUnavailable, ConfigError
-from proxy.exchange import Exchange
+from llm_warden.proxy.audit.liveness import LiveLock
+from llm_warden.proxy.audit.reader import AuditReader
+from llm_warden.proxy.audit.record import Prepared, Projector, RecordStageError
+from llm_warden.proxy.audit.upkeep import SCHEMA, file_sizes, forget_stale_writers, note_size, prune_delete, prune_mark, wall_us
+from llm_warden.proxy.audit.writer import AppendResult, WriterError, WriterGone
+from llm_warden.proxy.audit.writer_process import WriterProcess
+from llm_warden.proxy.config import AuditConfig
+from llm_warden.proxy.errors import AuditUnavailable, ConfigError
+from llm_warden.proxy.exchange import Exchange
 
 if TYPE_CHECKING:
-    from proxy.audit.base import AuditSink
-    from proxy.config import Config
+    from llm_warden.proxy.audit.base import AuditSink
+    from llm_warden.proxy.config import Config
 
 log = logging.getLogger("warden.audit")
 
@@ -715,7 +715,7 @@ def build_audit(cfg: Config) -> AuditSink | None:
         signing_key_file=str(cfg.resolve_path(a.signing_key_file)) if a.signing_key_file else "",
         checkpoint_file=str(cfg.resolve_path(a.checkpoint_file)) if a.checkpoint_file else "",
     )
-    from proxy.secrets import secret_values
+    from llm_warden.proxy.secrets import secret_values
 
     return SQLiteAuditLog(
         resolved,

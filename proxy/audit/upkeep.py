@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from proxy.audit.chain import read_checkpoint_file
+from llm_warden.proxy.audit.chain import read_checkpoint_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from proxy.audit.chain import (
+from llm_warden.proxy.audit.chain import (
     Checkpoint,
     genesis_hash,
     key_id,
@@ -44,8 +44,8 @@ from proxy.audit.chain import (
     public_bytes,
     read_checkpoint_file,
 )
-from proxy.audit.liveness import writer_running
-from proxy.audit.reader import AuditReader
+from llm_warden.proxy.audit.liveness import writer_running
+from llm_warden.proxy.audit.reader import AuditReader
 
 Severity = Literal["fault", "warning", "info"]
 _MAX_FINDINGS = 200

@@ -63,10 +63,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit.chain import leaf_hash, make_checkpoint
+from llm_warden.proxy.audit.chain import leaf_hash, make_checkpoint
 
 if TYPE_CHECKING:
-    from proxy.audit.record import Prepared
+    from llm_warden.proxy.audit.record import Prepared
 
 log = logging.getLogger("warden.audit")
 

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit.chain import seed_bytes
-from proxy.audit.writer import AppendResult, WriterError, WriterGone, _split, append_parts, frame
+from llm_warden.proxy.audit.chain import seed_bytes
+from llm_warden.proxy.audit.writer import AppendResult, WriterError, WriterGone, _split, append_parts, frame
 
 if TYPE_CHECKING:
-    from proxy.audit.record import Prepared
+    from llm_warden.proxy.audit.record import Prepared
 
 log = logging.getLogger("warden.audit")
 
@@ -143,7 +143,7 @@ class WriterProcess:
             proc = await asyncio.to_thread(
                 subprocess.Popen,
                 # -P: ``-m`` would put the working directory first on sys.path (Warden's own start does not).
-                [sys.executable, "-P", "-m", "proxy.audit.writer", str(child.fileno())],
+                [sys.executable, "-P", "-m", "llm_warden.proxy.audit.writer", str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 env={**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},

@@ -25,14 +25,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.admin import ADMIN_KEY
-from proxy.console.render import SECURITY_HEADERS, esc, page
-from proxy.console.sessions import Session, Sessions
-from proxy.errors import WardenError
-from proxy.exchange import Principal
+from llm_warden.proxy.admin import ADMIN_KEY
+from llm_warden.proxy.console.render import SECURITY_HEADERS, esc, page
+from llm_warden.proxy.console.sessions import Session, Sessions
+from llm_warden.proxy.errors import WardenError
+from llm_warden.proxy.exchange import Principal
 
 if TYPE_CHECKING:
-    from proxy.app import Warden
+    from llm_warden.proxy.app import Warden
 
 COOKIE = "warden_console"
 LOGIN_COOKIE = "warden_console_login"
@@ -216,7 +216,7 @@ def path_quote(value: str) -> str:
 
 def add_console(app: web.Application, w: Warden, authenticate: Authenticate, sessions: Sessions | None = None) -> Console:
     """Register ``/console`` routes on the admin app."""
-    from proxy.console import audit_views, inbox, limits_view, replay_view, retrieval_views, signin
+    from llm_warden.proxy.console import audit_views, inbox, limits_view, replay_view, retrieval_views, signin
 
     console = Console(w, authenticate, sessions)
     app[CONSOLE_KEY] = console

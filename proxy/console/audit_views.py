@@ -10,17 +10,17 @@ from urllib.parse import urlencode
 import orjson
 from aiohttp import web
 
-from proxy.admin import admin_tenant
-from proxy.audit.base import ReaderQueries
-from proxy.audit.feedback import submit_feedback
-from proxy.console import error_page, html_response, path_quote, read_form, safe_id, see_other, session_of
-from proxy.console.chain_status import chain_html
-from proxy.console.render import csrf_field, esc, page, pretty, who
-from proxy.console.replay_view import replay_form
-from proxy.errors import WardenError
+from llm_warden.proxy.admin import admin_tenant
+from llm_warden.proxy.audit.base import ReaderQueries
+from llm_warden.proxy.audit.feedback import submit_feedback
+from llm_warden.proxy.console import error_page, html_response, path_quote, read_form, safe_id, see_other, session_of
+from llm_warden.proxy.console.chain_status import chain_html
+from llm_warden.proxy.console.render import csrf_field, esc, page, pretty, who
+from llm_warden.proxy.console.replay_view import replay_form
+from llm_warden.proxy.errors import WardenError
 
 if TYPE_CHECKING:
-    from proxy.console import Console
+    from llm_warden.proxy.console import Console
 
 PAGE = 50
 MODEL_SCAN = 1000

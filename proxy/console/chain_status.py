@@ -12,10 +12,10 @@ from __future__ import annotations
 import hmac
 import time
 
-from proxy.audit.chain import genesis_hash, leaf_hash, parse_checkpoint
-from proxy.audit.reader import ChainProof
-from proxy.audit.verify import keyring
-from proxy.console.render import esc
+from llm_warden.proxy.audit.chain import genesis_hash, leaf_hash, parse_checkpoint
+from llm_warden.proxy.audit.reader import ChainProof
+from llm_warden.proxy.audit.verify import keyring
+from llm_warden.proxy.console.render import esc
 
 
 def chain_findings(proof: ChainProof) -> list[tuple[str, str]]:

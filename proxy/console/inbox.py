@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from proxy.admin import admin_tenant
-from proxy.audit.record import Projector
-from proxy.audit.redact import Redactor
-from proxy.console import api_error, error_page, html_response, path_quote, read_form, safe_id, see_other, session_of
-from proxy.console.render import SECURITY_HEADERS, csrf_field, duration, esc, page, pretty, when, who
-from proxy.secrets import secret_values
+from llm_warden.proxy.admin import admin_tenant
+from llm_warden.proxy.audit.record import Projector
+from llm_warden.proxy.audit.redact import Redactor
+from llm_warden.proxy.console import api_error, error_page, html_response, path_quote, read_form, safe_id, see_other, session_of
+from llm_warden.proxy.console.render import SECURITY_HEADERS, csrf_field, duration, esc, page, pretty, when, who
+from llm_warden.proxy.secrets import secret_values
 
 if TYPE_CHECKING:
-    from proxy.console import Console
+    from llm_warden.proxy.console import Console
 
 MAX_COMMENT = 2000
 CONTEXT_MESSAGES = 4

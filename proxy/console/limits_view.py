@@ -7,12 +7,12 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from proxy.admin import admin_tenant
-from proxy.console import api_error, html_response, session_of
-from proxy.console.render import duration, esc, page, when
+from llm_warden.proxy.admin import admin_tenant
+from llm_warden.proxy.console import api_error, html_response, session_of
+from llm_warden.proxy.console.render import duration, esc, page, when
 
 if TYPE_CHECKING:
-    from proxy.console import Console
+    from llm_warden.proxy.console import Console
 
 FIELDS = ("tenant", "user", "model")
 

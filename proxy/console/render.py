@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from proxy.console.sessions import Session
+from llm_warden.proxy.console.sessions import Session
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from proxy.admin import admin_tenant
-from proxy.audit.replay import Answer, ReplayError, plan_replay, send, tool_call_changes
-from proxy.console import error_page, html_response, path_quote, read_form, safe_id, session_of
-from proxy.console.render import csrf_field, esc, page
+from llm_warden.proxy.admin import admin_tenant
+from llm_warden.proxy.audit.replay import Answer, ReplayError, plan_replay, send, tool_call_changes
+from llm_warden.proxy.console import error_page, html_response, path_quote, read_form, safe_id, session_of
+from llm_warden.proxy.console.render import csrf_field, esc, page
 
 if TYPE_CHECKING:
-    from proxy.console import Console
+    from llm_warden.proxy.console import Console
 
 MAX_MODEL = 128
 MAX_TURNS = 100

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from proxy.exchange import Principal
+from llm_warden.proxy.exchange import Principal
 
 MAX_SESSIONS = 1000
 """Sessions kept at once; signing in beyond this ends the oldest session."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from proxy.console import (
+from llm_warden.proxy.console import (
     COOKIE,
     LOGIN_COOKIE,
     html_response,
@@ -19,11 +19,11 @@ from proxy.console import (
     session_of,
     set_session_cookie,
 )
-from proxy.console.render import esc, page
-from proxy.errors import WardenError
+from llm_warden.proxy.console.render import esc, page
+from llm_warden.proxy.errors import WardenError
 
 if TYPE_CHECKING:
-    from proxy.console import Console
+    from llm_warden.proxy.console import Console
 
 MAX_CREDENTIAL = 16 * 1024
 

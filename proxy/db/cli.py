@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from proxy.errors import ConfigError
+from llm_warden.proxy.errors import ConfigError
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,14 +23,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def cmd_migrate(args: argparse.Namespace) -> int:
     import os
 
-    from proxy.db.migrate import registered_components
+    from llm_warden.proxy.db.migrate import registered_components
 
     components = registered_components()
     env = args.dsn_env
     if not env:
         env = "WARDEN_DATABASE_URL"
         if getattr(args, "config", None):
-            from proxy.config import load_config
+            from llm_warden.proxy.config import load_config
 
             env = load_config(args.config).database.dsn_env
     dsn = os.environ.get(env)
@@ -47,8 +47,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 async def _migrate(dsn: str, components: dict[str, Path]) -> int:
     import asyncpg
 
-    from proxy.audit.pg_verify import redact_dsn
-    from proxy.db.migrate import current_version, migrate
+    from llm_warden.proxy.audit.pg_verify import redact_dsn
+    from llm_warden.proxy.db.migrate import current_version, migrate
 
     for name, folder in components.items():
         try:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import asyncpg
 
-from proxy.errors import ConfigError
+from llm_warden.proxy.errors import ConfigError
 
 COMPONENTS: dict[str, Path] = {
     "audit": Path(__file__).resolve().parent.parent / "audit" / "migrations",
@@ -42,7 +42,7 @@ COMPONENTS: dict[str, Path] = {
 
 def registered_components() -> dict[str, Path]:
     """Every component's migrations folder: the core's (:data:`COMPONENTS`) and each installed plugin's (``Plugin.db_migrations``)."""
-    from proxy.plugin import available_plugins
+    from llm_warden.proxy.plugin import available_plugins
 
     out = dict(COMPONENTS)
     for cls in available_plugins().values():

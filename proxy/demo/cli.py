@@ -7,7 +7,7 @@ import asyncio
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from proxy.demo.walkthrough import demo_folder, run_demo
+    from llm_warden.proxy.demo.walkthrough import demo_folder, run_demo
 
     root = demo_folder(args.folder)
     remove = args.folder is None and not args.keep

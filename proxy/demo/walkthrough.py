@@ -38,12 +38,12 @@ import jwt
 import orjson
 from aiohttp import web
 
-from proxy.audit.reader import AuditReader
-from proxy.demo import content
-from proxy.demo.content import ALICE, BOB, DAVE, Person
-from proxy.demo.provider import LABEL, MODEL, DemoProvider
-from proxy.demo.provider import log as demo_log
-from proxy.logs import JSONFormatter
+from llm_warden.proxy.audit.reader import AuditReader
+from llm_warden.proxy.demo import content
+from llm_warden.proxy.demo.content import ALICE, BOB, DAVE, Person
+from llm_warden.proxy.demo.provider import LABEL, MODEL, DemoProvider
+from llm_warden.proxy.demo.provider import log as demo_log
+from llm_warden.proxy.logs import JSONFormatter
 
 START_TIMEOUT_S = 60.0
 
@@ -104,7 +104,7 @@ class Demo:
         return env
 
     def warden(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "proxy.cli", "--config", str(self.root / "warden.toml"), *args]
+        return [sys.executable, "-m", "llm_warden.proxy.cli", "--config", str(self.root / "warden.toml"), *args]
 
     async def cli(self, *args: str) -> tuple[int, str, str]:
         """Run ``warden --config <demo config> ARGS``; exit code, stdout, stderr."""

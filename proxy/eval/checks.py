@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema_rs
 import orjson
 
-from proxy.eval.cases import Case, ToolExpectation
+from llm_warden.proxy.eval.cases import Case, ToolExpectation
 
 
 @dataclass(slots=True)

@@ -17,10 +17,10 @@ from typing import Any
 import orjson
 import yaml
 
-from proxy.errors import ConfigError
-from proxy.eval.cases import CaseError, load_cases
-from proxy.eval.report import RunFileError, build_run, compare, compare_text, html_report, junit_xml, load_run
-from proxy.eval.runner import InProcessTarget, RemoteTarget, RunOptions, Target, run_cases
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.eval.cases import CaseError, load_cases
+from llm_warden.proxy.eval.report import RunFileError, build_run, compare, compare_text, html_report, junit_xml, load_run
+from llm_warden.proxy.eval.runner import InProcessTarget, RemoteTarget, RunOptions, Target, run_cases
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -75,6 +75,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--min-citation-coverage", type=float, default=0.9, help="objective: share of answers with retrieved context that cite it")
     p.add_argument("--max-invalid-citation-rate", type=float, default=0.02, help="objective: share of citations naming a document that was not injected")
     p.add_argument("--max-content-age-p95-days", type=float, help="objective: p95 age of served content in days (default: not checked)")
+    p.add_argument("--metrics-url", help="also the live standing of a running Warden: its admin listener's /metrics URL (targets from its [retrieval.slo])")
     p.add_argument("--json", action="store_true", help="print the standing as JSON")
     p.set_defaults(func=cmd_slo)
 
@@ -192,8 +193,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_redteam(args: argparse.Namespace) -> int:
-    from proxy.eval.corpus import CorpusUnavailable, load_agentdojo
-    from proxy.eval.redteam import build_suite, run_redteam
+    from llm_warden.proxy.eval.corpus import CorpusUnavailable, load_agentdojo
+    from llm_warden.proxy.eval.redteam import build_suite, run_redteam
 
     if args.concurrency < 1:
         return _fail("--concurrency must be at least 1")
@@ -225,8 +226,8 @@ def cmd_redteam(args: argparse.Namespace) -> int:
 
 def _over_audit(args: argparse.Namespace, query: Callable[[Any, int | None, int | None], Awaitable[Any]]) -> Any:
     """``query(reader, since, until)`` over the audit store of ``--db`` / the config; a string says why it could not run."""
-    from proxy.audit.cli import _db_path, parse_time
-    from proxy.audit.reader import open_reader
+    from llm_warden.proxy.audit.cli import _db_path, parse_time
+    from llm_warden.proxy.audit.reader import open_reader
 
     try:
         since, until = parse_time(args.since), parse_time(args.until)
@@ -247,30 +248,78 @@ def _over_audit(args: argparse.Namespace, query: Callable[[Any, int | None, int 
     return asyncio.run(go())
 
 
-def cmd_slo(args: argparse.Namespace) -> int:
-    from proxy.eval.slo import Targets, standing
+def _scrape(url: str) -> str:
+    """The text of a ``/metrics`` URL (http or https only; 10 s timeout)."""
+    import urllib.request
 
-    targets = Targets(args.min_citation_coverage, args.max_invalid_citation_rate, args.max_content_age_p95_days)
-    res = _over_audit(args, lambda reader, since, until: standing(reader, since, until, targets))
-    if isinstance(res, str):
-        return _fail(res)
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("--metrics-url must be an http:// or https:// URL")
+    with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - the scheme is checked above
+        body: bytes = r.read(64 * 1024 * 1024)
+    return body.decode("utf-8", "replace")
+
+
+_MARK = {True: "met", False: "MISSED"}
+
+
+def _print_audit_standing(res: dict[str, Any]) -> None:
+    pc, cc, ic, age = res["permission_correctness"], res["citation_coverage"], res["invalid_citation_rate"], res["content_age_days"]
+    mark = _MARK
+    print(f"permission correctness  {pc['correct']}/{pc['checked'] - pc['unverifiable']} verifiable injected documents allowed "
+          f"({pc['violation_count']} violations, {pc['unverifiable']} unverifiable), target 100 %: {mark[res['met']['permission_correctness']]}")
+    for v in pc["violations"][:20]:
+        print(f"  VIOLATION {v['request_id']}: {v['doc_id']}: {v['why']}")
+    print(f"citation coverage       {cc['covered']}/{cc['exchanges_with_context']} answers with context cite it, target {cc['target']:.0%}: {mark[res['met']['citation_coverage']]}")
+    print(f"invalid citations       {ic['invalid']}/{ic['citations']}, target at most {ic['target']:.0%}: {mark[res['met']['invalid_citation_rate']]}")
+    print(f"served-content age      p50 {age['p50']} d, p95 {age['p95']} d over {age['served']} injected chunks: {mark[res['met']['content_age']]}")
+
+
+def _print_live_standing(res: dict[str, Any]) -> None:
+    met = res["met"]
+    for stage in ("ingest_to_servable", "source_to_servable"):
+        f = res[f"freshness_{stage}"]
+        p95 = "-" if f["p95_s"] is None else f"{f['p95_s']:g} s"
+        print(f"freshness {stage.replace('_', ' '):<22} p95 {p95} over {f['observed']} document versions, target {f['target_p95_s']:g} s: {_MARK[met[f'freshness_{stage}']]}")
+    pc, cc, ic = res["permission_correctness"], res["citation_coverage"], res["invalid_citation_rate"]
+    print(f"permission correctness  {pc['checked'] - pc['violations']}/{pc['checked']} injected chunks re-checked ok ({pc['violations']} removed), "
+          f"target 100 %: {_MARK[met['permission_correctness']]}")
+    print(f"citation coverage       {cc['cited']}/{cc['answers_with_context']} answers with context cite it, target {cc['target']:.0%}: {_MARK[met['citation_coverage']]}")
+    print(f"invalid citations       {ic['invalid']}/{ic['citations']}, target at most {ic['target']:.0%}: {_MARK[met['invalid_citation_rate']]}")
+
+
+def cmd_slo(args: argparse.Namespace) -> int:
+    from llm_warden.proxy.eval.slo import Targets, metrics_standing, standing
+
+    live: dict[str, Any] | None = None
+    if args.metrics_url:
+        try:
+            live = metrics_standing(_scrape(args.metrics_url))
+        except (OSError, ValueError) as e:
+            return _fail(f"cannot read the standing from {args.metrics_url}: {e}")
+    res: dict[str, Any] | None = None
+    if live is None or args.db or args.config:
+        targets = Targets(args.min_citation_coverage, args.max_invalid_citation_rate, args.max_content_age_p95_days)
+        got = _over_audit(args, lambda reader, since, until: standing(reader, since, until, targets))
+        if isinstance(got, str):
+            return _fail(got)
+        res = got
     if args.json:
-        print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
+        doc = res if live is None else {"audit_log": res, "metrics": live}
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
     else:
-        pc, cc, ic, age = res["permission_correctness"], res["citation_coverage"], res["invalid_citation_rate"], res["content_age_days"]
-        mark = {True: "met", False: "MISSED"}
-        print(f"permission correctness  {pc['correct']}/{pc['checked'] - pc['unverifiable']} verifiable injected documents allowed "
-              f"({pc['violation_count']} violations, {pc['unverifiable']} unverifiable), target 100 %: {mark[res['met']['permission_correctness']]}")
-        for v in pc["violations"][:20]:
-            print(f"  VIOLATION {v['request_id']}: {v['doc_id']}: {v['why']}")
-        print(f"citation coverage       {cc['covered']}/{cc['exchanges_with_context']} answers with context cite it, target {cc['target']:.0%}: {mark[res['met']['citation_coverage']]}")
-        print(f"invalid citations       {ic['invalid']}/{ic['citations']}, target at most {ic['target']:.0%}: {mark[res['met']['invalid_citation_rate']]}")
-        print(f"served-content age      p50 {age['p50']} d, p95 {age['p95']} d over {age['served']} injected chunks: {mark[res['met']['content_age']]}")
-    return 0 if res["all_met"] else 1
+        if res is not None:
+            if live is not None:
+                print("From the audit log:")
+            _print_audit_standing(res)
+        if live is not None:
+            print(f"{'' if res is None else chr(10)}Live, from {args.metrics_url} (since that Warden started):")
+            _print_live_standing(live)
+    ok = (res is None or res["all_met"]) and (live is None or live["all_met"])
+    return 0 if ok else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from proxy.eval.export import export_cases
+    from llm_warden.proxy.eval.export import export_cases
 
     res = _over_audit(args, lambda reader, since, until: export_cases(reader, tenant=args.tenant, since=since, until=until, min_rating=args.min_rating))
     if isinstance(res, str):

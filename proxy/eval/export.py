@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.eval.cases import Case, CasePrincipal, Expect, ToolExpectation, parse_case
+from llm_warden.proxy.eval.cases import Case, CasePrincipal, Expect, ToolExpectation, parse_case
 
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._:\-]")
 

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.content import content_text
+from llm_warden.proxy.content import content_text
 
 _ids = itertools.count(1)
 

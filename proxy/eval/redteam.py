@@ -41,10 +41,10 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from proxy.eval.cases import AnswerChecks, Case, CasePrincipal, Expect, Refusal, ToolExpectation
-from proxy.eval.corpus import MODEL_NAME, USER_NAME, Corpus, CorpusTool, Injection
-from proxy.eval.obedient import Instruction, ObedientModel
-from proxy.eval.runner import CaseResult, InProcessTarget, RunOptions, run_cases
+from llm_warden.proxy.eval.cases import AnswerChecks, Case, CasePrincipal, Expect, Refusal, ToolExpectation
+from llm_warden.proxy.eval.corpus import MODEL_NAME, USER_NAME, Corpus, CorpusTool, Injection
+from llm_warden.proxy.eval.obedient import Instruction, ObedientModel
+from llm_warden.proxy.eval.runner import CaseResult, InProcessTarget, RunOptions, run_cases
 
 OWASP = {
     "LLM01": "Prompt Injection",

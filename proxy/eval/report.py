@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from proxy.eval.runner import CaseResult
+from llm_warden.proxy.eval.runner import CaseResult
 
 FORMAT = "warden-eval-run/1"
 

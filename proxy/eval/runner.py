@@ -38,10 +38,10 @@ import aiohttp
 import jwt
 import orjson
 
-from proxy.config import Config, load_config
-from proxy.errors import ConfigError
-from proxy.eval.cases import Case, CasePrincipal
-from proxy.eval.checks import CheckResult, Outcome, score
+from llm_warden.proxy.config import Config, load_config
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.eval.cases import Case, CasePrincipal
+from llm_warden.proxy.eval.checks import CheckResult, Outcome, score
 
 RECORD_WAIT_S = 5.0
 """How long the runner waits for an exchange's record to be readable (``durability = "batch"`` commits in groups)."""
@@ -136,10 +136,10 @@ class InProcessTarget:
     @classmethod
     async def start(cls, source: str | Path | dict[str, Any], base_dir: Path | None = None) -> InProcessTarget:
         """Start from a config file (or a parsed table, relative paths under ``base_dir``)."""
-        from proxy.app import Warden
-        from proxy.audit.factory import build_audit
-        from proxy.plugin import available_plugins
-        from proxy.testing import RunningWarden
+        from llm_warden.proxy.app import Warden
+        from llm_warden.proxy.audit.factory import build_audit
+        from llm_warden.proxy.plugin import available_plugins
+        from llm_warden.proxy.testing import RunningWarden
 
         classes = available_plugins()
         cfg, priv, tmp = await asyncio.to_thread(_prepare, source, base_dir, classes)
@@ -193,7 +193,7 @@ class RemoteTarget:
     @classmethod
     async def open(cls, url: str, config: str, signing_key: bytes | None, audit_db: str | None) -> RemoteTarget:
         """``signing_key``: the PEM of the private key whose public half Warden trusts (``None``: the dev HS256 secret)."""
-        from proxy.audit.reader import PgTarget, open_reader
+        from llm_warden.proxy.audit.reader import PgTarget, open_reader
 
         cfg = load_config(config)
         key = signing_key

@@ -41,7 +41,8 @@ def acl_allows(acl: dict[str, Any], subject: str, groups: set[str]) -> bool:
     return bool(acl.get("public")) or subject in (acl.get("allow_users") or []) or bool(groups & set(acl.get("allow_groups") or []))
 
 
-def _ts_of(value: Any) -> float | None:
+def iso_timestamp(value: Any) -> float | None:
+    """Epoch seconds of an ISO 8601 date or date-time (UTC when it names no zone); ``None`` when it is not one."""
     if not isinstance(value, str) or not value:
         return None
     try:
@@ -108,7 +109,7 @@ async def standing(reader: Any, since: int | None, until: int | None, targets: T
             else:
                 correct += 1
         for r in injected:
-            updated = _ts_of(r.get("updated_at"))
+            updated = iso_timestamp(r.get("updated_at"))
             if updated is not None:
                 ages.append(max(0.0, ts / 1e6 - updated) / 86400)
     verifiable = checked - unverifiable
@@ -132,3 +133,83 @@ async def standing(reader: Any, since: int | None, until: int | None, targets: T
         "met": met,
         "all_met": all(met.values()),
     }
+
+
+# -- the live standing, from a running Warden's /metrics -------------------------------------
+
+_FRESHNESS = "warden_retrieval_freshness_seconds"
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The ``q`` quantile of cumulative histogram buckets ``(le, count)`` as Prometheus' ``histogram_quantile`` interpolates it."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    prev_le, prev_n = 0.0, 0.0
+    for le, n in buckets:
+        if n >= rank:
+            if le == float("inf"):
+                return prev_le  # beyond the largest finite bucket: its bound is all that is known
+            return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 0.0)
+        prev_le, prev_n = le, n
+    return prev_le
+
+
+def metrics_standing(text: str) -> dict[str, Any]:
+    """The SLO standing since the scraped Warden started: its counters and histograms and the targets it exports.
+
+    Raises ``ValueError`` when ``text`` is not Prometheus' text format or the
+    Warden runs without the retrieval plugin (no ``warden_retrieval_slo_target``).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    targets: dict[str, float] = {}
+    checks = {"ok": 0.0, "violation": 0.0}
+    answers = {"yes": 0.0, "no": 0.0}
+    cites = {"true": 0.0, "false": 0.0}
+    fresh: dict[str, list[tuple[float, float]]] = {"ingest_to_servable": [], "source_to_servable": []}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            lab = s.labels
+            if s.name == "warden_retrieval_slo_target":
+                targets[lab.get("objective", "")] = s.value
+            elif s.name == "warden_retrieval_permission_checks_total" and lab.get("result") in checks:
+                checks[lab["result"]] += s.value
+            elif s.name == "warden_retrieval_answers_total" and lab.get("cited") in answers:
+                answers[lab["cited"]] += s.value
+            elif s.name == "warden_citations_total" and lab.get("valid") in cites:
+                cites[lab["valid"]] += s.value
+            elif s.name == f"{_FRESHNESS}_bucket" and lab.get("stage") in fresh:
+                fresh[lab["stage"]].append((float(lab["le"]), s.value))
+    if not targets:
+        raise ValueError("the metrics have no warden_retrieval_slo_target: is the retrieval plugin enabled on that Warden?")
+    out: dict[str, Any] = {}
+    met: dict[str, bool] = {}
+    for stage, buckets in fresh.items():
+        key = f"{stage}_p95_seconds"
+        p95 = _quantile(buckets, 0.95)
+        target = targets.get(key)
+        n = max((c for _, c in buckets), default=0.0)
+        out[f"freshness_{stage}"] = {"observed": int(n), "p95_s": None if p95 is None else round(p95, 3), "target_p95_s": target}
+        met[f"freshness_{stage}"] = p95 is None or target is None or p95 <= target
+    checked = checks["ok"] + checks["violation"]
+    ratio = checks["ok"] / checked if checked else None
+    out["permission_correctness"] = {"checked": int(checked), "violations": int(checks["violation"]),
+                                     "ratio": None if ratio is None else round(ratio, 6), "target": targets.get("permission_correctness", 1.0)}
+    met["permission_correctness"] = checks["violation"] == 0
+    with_context = answers["yes"] + answers["no"]
+    coverage = answers["yes"] / with_context if with_context else None
+    target = targets.get("citation_coverage")
+    out["citation_coverage"] = {"answers_with_context": int(with_context), "cited": int(answers["yes"]),
+                                "ratio": None if coverage is None else round(coverage, 4), "target": target}
+    met["citation_coverage"] = coverage is None or target is None or coverage >= target
+    total = cites["true"] + cites["false"]
+    invalid = cites["false"] / total if total else None
+    target = targets.get("invalid_citation_rate")
+    out["invalid_citation_rate"] = {"citations": int(total), "invalid": int(cites["false"]),
+                                    "ratio": None if invalid is None else round(invalid, 4), "target": target}
+    met["invalid_citation_rate"] = invalid is None or target is None or invalid <= target
+    out["met"] = met
+    out["all_met"] = all(met.values())
+    return out

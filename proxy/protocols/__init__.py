@@ -11,11 +11,12 @@ the internal representation.
 
 from __future__ import annotations
 
-from proxy.protocols.anthropic import AnthropicMessages
-from proxy.protocols.anthropic_count import AnthropicCountTokens
-from proxy.protocols.base import Bounds, Protocol, StreamRenderer
-from proxy.protocols.openai_chat import OpenAIChat, OpenAIRelay
-from proxy.protocols.openai_responses import OpenAIResponses
+from llm_warden.proxy.protocols.anthropic import AnthropicMessages
+from llm_warden.proxy.protocols.anthropic_count import AnthropicCountTokens
+from llm_warden.proxy.protocols.base import Bounds, Protocol, StreamRenderer
+from llm_warden.proxy.protocols.mcp import MCP_PATH, McpProtocol
+from llm_warden.proxy.protocols.openai_chat import OpenAIChat, OpenAIRelay
+from llm_warden.proxy.protocols.openai_responses import OpenAIResponses
 
 __all__ = ["Bounds", "Protocol", "StreamRenderer", "adapter_for", "protocol_for_path", "ANTHROPIC_PATH"]
 
@@ -23,7 +24,7 @@ ANTHROPIC_PATH = "/v1/messages"
 """The Messages API's path; it and every path below it answer in Anthropic's format."""
 
 _RELAY = OpenAIRelay()
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (OpenAIChat(), AnthropicMessages(), AnthropicCountTokens(), OpenAIResponses())}
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (OpenAIChat(), AnthropicMessages(), AnthropicCountTokens(), OpenAIResponses(), McpProtocol())}
 """Adapters by ``Exchange.protocol``; every other protocol (embeddings, models, feedback, pass-through) is OpenAI-format."""
 
 
@@ -36,4 +37,6 @@ def protocol_for_path(path: str) -> str:
     """The protocol a request's errors are rendered in before it is routed (by its raw path)."""
     if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
         return AnthropicMessages.name
+    if path == MCP_PATH or path.startswith(MCP_PATH + "/"):
+        return McpProtocol.name
     return OpenAIChat.name

@@ -30,14 +30,14 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import BadRequest, Unauthorized, WardenError
-from proxy.exchange import Exchange
-from proxy.headers import safe_text
-from proxy.protocols.anthropic_request import translate
-from proxy.protocols.base import Bounds, Protocol, StreamRenderer
-from proxy.protocols.common import MAX_TRANSLATED_DEPTH, adopt, checked_completion, first_choices, translate_body
-from proxy.protocols.common import calls_of as _calls_of
-from proxy.protocols.common import text_of as _text_of
+from llm_warden.proxy.errors import BadRequest, Unauthorized, WardenError
+from llm_warden.proxy.exchange import Exchange
+from llm_warden.proxy.headers import safe_text
+from llm_warden.proxy.protocols.anthropic_request import translate
+from llm_warden.proxy.protocols.base import Bounds, Protocol, StreamRenderer
+from llm_warden.proxy.protocols.common import MAX_TRANSLATED_DEPTH, adopt, checked_completion, first_choices, translate_body
+from llm_warden.proxy.protocols.common import calls_of as _calls_of
+from llm_warden.proxy.protocols.common import text_of as _text_of
 
 NAME = "anthropic.messages"
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import BadRequest
-from proxy.exchange import Exchange
-from proxy.protocols.anthropic import AnthropicMessages
-from proxy.protocols.base import Bounds
+from llm_warden.proxy.errors import BadRequest
+from llm_warden.proxy.exchange import Exchange
+from llm_warden.proxy.protocols.anthropic import AnthropicMessages
+from llm_warden.proxy.protocols.base import Bounds
 
 NAME = "anthropic.count_tokens"
 FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking"})

@@ -32,17 +32,17 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import BadRequest
-from proxy.protocols.base import Bounds
-from proxy.protocols.common import ID as _ID
-from proxy.protocols.common import MAX_TOKENS_LIMIT, function_tool
-from proxy.protocols.common import TOOL_NAME as _TOOL_NAME
-from proxy.protocols.common import field_name as _name
-from proxy.protocols.common import known_keys as _known_keys
-from proxy.protocols.common import number as _number
-from proxy.protocols.common import schema_error as _schema
-from proxy.protocols.common import string as _string
-from proxy.protocols.common import unsupported as _unsupported
+from llm_warden.proxy.errors import BadRequest
+from llm_warden.proxy.protocols.base import Bounds
+from llm_warden.proxy.protocols.common import ID as _ID
+from llm_warden.proxy.protocols.common import MAX_TOKENS_LIMIT, function_tool
+from llm_warden.proxy.protocols.common import TOOL_NAME as _TOOL_NAME
+from llm_warden.proxy.protocols.common import field_name as _name
+from llm_warden.proxy.protocols.common import known_keys as _known_keys
+from llm_warden.proxy.protocols.common import number as _number
+from llm_warden.proxy.protocols.common import schema_error as _schema
+from llm_warden.proxy.protocols.common import string as _string
+from llm_warden.proxy.protocols.common import unsupported as _unsupported
 
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.errors import WardenError
-from proxy.exchange import Exchange
+from llm_warden.proxy.errors import BadRequest, WardenError
+from llm_warden.proxy.exchange import Exchange
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +105,10 @@ class Protocol(ABC):
         not the client's bytes).  Raises a ``WardenError`` naming its rule
         (400 ``request.schema``, ``protocol.unsupported``...).
         """
+
+    def not_an_object(self, body: Any) -> WardenError:
+        """The refusal of a body that is JSON but not an object (400 ``request.json`` unless the API names it)."""
+        return BadRequest("request body must be a JSON object", rule="request.json")
 
     @abstractmethod
     def render(self, ex: Exchange, status: int, body: bytes) -> bytes:

@@ -13,11 +13,11 @@ from typing import Any, TypeVar
 
 import orjson
 
-from proxy import wire
-from proxy.errors import BadRequest, WardenError
-from proxy.exchange import Exchange
-from proxy.jsonbounds import depth_exceeds
-from proxy.protocols.openai_chat import check_model
+from llm_warden.proxy import wire
+from llm_warden.proxy.errors import BadRequest, WardenError
+from llm_warden.proxy.exchange import Exchange
+from llm_warden.proxy.jsonbounds import depth_exceeds
+from llm_warden.proxy.protocols.openai_chat import check_model
 
 T = TypeVar("T")
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
-from proxy import sse
-from proxy.errors import BadRequest, WardenError, error_body
-from proxy.exchange import Exchange
-from proxy.protocols.base import Bounds, Protocol, StreamRenderer
+from llm_warden.proxy import sse
+from llm_warden.proxy.errors import BadRequest, WardenError, error_body
+from llm_warden.proxy.exchange import Exchange
+from llm_warden.proxy.protocols.base import Bounds, Protocol, StreamRenderer
 
 MAX_MODEL_CHARS = 256
 

@@ -34,12 +34,20 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import WardenError
-from proxy.exchange import CITATION_MARKER, Exchange, StateKey
-from proxy.protocols.base import Bounds, StreamRenderer
-from proxy.protocols.common import MAX_TRANSLATED_DEPTH, adopt, calls_of, checked_completion, first_choices, text_of, translate_body
-from proxy.protocols.openai_chat import OpenAIRelay
-from proxy.protocols.responses_request import ResponsesRequest, translate
+from llm_warden.proxy.errors import WardenError
+from llm_warden.proxy.exchange import CITATION_MARKER, Exchange, StateKey
+from llm_warden.proxy.protocols.base import Bounds, StreamRenderer
+from llm_warden.proxy.protocols.common import (
+    MAX_TRANSLATED_DEPTH,
+    adopt,
+    calls_of,
+    checked_completion,
+    first_choices,
+    text_of,
+    translate_body,
+)
+from llm_warden.proxy.protocols.openai_chat import OpenAIRelay
+from llm_warden.proxy.protocols.responses_request import ResponsesRequest, translate
 
 NAME = "openai.responses"
 REQUEST = StateKey("openai.responses", ResponsesRequest)

@@ -38,9 +38,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.errors import BadRequest
-from proxy.protocols.base import Bounds
-from proxy.protocols.common import (
+from llm_warden.proxy.errors import BadRequest
+from llm_warden.proxy.protocols.base import Bounds
+from llm_warden.proxy.protocols.common import (
     ID,
     MAX_TOKENS_LIMIT,
     TOOL_NAME,

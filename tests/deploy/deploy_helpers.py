@@ -139,7 +139,7 @@ class CheckedConfig:
 
 def check_config(text: str) -> CheckedConfig:
     """Validate a deploy config.toml with ``proxy.config.load_config`` (unknown sections and plugins fail)."""
-    from proxy.config import load_config
+    from llm_warden.proxy.config import load_config
 
     raw = tomllib.loads(text)
     return CheckedConfig(load_config(raw), raw)

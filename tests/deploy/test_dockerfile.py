@@ -186,6 +186,7 @@ def in_context(rel: str) -> bool:
 
 def test_dockerignore_matcher() -> None:
     assert in_context("proxy/config.py") and in_context("pyproject.toml") and in_context("deploy/config.toml")
+    assert in_context(".pkg/llm_warden/__init__.py") and in_context(".pkg/llm_warden/proxy")
     assert not in_context("tests/conftest.py") and not in_context(".git/HEAD") and not in_context(".venv/bin/python")
     assert not in_context("proxy/__pycache__/config.cpython-311.pyc")
     assert not in_context("deploy/kubernetes/base/kustomization.yaml")
@@ -207,7 +208,7 @@ def context_files() -> list[Path]:
     out = []
     for p in REPO.rglob("*"):
         rel = p.relative_to(REPO)
-        if rel.parts[0] in skip or not p.is_file():
+        if rel.parts[0] in skip or not (p.is_file() or p.is_symlink()):
             continue
         if in_context(rel.as_posix()):
             out.append(rel)
@@ -221,7 +222,10 @@ def test_context_builds_a_complete_wheel(tmp_path: Path) -> None:
     for rel in context_files():
         dest = ctx / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dest)
+        if (REPO / rel).is_symlink():  # .pkg/llm_warden/{proxy,plugins}: the installed package's links to the folders
+            dest.symlink_to((REPO / rel).readlink())
+        else:
+            shutil.copy2(REPO / rel, dest)
     out = tmp_path / "wheels"
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out), str(ctx)],
@@ -241,7 +245,8 @@ def test_context_builds_a_complete_wheel(tmp_path: Path) -> None:
     for plugin, target in project.get("entry-points", {}).get("warden.plugins", {}).items():
         assert f"{plugin} = {target}" in entry_points
     for src in [*REPO.glob("proxy/**/*.py"), *REPO.glob("plugins/**/*.py")]:
-        assert src.relative_to(REPO).as_posix() in names, f"{src.relative_to(REPO)} missing from the wheel"
+        assert f"llm_warden/{src.relative_to(REPO).as_posix()}" in names, f"{src.relative_to(REPO)} missing from the wheel"
+    assert not [n for n in names if n.split("/")[0] in ("proxy", "plugins")], "the wheel claims a generic top-level name"
 
 
 # ------------------------------------------------------------------ hadolint

@@ -346,7 +346,7 @@ def test_adapted_deploy_config_loads(tmp_path: Path) -> None:
     fake = FakeProvider()
     fake.port = 1
     adapted = adapt_deploy_config(tmp_path, fake)
-    from proxy.config import load_config
+    from llm_warden.proxy.config import load_config
 
     cfg = load_config(adapted.path)
     assert cfg.audit.enabled

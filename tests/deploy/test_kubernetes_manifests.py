@@ -11,7 +11,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from proxy.config import parse_hostport
+from llm_warden.proxy.config import parse_hostport
 from tests.deploy.deploy_helpers import (
     DEPLOY,
     KUBERNETES,
@@ -359,7 +359,7 @@ def test_grace_period_covers_wardens_exit_bound(rendered: Rendered) -> None:
     """Warden exits at most drain_s + EXIT_MARGIN_S after SIGTERM (proxy/serve.py); the kubelet's
     SIGKILL at terminationGracePeriodSeconds must come after that, the preStop sleeps (the app's,
     then Warden's: native sidecars stop after the app) and the app's own shutdown."""
-    from proxy.serve import EXIT_MARGIN_S
+    from llm_warden.proxy.serve import EXIT_MARGIN_S
 
     cfg = check_config(rendered.config_text).config
     pod = rendered.pod

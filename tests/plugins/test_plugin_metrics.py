@@ -8,8 +8,8 @@ from typing import Any
 import aiohttp
 import openai
 
-from proxy.config import MetricsConfig
-from proxy.metrics import Metrics
+from llm_warden.proxy.config import MetricsConfig
+from llm_warden.proxy.metrics import Metrics
 from tests.conftest import ADMIN_TOKEN, deep_merge
 from tests.fakeprovider import FakeProvider, Reply
 
@@ -21,6 +21,10 @@ PLUGIN_METRICS = {
     "warden_ratelimit_decisions": "counter",
     "warden_retrieval_index_documents": "gauge",
     "warden_retrieval_index_staleness_seconds": "gauge",
+    "warden_retrieval_freshness_seconds": "histogram",
+    "warden_retrieval_permission_checks": "counter",
+    "warden_retrieval_answers": "counter",
+    "warden_retrieval_slo_target": "gauge",
 }
 """What the tools, limits and retrieval plugins define (the dashboard and alert rules read them)."""
 

@@ -17,7 +17,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.audit.verify import verify_db
+from llm_warden.proxy.audit.verify import verify_db
 from tests.conftest import WardenFactory
 from tests.fakeprovider import FakeProvider
 from tests.proxy.test_governed import raw_request

@@ -16,9 +16,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.auth import Authenticator
-from proxy.config import AuthConfig
-from proxy.errors import ConfigError, Unauthorized
+from llm_warden.proxy.auth import Authenticator
+from llm_warden.proxy.config import AuthConfig
+from llm_warden.proxy.errors import ConfigError, Unauthorized
 from tests.conftest import AUDIENCE, ISSUER, Keys, make_token
 
 
@@ -158,7 +158,7 @@ def test_config_refuses_short_hs_secret_and_mixing(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("SHORT_SECRET", "too-short")
     with pytest.raises(ConfigError, match="at least 32 bytes"):
         Authenticator(AuthConfig(algorithms=["HS256"], issuer="i", audience="a", hs256_secret_env="SHORT_SECRET"))
-    from proxy.config import load_config
+    from llm_warden.proxy.config import load_config
 
     with pytest.raises(ConfigError, match="cannot be mixed"):
         load_config({"auth": {"algorithms": ["HS256", "RS256"], "issuer": "i", "audience": "a", "public_key_file": "k.pem"}}, {})
@@ -187,7 +187,7 @@ async def test_es256_and_hs256_work_when_configured(tmp_path: Path, monkeypatch:
 async def test_jwks_refetch_on_unknown_kid_is_rate_limited(rsa_keys: Keys) -> None:
     from aiohttp import web
 
-    from proxy.auth import JWKSCache  # noqa: F401  (the cache under test)
+    from llm_warden.proxy.auth import JWKSCache  # noqa: F401  (the cache under test)
 
     pub = serialization.load_pem_public_key(rsa_keys.public_pem)
     jwk = orjson.loads(jwt.algorithms.RSAAlgorithm.to_jwk(pub))  # type: ignore[arg-type]

@@ -51,10 +51,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
-from proxy.auth import Authenticator
-from proxy.config import AuthConfig
-from proxy.errors import Unauthorized
-from proxy.exchange import Principal
+from llm_warden.proxy.auth import Authenticator
+from llm_warden.proxy.config import AuthConfig
+from llm_warden.proxy.errors import Unauthorized
+from llm_warden.proxy.exchange import Principal
 
 ISS = "https://issuer.fuzz"
 AUD = "warden-fuzz"

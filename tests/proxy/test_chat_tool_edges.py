@@ -13,8 +13,8 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.exchange import Decision, Exchange, ToolCall
-from proxy.plugin import Plugin
+from llm_warden.proxy.exchange import Decision, Exchange, ToolCall
+from llm_warden.proxy.plugin import Plugin
 from tests.fakeprovider import FakeProvider, Reply
 
 BODY: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
@@ -118,7 +118,7 @@ async def test_streamed_deltas_without_index_are_assembled(rw: Any, token: Any, 
 
 async def test_streamed_tool_calls_are_bounded(rw: Any, token: Any, fake: FakeProvider) -> None:
     """A provider cannot make Warden hold an unbounded number of streamed calls."""
-    from proxy.tooling import MAX_STREAMED_CALLS
+    from llm_warden.proxy.tooling import MAX_STREAMED_CALLS
 
     events = [_chunk({"role": "assistant", "content": ""})]
     events += [_chunk({"tool_calls": [{"index": i, "id": f"c{i}", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}) for i in range(MAX_STREAMED_CALLS + 5)]

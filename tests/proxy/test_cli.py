@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import CONFIG_OPTIONAL, _parsers, build_parser, main
+from llm_warden.proxy.cli import CONFIG_OPTIONAL, _parsers, build_parser, main
 
 
 def _env() -> dict[str, str]:
@@ -49,7 +49,7 @@ def test_help_shows_descriptions_and_defaults(argv: list[str], expected: str, ca
 @pytest.mark.parametrize("argv", [["ingest", "docs", "--tenant", "acme", "--public"], ["serve"], ["search", "q", "--tenant", "a", "--user", "u"],
                                   ["index", "status"], ["check-config"], ["token", "--tenant", "a", "--user", "u"]])
 def test_a_command_that_reads_the_config_says_what_to_pass_and_writes_nothing(argv: list[str], tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-m", "proxy.cli", *argv], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-m", "llm_warden.proxy.cli", *argv], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert f"warden {argv[0]}: needs the config file: pass --config PATH" in run.stderr and "WARDEN_CONFIG" in run.stderr
     assert run.stdout == "" and list(tmp_path.iterdir()) == []
@@ -64,7 +64,7 @@ def test_config_optional_commands_are_the_ones_that_have_another_source() -> Non
 def test_warden_config_from_the_environment_is_used(tmp_path: Path) -> None:
     cfg = tmp_path / "w.toml"
     cfg.write_text('[server]\nlisten = "127.0.0.1:1"\n')
-    run = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config"], cwd=tmp_path, env={**_env(), "WARDEN_CONFIG": str(cfg)},
+    run = subprocess.run([sys.executable, "-m", "llm_warden.proxy.cli", "check-config"], cwd=tmp_path, env={**_env(), "WARDEN_CONFIG": str(cfg)},
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert f"{cfg}: ok" in run.stdout
@@ -74,7 +74,7 @@ def test_a_config_error_is_printed_once(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[server]\nbogus = 1\n")
     for argv in (["check-config"], ["serve"]):
-        run = subprocess.run([sys.executable, "-m", "proxy.cli", "--config", str(cfg), *argv], cwd=tmp_path, env=_env(),
+        run = subprocess.run([sys.executable, "-m", "llm_warden.proxy.cli", "--config", str(cfg), *argv], cwd=tmp_path, env=_env(),
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 2
         assert run.stderr.count("server.bogus") == 1, run.stderr

@@ -12,10 +12,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.cli import main
-from proxy.demo import content
-from proxy.demo.provider import DemoProvider
-from proxy.testing import RunningWarden
+from llm_warden.proxy.cli import main
+from llm_warden.proxy.demo import content
+from llm_warden.proxy.demo.provider import DemoProvider
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 
 ADMIN_TOKEN = "admin-token-for-the-cli-tests-0123456789"

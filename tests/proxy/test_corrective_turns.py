@@ -12,8 +12,8 @@ import openai
 import orjson
 import pytest
 
-from proxy.exchange import Decision, Exchange, ToolCall
-from proxy.plugin import Plugin
+from llm_warden.proxy.exchange import Decision, Exchange, ToolCall
+from llm_warden.proxy.plugin import Plugin
 from tests.fakeprovider import FakeProvider, Reply
 
 

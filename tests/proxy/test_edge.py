@@ -18,10 +18,10 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.config import ServerConfig, load_config
-from proxy.edge import Listener, parse_error, start_listener
-from proxy.errors import ConfigError
-from proxy.testing import RunningWarden
+from llm_warden.proxy.config import ServerConfig, load_config
+from llm_warden.proxy.edge import Listener, parse_error, start_listener
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 

@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.edge import edge_error_body, target_path
-from proxy.errors import WardenError
+from llm_warden.proxy.edge import edge_error_body, target_path
+from llm_warden.proxy.errors import WardenError
 from tests.proxy.test_edge import (
     MARK,
     TOKEN,

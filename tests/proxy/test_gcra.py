@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.gcra import MemoryGCRA, Rate, parse_rate
+from llm_warden.proxy.gcra import MemoryGCRA, Rate, parse_rate
 
 
 @pytest.mark.parametrize(

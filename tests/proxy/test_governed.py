@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.audit.verify import verify_db
+from llm_warden.proxy.audit.verify import verify_db
 from tests.conftest import WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 
@@ -127,8 +127,8 @@ async def test_an_operator_listed_passthrough_route_is_relayed_to_the_route_buil
 
 @pytest.mark.parametrize("spec", ["POST /v1/chat/completions", "POST /v1/responses", "GET /v1/../x", "FOO /v1/x", "GET /v2/x", "GET /v1/{bad name}"])
 def test_a_passthrough_route_cannot_shadow_or_reach_an_ungoverned_api(spec: str) -> None:
-    from proxy.config import load_config
-    from proxy.errors import ConfigError
+    from llm_warden.proxy.config import load_config
+    from llm_warden.proxy.errors import ConfigError
 
     with pytest.raises(ConfigError, match="passthrough_routes"):
         load_config({"server": {"passthrough_routes": [spec]}, "auth": {"mode": "none"}, "audit": {"enabled": False}})

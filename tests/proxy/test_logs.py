@@ -14,10 +14,10 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.config import LoggingConfig
-from proxy.exchange import Citation, Decision, Principal, RetrievalSummary, ToolCall, ToolDecisionRecord
-from proxy.logs import JSONFormatter, SecretScrubber, request_line, setup_logging, shutdown_logging
-from proxy.testing import make_exchange
+from llm_warden.proxy.config import LoggingConfig
+from llm_warden.proxy.exchange import Citation, Decision, Principal, RetrievalSummary, ToolCall, ToolDecisionRecord
+from llm_warden.proxy.logs import JSONFormatter, SecretScrubber, request_line, setup_logging, shutdown_logging
+from llm_warden.proxy.testing import make_exchange
 from tests.conftest import PROVIDER_KEY, Keys, make_token
 from tests.fakeprovider import FakeProvider, Reply
 from tests.proxy.test_serve import free_port, start_proc, write_config

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy import memory
+from llm_warden.proxy import memory
 
 
 def test_malloc_trim_is_found_and_callable_on_glibc() -> None:

@@ -18,10 +18,20 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import MetricsConfig
-from proxy.exchange import Citation, Decision, Exchange, Principal, RetrievalSummary, ToolCall, ToolDecisionRecord, UpstreamTurn, Usage
-from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics, turn_outcome, upstream_error_kind
-from proxy.plugin import Plugin
+from llm_warden.proxy.config import MetricsConfig
+from llm_warden.proxy.exchange import (
+    Citation,
+    Decision,
+    Exchange,
+    Principal,
+    RetrievalSummary,
+    ToolCall,
+    ToolDecisionRecord,
+    UpstreamTurn,
+    Usage,
+)
+from llm_warden.proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics, turn_outcome, upstream_error_kind
+from llm_warden.proxy.plugin import Plugin
 from tests.fakeprovider import FakeProvider, Reply
 from tests.plugins.test_plugin_metrics import all_plugins_config
 
@@ -600,7 +610,13 @@ EXPECTED_ALERTS = {
     "WardenAuditCommitSlow",
     "WardenLimitsBackendDown",
     "WardenRetrievalIndexStale",
+    "WardenRetrievalIngestFreshnessSlow",
+    "WardenRetrievalSourceFreshnessSlow",
+    "WardenRetrievalPermissionViolation",
+    "WardenRetrievalCitationCoverageLow",
+    "WardenRetrievalInvalidCitationsHigh",
 }
+RETRIEVAL_SLO_ALERTS = {n for n in EXPECTED_ALERTS if n.startswith("WardenRetrieval") and n != "WardenRetrievalIndexStale"}
 
 
 def _alert_rules() -> dict[str, Any]:
@@ -702,6 +718,7 @@ def test_alert_rules_fire_when_they_should_with_promtool(tmp_path: Path) -> None
                 "input_series": healthy,
                 "alert_rule_test": [quiet(n) for n in sorted(EXPECTED_ALERTS)],
             },
+            *_retrieval_slo_rule_tests(),
         ],
     }
     spec = tmp_path / "tests.yaml"
@@ -710,11 +727,52 @@ def test_alert_rules_fire_when_they_should_with_promtool(tmp_path: Path) -> None
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def _retrieval_slo_rule_tests() -> list[dict[str, Any]]:
+    """The retrieval SLO alerts against the targets a Warden exports from [retrieval.slo]: missed, then met."""
+    targets = [_series("warden_retrieval_slo_target", f"{v}x120", objective=o) for o, v in (
+        ("ingest_to_servable_p95_seconds", 30), ("source_to_servable_p95_seconds", 86400), ("permission_correctness", 1),
+        ("citation_coverage", 0.9), ("invalid_citation_rate", 0.02))]
+    fresh = "warden_retrieval_freshness_seconds_bucket"
+
+    def buckets(stage: str, counts: dict[str, str]) -> list[dict[str, str]]:
+        return [_series(fresh, v, stage=stage, le=le) for le, v in counts.items()]
+
+    def inputs(ingest: str, source: str, violation: str, cited: tuple[str, str], valid: tuple[str, str]) -> list[dict[str, str]]:
+        """Ten observations a minute, ``ingest`` of them within 10 s and ``source`` within an hour; checks, answers and citations."""
+        return [
+            *targets,
+            *buckets("ingest_to_servable", {"10.0": ingest, "60.0": "0+10x120", "+Inf": "0+10x120"}),
+            *buckets("source_to_servable", {"3600.0": source, "86400.0": source, "604800.0": "0+10x120", "+Inf": "0+10x120"}),
+            _series("warden_retrieval_permission_checks_total", "0+10x120", result="ok"),
+            _series("warden_retrieval_permission_checks_total", violation, result="violation"),
+            _series("warden_retrieval_answers_total", cited[0], cited="yes"),
+            _series("warden_retrieval_answers_total", cited[1], cited="no"),
+            _series("warden_citations_total", valid[0], valid="true"),
+            _series("warden_citations_total", valid[1], valid="false"),
+        ]
+
+    missed = inputs("0+0x120", "0+0x120", "0x50 1+0x70", ("0+1x120", "0+9x120"), ("0+5x120", "0+5x120"))
+    met = inputs("0+10x120", "0+10x120", "0x120", ("0+9x120", "0+1x120"), ("0+100x120", "0+1x120"))
+    severity = {"WardenRetrievalPermissionViolation": "critical"}
+
+    def at(name: str, when: str, fires: bool) -> dict[str, Any]:
+        alerts = [{"exp_labels": {"severity": severity.get(name, "warning"), "job": "warden"}}] if fires else []
+        return {"eval_time": when, "alertname": name, "exp_alerts": alerts}
+
+    return [
+        {"interval": "1m", "input_series": missed,
+         "alert_rule_test": [at(n, "100m", True) for n in sorted(RETRIEVAL_SLO_ALERTS - {"WardenRetrievalPermissionViolation"})]
+         + [at("WardenRetrievalPermissionViolation", "45m", False), at("WardenRetrievalPermissionViolation", "55m", True),
+            at("WardenRetrievalPermissionViolation", "70m", False)]},
+        {"interval": "1m", "input_series": met, "alert_rule_test": [at(n, "100m", False) for n in sorted(RETRIEVAL_SLO_ALERTS)]},
+    ]
+
+
 def test_documented_config_sections_are_the_defaults() -> None:
     import tomllib
 
-    from proxy.config import LoggingConfig, TracingConfig, load_config
-    from proxy.plugin import available_plugins
+    from llm_warden.proxy.config import LoggingConfig, TracingConfig, load_config
+    from llm_warden.proxy.plugin import available_plugins
 
     data = tomllib.loads((ROOT / "docs/observability.config.toml").read_text())
     assert set(data) == {"metrics", "tracing", "logging"}

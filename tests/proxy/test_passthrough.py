@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.errors import ConfigError
+from llm_warden.proxy.errors import ConfigError
 from tests.fakeprovider import FakeProvider
 
 ROUTES = ["POST /v1/files", "GET /v1/files/{file_id}", "DELETE /v1/files/{file_id}", "PUT /v1/blobs/{blob_id}", "POST /v1/completions"]

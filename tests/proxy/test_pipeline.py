@@ -9,10 +9,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.audit.record import Projector, RecordStageError
-from proxy.errors import Forbidden, WardenError
-from proxy.exchange import Decision, Exchange, ToolCall
-from proxy.plugin import Plugin, PluginChain
+from llm_warden.proxy.audit.record import Projector, RecordStageError
+from llm_warden.proxy.errors import Forbidden, WardenError
+from llm_warden.proxy.exchange import Decision, Exchange, ToolCall
+from llm_warden.proxy.plugin import Plugin, PluginChain
 from tests.conftest import WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 

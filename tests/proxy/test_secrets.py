@@ -22,12 +22,12 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.audit.factory import build_audit
-from proxy.audit.sqlite import SQLiteAuditLog
-from proxy.config import Config, load_config
-from proxy.logs import JSONFormatter, SecretScrubber, add_secrets
-from proxy.plugin import available_plugins
-from proxy.secrets import MIN_SECRET_CHARS, collect_secrets, secret_values, url_passwords
+from llm_warden.proxy.audit.factory import build_audit
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog
+from llm_warden.proxy.config import Config, load_config
+from llm_warden.proxy.logs import JSONFormatter, SecretScrubber, add_secrets
+from llm_warden.proxy.plugin import available_plugins
+from llm_warden.proxy.secrets import MIN_SECRET_CHARS, collect_secrets, secret_values, url_passwords
 from tests.proxy.audit.helpers import make_exchange
 
 PROVIDER_KEY = "sk-held-provider-key-0123456789abcdef"
@@ -261,14 +261,14 @@ def test_a_secret_with_an_undecodable_byte_is_registered_without_crashing() -> N
     scrub = SecretScrubber()
     scrub.add("bad-byte-\udcff-secret")
     assert scrub("x bad-byte-\udcff-secret y") == "x [redacted] y"
-    from proxy.audit.redact import Redactor
+    from llm_warden.proxy.audit.redact import Redactor
 
     counts: dict[str, int] = {}
     assert Redactor(secrets=["bad-byte-\udcff-secret"], apply_pii=False).text("x bad-byte-\udcff-secret y", counts) == "x [REDACTED:secret_value] y"
 
 
 def test_a_warden_registers_every_held_secret_for_its_logs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from proxy.app import Warden
+    from llm_warden.proxy.app import Warden
 
     hs = "warden-wiring-hs256-secret-0123456789-abcdef"
     monkeypatch.setenv("T_SECRETS_WIRING_HS", hs)

@@ -68,7 +68,7 @@ class Proc:
 
 async def start_proc(cfg: Path, port: int, aport: int) -> Proc:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={**os.environ}
+        sys.executable, "-m", "llm_warden.proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={**os.environ}
     )
     p = Proc(proc, port, aport)
     async with aiohttp.ClientSession() as s:
@@ -193,12 +193,12 @@ async def test_configmap_style_symlink_swap_reloads(tmp_path: Path, fake: FakePr
 async def test_invalid_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[server]\nlisten = "nowhere"\n')
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_warden.proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     assert proc.returncode == 2
     assert b"server.listen" in err
     cfg.write_text("[upstream]\nbase_urll = 'http://x'\n")
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_warden.proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     assert proc.returncode == 2 and b"upstream.base_urll" in err and b"unknown key" in err
 
@@ -214,7 +214,7 @@ async def test_port_in_use_exits_cleanly(tmp_path: Path, fake: FakeProvider, rsa
     try:
         cfg = tmp_path / "config.toml"
         write_config(cfg, fake, rsa_keys, busy.getsockname()[1], free_port())
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_warden.proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         out, _ = await asyncio.wait_for(proc.communicate(), 20)
         assert proc.returncode == 1
         assert b"cannot listen" in out
@@ -258,7 +258,7 @@ async def test_drain_cuts_a_stream_longer_than_drain_s_and_exits_in_time(tmp_pat
     its audit record says so, and the process exits within drain_s + EXIT_MARGIN_S."""
     import sqlite3
 
-    from proxy.serve import EXIT_MARGIN_S, cut_lead
+    from llm_warden.proxy.serve import EXIT_MARGIN_S, cut_lead
 
     drain_s = 3.0
     db = tmp_path / "audit.db"
@@ -299,7 +299,7 @@ async def test_drain_cuts_a_stream_longer_than_drain_s_and_exits_in_time(tmp_pat
 
 async def test_a_stalled_answer_is_cut_off_at_the_deadline(tmp_path: Path, fake: FakeProvider, rsa_keys: Keys) -> None:
     """A non-streamed request whose provider never answers: answered 503 at the cut, and the process exits in time."""
-    from proxy.serve import EXIT_MARGIN_S
+    from llm_warden.proxy.serve import EXIT_MARGIN_S
 
     drain_s = 2.0
     p = await _served(tmp_path, fake, rsa_keys, drain_s)

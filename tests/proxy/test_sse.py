@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.sse import RawEvent, SSEError, SSEParser
+from llm_warden.proxy.sse import RawEvent, SSEError, SSEParser
 
 STREAM = (
     b": keep-alive comment\r\n\r\n"
@@ -133,10 +133,10 @@ def test_a_large_event_does_not_leave_a_large_buffer_behind() -> None:
 
 
 def test_the_config_bounds_the_parser() -> None:
-    from proxy.config import UpstreamConfig, load_config
-    from proxy.errors import ConfigError
-    from proxy.sse import DEFAULT_MAX_EVENT_BYTES
-    from proxy.upstream import Upstream
+    from llm_warden.proxy.config import UpstreamConfig, load_config
+    from llm_warden.proxy.errors import ConfigError
+    from llm_warden.proxy.sse import DEFAULT_MAX_EVENT_BYTES
+    from llm_warden.proxy.upstream import Upstream
 
     assert UpstreamConfig().max_sse_event_bytes == DEFAULT_MAX_EVENT_BYTES == 1024 * 1024
     cfg = load_config({"upstream": {"max_sse_event_bytes": 4096}, "plugins": {"enabled": []}}, plugin_classes={})

@@ -30,7 +30,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from proxy.sse import RawEvent, SSEError, SSEParser
+from llm_warden.proxy.sse import RawEvent, SSEError, SSEParser
 
 EXAMPLES = int(os.environ.get("WARDEN_FUZZ_EXAMPLES", "300"))
 SETTINGS = settings(

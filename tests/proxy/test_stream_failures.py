@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.errors import Forbidden
-from proxy.exchange import Exchange
-from proxy.plugin import Plugin, StreamEvent
+from llm_warden.proxy.errors import Forbidden
+from llm_warden.proxy.exchange import Exchange
+from llm_warden.proxy.plugin import Plugin, StreamEvent
 from tests.fakeprovider import FakeProvider, Reply
 
 BODY: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "x"}]}

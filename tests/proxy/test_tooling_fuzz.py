@@ -35,10 +35,10 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from proxy import tooling
-from proxy.exchange import ToolCall
-from proxy.sse import SSEError
-from proxy.tooling import StreamedCalls, calls_from_message, loads_arguments
+from llm_warden.proxy import tooling
+from llm_warden.proxy.exchange import ToolCall
+from llm_warden.proxy.sse import SSEError
+from llm_warden.proxy.tooling import StreamedCalls, calls_from_message, loads_arguments
 
 EXAMPLES = int(os.environ.get("WARDEN_FUZZ_EXAMPLES", "300"))
 SETTINGS = settings(

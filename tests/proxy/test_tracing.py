@@ -19,13 +19,13 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from proxy.app import Warden
-from proxy.config import load_config
-from proxy.errors import ConfigError
-from proxy.exchange import Decision, Exchange, Principal, RetrievalSummary, ToolCall, UpstreamTurn, Usage
-from proxy.plugin import Plugin, available_plugins
-from proxy.testing import RunningWarden
-from proxy.tracing import Tracing
+from llm_warden.proxy.app import Warden
+from llm_warden.proxy.config import load_config
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.exchange import Decision, Exchange, Principal, RetrievalSummary, ToolCall, UpstreamTurn, Usage
+from llm_warden.proxy.plugin import Plugin, available_plugins
+from llm_warden.proxy.testing import RunningWarden
+from llm_warden.proxy.tracing import Tracing
 from tests.fakeprovider import FakeProvider, Reply
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -19,7 +19,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN, PROVIDER_KEY, WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 from tests.plugins.tools.helpers import LOOKUP_SCHEMA, TOOLS
@@ -414,7 +414,7 @@ async def test_metrics_and_traces_are_labelled_by_the_clients_api_and_the_provid
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.trace import SpanKind
 
-    from proxy.tracing import Tracing
+    from llm_warden.proxy.tracing import Tracing
     from tests.proxy.test_metrics import scrape, val
 
     rw = await start(warden_factory, tmp_path, upstream={"api": "anthropic", "provider_name": "anthropic"})

@@ -7,9 +7,9 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.config import load_config
-from proxy.errors import BadRequest, ConfigError
-from proxy.upstream_anthropic import count_tokens_request, messages_request, openai_error
+from llm_warden.proxy.config import load_config
+from llm_warden.proxy.errors import BadRequest, ConfigError
+from llm_warden.proxy.upstream_anthropic import count_tokens_request, messages_request, openai_error
 
 PNG = "iVBORw0KGgo="
 

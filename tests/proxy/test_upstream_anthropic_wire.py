@@ -14,8 +14,8 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.sse import RawEvent, SSEError
-from proxy.upstream_anthropic_answer import MessagesStream, ProviderStreamError, completion_of
+from llm_warden.proxy.sse import RawEvent, SSEError
+from llm_warden.proxy.upstream_anthropic_answer import MessagesStream, ProviderStreamError, completion_of
 from tests.conftest import WardenFactory
 from tests.fakeprovider import ANTHROPIC_MALFORMED, FakeProvider, Reply
 

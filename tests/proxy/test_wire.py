@@ -9,8 +9,8 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.sse import DONE, SSEParser
-from proxy.wire import check_chunk, check_completion
+from llm_warden.proxy.sse import DONE, SSEParser
+from llm_warden.proxy.wire import check_chunk, check_completion
 from tests.fakeprovider import MALFORMED, FakeProvider, Reply, malformed_payload
 
 # --- answers real providers send (shapes taken from their documented/observed output) ---

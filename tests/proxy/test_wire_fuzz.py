@@ -30,7 +30,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from proxy.wire import FINISH_REASONS, VENDOR_FINISH_REASONS, check_chunk, check_completion
+from llm_warden.proxy.wire import FINISH_REASONS, VENDOR_FINISH_REASONS, check_chunk, check_completion
 
 EXAMPLES = int(os.environ.get("WARDEN_FUZZ_EXAMPLES", "300"))
 SETTINGS = settings(

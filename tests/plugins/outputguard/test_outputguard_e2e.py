@@ -10,8 +10,8 @@ import anthropic
 import openai
 import pytest
 
-from proxy.audit.reader import AuditReader
-from proxy.testing import RunningWarden
+from llm_warden.proxy.audit.reader import AuditReader
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN, WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from plugins.outputguard.scan import ECHO_RULE, IMAGE_RULE, LINK_RULE, Guard, HostPolicy, Intervention, StreamGuard, secrets_in
+from llm_warden.plugins.outputguard.scan import ECHO_RULE, IMAGE_RULE, LINK_RULE, Guard, HostPolicy, Intervention, StreamGuard, secrets_in
 
 HOSTS = HostPolicy(["docs.example.com", "*.corp.example"])
 SECRET = "sk-live0123456789abcdefghijklmnop"

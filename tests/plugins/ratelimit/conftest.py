@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from plugins.ratelimit.config import LimitsConfig
-from plugins.ratelimit.plugin import LimitsPlugin
-from proxy.config import Config
-from proxy.confload import load_dataclass
-from proxy.plugin import PluginContext
+from llm_warden.plugins.ratelimit.config import LimitsConfig
+from llm_warden.plugins.ratelimit.plugin import LimitsPlugin
+from llm_warden.proxy.config import Config
+from llm_warden.proxy.confload import load_dataclass
+from llm_warden.proxy.plugin import PluginContext
 from tests.plugins.ratelimit.limits_helpers import MakePlugin
 
 

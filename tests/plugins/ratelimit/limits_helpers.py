@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 
-from plugins.ratelimit.plugin import LimitsPlugin
-from proxy.errors import WardenError
-from proxy.exchange import Exchange, Principal, UpstreamTurn
+from llm_warden.plugins.ratelimit.plugin import LimitsPlugin
+from llm_warden.proxy.errors import WardenError
+from llm_warden.proxy.exchange import Exchange, Principal, UpstreamTurn
 from tests.redis_helpers import REDIS_URL, RedisServer, free_port
 
 __all__ = ["REDIS_URL", "RedisServer", "free_port"]
@@ -104,7 +104,7 @@ async def drive(
 
 def recorded(ex: Exchange) -> dict[str, Any]:
     """What the limits plugin records for ``ex`` (its ``audit_fields``, as the audit record gets them)."""
-    from plugins.ratelimit.plugin import STATE
+    from llm_warden.plugins.ratelimit.plugin import STATE
 
     st = ex.slots.get(STATE)
     assert st is not None and st.record, "the limits plugin recorded nothing for this exchange"

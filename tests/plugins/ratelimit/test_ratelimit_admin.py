@@ -12,8 +12,8 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from plugins.ratelimit.backends import glob_escape
-from proxy.testing import RunningWarden
+from llm_warden.plugins.ratelimit.backends import glob_escape
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN, WardenFactory
 from tests.redis_helpers import REDIS_URL
 

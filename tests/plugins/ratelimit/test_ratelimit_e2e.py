@@ -9,7 +9,7 @@ from typing import Any
 import openai
 import pytest
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 

@@ -7,9 +7,9 @@ import asyncio
 import orjson
 import pytest
 
-from plugins.ratelimit.idempotency import REPLAY_HEADER, completion_to_sse
-from plugins.ratelimit.plugin import LimitsPlugin
-from proxy.errors import BadRequest, Conflict
+from llm_warden.plugins.ratelimit.idempotency import REPLAY_HEADER, completion_to_sse
+from llm_warden.plugins.ratelimit.plugin import LimitsPlugin
+from llm_warden.proxy.errors import BadRequest, Conflict
 from tests.plugins.ratelimit.limits_helpers import MakePlugin, Upstream, completion, drive, make_exchange, recorded
 
 

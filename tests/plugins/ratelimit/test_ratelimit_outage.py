@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from plugins.ratelimit.plugin import LimitsPlugin
-from proxy.errors import RateLimited, ServiceUnavailable
+from llm_warden.plugins.ratelimit.plugin import LimitsPlugin
+from llm_warden.proxy.errors import RateLimited, ServiceUnavailable
 from tests.plugins.ratelimit.limits_helpers import MakePlugin, RedisServer, Upstream, drive, make_exchange, recorded
 
 RULES = [{"scope": "user", "requests": "3/minute"}]

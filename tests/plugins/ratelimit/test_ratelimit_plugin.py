@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from plugins.ratelimit.config import LimitsConfig
-from plugins.ratelimit.plugin import format_duration
-from proxy.confload import load_dataclass
-from proxy.errors import ConfigError, RateLimited, ServiceUnavailable
+from llm_warden.plugins.ratelimit.config import LimitsConfig
+from llm_warden.plugins.ratelimit.plugin import format_duration
+from llm_warden.proxy.confload import load_dataclass
+from llm_warden.proxy.errors import ConfigError, RateLimited, ServiceUnavailable
 from tests.plugins.ratelimit.limits_helpers import MakePlugin, Upstream, completion, drive, make_exchange, recorded
 
 
@@ -277,7 +277,7 @@ async def test_reload_applies_rules_live_and_refuses_backend_changes(make_plugin
 
 
 async def test_check_keys_for_other_plugins(make_plugin: MakePlugin, backend: dict[str, str]) -> None:
-    from proxy.gcra import parse_rate
+    from llm_warden.proxy.gcra import parse_rate
 
     p = await make_plugin(**backend)
     rate = parse_rate("2/minute")

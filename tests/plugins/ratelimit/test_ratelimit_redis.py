@@ -11,8 +11,8 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from plugins.ratelimit.backends import BackendDown, MemoryBackend, RedisBackend, RedisClient
-from proxy.gcra import parse_rate
+from llm_warden.plugins.ratelimit.backends import BackendDown, MemoryBackend, RedisBackend, RedisClient
+from llm_warden.proxy.gcra import parse_rate
 from tests.plugins.ratelimit.limits_helpers import REDIS_URL
 
 
@@ -97,8 +97,8 @@ async def test_never_admissible_cost_in_redis(redis_prefix: str) -> None:
 _WORKER = textwrap.dedent(
     """
     import asyncio, sys, time
-    from plugins.ratelimit.backends import RedisBackend, RedisClient
-    from proxy.gcra import parse_rate
+    from llm_warden.plugins.ratelimit.backends import RedisBackend, RedisClient
+    from llm_warden.proxy.gcra import parse_rate
 
     async def main(key, start_at, k):
         c = RedisClient(sys.argv[4], 1.0, 8, 1.0, False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plugins.ratelimit.tokens import TokenEstimator, completion_allowance, load_encoder, reported_tokens
+from llm_warden.plugins.ratelimit.tokens import TokenEstimator, completion_allowance, load_encoder, reported_tokens
 
 
 def test_offline_tokenizer_loads_and_counts_exactly() -> None:

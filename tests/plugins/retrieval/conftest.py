@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from plugins.retrieval.config import RetrievalConfig
-from plugins.retrieval.embed import Embedder, UpstreamEmbedder
-from plugins.retrieval.embed_local import LocalEmbedder
-from plugins.retrieval.service import RetrievalService
+from llm_warden.plugins.retrieval.config import RetrievalConfig
+from llm_warden.plugins.retrieval.embed import Embedder, UpstreamEmbedder
+from llm_warden.plugins.retrieval.embed_local import LocalEmbedder
+from llm_warden.plugins.retrieval.service import RetrievalService
 from tests.fakeprovider import FakeProvider
 
 EMBED_DIM = 32
@@ -69,7 +69,7 @@ async def pg_dsn() -> AsyncIterator[str]:
 @pytest.fixture
 async def pg_factory(pg_dsn: str, tmp_path: Path, embed_provider: FakeProvider) -> AsyncIterator[ServiceFactory]:
     """Start replicas on the test's PostgreSQL schema, each with its own index folder (``name``) and connection name."""
-    from plugins.retrieval.pgstore import PostgresStore
+    from llm_warden.plugins.retrieval.pgstore import PostgresStore
     from tests.plugins.retrieval.pg import schema_of
 
     started: list[RetrievalService] = []

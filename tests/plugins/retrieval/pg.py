@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from plugins.retrieval.pgstore import MIGRATIONS
-from proxy.db.migrate import migrate
+from llm_warden.plugins.retrieval.pgstore import MIGRATIONS
+from llm_warden.proxy.db.migrate import migrate
 
 BASE_DSN = os.environ.get("WARDEN_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 _reachable: bool | None = None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from plugins.retrieval.acl import Acl, Reader, acl_tokens, reader_allow_tokens, reader_deny_tokens
-from proxy.exchange import Principal
+from llm_warden.plugins.retrieval.acl import Acl, Reader, acl_tokens, reader_allow_tokens, reader_deny_tokens
+from llm_warden.proxy.exchange import Principal
 
 G = frozenset
 

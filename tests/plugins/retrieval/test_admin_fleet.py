@@ -18,8 +18,8 @@ import asyncpg
 import openai
 import pytest
 
-from proxy.plugin import Plugin
-from proxy.testing import RunningWarden
+from llm_warden.proxy.plugin import Plugin
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN, WardenFactory
 from tests.fakeprovider import FakeProvider
 from tests.plugins.retrieval.pg import Relay, fresh_schema, schema_of
@@ -177,8 +177,8 @@ async def test_replica_cut_from_postgres_is_not_ready_and_refuses_retrieval(
 
 
 async def test_warden_db_migrate_applies_the_retrieval_component(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy.cli import main
-    from proxy.db.migrate import registered_components
+    from llm_warden.proxy.cli import main
+    from llm_warden.proxy.db.migrate import registered_components
 
     assert "retrieval" in registered_components() and "audit" in registered_components()
     async with fresh_schema(migrated=False) as dsn:

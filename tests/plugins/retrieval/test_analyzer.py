@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from plugins.retrieval import lexical, tokenize
-from plugins.retrieval.acl import Acl, IndexedChunk, Reader
-from plugins.retrieval.applier import STATE_FILE
-from plugins.retrieval.lexical import LexicalIndex
-from plugins.retrieval.records import DocumentInput
-from plugins.retrieval.tokenize import ANALYZER, fold_acronym_plurals, index_terms, query_terms
+from llm_warden.plugins.retrieval import lexical, tokenize
+from llm_warden.plugins.retrieval.acl import Acl, IndexedChunk, Reader
+from llm_warden.plugins.retrieval.applier import STATE_FILE
+from llm_warden.plugins.retrieval.lexical import LexicalIndex
+from llm_warden.plugins.retrieval.records import DocumentInput
+from llm_warden.plugins.retrieval.tokenize import ANALYZER, fold_acronym_plurals, index_terms, query_terms
 from tests.plugins.retrieval.conftest import ServiceFactory
 
 READER = Reader("acme", "ann")

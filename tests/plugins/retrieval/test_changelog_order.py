@@ -15,7 +15,7 @@ import random
 
 import asyncpg
 
-from plugins.retrieval.pgstore import PostgresStore
+from llm_warden.plugins.retrieval.pgstore import PostgresStore
 
 INSERT = "INSERT INTO {table} (tenant, doc_id, op, at) VALUES ('acme', $1, 'upsert', 0) RETURNING pos"
 

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from plugins.retrieval.acl import Acl
-from plugins.retrieval.chunking import approx_tokens, chunk_text
-from plugins.retrieval.embed_local import MAX_TOKENS, LocalEmbedder
-from plugins.retrieval.records import DocumentInput, index_head, index_text
+from llm_warden.plugins.retrieval.acl import Acl
+from llm_warden.plugins.retrieval.chunking import approx_tokens, chunk_text
+from llm_warden.plugins.retrieval.embed_local import MAX_TOKENS, LocalEmbedder
+from llm_warden.plugins.retrieval.records import DocumentInput, index_head, index_text
 from tests.plugins.retrieval.conftest import ServiceFactory
 
 TITLE = "Retinoid X receptor heterodimerization and 9-cis-retinoic acid signalling in CD4+ T-lymphocytes: a systematic review"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plugins.retrieval.chunking import approx_tokens, chunk_text, kind_for, parse_front_matter
+from llm_warden.plugins.retrieval.chunking import approx_tokens, chunk_text, kind_for, parse_front_matter
 
 DOC = """---
 title: Handbook

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugins.retrieval import embed_local
-from plugins.retrieval.acl import Acl, Reader
-from plugins.retrieval.config import RetrievalConfig
-from plugins.retrieval.embed import EmbeddingError
-from plugins.retrieval.embed_local import DIM, MAX_TOKENS, MODEL_NAME, LocalEmbedder
-from plugins.retrieval.records import DocumentInput
-from plugins.retrieval.service import build_service
-from proxy.errors import ConfigError
+from llm_warden.plugins.retrieval import embed_local
+from llm_warden.plugins.retrieval.acl import Acl, Reader
+from llm_warden.plugins.retrieval.config import RetrievalConfig
+from llm_warden.plugins.retrieval.embed import EmbeddingError
+from llm_warden.plugins.retrieval.embed_local import DIM, MAX_TOKENS, MODEL_NAME, LocalEmbedder
+from llm_warden.plugins.retrieval.records import DocumentInput
+from llm_warden.plugins.retrieval.service import build_service
+from llm_warden.proxy.errors import ConfigError
 from tests.plugins.retrieval.conftest import ServiceFactory
 
 PUBLIC = Acl(public=True)
@@ -37,7 +37,7 @@ socket.socket.connect_ex = refuse
 socket.getaddrinfo = refuse
 socket.create_connection = refuse
 
-from plugins.retrieval.embed_local import LocalEmbedder
+from llm_warden.plugins.retrieval.embed_local import LocalEmbedder
 
 async def main():
     e = LocalEmbedder()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from plugins.retrieval.fusion import rrf
+from llm_warden.plugins.retrieval.fusion import rrf
 
 
 def test_rrf_scores_and_ranks() -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from plugins.retrieval.acl import Acl, Reader
-from plugins.retrieval.ingest import IngestError, Progress, ingest_paths
-from proxy.cli import main
+from llm_warden.plugins.retrieval.acl import Acl, Reader
+from llm_warden.plugins.retrieval.ingest import IngestError, Progress, ingest_paths
+from llm_warden.proxy.cli import main
 from tests.plugins.retrieval.conftest import ServiceFactory
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from plugins.retrieval.citations import find_markers, header_value, map_citations
-from plugins.retrieval.inject import Hit, build_query, build_result, insert_context, render_context
-from proxy.exchange import RetrievedChunk
+from llm_warden.plugins.retrieval.citations import find_markers, header_value, map_citations
+from llm_warden.plugins.retrieval.inject import Hit, build_query, build_result, insert_context, render_context
+from llm_warden.proxy.exchange import RetrievedChunk
 
 
 def test_query_from_last_user_turns() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from plugins.retrieval.acl import Acl, IndexedChunk, Reader
-from plugins.retrieval.lexical import LexicalIndex
+from llm_warden.plugins.retrieval.acl import Acl, IndexedChunk, Reader
+from llm_warden.plugins.retrieval.lexical import LexicalIndex
 
 G = frozenset
 PUBLIC = Acl(public=True)

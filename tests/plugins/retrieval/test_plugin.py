@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN, WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 

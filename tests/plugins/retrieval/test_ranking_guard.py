@@ -16,10 +16,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from plugins.retrieval.acl import Acl, IndexedChunk, Reader
-from plugins.retrieval.lexical import LexicalIndex
-from plugins.retrieval.tokenize import index_terms, query_terms
-from plugins.retrieval.vector import VectorIndex
+from llm_warden.plugins.retrieval.acl import Acl, IndexedChunk, Reader
+from llm_warden.plugins.retrieval.lexical import LexicalIndex
+from llm_warden.plugins.retrieval.tokenize import index_terms, query_terms
+from llm_warden.plugins.retrieval.vector import VectorIndex
 
 K1, B = 1.2, 0.75
 G = frozenset

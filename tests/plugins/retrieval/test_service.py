@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugins.retrieval.acl import Acl, Reader
-from plugins.retrieval.config import RetrievalConfig
-from plugins.retrieval.embed import EmbeddingError, normalize
-from plugins.retrieval.service import DocumentInput, RetrievalService
+from llm_warden.plugins.retrieval.acl import Acl, Reader
+from llm_warden.plugins.retrieval.config import RetrievalConfig
+from llm_warden.plugins.retrieval.embed import EmbeddingError, normalize
+from llm_warden.plugins.retrieval.service import DocumentInput, RetrievalService
 from tests.fakeprovider import FakeProvider, Reply
 from tests.plugins.retrieval.conftest import ServiceFactory
 from tests.plugins.retrieval.test_ranking_guard import reference_bm25
@@ -78,7 +78,7 @@ async def _scenario(mode: str, data: list[tuple[str, list[str], Acl]], reader: R
                 assert f"{reader.tenant}/{h.doc_id}" in readable, "an unreadable chunk was injected"
             stored = [c async for rows, _ in svc.store.iter_chunks() for c in rows]
             indexed = []
-            from plugins.retrieval.acl import IndexedChunk
+            from llm_warden.plugins.retrieval.acl import IndexedChunk
 
             acl_of = {(t, f"d{i}"): acl for i, (t, _, acl) in enumerate(data)}
             for c in stored:
@@ -280,7 +280,7 @@ async def test_embedder_failure_is_a_clear_error(service_factory: ServiceFactory
 
 
 async def test_bad_ids_and_sizes_are_refused(service_factory: ServiceFactory) -> None:
-    from proxy.errors import BadRequest, PayloadTooLarge
+    from llm_warden.proxy.errors import BadRequest, PayloadTooLarge
 
     svc = await service_factory(mode="bm25", embedder=False, max_document_bytes=100)
     with pytest.raises(BadRequest):

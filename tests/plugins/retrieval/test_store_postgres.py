@@ -16,11 +16,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from plugins.retrieval.acl import Acl, Reader
-from plugins.retrieval.pgstore import PostgresStore
-from plugins.retrieval.service import DocumentInput, RetrievalService
-from proxy.db.migrate import SchemaMismatch
-from proxy.errors import ServiceUnavailable
+from llm_warden.plugins.retrieval.acl import Acl, Reader
+from llm_warden.plugins.retrieval.pgstore import PostgresStore
+from llm_warden.plugins.retrieval.service import DocumentInput, RetrievalService
+from llm_warden.proxy.db.migrate import SchemaMismatch
+from llm_warden.proxy.errors import ServiceUnavailable
 from tests.fakeprovider import FakeProvider
 from tests.plugins.retrieval.conftest import ServiceFactory
 from tests.plugins.retrieval.pg import fresh_schema, schema_of, terminate
@@ -284,7 +284,7 @@ async def test_a_forged_notification_is_only_a_wake_up(pg_factory: ServiceFactor
 async def test_warden_ingest_writes_the_shared_store_and_a_running_replica_serves_it(
     pg_factory: ServiceFactory, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from proxy.cli import main
+    from llm_warden.proxy.cli import main
 
     replica = await pg_factory("a", embedder=False, **SLOW_POLL)
     docs = tmp_path / "docs"

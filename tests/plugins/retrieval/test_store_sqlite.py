@@ -5,10 +5,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from plugins.retrieval.acl import Acl, Reader
-from plugins.retrieval.applier import STATE_FILE
-from plugins.retrieval.service import DocumentInput
-from plugins.retrieval.store import Store
+from llm_warden.plugins.retrieval.acl import Acl, Reader
+from llm_warden.plugins.retrieval.applier import STATE_FILE
+from llm_warden.plugins.retrieval.service import DocumentInput
+from llm_warden.plugins.retrieval.store import Store
 from tests.plugins.retrieval.conftest import ServiceFactory
 
 PUBLIC = Acl(public=True)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plugins.retrieval.acl import Acl, IndexedChunk, Reader
-from plugins.retrieval.vector import VectorIndex
+from llm_warden.plugins.retrieval.acl import Acl, IndexedChunk, Reader
+from llm_warden.plugins.retrieval.vector import VectorIndex
 
 G = frozenset
 DIM = 16

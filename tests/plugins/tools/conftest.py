@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from plugins.tools import ToolsPlugin
-from proxy.plugin import PluginContext
+from llm_warden.plugins.tools import ToolsPlugin
+from llm_warden.proxy.plugin import PluginContext
 from tests.plugins.tools.helpers import AuditRecorder, build_config
 
 PluginFactory = Callable[..., Awaitable[tuple[ToolsPlugin, PluginContext]]]

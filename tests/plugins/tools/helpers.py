@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from plugins.tools import ToolsPlugin
-from proxy.config import load_config
-from proxy.exchange import Exchange, Principal, ToolCall, UpstreamTurn
+from llm_warden.plugins.tools import ToolsPlugin
+from llm_warden.proxy.config import load_config
+from llm_warden.proxy.exchange import Exchange, Principal, ToolCall, UpstreamTurn
 
 REFUND_SCHEMA: dict[str, Any] = {
     "type": "object",

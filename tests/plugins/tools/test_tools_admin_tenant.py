@@ -57,3 +57,28 @@ async def test_tenant_admin_cannot_reload_the_config(tw: Any, token: Any) -> Non
     beta = token(tenant="beta", sub="mallory", scope="warden:admin")
     status, err = await _admin(tw, beta, "POST", "/admin/reload")
     assert status == 403 and "admin.tenant" in err["error"]["message"]
+
+
+async def test_the_person_who_asked_for_a_held_call_cannot_approve_it(tw: Any, token: Any, fake: FakeProvider) -> None:
+    # alice of acme is a tenant admin too, and asks for a refund that is held for approval.
+    alice = token(tenant="acme", sub="alice", groups=["billing"], scope="warden:admin")
+    async with openai.AsyncOpenAI(base_url=tw.base_url, api_key=alice, max_retries=0) as client:
+        fake.push(Reply(content=None, tool_calls=[{"id": "c1", "name": "refund", "arguments": BIG}]), Reply(content="pending"))
+        await client.chat.completions.create(**BODY, tools=[fn("refund")])  # type: ignore[list-item]
+    (apr,) = [a["id"] for a in (await _admin(tw, alice, "GET", "/admin/approvals"))[1]["data"]]
+    status, err = await _admin(tw, alice, "POST", f"/admin/approvals/{apr}/approve", {"comment": "looks fine to me"})
+    assert status == 403 and "tools.approval.self" in err["error"]["message"]
+    assert (await _admin(tw, alice, "GET", f"/admin/approvals/{apr}"))[1]["status"] == "pending"
+    # Another admin of the tenant may; and the requester may always withdraw (deny) their own.
+    bob = token(tenant="acme", sub="bob", scope="warden:admin")
+    assert (await _admin(tw, bob, "POST", f"/admin/approvals/{apr}/approve", {}))[0] == 200
+
+
+async def test_the_requester_may_deny_their_own_held_call(tw: Any, token: Any, fake: FakeProvider) -> None:
+    alice = token(tenant="acme", sub="alice", groups=["billing"], scope="warden:admin")
+    async with openai.AsyncOpenAI(base_url=tw.base_url, api_key=alice, max_retries=0) as client:
+        fake.push(Reply(content=None, tool_calls=[{"id": "c1", "name": "refund", "arguments": BIG}]), Reply(content="pending"))
+        await client.chat.completions.create(**BODY, tools=[fn("refund")])  # type: ignore[list-item]
+    (apr,) = [a["id"] for a in (await _admin(tw, alice, "GET", "/admin/approvals"))[1]["data"]]
+    status, got = await _admin(tw, alice, "POST", f"/admin/approvals/{apr}/deny", {"comment": "asked by mistake"})
+    assert status == 200 and got["status"] == "denied"

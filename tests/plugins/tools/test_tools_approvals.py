@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from plugins.tools import ToolsPlugin
-from plugins.tools.canonical import canonical_json, fingerprint
+from llm_warden.plugins.tools import ToolsPlugin
+from llm_warden.plugins.tools.canonical import canonical_json, fingerprint
 from tests.plugins.tools.conftest import PluginFactory
 from tests.plugins.tools.helpers import BILLING, call, exchange, next_turn
 
@@ -60,7 +60,7 @@ async def test_approved_call_passes_once(plugin: ToolsPlugin) -> None:
 
 
 async def test_other_user_cannot_use_an_approval(plugin: ToolsPlugin) -> None:
-    from proxy.exchange import Principal
+    from llm_warden.proxy.exchange import Principal
 
     held = await plugin.on_tool_call(exchange(), call("refund", BIG_REFUND))
     assert held.approval_id

@@ -18,14 +18,14 @@ from typing import Any
 import orjson
 import pytest
 
-from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
-from plugins.tools.judge import ExchangeState, ToolJudge
-from plugins.tools.policy import ModeState
-from plugins.tools.request import scan_history
-from plugins.tools.schemas import validator_failure as _validator_failure
-from proxy.errors import ConfigError
-from proxy.exchange import Decision, ToolCall
-from proxy.tooling import parse_call
+from llm_warden.plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
+from llm_warden.plugins.tools.judge import ExchangeState, ToolJudge
+from llm_warden.plugins.tools.policy import ModeState
+from llm_warden.plugins.tools.request import scan_history
+from llm_warden.plugins.tools.schemas import validator_failure as _validator_failure
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.exchange import Decision, ToolCall
+from llm_warden.proxy.tooling import parse_call
 from tests.plugins.tools.helpers import OUTSIDER, TOOLS, build_config, exchange
 
 APPROVE_BIG: dict[str, Any] = {

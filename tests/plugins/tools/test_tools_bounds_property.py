@@ -26,12 +26,12 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugins.tools.bounds import MAX_DEPTH_LIMIT, bounds_failure, nesting_depth, utf8_size
-from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
-from plugins.tools.judge import ExchangeState, ToolJudge
-from plugins.tools.policy import ModeState
-from proxy.exchange import Decision, Exchange, Principal
-from proxy.tooling import parse_call
+from llm_warden.plugins.tools.bounds import MAX_DEPTH_LIMIT, bounds_failure, nesting_depth, utf8_size
+from llm_warden.plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
+from llm_warden.plugins.tools.judge import ExchangeState, ToolJudge
+from llm_warden.plugins.tools.policy import ModeState
+from llm_warden.proxy.exchange import Decision, Exchange, Principal
+from llm_warden.proxy.tooling import parse_call
 from tests.plugins.tools.helpers import TOOLS
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import main
+from llm_warden.proxy.cli import main
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE_CASES = ROOT / "docs" / "tools.cases.yaml"
@@ -54,17 +54,17 @@ def write(tmp_path: Path, cases: str, name: str = "cases.yaml", policy: str = PO
 def test_the_example_policy_passes_its_cases(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(["policy", "test", str(EXAMPLE_CASES)], capsys)
     assert rc == 0, out + err
-    assert out.splitlines()[-1] == "21 cases: 21 passed, 0 failed"
+    assert out.splitlines()[-1] == "22 cases: 22 passed, 0 failed"
     assert "  ok     17  version 1 is refused from its sunset on, naming refund_v2: deny (tools[1].deprecated)" in out
     assert "[deprecated]" in out and err == ""
 
 
 def test_the_console_command_runs_the_cases() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "proxy", "policy", "test", "--quiet", str(EXAMPLE_CASES)], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [sys.executable, "-m", "llm_warden.proxy", "policy", "test", "--quiet", str(EXAMPLE_CASES)], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.splitlines() == [f"policy {EXAMPLE_POLICY} (4 tools), cases {EXAMPLE_CASES}", "21 cases: 21 passed, 0 failed"]
+    assert done.stdout.splitlines() == [f"policy {EXAMPLE_POLICY} (4 tools), cases {EXAMPLE_CASES}", "22 cases: 22 passed, 0 failed"]
 
 
 def test_a_wrong_expectation_fails_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

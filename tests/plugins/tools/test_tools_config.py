@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from plugins.tools import PolicyConfig, ToolSpec, ToolsPlugin
-from plugins.tools.plugin import decisions_header
-from proxy.errors import ConfigError
-from proxy.exchange import Decision, ToolCall, ToolDecisionRecord
+from llm_warden.plugins.tools import PolicyConfig, ToolSpec, ToolsPlugin
+from llm_warden.plugins.tools.plugin import decisions_header
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.exchange import Decision, ToolCall, ToolDecisionRecord
 from tests.plugins.tools.helpers import TOOLS, build_config, call, exchange
 
 

@@ -11,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from plugins.tools import ToolsPlugin
+from llm_warden.plugins.tools import ToolsPlugin
 from tests.fakeprovider import FakeProvider, Reply
 from tests.plugins.tools.helpers import REFUND_V1, warden_overrides
 from tests.plugins.tools.test_tools_e2e import MemoryAudit, audit, fn

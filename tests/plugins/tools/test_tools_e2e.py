@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.exchange import Exchange
+from llm_warden.proxy.exchange import Exchange
 from tests.conftest import ADMIN_TOKEN
 from tests.fakeprovider import FakeProvider, Reply
 from tests.plugins.tools.helpers import LOOKUP_SCHEMA, TOOLS, warden_overrides

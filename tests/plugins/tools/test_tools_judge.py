@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 
-from plugins.tools import ToolsPlugin
-from proxy.exchange import Principal, ToolCall
+from llm_warden.plugins.tools import ToolsPlugin
+from llm_warden.proxy.exchange import Principal, ToolCall
 from tests.plugins.tools.conftest import PluginFactory
 from tests.plugins.tools.helpers import BILLING, OUTSIDER, call, exchange, next_turn
 

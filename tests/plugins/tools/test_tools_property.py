@@ -11,8 +11,8 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugins.tools import PolicyConfig, ToolSpec, ToolsPlugin
-from proxy.exchange import Decision, Exchange, Principal, ToolCall
+from llm_warden.plugins.tools import PolicyConfig, ToolSpec, ToolsPlugin
+from llm_warden.proxy.exchange import Decision, Exchange, Principal, ToolCall
 
 SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -13,11 +13,11 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from plugins.tools import ToolsPlugin
-from plugins.tools.redis_store import HISTORY_S, RedisToolStateStore
-from plugins.tools.store import StateBackendDown
-from proxy.errors import ConfigError
-from proxy.plugin import PluginContext
+from llm_warden.plugins.tools import ToolsPlugin
+from llm_warden.plugins.tools.redis_store import HISTORY_S, RedisToolStateStore
+from llm_warden.plugins.tools.store import StateBackendDown
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.plugin import PluginContext
 from tests.conftest import ADMIN_TOKEN
 from tests.fakeprovider import FakeProvider, Reply
 from tests.plugins.ratelimit.limits_helpers import RedisServer, free_port

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from plugins.tools import ToolsPlugin
-from proxy.errors import BadRequest, Forbidden
+from llm_warden.plugins.tools import ToolsPlugin
+from llm_warden.proxy.errors import BadRequest, Forbidden
 from tests.plugins.tools.conftest import PluginFactory
 from tests.plugins.tools.helpers import LOOKUP_SCHEMA, OUTSIDER, REFUND_SCHEMA, exchange
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
-from plugins.tools.judge import ExchangeState, ToolJudge
-from plugins.tools.policy import ModeState
-from plugins.tools.rules import ArgumentRule
-from proxy.errors import ConfigError
-from proxy.exchange import Decision, Principal, ToolCall
-from proxy.tooling import parse_call
+from llm_warden.plugins.tools.config import PolicyConfig, ToolRegistry, ToolSpec
+from llm_warden.plugins.tools.judge import ExchangeState, ToolJudge
+from llm_warden.plugins.tools.policy import ModeState
+from llm_warden.plugins.tools.rules import ArgumentRule
+from llm_warden.proxy.errors import ConfigError
+from llm_warden.proxy.exchange import Decision, Principal, ToolCall
+from llm_warden.proxy.tooling import parse_call
 from tests.plugins.tools.helpers import build_config, exchange
 
 PAY_SCHEMA: dict[str, Any] = {

@@ -10,10 +10,10 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugins.tools import PolicyConfig, ToolsPlugin
-from plugins.tools.config import ToolSpec
-from plugins.tools.rules import ArgumentRule
-from proxy.exchange import Exchange, Principal, ToolCall
+from llm_warden.plugins.tools import PolicyConfig, ToolsPlugin
+from llm_warden.plugins.tools.config import ToolSpec
+from llm_warden.plugins.tools.rules import ArgumentRule
+from llm_warden.proxy.exchange import Exchange, Principal, ToolCall
 from tests.plugins.tools.test_tools_property import json_scalars, json_values, run
 
 SCHEMA: dict[str, Any] = {

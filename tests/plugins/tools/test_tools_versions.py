@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from plugins.tools.check import ToolPolicy
-from plugins.tools.config import PolicyConfig, ToolRegistry
-from plugins.tools.judge import ExchangeState
-from plugins.tools.versions import parse_sunset
-from proxy.errors import ConfigError, Forbidden
-from proxy.exchange import Decision, ToolDecisionRecord
-from proxy.tooling import offer_check, parse_call
+from llm_warden.plugins.tools.check import ToolPolicy
+from llm_warden.plugins.tools.config import PolicyConfig, ToolRegistry
+from llm_warden.plugins.tools.judge import ExchangeState
+from llm_warden.plugins.tools.versions import parse_sunset
+from llm_warden.proxy.errors import ConfigError, Forbidden
+from llm_warden.proxy.exchange import Decision, ToolDecisionRecord
+from llm_warden.proxy.tooling import offer_check, parse_call
 from tests.plugins.tools.helpers import BILLING, REFUND_SCHEMA, REFUND_V1, build_config, exchange
 
 SUNSET = dt.datetime(2027, 1, 31, tzinfo=dt.UTC).timestamp()

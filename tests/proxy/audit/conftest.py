@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from proxy.audit.sqlite import SQLiteAuditLog
-from proxy.config import AuditConfig
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog
+from llm_warden.proxy.config import AuditConfig
 
 LogFactory = Callable[..., Awaitable[SQLiteAuditLog]]
 

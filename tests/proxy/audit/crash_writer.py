@@ -8,8 +8,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from proxy.audit.sqlite import SQLiteAuditLog
-from proxy.config import AuditConfig
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog
+from llm_warden.proxy.config import AuditConfig
 from tests.proxy.audit.helpers import make_exchange
 
 

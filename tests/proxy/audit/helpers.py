@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from proxy.exchange import Decision, Exchange, Principal, ToolCall, ToolDecisionRecord, UpstreamTurn, Usage
+from llm_warden.proxy.exchange import Decision, Exchange, Principal, ToolCall, ToolDecisionRecord, UpstreamTurn, Usage
 
 _ids = itertools.count(1)
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from proxy.audit import writer
+from llm_warden.proxy.audit import writer
 
 
 def _take(var: str) -> bool:

@@ -11,10 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy.audit.sqlite import SQLiteAuditLog
-from proxy.cli import main
-from proxy.config import AuditConfig
-from proxy.exchange import Decision, ToolCall, ToolDecisionRecord
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog
+from llm_warden.proxy.cli import main
+from llm_warden.proxy.config import AuditConfig
+from llm_warden.proxy.exchange import Decision, ToolCall, ToolDecisionRecord
 from tests.proxy.audit.helpers import make_exchange
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -80,7 +80,7 @@ def test_search_filters(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_export_jsonl_reproduces_the_hashes(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy.audit.chain import canonical, leaf_hash
+    from llm_warden.proxy.audit.chain import canonical, leaf_hash
 
     out = tmp_path / "export.jsonl"
     assert main(["audit", "export", "--format", "jsonl", "--db", str(db), "-o", str(out)]) == 0
@@ -108,12 +108,12 @@ def test_verify_ok_then_fault(db: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 def test_verify_through_the_installed_entry_point(db: Path) -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "proxy", "audit", "verify", "--db", str(db)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "llm_warden.proxy", "audit", "verify", "--db", str(db)], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0, res.stderr
     assert "OK: the chain and every checkpoint verify" in res.stdout
     res = subprocess.run(
-        [sys.executable, "-m", "proxy", "audit", "verify", "--db", str(db) + ".missing"],
+        [sys.executable, "-m", "llm_warden.proxy", "audit", "verify", "--db", str(db) + ".missing"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.audit.verify import verify_db
+from llm_warden.proxy.audit.verify import verify_db
 from tests.proxy.audit.conftest import LogFactory
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from proxy.audit.feedback import submit_feedback, validate_feedback
-from proxy.errors import BadRequest, NotFound
-from proxy.exchange import Principal
+from llm_warden.proxy.audit.feedback import submit_feedback, validate_feedback
+from llm_warden.proxy.errors import BadRequest, NotFound
+from llm_warden.proxy.exchange import Principal
 from tests.proxy.audit.conftest import LogFactory
 from tests.proxy.audit.helpers import make_exchange
 

@@ -13,9 +13,9 @@ import openai
 import orjson
 import pytest
 
-from proxy.audit.sqlite import SQLiteAuditLog
-from proxy.audit.verify import verify_db
-from proxy.cli import main
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog
+from llm_warden.proxy.audit.verify import verify_db
+from llm_warden.proxy.cli import main
 from tests.conftest import PROVIDER_KEY, WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 from tests.proxy.audit.helpers import writes_fail

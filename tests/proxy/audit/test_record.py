@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from proxy.audit.chain import CANONICAL_OPTS, canonical
-from proxy.audit.record import Projector, _iso
-from proxy.audit.redact import json_default
-from proxy.exchange import Decision, Exchange
+from llm_warden.proxy.audit.chain import CANONICAL_OPTS, canonical
+from llm_warden.proxy.audit.record import Projector, _iso
+from llm_warden.proxy.audit.redact import json_default
+from llm_warden.proxy.exchange import Decision, Exchange
 from tests.proxy.audit.helpers import make_exchange
 
 UPSTREAM = "sk-upstream-secret-0123456789abcdefXYZ"
@@ -113,7 +113,7 @@ def test_system_hash_cache_is_keyed_by_the_text_and_bounded() -> None:
     """Cached digests are those of the very text asked about; the cache empties itself at its bounds."""
     import hashlib
 
-    from proxy.audit.record import _HashCache
+    from llm_warden.proxy.audit.record import _HashCache
 
     cache = _HashCache()
     texts = [f"system prompt {i}" for i in range(_HashCache.MAX_ENTRIES * 3)]

@@ -7,9 +7,9 @@ import time
 import orjson
 import pytest
 
-from proxy.audit import redact
-from proxy.audit.redact import Redactor, Rule, luhn_ok
-from proxy.errors import ConfigError
+from llm_warden.proxy.audit import redact
+from llm_warden.proxy.audit.redact import Redactor, Rule, luhn_ok
+from llm_warden.proxy.errors import ConfigError
 
 UPSTREAM = "sk-upstream-secret-0123456789abcdefXYZ"
 
@@ -173,7 +173,7 @@ def test_digit_runs_found_on_the_translated_bytes_match_the_plain_regex() -> Non
     import random
     import re
 
-    from proxy.audit.redact import _DIGIT_RUN_FOLDED, _FOLD
+    from llm_warden.proxy.audit.redact import _DIGIT_RUN_FOLDED, _FOLD
 
     plain = re.compile(rb"\d[\d ().+/-]{6,}\d")
     rng = random.Random(7)

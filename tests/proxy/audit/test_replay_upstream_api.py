@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import main
+from llm_warden.proxy.cli import main
 
 
 def test_replay_refuses_a_config_whose_provider_speaks_the_anthropic_api(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

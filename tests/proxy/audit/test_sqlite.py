@@ -12,11 +12,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy.audit.sqlite import SQLiteAuditLog, build_audit
-from proxy.audit.verify import verify_db
-from proxy.config import AuditConfig, load_config
-from proxy.errors import AuditUnavailable
-from proxy.exchange import Principal, UpstreamTurn
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog, build_audit
+from llm_warden.proxy.audit.verify import verify_db
+from llm_warden.proxy.config import AuditConfig, load_config
+from llm_warden.proxy.errors import AuditUnavailable
+from llm_warden.proxy.exchange import Principal, UpstreamTurn
 from tests.proxy.audit.conftest import LogFactory
 from tests.proxy.audit.helpers import make_exchange, writes_fail
 from tests.proxy.audit.test_redact import SECRETS, UPSTREAM, secret_value
@@ -324,8 +324,8 @@ async def test_signing_key_from_env_and_file(tmp_path: Path, monkeypatch: pytest
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from proxy.audit.chain import private_pem
-    from proxy.errors import ConfigError
+    from llm_warden.proxy.audit.chain import private_pem
+    from llm_warden.proxy.errors import ConfigError
 
     key = Ed25519PrivateKey.generate()
     seed = key.private_bytes_raw()
@@ -335,7 +335,7 @@ async def test_signing_key_from_env_and_file(tmp_path: Path, monkeypatch: pytest
     await log.record_exchange(make_exchange())
     await log.stop()
     assert not (tmp_path / "env.db.ed25519").exists()
-    from proxy.audit.chain import verifier_key
+    from llm_warden.proxy.audit.chain import verifier_key
 
     report = await verify_db(tmp_path / "env.db", keys=[verifier_key(log.origin, key.public_key())])
     assert report.ok, report.render()
@@ -414,7 +414,7 @@ def test_leaf_hash_fed_in_pieces_is_the_plain_formula() -> None:
     import hashlib
     import struct
 
-    from proxy.audit.chain import leaf_hash
+    from llm_warden.proxy.audit.chain import leaf_hash
 
     prev = hashlib.sha256(b"prev").digest()
     for size in (0, 1, 2046, 2047, 2048, 2049, 4094, 4095, 10_000):
@@ -437,8 +437,7 @@ def _frame_sizes(log: SQLiteAuditLog) -> list[int]:
 
 
 async def test_batch_frames_stay_within_the_byte_budget(make_log: LogFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import proxy.audit.sqlite as store
-
+    import llm_warden.proxy.audit.sqlite as store
     monkeypatch.setattr(store, "FRAME_BYTES", 20_000)
     log = await make_log(durability="batch", batch_max_ms=50)
     sizes = _frame_sizes(log)
@@ -455,8 +454,7 @@ async def test_batch_frames_stay_within_the_byte_budget(make_log: LogFactory, mo
 
 
 async def test_a_failed_batch_is_retried_in_groups_within_the_budget(make_log: LogFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    import proxy.audit.sqlite as store
-
+    import llm_warden.proxy.audit.sqlite as store
     monkeypatch.setattr(store, "FRAME_BYTES", 20_000)
     log = await make_log(durability="batch", batch_max_ms=0, batch_max_records=8)
     sizes = _frame_sizes(log)
@@ -481,8 +479,7 @@ async def test_a_failed_batch_is_retried_in_groups_within_the_budget(make_log: L
 
 
 async def test_an_oversized_exchange_is_recorded_by_its_size(make_log: LogFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    import proxy.audit.sqlite as store
-
+    import llm_warden.proxy.audit.sqlite as store
     monkeypatch.setattr(store, "MAX_RECORD_BYTES", 5_000)
     log = await make_log(durability="sync")
     await log.record_exchange(make_exchange(request_id="huge", user_text="h" * 10_000))
@@ -639,7 +636,7 @@ def _db_checkpoint_sizes(path: Path) -> set[int]:
 
 
 def _file_checkpoint_sizes(path: Path) -> list[int]:
-    from proxy.audit.chain import parse_checkpoint, read_checkpoint_file
+    from llm_warden.proxy.audit.chain import parse_checkpoint, read_checkpoint_file
 
     return [parse_checkpoint(n).size for n in read_checkpoint_file(path).notes] if path.exists() else []
 
@@ -686,8 +683,7 @@ async def test_a_writer_restart_appends_the_checkpoints_the_file_lacks(make_log:
 
 async def test_verify_reads_one_snapshot_while_a_prune_runs(make_log: LogFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """A prune that commits between verify's pages is not reported as deleted records."""
-    import proxy.audit.verify as verify
-
+    import llm_warden.proxy.audit.verify as verify
     log = await make_log(durability="sync", fsync=False, checkpoint_every=5)
     log.cfg.retention_days = 30  # after start: no background prune races the records this test writes
     await _old_records(log, 40)

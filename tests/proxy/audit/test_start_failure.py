@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from proxy.app import Warden
-from proxy.audit.sqlite import SQLiteAuditLog, build_audit
-from proxy.config import load_config
-from proxy.plugin import Plugin, PluginContext, available_plugins
+from llm_warden.proxy.app import Warden
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog, build_audit
+from llm_warden.proxy.config import load_config
+from llm_warden.proxy.plugin import Plugin, PluginContext, available_plugins
 from tests.conftest import Keys
 from tests.fakeprovider import FakeProvider
 from tests.proxy.audit.test_crash import _running
@@ -62,7 +62,7 @@ async def test_a_plugin_failing_at_start_stops_the_audit_store(base_config: dict
     left = [t for t in new_threads if t.is_alive()]
     assert not left, f"threads left that would hold the process open: {left}"
     # The store closed cleanly: the log verifies, nothing unsealed.
-    from proxy.audit.verify import verify_db
+    from llm_warden.proxy.audit.verify import verify_db
 
     report = await verify_db(tmp_path / "audit.db")
     assert report.ok and not [f for f in report.findings if f.severity == "warning"], report.render()
@@ -77,7 +77,7 @@ async def test_warden_serve_with_a_plugin_failing_at_start_exits_promptly(tmp_pa
     cfg.write_text(text.replace('enabled = ["headers"]', 'enabled = ["headers", "limits"]'))
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        sys.executable, "-m", "llm_warden.proxy", "serve", "--config", str(cfg), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), 20)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit.chain import append_checkpoint_file, make_checkpoint, verifier_key
-from proxy.audit.verify import verify_db
+from llm_warden.proxy.audit.chain import append_checkpoint_file, make_checkpoint, verifier_key
+from llm_warden.proxy.audit.verify import verify_db
 from tests.proxy.audit.conftest import LogFactory
 from tests.proxy.audit.helpers import make_exchange
 
@@ -56,7 +56,7 @@ async def test_edited_record_is_reported(make_log: LogFactory, tmp_path: Path) -
 
 
 async def test_edited_and_rehashed_record_breaks_the_next_link_and_checkpoint(make_log: LogFactory, tmp_path: Path) -> None:
-    from proxy.audit.chain import leaf_hash
+    from llm_warden.proxy.audit.chain import leaf_hash
 
     path = await _fill(make_log, tmp_path)
     db = sqlite3.connect(path)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.audit.verify import verify_db
-from proxy.audit.writer import AppendResult, Batch, WriterError, append_parts, append_tx, frame
-from proxy.audit.writer_process import _Frame
+from llm_warden.proxy.audit.verify import verify_db
+from llm_warden.proxy.audit.writer import AppendResult, Batch, WriterError, append_parts, append_tx, frame
+from llm_warden.proxy.audit.writer_process import _Frame
 from tests.proxy.audit.conftest import LogFactory
 from tests.proxy.audit.helpers import make_exchange
 

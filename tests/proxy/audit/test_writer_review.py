@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from proxy.audit import writer_process as writer_mod
-from proxy.audit.sqlite import SQLiteAuditLog
-from proxy.audit.verify import verify_db
-from proxy.audit.writer import WriterGone
-from proxy.errors import AuditUnavailable
+from llm_warden.proxy.audit import writer_process as writer_mod
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog
+from llm_warden.proxy.audit.verify import verify_db
+from llm_warden.proxy.audit.writer import WriterGone
+from llm_warden.proxy.errors import AuditUnavailable
 from tests.proxy.audit.conftest import LogFactory
 from tests.proxy.audit.helpers import make_exchange, writes_fail
 
@@ -45,7 +45,7 @@ def review_child(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[di
     real = subprocess.Popen
 
     def popen(args: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
-        args = ["tests.proxy.audit.review_child" if a == "proxy.audit.writer" else a for a in args]
+        args = ["tests.proxy.audit.review_child" if a == "llm_warden.proxy.audit.writer" else a for a in args]
         return real(args, **kw)
 
     monkeypatch.setattr(writer_mod, "subprocess", types.SimpleNamespace(Popen=popen, DEVNULL=subprocess.DEVNULL, TimeoutExpired=subprocess.TimeoutExpired))
@@ -239,8 +239,8 @@ async def test_a_cancelled_answer_reader_does_not_kill_the_writer(make_log: LogF
 _NO_STOP = """
 import asyncio, os, sqlite3, sys
 from pathlib import Path
-from proxy.audit.sqlite import SQLiteAuditLog
-from proxy.config import AuditConfig
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog
+from llm_warden.proxy.config import AuditConfig
 from tests.proxy.audit.helpers import make_exchange
 
 async def main(path):

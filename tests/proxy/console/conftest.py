@@ -11,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN
 from tests.fakeprovider import FakeProvider, Reply
 from tests.proxy.audit.postgres import conftest as pg_audit

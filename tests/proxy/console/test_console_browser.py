@@ -227,7 +227,7 @@ async def test_a_tenant_admin_cannot_see_another_tenant(page: Page, cw: Any, fak
 
 
 async def test_a_session_that_expires_sends_the_operator_to_sign_in(page: Page, cw: Any) -> None:
-    from proxy.console import CONSOLE_KEY
+    from llm_warden.proxy.console import CONSOLE_KEY
 
     sessions = cw.admin.runner.app[CONSOLE_KEY].sessions
     clock = [time.time()]

@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from proxy.console import CONSOLE_KEY
-from proxy.console.render import CSP
+from llm_warden.proxy.console import CONSOLE_KEY
+from llm_warden.proxy.console.render import CSP
 from tests.conftest import ADMIN_TOKEN
 from tests.proxy.console.conftest import hold_refund
 
@@ -253,8 +253,7 @@ async def test_audit_search_pages_with_a_cursor_and_finds_a_request_id(cw: Any, 
     await b.sign_in()
     _, text, _ = await b.get(f"/console/audit?request_id={rids[1]}")
     assert rids[1] in text and rids[0] not in text and rids[2] not in text
-    import proxy.console.audit_views as av
-
+    import llm_warden.proxy.console.audit_views as av
     old = av.PAGE
     av.PAGE = 2
     try:
@@ -314,7 +313,7 @@ async def test_the_console_can_be_turned_off(warden_factory: Any) -> None:
 
 
 async def test_bad_session_ttl_is_a_config_error(warden_factory: Any) -> None:
-    from proxy.errors import ConfigError
+    from llm_warden.proxy.errors import ConfigError
 
     with pytest.raises(ConfigError, match="console_session_ttl_s"):
         await warden_factory({"admin": {"console_session_ttl_s": 0}})

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.console.render import CSP
+from llm_warden.proxy.console.render import CSP
 from tests.proxy.console.conftest import Browser, exhaust
 
 

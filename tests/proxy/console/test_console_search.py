@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from proxy.audit.base import ReaderQueries
-from proxy.audit.sqlite import SQLiteAuditLog
-from proxy.config import AuditConfig
+from llm_warden.proxy.audit.base import ReaderQueries
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog
+from llm_warden.proxy.config import AuditConfig
 from tests.proxy.audit.helpers import make_exchange
 
 
@@ -70,7 +70,7 @@ async def test_a_forged_cursor_is_refused(store: Any, cursor: str) -> None:
 
 
 async def test_chain_findings_of_a_recorded_exchange_are_all_good(store: Any) -> None:
-    from proxy.console.chain_status import chain_findings
+    from llm_warden.proxy.console.chain_status import chain_findings
 
     rids = await _fill(store, 3)
     if hasattr(store, "checkpoint"):
@@ -87,7 +87,7 @@ async def test_chain_findings_of_a_recorded_exchange_are_all_good(store: Any) ->
 async def test_an_altered_record_is_shown_as_altered(tmp_path: Path) -> None:
     import sqlite3
 
-    from proxy.console.chain_status import chain_findings
+    from llm_warden.proxy.console.chain_status import chain_findings
 
     log = SQLiteAuditLog(AuditConfig(durability="sync"), tmp_path / "audit.db", upstream_key=None, provider="openai")  # type: ignore[arg-type]
     await log.start()
@@ -131,8 +131,7 @@ async def test_the_console_on_a_postgresql_audit_log(
         await b.sign_in()
         _, text, _ = await b.get(f"/console/audit?request_id={rids[1]}")
         assert rids[1] in text and rids[0] not in text
-        import proxy.console.audit_views as av
-
+        import llm_warden.proxy.console.audit_views as av
         monkeypatch.setattr(av, "PAGE", 2)
         _, text, _ = await b.get("/console/audit?kind=exchange")
         assert rids[2] in text and rids[1] in text and rids[0] not in text

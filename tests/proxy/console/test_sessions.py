@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from proxy.console.sessions import Sessions
-from proxy.exchange import Principal
+from llm_warden.proxy.console.sessions import Sessions
+from llm_warden.proxy.exchange import Principal
 
 ADMIN = Principal(tenant="*", subject="ops")
 

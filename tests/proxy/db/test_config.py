@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.audit.factory import build_audit
-from proxy.audit.postgres import PostgresAuditLog
-from proxy.audit.sqlite import SQLiteAuditLog
-from proxy.config import AuditConfig, DatabaseConfig, load_config
-from proxy.errors import ConfigError
+from llm_warden.proxy.audit.factory import build_audit
+from llm_warden.proxy.audit.postgres import PostgresAuditLog
+from llm_warden.proxy.audit.sqlite import SQLiteAuditLog
+from llm_warden.proxy.config import AuditConfig, DatabaseConfig, load_config
+from llm_warden.proxy.errors import ConfigError
 
 BASE: dict[str, object] = {"auth": {"mode": "none"}, "plugins": {"enabled": []}}
 
@@ -83,8 +83,8 @@ async def test_unreachable_database_fails_start_with_503_kind_error() -> None:
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from proxy.audit.chain import seed_bytes
-    from proxy.errors import AuditUnavailable
+    from llm_warden.proxy.audit.chain import seed_bytes
+    from llm_warden.proxy.errors import AuditUnavailable
 
     key = base64.b64encode(seed_bytes(Ed25519PrivateKey.generate())).decode()
     with pytest.MonkeyPatch.context() as mp:

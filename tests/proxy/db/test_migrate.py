@@ -14,13 +14,13 @@ import asyncpg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit import pg_chain
-from proxy.audit.chain import seed_bytes, verifier_key
-from proxy.audit.pg_verify import verify_pg
-from proxy.audit.postgres import PostgresAuditLog
-from proxy.audit.record import Projector
-from proxy.config import AuditConfig, DatabaseConfig
-from proxy.db.migrate import COMPONENTS, SchemaMismatch, check_schema, latest_version, migrate, migrations
+from llm_warden.proxy.audit import pg_chain
+from llm_warden.proxy.audit.chain import seed_bytes, verifier_key
+from llm_warden.proxy.audit.pg_verify import verify_pg
+from llm_warden.proxy.audit.postgres import PostgresAuditLog
+from llm_warden.proxy.audit.record import Projector
+from llm_warden.proxy.config import AuditConfig, DatabaseConfig
+from llm_warden.proxy.db.migrate import COMPONENTS, SchemaMismatch, check_schema, latest_version, migrate, migrations
 from tests.proxy.audit.helpers import make_exchange
 
 pytestmark = pytest.mark.timeout(60)
@@ -150,11 +150,11 @@ async def test_a_failed_migration_leaves_the_previous_version(pg_schema: str, tm
 
 def test_warden_db_migrate_command(pg_schema: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WARDEN_DATABASE_URL": pg_schema}
-    run = subprocess.run([sys.executable, "-m", "proxy.cli", "db", "migrate"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-m", "llm_warden.proxy.cli", "db", "migrate"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert f"audit: schema version 0 -> {latest_version(AUDIT)}" in run.stdout
-    again = subprocess.run([sys.executable, "-m", "proxy.cli", "db", "migrate"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    again = subprocess.run([sys.executable, "-m", "llm_warden.proxy.cli", "db", "migrate"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert "(up to date)" in again.stdout
     env.pop("WARDEN_DATABASE_URL")
-    missing = subprocess.run([sys.executable, "-m", "proxy.cli", "db", "migrate"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    missing = subprocess.run([sys.executable, "-m", "llm_warden.proxy.cli", "db", "migrate"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "WARDEN_DATABASE_URL is not set" in missing.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 
-from proxy.demo.provider import LABEL, MODEL, script
+from llm_warden.proxy.demo.provider import LABEL, MODEL, script
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -19,7 +19,7 @@ def test_the_demo_walks_through_every_step_and_leaves_a_sealed_audit_log(tmp_pat
     folder = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WARDEN_", "OPENAI_"))}
     run = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "demo", "--no-wait", "--port", "0", "--admin-port", "0", "--folder", str(folder)],
+        [sys.executable, "-m", "llm_warden.proxy.cli", "demo", "--no-wait", "--port", "0", "--admin-port", "0", "--folder", str(folder)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100,
     )
     out = run.stdout
@@ -64,7 +64,7 @@ def test_the_demo_walks_through_every_step_and_leaves_a_sealed_audit_log(tmp_pat
     assert any(line["logger"] == "warden.demo" and "not a language model" in line["msg"] for line in lines)
     assert {line.get("model") for line in lines if line.get("msg") == "request"} == {MODEL}
     # Warden stopped cleanly: the log is sealed, no longer live, and verifies without a warning.
-    verify = subprocess.run([sys.executable, "-m", "proxy.cli", "audit", "verify", "--db", str(folder / "audit.db")],
+    verify = subprocess.run([sys.executable, "-m", "llm_warden.proxy.cli", "audit", "verify", "--db", str(folder / "audit.db")],
                             env=env, capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "live" not in verify.stdout and "WARNING" not in verify.stdout, verify.stdout

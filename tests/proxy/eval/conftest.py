@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.eval.runner import InProcessTarget
+from llm_warden.proxy.eval.runner import InProcessTarget
 from tests.conftest import ADMIN_TOKEN
 from tests.fakeprovider import FakeProvider
 

@@ -10,8 +10,8 @@ import orjson
 import pytest
 import yaml
 
-from proxy.eval.cases import CaseError, load_cases, parse_case
-from proxy.eval.runner import Progress
+from llm_warden.proxy.eval.cases import CaseError, load_cases, parse_case
+from llm_warden.proxy.eval.runner import Progress
 
 BASE: dict[str, Any] = {"id": "c1", "principal": {"tenant": "acme", "user": "alice"}, "messages": [{"role": "user", "content": "hi"}]}
 

@@ -27,7 +27,7 @@ def _config(fake: FakeProvider, tmp: Path) -> Path:
 
 async def warden(*args: str, cwd: Path) -> tuple[int, str, str]:
     env = {**os.environ, DEV_SECRET_ENV: "s" * 32}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", *args, cwd=cwd, env=env,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_warden.proxy", *args, cwd=cwd, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode is not None

@@ -7,8 +7,8 @@ from typing import Any
 
 import yaml
 
-from proxy.eval.cases import load_cases
-from proxy.eval.runner import InProcessTarget, RunOptions, run_cases
+from llm_warden.proxy.eval.cases import load_cases
+from llm_warden.proxy.eval.runner import InProcessTarget, RunOptions, run_cases
 from tests.fakeprovider import FakeProvider, Reply
 from tests.proxy.eval.conftest import DEV_SECRET_ENV, dev_config
 
@@ -115,12 +115,12 @@ async def test_model_override_and_concurrency(target: InProcessTarget, fake: Fak
 
 async def test_a_running_warden_by_url_with_the_dev_secret_and_its_audit_store(fake: FakeProvider, tmp_path: Path, monkeypatch: Any) -> None:
     """``--url``: tokens signed with the config's HS256 dev secret, decisions read from the config's audit store."""
-    from proxy.app import Warden
-    from proxy.audit.factory import build_audit
-    from proxy.config import load_config
-    from proxy.eval.runner import RemoteTarget
-    from proxy.plugin import available_plugins
-    from proxy.testing import RunningWarden
+    from llm_warden.proxy.app import Warden
+    from llm_warden.proxy.audit.factory import build_audit
+    from llm_warden.proxy.config import load_config
+    from llm_warden.proxy.eval.runner import RemoteTarget
+    from llm_warden.proxy.plugin import available_plugins
+    from llm_warden.proxy.testing import RunningWarden
 
     monkeypatch.setenv(DEV_SECRET_ENV, "d" * 40)
     cfg_path = dev_config(fake, tmp_path, """

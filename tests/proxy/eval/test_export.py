@@ -11,10 +11,10 @@ from typing import Any
 import aiohttp
 import yaml
 
-from proxy.audit.reader import AuditReader
-from proxy.eval.cases import CasePrincipal, load_cases
-from proxy.eval.export import export_cases
-from proxy.eval.runner import InProcessTarget, RunOptions, run_cases
+from llm_warden.proxy.audit.reader import AuditReader
+from llm_warden.proxy.eval.cases import CasePrincipal, load_cases
+from llm_warden.proxy.eval.export import export_cases
+from llm_warden.proxy.eval.runner import InProcessTarget, RunOptions, run_cases
 from tests.fakeprovider import FakeProvider, Reply
 
 ALICE = CasePrincipal("acme", "alice", ("staff",))
@@ -94,7 +94,7 @@ async def test_export_command_writes_cases_and_says_what_it_skipped(target: InPr
         await _feedback(target, s, REVIEWER, {"request_id": rid, "accepted_answer": True})
         rid2 = await _chat(target, s, ALICE, {"model": "m1", "messages": [{"role": "user", "content": "q2"}]})
         await _feedback(target, s, REVIEWER, {"request_id": rid2, "rating": -1})
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "eval", "export", "--from-audit", "--db", target.cfg.audit.path, "-o", str(tmp_path / "x.jsonl"),
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_warden.proxy", "eval", "export", "--from-audit", "--db", target.cfg.audit.path, "-o", str(tmp_path / "x.jsonl"),
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ))
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err

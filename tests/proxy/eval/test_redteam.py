@@ -10,10 +10,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy.eval.corpus import Corpus, load_agentdojo
-from proxy.eval.obedient import Instruction, ObedientModel
-from proxy.eval.redteam import OWASP, build_suite, run_redteam
-from proxy.eval.runner import RunOptions
+from llm_warden.proxy.eval.corpus import Corpus, load_agentdojo
+from llm_warden.proxy.eval.obedient import Instruction, ObedientModel
+from llm_warden.proxy.eval.redteam import OWASP, build_suite, run_redteam
+from llm_warden.proxy.eval.runner import RunOptions
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ async def test_the_suite_catches_a_warden_without_its_fence(corpus: Corpus) -> N
 
 
 async def test_redteam_command(tmp_path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "eval", "redteam", "--short", "--suites", "banking", "-o", str(tmp_path / "rt.json"),
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "llm_warden.proxy", "eval", "redteam", "--short", "--suites", "banking", "-o", str(tmp_path / "rt.json"),
                                                 "--junit", str(tmp_path / "rt.xml"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ))
     out, err = await asyncio.wait_for(proc.communicate(), 110)
     assert proc.returncode == 0, (out, err)

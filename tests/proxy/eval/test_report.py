@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.eval.cases import parse_case
-from proxy.eval.checks import CheckResult, Outcome
-from proxy.eval.report import build_run, compare, html_report, junit_xml
-from proxy.eval.runner import CaseResult
+from llm_warden.proxy.eval.cases import parse_case
+from llm_warden.proxy.eval.checks import CheckResult, Outcome
+from llm_warden.proxy.eval.report import build_run, compare, html_report, junit_xml
+from llm_warden.proxy.eval.runner import CaseResult
 
 
 def _result(cid: str, passed: bool, latency: float = 100.0, tokens: int = 10, answer: str = "ok", cost: float | None = 0.01) -> CaseResult:

@@ -8,7 +8,7 @@ from typing import Any
 import anthropic
 import pytest
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 
 _open: list[anthropic.AsyncAnthropic] = []
 

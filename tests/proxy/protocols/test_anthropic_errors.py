@@ -17,8 +17,8 @@ import orjson
 import pytest
 from yarl import URL
 
-from proxy.exchange import Exchange
-from proxy.testing import RunningWarden
+from llm_warden.proxy.exchange import Exchange
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 from tests.proxy.protocols.conftest import anthropic_client

@@ -10,7 +10,7 @@ import anthropic
 import orjson
 import pytest
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 from tests.proxy.protocols.conftest import anthropic_client

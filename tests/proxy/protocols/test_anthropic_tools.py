@@ -16,7 +16,7 @@ import anthropic
 import orjson
 import pytest
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN, WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 from tests.plugins.tools.helpers import LOOKUP_SCHEMA, REFUND_SCHEMA, TOOLS

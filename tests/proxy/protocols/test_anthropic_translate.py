@@ -21,12 +21,12 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from proxy.errors import BadRequest, ToolCallInvalid, Unauthorized
-from proxy.exchange import Exchange, Usage
-from proxy.protocols import adapter_for, protocol_for_path
-from proxy.protocols.anthropic import AnthropicMessages, AnthropicStream, error_type, render_message, stop_reason
-from proxy.protocols.anthropic_request import translate
-from proxy.protocols.base import Bounds
+from llm_warden.proxy.errors import BadRequest, ToolCallInvalid, Unauthorized
+from llm_warden.proxy.exchange import Exchange, Usage
+from llm_warden.proxy.protocols import adapter_for, protocol_for_path
+from llm_warden.proxy.protocols.anthropic import AnthropicMessages, AnthropicStream, error_type, render_message, stop_reason
+from llm_warden.proxy.protocols.anthropic_request import translate
+from llm_warden.proxy.protocols.base import Bounds
 
 BOUNDS = Bounds(max_messages=64, max_tools=16)
 RICH: dict[str, Any] = {

@@ -15,7 +15,7 @@ import openai
 import pytest
 from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 from tests.plugins.tools.helpers import TOOLS

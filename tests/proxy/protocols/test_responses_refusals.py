@@ -15,7 +15,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 from tests.fakeprovider import FakeProvider
 from tests.proxy.protocols.test_responses_sdk import WEATHER, post

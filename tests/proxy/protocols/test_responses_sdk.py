@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 
@@ -257,7 +257,7 @@ async def test_the_trace_is_a_genai_chat_span_with_the_responses_protocol(warden
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.trace import SpanKind
 
-    from proxy.tracing import Tracing
+    from llm_warden.proxy.tracing import Tracing
 
     exporter = InMemorySpanExporter()
     warden.warden.tracing = Tracing(warden.warden.config, exporter=exporter)

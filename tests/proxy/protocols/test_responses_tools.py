@@ -17,7 +17,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.testing import RunningWarden
+from llm_warden.proxy.testing import RunningWarden
 from tests.conftest import ADMIN_TOKEN, WardenFactory
 from tests.fakeprovider import FakeProvider, Reply
 from tests.plugins.tools.helpers import LOOKUP_SCHEMA, REFUND_SCHEMA, TOOLS

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit.chain import seed_bytes
-from proxy.audit.postgres import PostgresAuditLog
-from proxy.config import AuditConfig, DatabaseConfig
-from proxy.db.migrate import COMPONENTS, migrate
+from llm_warden.proxy.audit.chain import seed_bytes
+from llm_warden.proxy.audit.postgres import PostgresAuditLog
+from llm_warden.proxy.config import AuditConfig, DatabaseConfig
+from llm_warden.proxy.db.migrate import COMPONENTS, migrate
 from tests import pg_helpers
 
 pg_admin = pg_helpers.pg_admin

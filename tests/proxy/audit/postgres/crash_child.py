@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from proxy.audit.postgres import PostgresAuditLog
-from proxy.config import AuditConfig, DatabaseConfig
+from llm_warden.proxy.audit.postgres import PostgresAuditLog
+from llm_warden.proxy.config import AuditConfig, DatabaseConfig
 from tests.proxy.audit.helpers import make_exchange
 
 

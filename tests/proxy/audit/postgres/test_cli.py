@@ -7,9 +7,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy.audit.chain import genesis_hash, leaf_hash, load_private_key, verifier_key
-from proxy.cli import main
-from proxy.exchange import Decision, ToolCall, ToolDecisionRecord
+from llm_warden.proxy.audit.chain import genesis_hash, leaf_hash, load_private_key, verifier_key
+from llm_warden.proxy.cli import main
+from llm_warden.proxy.exchange import Decision, ToolCall, ToolDecisionRecord
 from tests.proxy.audit.helpers import make_exchange
 from tests.proxy.audit.postgres.conftest import PgLogFactory
 

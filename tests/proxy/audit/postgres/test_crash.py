@@ -12,8 +12,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.audit.pg_verify import verify_pg
-from proxy.errors import AuditUnavailable
+from llm_warden.proxy.audit.pg_verify import verify_pg
+from llm_warden.proxy.errors import AuditUnavailable
 from tests.proxy.audit.helpers import make_exchange
 from tests.proxy.audit.postgres.conftest import PgLogFactory
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[4]
 
 async def _writer_pid(dsn: str, origin: str) -> int:
     """The backend pid of the store's writer connection: the one holding its chain's advisory lock."""
-    from proxy.audit.pg_chain import lock_key
+    from llm_warden.proxy.audit.pg_chain import lock_key
 
     key = lock_key(origin)
     conn = await asyncpg.connect(dsn)

@@ -13,12 +13,12 @@ import openai
 import orjson
 import pytest
 
-from proxy.audit.factory import build_audit
-from proxy.audit.pg_verify import verify_pg
-from proxy.audit.postgres import PostgresAuditLog
-from proxy.cli import main
-from proxy.config import load_config
-from proxy.plugin import available_plugins
+from llm_warden.proxy.audit.factory import build_audit
+from llm_warden.proxy.audit.pg_verify import verify_pg
+from llm_warden.proxy.audit.postgres import PostgresAuditLog
+from llm_warden.proxy.cli import main
+from llm_warden.proxy.config import load_config
+from llm_warden.proxy.plugin import available_plugins
 from tests.conftest import PROVIDER_KEY, WardenFactory, deep_merge
 from tests.fakeprovider import FakeProvider, Reply
 

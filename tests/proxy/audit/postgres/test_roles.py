@@ -12,11 +12,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.audit.pg_verify import verify_pg
-from proxy.audit.postgres import PostgresAuditLog
-from proxy.config import AuditConfig, DatabaseConfig
-from proxy.db.migrate import COMPONENTS, latest_version, migrate
-from proxy.errors import AuditUnavailable
+from llm_warden.proxy.audit.pg_verify import verify_pg
+from llm_warden.proxy.audit.postgres import PostgresAuditLog
+from llm_warden.proxy.config import AuditConfig, DatabaseConfig
+from llm_warden.proxy.db.migrate import COMPONENTS, latest_version, migrate
+from llm_warden.proxy.errors import AuditUnavailable
 from tests.pg_helpers import BASE_DSN, schema_dsn
 from tests.proxy.audit.helpers import make_exchange
 from tests.proxy.audit.postgres.conftest import PgLogFactory

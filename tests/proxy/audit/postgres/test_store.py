@@ -7,8 +7,8 @@ import asyncio
 import asyncpg
 import pytest
 
-from proxy.audit.pg_verify import verify_pg
-from proxy.errors import AuditUnavailable
+from llm_warden.proxy.audit.pg_verify import verify_pg
+from llm_warden.proxy.errors import AuditUnavailable
 from tests.proxy.audit.helpers import make_exchange
 from tests.proxy.audit.postgres.conftest import PgLogFactory
 

@@ -9,10 +9,10 @@ import asyncpg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.audit.chain import load_private_key, verifier_key
-from proxy.audit.pg_reader import PgAuditReader
-from proxy.audit.pg_verify import StoreReport, verify_pg
-from proxy.audit.postgres import PostgresAuditLog
+from llm_warden.proxy.audit.chain import load_private_key, verifier_key
+from llm_warden.proxy.audit.pg_reader import PgAuditReader
+from llm_warden.proxy.audit.pg_verify import StoreReport, verify_pg
+from llm_warden.proxy.audit.postgres import PostgresAuditLog
 from tests.proxy.audit.helpers import make_exchange
 from tests.proxy.audit.postgres.conftest import PgLogFactory
 
