@@ -2,7 +2,7 @@
 
 Operators need no curl: approvals (list, show, approve, deny), the read-only
 mode (get, set — globally or per tenant), documents (list, delete), the
-retrieval debug search, the index status and a config reload.  Each command
+retrieval debug search, the index status, limits usage per rule and a config reload.  Each command
 sends one request to the admin listener (``--url``, else ``WARDEN_ADMIN_URL``,
 else ``http://127.0.0.1:9090``) with a bearer token (``--token``, else
 ``WARDEN_ADMIN_TOKEN`` — the variable the quick start's bootstrap token lives
@@ -154,6 +154,18 @@ def _search_text(data: dict[str, Any]) -> str:
     return head + "\n" + table(["cite", "document", "title", "score", "status"], rows)
 
 
+def _limits_text(data: dict[str, Any]) -> str:
+    rows = []
+    for r in data.get("rules", []):
+        for b in r.get("budgets", []):
+            for k in b.get("keys", []):
+                who = ":".join(str(k[f]) for f in ("tenant", "user", "model") if f in k)
+                state = "EXHAUSTED" if k.get("exhausted") else "ok"
+                rows.append([r.get("rule"), r.get("scope"), b.get("kind"), b.get("rate"), who, f"{k.get('used')}/{b.get('limit')}",
+                             k.get("remaining"), state, _when(k.get("reset_at"))])
+    return table(["rule", "scope", "budget", "rate", "key", "used", "remaining", "state", "full again"], rows)
+
+
 # -- commands -----------------------------------------------------------------
 
 Command = Callable[[AdminClient, argparse.Namespace], tuple[Any, str]]
@@ -222,6 +234,12 @@ def _reload(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
     return data, orjson.dumps(data, option=orjson.OPT_INDENT_2).decode()
 
 
+def _limits(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    query = {k: v for k, v in (("tenant", a.tenant), ("user", a.user), ("rule", a.rule), ("top", str(a.top))) if v}
+    data = c.call("GET", "/admin/limits", query=query)
+    return data, _limits_text(data)
+
+
 def _seg(value: str) -> str:
     """One path segment, %-encoded (an id with ``/`` or ``..`` stays one segment)."""
     return urllib.parse.quote(value, safe="")
@@ -256,7 +274,7 @@ def _leaf(sub: argparse._SubParsersAction, name: str, help: str, command: Comman
 
 def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``admin`` and its commands to ``warden``."""
-    admin = sub.add_parser("admin", help="operate a running Warden through its admin API (approvals, mode, documents, search, reload)")
+    admin = sub.add_parser("admin", help="operate a running Warden through its admin API (approvals, mode, documents, search, limits, reload)")
     asub = admin.add_subparsers(dest="admin_command", required=True, metavar="AREA")
 
     ap = asub.add_parser("approvals", help="tool calls held for a human approval")
@@ -295,6 +313,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--user", required=True, help="the principal's subject")
     p.add_argument("--group", action="append", help="a group of the principal (repeatable)")
     p.add_argument("--top-k", type=int, help="chunks to inject (default: [retrieval] top_k)")
+
+    p = _leaf(asub, "limits", "usage per limit rule: the busiest keys, remaining units, who is exhausted and until when", _limits)
+    p.add_argument("--tenant", help="only this tenant's keys")
+    p.add_argument("--user", help="only this user's keys (needs --tenant)")
+    p.add_argument("--rule", help="only this rule (its name or index)")
+    p.add_argument("--top", type=int, default=20, help="keys per budget, busiest first (1..200)")
 
     _leaf(asub, "index-status", "documents, chunks and engine lag of the retrieval index", _index_status)
     _leaf(asub, "reload", "reload the config file's plugin sections now (as SIGHUP does)", _reload)

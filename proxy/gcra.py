@@ -242,6 +242,25 @@ class MemoryGCRA:
         remaining = (rate.capacity_us - (tat - now_us)) // rate.interval_us
         return to_result(rate, remaining > 0, remaining, 0, tat - now_us)
 
+    def tats(self, keys: list[str], prefix: str | None, max_examined: int) -> tuple[int, dict[str, int], bool]:
+        """Read-only: ``(now_us, {key: TAT}, complete)`` for the live keys among ``keys`` and those starting with ``prefix``.
+
+        The prefix walk examines at most ``max_examined`` keys; ``complete`` is
+        False when it stopped there.  Keys whose TAT has passed are left out
+        (they carry no state).
+        """
+        now_us = self._now_us(None)
+        found = {k: t for k in keys if (t := self._tat.get(k, 0)) > now_us}
+        complete = True
+        if prefix is not None:
+            for examined, (k, t) in enumerate(self._tat.items()):
+                if examined >= max_examined:
+                    complete = False
+                    break
+                if t > now_us and k.startswith(prefix):
+                    found[k] = t
+        return now_us, found, complete
+
     def sweep(self, now_us: int | None = None) -> int:
         """Evict keys whose TAT has passed; return how many were evicted.
 

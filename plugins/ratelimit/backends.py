@@ -34,6 +34,10 @@ class LimitBackend(Protocol):
 
     async def adjust(self, items: list[Item]) -> None: ...
 
+    async def read(self, keys: list[str], prefix: str | None, max_examined: int) -> tuple[int, dict[str, int], bool]:
+        """Read-only: ``(now_us, {key: TAT}, complete)`` for the live keys among ``keys`` and starting with ``prefix``."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -49,6 +53,9 @@ class MemoryBackend:
     async def adjust(self, items: list[Item]) -> None:
         for key, rate, delta in items:
             self.store.adjust(key, rate, delta)
+
+    async def read(self, keys: list[str], prefix: str | None, max_examined: int) -> tuple[int, dict[str, int], bool]:
+        return self.store.tats(keys, prefix, max_examined)
 
     async def close(self) -> None:
         return None
@@ -241,5 +248,46 @@ class RedisBackend:
             args += (rate.interval_us, delta)
         await self.client.run(self._adjust, keys=keys, args=args)
 
+    async def read(self, keys: list[str], prefix: str | None, max_examined: int) -> tuple[int, dict[str, int], bool]:
+        """``TIME``, a bounded ``SCAN ... MATCH prefix* COUNT`` (at most ``max_examined`` keys examined) and ``MGET``; writes nothing."""
+        r = self.client.redis
+        sec, usec = await self.client.run(r.time)
+        now_us = int(sec) * 1_000_000 + int(usec)
+        names = list(dict.fromkeys(keys))
+        complete = True
+        if prefix is not None:
+            count = max(1, min(SCAN_COUNT, max_examined))
+            calls, cursor = 0, 0
+            while True:
+                cursor, batch = await self.client.run(r.scan, cursor=cursor, match=glob_escape(prefix) + "*", count=count)
+                names += [k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k) for k in batch]
+                calls += 1
+                if int(cursor) == 0:
+                    break
+                if calls * count >= max_examined:
+                    complete = False
+                    break
+            names = list(dict.fromkeys(names))
+        found: dict[str, int] = {}
+        for i in range(0, len(names), SCAN_COUNT):
+            chunk = names[i : i + SCAN_COUNT]
+            for name, value in zip(chunk, await self.client.run(r.mget, chunk), strict=True):
+                try:
+                    tat = int(value) if value is not None else 0
+                except ValueError:
+                    continue  # not a limit key of ours
+                if tat > now_us:
+                    found[name] = tat
+        return now_us, found, complete
+
     async def close(self) -> None:
         return None
+
+
+#: Keys examined per ``SCAN`` call (and per ``MGET``) when the admin API reads usage.
+SCAN_COUNT = 1000
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis ``MATCH`` pattern."""
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)

@@ -108,6 +108,8 @@ class LimitsConfig:
     """Most concurrent upstream exchanges per provider from this process; 0 = no cap."""
     upstream_queue_s: float = 30.0
     """How long a request waits for an upstream slot before a 429."""
+    admin_scan_keys: int = 10000
+    """Most keys ``GET /admin/limits`` examines per budget when it lists a scope's keys (a bounded Redis ``SCAN``)."""
 
     def validate(self, key: str) -> None:
         if self.backend == "redis":
@@ -120,7 +122,7 @@ class LimitsConfig:
         for name in ("idempotency_wait_s", "upstream_queue_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name}", "must be >= 0")
-        for name in ("redis_max_connections", "idempotency_max_bytes"):
+        for name in ("redis_max_connections", "idempotency_max_bytes", "admin_scan_keys"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}", "must be positive")
         for name in ("default_max_tokens", "image_tokens", "upstream_concurrency"):

@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 import orjson
 
+from llm_warden.plugins.ratelimit.admin import LimitsAdmin
 from llm_warden.plugins.ratelimit.backends import BackendDown, Item, LimitBackend, MemoryBackend, RedisBackend, RedisClient
 from llm_warden.plugins.ratelimit.config import CompiledRule, LimitsConfig, compile_rules
 from llm_warden.plugins.ratelimit.idempotency import (
@@ -155,6 +156,8 @@ class LimitsPlugin(Plugin):
                 self._sweeper = asyncio.create_task(self._sweep_loop(store))
         await self._load_estimator(s)
         ctx.services["limits"] = self
+        for method, path, handler in LimitsAdmin(self).routes():
+            ctx.add_admin_route(method, path, handler)
         metrics = ctx.services.get("metrics")
         if metrics is not None:
             metrics.gauge("warden_limits_backend_up", "1 while the limits backend answers (always 1 for memory).", callback=lambda: 1.0 if self.backend_up else 0.0)

@@ -216,7 +216,7 @@ def path_quote(value: str) -> str:
 
 def add_console(app: web.Application, w: Warden, authenticate: Authenticate, sessions: Sessions | None = None) -> Console:
     """Register ``/console`` routes on the admin app."""
-    from llm_warden.proxy.console import audit_views, inbox, replay_view, retrieval_views, signin
+    from llm_warden.proxy.console import audit_views, inbox, limits_view, replay_view, retrieval_views, signin
 
     console = Console(w, authenticate, sessions)
     app[CONSOLE_KEY] = console
@@ -246,6 +246,7 @@ def add_console(app: web.Application, w: Warden, authenticate: Authenticate, ses
     audit_views.routes(app, console)
     retrieval_views.routes(app, console)
     replay_view.routes(app, console)
+    limits_view.routes(app, console)
     return console
 
 

@@ -137,7 +137,7 @@ def routes(app: web.Application, console: Console) -> None:
         related = [r for r in await audit.search(admin_tenant(request), limit=100, request_id=rid) if r.get("kind") != "exchange"]
         seq, origin = rec.get("_seq"), rec.get("_origin")
         proof = await audit.chain_proof(seq, origin if isinstance(origin, str) else None) if isinstance(seq, int) else None
-        body = _exchange(rec, related, chain_html(proof)) + _feedback_form(rid, csrf_field(session)) + replay_form(rid, csrf_field(session))
+        body = _exchange(rec, related, chain_html(proof)) + _feedback_form(rid, csrf_field(session)) + replay_form(rid, csrf_field(session), len(rec.get("turns") or []))
         return html_response(page(f"Exchange {rid}", body, session, "audit"))
 
     async def feedback(request: web.Request) -> web.StreamResponse:

@@ -21,7 +21,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }
-NAV = (("approvals", "Approvals"), ("mode", "Read-only"), ("audit", "Audit"), ("retrieval", "Retrieval"))
+NAV = (("approvals", "Approvals"), ("mode", "Read-only"), ("audit", "Audit"), ("retrieval", "Retrieval"), ("limits", "Limits"))
 
 
 def esc(value: object) -> str:

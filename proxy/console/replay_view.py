@@ -1,4 +1,4 @@
-"""Replay a recorded exchange against the provider (optionally another model) and show both answers side by side.
+"""Replay one upstream turn of a recorded exchange (optionally to another model) and show both answers side by side.
 
 The request is rebuilt by :func:`proxy.audit.replay.plan_replay` exactly as
 ``warden replay`` does; the replay is recorded in the audit log
@@ -22,16 +22,28 @@ if TYPE_CHECKING:
     from llm_warden.proxy.console import Console
 
 MAX_MODEL = 128
+MAX_TURNS = 100
 REPLAY_TIMEOUT_S = 60.0
 
 
-def replay_form(rid: str, csrf: str) -> str:
+def replay_form(rid: str, csrf: str, turns: int = 1, chosen: int = 0) -> str:
+    """The replay form; with more than one upstream turn, a choice of which turn's request to send again."""
+    choice = ""
+    if turns > 1:
+        names = {0: " (first)", turns - 1: " (last)"}
+        options = "".join(
+            f'<option value="{i}"{" selected" if i == chosen else ""}>Turn {i}{names.get(i, "")}</option>'
+            for i in range(min(turns, MAX_TURNS))
+        )
+        choice = f'<div><label for="rp-turn">Upstream turn</label><select id="rp-turn" name="turn">{options}</select></div>'
     return (
         '<section class="card"><h2 id="replay">Replay</h2>'
-        '<p class="hint">Sends the first upstream request of this exchange to the provider again (as recorded: redacted values '
-        "stay redacted) and shows both answers side by side. The replay is recorded in the audit log.</p>"
+        '<p class="hint">Sends an upstream request of this exchange to the provider again (as recorded: redacted values stay '
+        "redacted) and shows both answers side by side: the first turn's, or the turn you choose (a corrective turn's request "
+        "carries the refused call and Warden's reason). The replay is recorded in the audit log.</p>"
         f'<form method="post" action="/console/audit/exchange/{path_quote(rid)}/replay" class="search" aria-labelledby="replay">{csrf}'
-        '<div><label for="rp-model">Model (empty: the same)</label><input id="rp-model" name="model" maxlength="128"></div>'
+        + choice
+        + '<div><label for="rp-model">Model (empty: the same)</label><input id="rp-model" name="model" maxlength="128"></div>'
         '<div><button type="submit">Replay</button></div></form></section>'
     )
 
@@ -58,12 +70,16 @@ def routes(app: web.Application, console: Console) -> None:
         model = form.get("model", "").strip() or None
         if model is not None and (len(model) > MAX_MODEL or not model.isprintable()):
             return error_page(400, "Replay", f"The model must be printable text of at most {MAX_MODEL} characters.", session)
+        turn_text = form.get("turn", "0").strip() or "0"
+        if not turn_text.isdigit() or int(turn_text) >= MAX_TURNS:
+            return error_page(400, "Replay", f"The turn must be a number from 0 to {MAX_TURNS - 1}.", session)
+        turn = int(turn_text)
         rec = await audit.find(rid, admin_tenant(request))
         if rec is None:
             return error_page(404, "Replay", f"No exchange {rid} in the audit log (or not in your tenant).", session)
         upstream = console.w.config.upstream
         try:
-            plan = plan_replay(rec, base_url=upstream.base_url, model=model)
+            plan = plan_replay(rec, base_url=upstream.base_url, turn=turn, model=model)
         except ReplayError as e:
             return error_page(400, "Replay", f"This exchange cannot be replayed: {e}", session)
         try:
@@ -71,7 +87,9 @@ def routes(app: web.Application, console: Console) -> None:
         except (aiohttp.ClientError, TimeoutError) as e:
             new = Answer(status=502, error=f"the provider could not be reached ({type(e).__name__})")
         await console.w.record_event(
-            "console.replay", session.principal.summary(), {"request_id": rid, "model": plan.body.get("model"), "status": new.status}
+            "console.replay",
+            session.principal.summary(),
+            {"request_id": rid, "turn": turn, "model": plan.body.get("model"), "status": new.status},
         )
         changes = tool_call_changes(plan.old, new)
         caveats = "".join(f"<li>{esc(c)}</li>" for c in plan.caveats)
@@ -84,8 +102,9 @@ def routes(app: web.Application, console: Console) -> None:
         body = (
             f'<p><a href="/console/audit/exchange/{path_quote(rid)}">← Exchange {esc(rid)}</a></p>'
             f'<section class="card">{summary}</section>'
-            f'<div class="diff">{_column("Recorded", plan.old)}{_column("Replay", new)}</div>' + replay_form(rid, csrf_field(session))
+            f'<div class="diff">{_column(f"Recorded, turn {turn}", plan.old)}{_column(f"Replay of turn {turn}", new)}</div>'
+            + replay_form(rid, csrf_field(session), len(rec.get("turns") or []), turn)
         )
-        return html_response(page(f"Replay of {rid}", body, session, "audit"))
+        return html_response(page(f"Replay of {rid}, turn {turn}", body, session, "audit"))
 
     app.router.add_post("/console/audit/exchange/{request_id}/replay", console.signed_in(replay))

@@ -142,3 +142,22 @@ async def test_reload_and_the_errors_of_a_bad_token_or_url(running: RunningWarde
     monkeypatch.delenv("WARDEN_ADMIN_TOKEN")
     code, out, err = await cli(capsys, "mode", "get")
     assert code == 2 and "set WARDEN_ADMIN_TOKEN" in err
+
+
+async def test_limits_usage_per_rule(
+    warden_factory: WardenFactory, token: Callable[..., str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import ADMIN_TOKEN as BOOTSTRAP
+    from tests.proxy.console.conftest import exhaust
+
+    rw = await warden_factory({"plugins": {"enabled": ["limits"]}, "limits": {"rules": [{"scope": "user", "requests": "2/minute", "name": "per-user"}]}})
+    await exhaust(rw, token(sub="alice"))
+    monkeypatch.setenv("WARDEN_ADMIN_URL", rw.admin_url)
+    monkeypatch.setenv("WARDEN_ADMIN_TOKEN", BOOTSTRAP)
+    code, out, _ = await cli(capsys, "limits", "--tenant", "acme")
+    assert code == 0 and out.splitlines()[0].split() == ["RULE", "SCOPE", "BUDGET", "RATE", "KEY", "USED", "REMAINING", "STATE", "FULL", "AGAIN"]
+    assert out.splitlines()[1].split()[:8] == ["per-user", "user", "requests", "2/minute", "acme:alice", "2/2", "0", "EXHAUSTED"]
+    code, out, _ = await cli(capsys, "limits", "--json", "--tenant", "acme", "--user", "alice")
+    assert code == 0 and orjson.loads(out)["rules"][0]["budgets"][0]["keys"][0]["exhausted"] is True
+    code, _, err = await cli(capsys, "limits", "--user", "alice")
+    assert code == 1 and "needs 'tenant'" in err

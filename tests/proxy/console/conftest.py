@@ -153,3 +153,30 @@ async def retrieval_warden(warden_factory: Any, tmp_path: Path) -> RunningWarden
             ) as r:
                 assert r.status == 201
     return rw
+
+
+@pytest.fixture
+async def limits_warden(warden_factory: Any) -> RunningWarden:
+    """Warden with the limits plugin: 2 requests a minute per user, 100 per tenant, 10 per model."""
+    rw: RunningWarden = await warden_factory(
+        {
+            "plugins": {"enabled": ["headers", "limits"]},
+            "limits": {
+                "rules": [
+                    {"scope": "user", "requests": "2/minute", "name": "per-user"},
+                    {"scope": "tenant", "requests": "100/minute", "tokens": "100000/minute"},
+                    {"scope": "model", "requests": "10/minute", "name": "per-model"},
+                ]
+            },
+        }
+    )
+    return rw
+
+
+async def exhaust(rw: RunningWarden, tok: str) -> None:
+    """Three requests of one user: the third is refused (2 a minute)."""
+    async with app_client(rw, tok) as client:
+        await client.chat.completions.create(**BODY)
+        await client.chat.completions.create(**BODY)
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(**BODY)

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import ADMIN_TOKEN
 from tests.fakeprovider import Reply
-from tests.proxy.console.conftest import BODY, app_client, fn, hold_refund
+from tests.proxy.console.conftest import BODY, app_client, exhaust, fn, hold_refund
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -285,3 +285,32 @@ async def test_retrieval_what_would_this_principal_get(driver: WebDriver, retrie
     body = await run(ask)
     assert "hr/vacation.md" in body and "hr/salaries.md" in body and "salary bands" not in body
     await run(p.shot, "retrieval")
+
+
+async def test_limits_a_user_who_hit_the_limit_shows_as_exhausted_with_the_reset_time(
+    driver: WebDriver, limits_warden: Any, token: Any
+) -> None:
+    rw = limits_warden
+    await exhaust(rw, token(sub="alice"))
+    await exhaust(rw, token(sub="bob"))
+    async with app_client(rw, token(sub="carol")) as client:
+        await client.chat.completions.create(**BODY)
+    p = Page(driver, rw.admin_url)
+    await run(p.sign_in, ADMIN_TOKEN)
+    await run(p.open, "/console/approvals")
+
+    def open_limits_and_filter() -> tuple[list[str], str]:
+        p.d.find_element(By.LINK_TEXT, "Limits").click()
+        p.wait_text("Rule per-user: per user")
+        p.d.find_element(By.ID, "l-tenant").send_keys("acme")
+        p.d.find_element(By.CSS_SELECTOR, "form[action='/console/limits'] button[type=submit]").click()
+        p.wait_text("Backend memory")
+        card = p.d.find_element(By.CSS_SELECTOR, "[data-rule='per-user']")
+        rows = [r.text for r in card.find_elements(By.CSS_SELECTOR, "tr.exhausted")]
+        return rows, str(card.text)
+
+    rows, card = await run(open_limits_and_filter)
+    assert len(rows) == 2 and all("exhausted" in r and "2 / 2" in r and "UTC (in" in r for r in rows)
+    assert {r.split()[1] for r in rows} == {"alice", "bob"}
+    assert "carol 1 / 2 1 ok" in card
+    await run(p.shot, "limits")

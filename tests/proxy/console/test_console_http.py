@@ -371,7 +371,7 @@ async def test_replay_against_another_model_side_by_side(cw: Any, fake: Any, tok
     sent = fake.chat_requests()[-1]
     assert sent.body["model"] == "other-model" and sent.body["messages"] == BODY["messages"]
     (rec,) = await cw.warden.audit.search(kind="console.replay", limit=1)
-    assert rec["actor"]["subject"] == "bootstrap-admin" and rec["data"] == {"request_id": rid, "model": "other-model", "status": 200}
+    assert rec["actor"]["subject"] == "bootstrap-admin" and rec["data"] == {"request_id": rid, "turn": 0, "model": "other-model", "status": 200}
     status, _, _ = await b.post(f"/console/audit/exchange/{rid}/replay", {"csrf": csrf, "model": "x" * 200})
     assert status == 400
     status, _, _ = await b.post(f"/console/audit/exchange/{rid}/replay", {"model": "m"})
@@ -381,3 +381,30 @@ async def test_replay_against_another_model_side_by_side(cw: Any, fake: Any, tok
     csrf = await tenant_admin.csrf("/console/mode")
     status, text, _ = await tenant_admin.post(f"/console/audit/exchange/{rid}/replay", {"csrf": csrf})
     assert status == 404 and "not in your tenant" in text
+
+
+async def test_replay_of_a_later_turn_sends_that_turns_request(cw: Any, fake: Any, token: Any, browser_factory: Any) -> None:
+    from tests.fakeprovider import Reply
+    from tests.proxy.console.conftest import BODY, app_client, fn
+
+    # Turn 0: the model calls refund with invalid arguments; turn 1: the corrective turn, answered in text.
+    fake.push(Reply(content=None, tool_calls=[{"id": "c1", "name": "refund", "arguments": '{"invoice_id": 7}'}]), Reply(content="Which amount?"))
+    async with app_client(cw, token(groups=["billing"])) as client:
+        raw = await client.chat.completions.with_raw_response.create(**BODY, tools=[fn("refund")])  # type: ignore[list-item]
+    rid = raw.headers["x-request-id"]
+    b = await browser_factory()
+    await b.sign_in()
+    status, text, _ = await b.get(f"/console/audit/exchange/{rid}")
+    assert '<option value="0" selected>Turn 0 (first)</option><option value="1">Turn 1 (last)</option>' in text
+    csrf = await b.csrf(f"/console/audit/exchange/{rid}")
+    fake.push(Reply(content="How much should I refund?"))
+    status, text, _ = await b.post(f"/console/audit/exchange/{rid}/replay", {"csrf": csrf, "turn": "1"})
+    assert status == 200 and "Recorded, turn 1" in text and "Which amount?" in text
+    assert "How much should I refund?" in text and '<option value="1" selected>' in text
+    sent = fake.chat_requests()[-1].body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"] and sent[1]["tool_calls"][0]["id"] == "c1"
+    (rec,) = await cw.warden.audit.search(kind="console.replay", limit=1)
+    assert rec["data"]["turn"] == 1
+    for bad in ("2", "-1", "1e3", "x", "999"):
+        status, text, _ = await b.post(f"/console/audit/exchange/{rid}/replay", {"csrf": csrf, "turn": bad})
+        assert status == 400 and "turn" in text
