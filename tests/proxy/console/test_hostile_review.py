@@ -150,3 +150,21 @@ async def test_pages_with_secrets_are_not_cached_or_framed(browser_factory: Any)
         _, _, r = await b.get(path)
         assert r.headers["Cache-Control"] == "no-store", path
         assert r.headers["X-Frame-Options"] == "DENY" and "frame-ancestors 'none'" in r.headers["Content-Security-Policy"], path
+
+
+async def test_replay_of_a_responses_exchange_goes_to_chat_completions(cw: Any, fake: Any, token: Any, browser_factory: Any) -> None:
+    """The recorded turn is the translated chat request: replaying it to the provider's ``/responses`` would compare nothing."""
+    fake.push(Reply(content="First answer."))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            cw.base_url + "/responses", json={"model": "m", "input": "hi"}, headers={"Authorization": f"Bearer {token()}"}
+        ) as r:
+            assert r.status == 200
+            rid = r.headers["x-request-id"]
+    b = await browser_factory()
+    await b.sign_in()
+    csrf = await b.csrf(f"/console/audit/exchange/{rid}")
+    fake.push(Reply(content="Second answer."))
+    status, text, _ = await b.post(f"/console/audit/exchange/{rid}/replay", {"csrf": csrf})
+    assert status == 200 and "First answer." in text and "Second answer." in text
+    assert [r.path for r in fake.requests] == ["/v1/chat/completions", "/v1/chat/completions"]
