@@ -14,7 +14,7 @@ from yarl import URL
 from llm_warden.proxy.console import CONSOLE_KEY
 from tests.conftest import ADMIN_TOKEN
 from tests.fakeprovider import Reply
-from tests.proxy.console.conftest import app_client, fn
+from tests.proxy.console.conftest import app_client, fn, hold_refund
 
 XSS = '"><img src=x onerror=alert(1)><script>alert(1)</script>'
 MARKUP = re.compile(r"<(?:img|script)\b[^>]*(?:onerror|alert)|<script>alert", re.I)
@@ -168,3 +168,14 @@ async def test_replay_of_a_responses_exchange_goes_to_chat_completions(cw: Any, 
     status, text, _ = await b.post(f"/console/audit/exchange/{rid}/replay", {"csrf": csrf})
     assert status == 200 and "First answer." in text and "Second answer." in text
     assert [r.path for r in fake.requests] == ["/v1/chat/completions", "/v1/chat/completions"]
+
+
+async def test_the_approval_flash_escapes_a_hostile_subject_once(cw: Any, fake: Any, token: Any, browser_factory: Any) -> None:
+    await hold_refund(cw, fake, token(sub="a&b<i>", groups=["billing"]))
+    b = await browser_factory()
+    await b.sign_in()
+    _, text, _ = await b.get("/console/approvals")
+    (aid,) = re.findall(r'data-approval="([^"]+)"', text)
+    csrf = await b.csrf()
+    _, text, _ = await b.post(f"/console/approvals/{aid}/approve", {"csrf": csrf})
+    assert "call by a&amp;b&lt;i&gt;@acme will pass" in text and "<i>" not in text
