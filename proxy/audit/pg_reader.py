@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from llm_warden.proxy.audit.reader import ChainProof, like_pattern
+from llm_warden.proxy.audit.reader import ChainProof, cursor_int, like_pattern
 
 _SELECT = "SELECT c.origin, r.chain_id, r.ts_us, r.seq, r.body FROM audit_records r JOIN audit_chains c USING (chain_id)"
 
@@ -92,9 +92,9 @@ class PgAuditReader:
 
         if before is not None:
             parts = before.split(".")
-            if len(parts) != 3 or not all(p.isdigit() and len(p) <= 19 for p in parts):
+            if len(parts) != 3:
                 raise ValueError("not a cursor of this audit store")
-            ts_us, chain_id, seq = (int(p) for p in parts)
+            ts_us, chain_id, seq = (cursor_int(p) for p in parts)
             where.append(f"(r.ts_us, r.chain_id, r.seq) < ({arg(ts_us)}, {arg(chain_id)}, {arg(seq)})")
         if request_id is not None:
             where.append(f"r.request_id = {arg(request_id)}")

@@ -99,10 +99,8 @@ class AuditReader:
         where: list[str] = []
         args: list[str | int] = []
         if before is not None:
-            if not before.isdigit() or len(before) > 19:
-                raise ValueError("not a cursor of this audit store")
             where.append("seq < ?")
-            args.append(int(before))
+            args.append(cursor_int(before))
         for column, value in (("request_id", request_id), ("status", status), ("tenant", tenant), ("subject", user), ("kind", kind)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -256,6 +254,13 @@ async def open_reader(target: Path | PgTarget) -> Reader:
         return await PgAuditReader.open(target.dsn)
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         raise ConnectionError(f"cannot open the audit database {target}: {type(e).__name__}: {e}") from None
+
+
+def cursor_int(part: str) -> int:
+    """One number of a page cursor: ASCII digits that fit a 64-bit column, else ``ValueError``."""
+    if not (part.isascii() and part.isdigit()) or len(part) > 19 or int(part) >= 2**63:
+        raise ValueError("not a cursor of this audit store")
+    return int(part)
 
 
 def like_pattern(s: str) -> str:

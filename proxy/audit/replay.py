@@ -45,6 +45,10 @@ class ReplayPlan:
     old: Answer
 
 
+TRANSLATED_TO_CHAT = frozenset({"openai.responses", "anthropic.messages"})
+"""Client APIs whose exchanges went upstream as chat completions (the recorded turns are the translated requests)."""
+
+
 def plan_replay(record: dict[str, Any], *, base_url: str, turn: int = 0, model: str | None = None) -> ReplayPlan:
     """Rebuild the upstream request of ``turn`` from an exchange record."""
     if record.get("kind") != "exchange":
@@ -75,8 +79,11 @@ def plan_replay(record: dict[str, Any], *, base_url: str, turn: int = 0, model: 
         caveats.append("the request has no seed: the provider's sampling is not reproducible")
     if model:
         body["model"] = model
-    path = str(record.get("path") or "/v1/chat/completions")
-    path = path[len("/v1") :] if path.startswith("/v1") else path
+    if record.get("protocol") in TRANSLATED_TO_CHAT:
+        path = "/chat/completions"  # the recorded turn is the chat-completions request the chat flow sent, whatever API the client spoke
+    else:
+        path = str(record.get("path") or "/v1/chat/completions")
+        path = path[len("/v1") :] if path.startswith("/v1") else path
     old = _answer(turns[turn].get("response"))
     if turn == len(turns) - 1 and not old.text and not old.tool_calls:
         final = (record.get("response") or {}).get("body")

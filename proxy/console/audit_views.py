@@ -59,7 +59,7 @@ def parse_query(query: Any, own_tenant: str | None) -> dict[str, Any]:
             raise BadQuery(f"this admin may search tenant {own_tenant!r} only")
         f["tenant"] = own_tenant
     status = query.get("status", "").strip()
-    if status and (not status.isdigit() or not 100 <= int(status) <= 599):
+    if status and (not (status.isascii() and status.isdigit()) or not 100 <= int(status) <= 599):
         raise BadQuery("status must be an HTTP status from 100 to 599")
     f["status"] = int(status) if status else None
     f["since"] = _time(query.get("since", "").strip(), "since")

@@ -157,7 +157,8 @@ def routes(app: web.Application, console: Console) -> None:
             return error_page(400, "Bad request", f"The reason is longer than {MAX_COMMENT} characters.", session)
         status, data = await console.api.call(request, "POST", f"/admin/approvals/{path_quote(aid)}/{verb}", {"comment": comment})
         if status == 200:
-            who_for = who(data.get("principal"))
+            owner = data.get("principal") if isinstance(data.get("principal"), dict) else {}
+            who_for = f"{owner.get('subject', '?')}@{owner.get('tenant', '?')}"  # plain text: the flash is escaped when shown
             if verb == "approve":
                 session.flash.append(
                     (

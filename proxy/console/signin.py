@@ -76,6 +76,7 @@ def routes(app: web.Application, console: Console) -> None:
         except WardenError as e:
             return _login_page(request, f"Sign-in refused: {e.message} (rule {e.rule or e.code}).", status=e.status)
         exp = principal.claims.get("exp") if principal.claims else None
+        console.sessions.drop(request.cookies.get(COOKIE))  # the session the browser presented (perhaps planted) ends here
         sid, session = console.sessions.create(principal, header, float(exp) if isinstance(exp, (int, float)) else None)
         await console.w.record_event("console.sign_in", principal.summary(), {"expires": session.expires})
         resp = see_other("/console/approvals")

@@ -267,7 +267,7 @@ def _sampling(req: dict[str, Any], out: dict[str, Any], echo: ResponsesRequest) 
         out["prompt_cache_retention"] = retention
     tier = req.get("service_tier")
     if tier is not None:
-        if tier not in _SERVICE_TIERS:
+        if not isinstance(tier, str) or tier not in _SERVICE_TIERS:
             raise schema_error(f"must be one of {', '.join(sorted(_SERVICE_TIERS))}", "service_tier")
         out["service_tier"] = echo.service_tier = tier
     metadata = req.get("metadata")
@@ -365,7 +365,7 @@ def _image(part: dict[str, Any], param: str) -> dict[str, Any]:
     image: dict[str, Any] = {"url": url}
     detail = part.get("detail")
     if detail is not None:
-        if detail not in _IMAGE_DETAIL:
+        if not isinstance(detail, str) or detail not in _IMAGE_DETAIL:
             raise schema_error(f"detail must be one of {', '.join(sorted(_IMAGE_DETAIL))}", f"{param}.detail")
         image["detail"] = detail
     return {"type": "image_url", "image_url": image}
@@ -509,7 +509,7 @@ def _text(text: Any, out: dict[str, Any], echo: ResponsesRequest) -> None:
     known_keys(text, frozenset({"format", "verbosity"}), "text")
     verbosity = text.get("verbosity")
     if verbosity is not None:
-        if verbosity not in _VERBOSITY:
+        if not isinstance(verbosity, str) or verbosity not in _VERBOSITY:
             raise schema_error("verbosity must be 'low', 'medium' or 'high'", "text.verbosity")
         out["verbosity"] = verbosity
     fmt = text.get("format")
@@ -554,7 +554,7 @@ def _reasoning(reasoning: Any, out: dict[str, Any], echo: ResponsesRequest) -> N
     known_keys(reasoning, frozenset({"effort", "summary", "generate_summary"}), "reasoning")
     effort = reasoning.get("effort")
     if effort is not None:
-        if effort not in _EFFORTS:
+        if not isinstance(effort, str) or effort not in _EFFORTS:
             raise schema_error(f"effort must be one of {', '.join(sorted(_EFFORTS))}", "reasoning.effort")
         out["reasoning_effort"] = effort
     for key in ("summary", "generate_summary"):

@@ -59,7 +59,25 @@ async def test_filters_by_request_id_status_and_tenant(store: Any) -> None:
     assert [r["request_id"] for r in rest] == [rids[3], rids[1]]
 
 
-@pytest.mark.parametrize("cursor", ["1 OR 1=1", "x", "1.2", "-5", "9" * 30, "1.2.3.4", "1..2", ""])
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "1 OR 1=1",
+        "x",
+        "1.2",
+        "-5",
+        "9" * 30,
+        "1.2.3.4",
+        "1..2",
+        "",
+        "9" * 19,
+        "9" * 19 + ".1.1",
+        "1.9223372036854775808.1",
+        "\u00b2",
+        "1.1.\u00b2",
+        "\u0661",
+    ],
+)
 async def test_a_forged_cursor_is_refused(store: Any, cursor: str) -> None:
     await _fill(store, 2)
     if cursor == "":
@@ -132,6 +150,7 @@ async def test_the_console_on_a_postgresql_audit_log(
         _, text, _ = await b.get(f"/console/audit?request_id={rids[1]}")
         assert rids[1] in text and rids[0] not in text
         import llm_warden.proxy.console.audit_views as av
+
         monkeypatch.setattr(av, "PAGE", 2)
         _, text, _ = await b.get("/console/audit?kind=exchange")
         assert rids[2] in text and rids[1] in text and rids[0] not in text
