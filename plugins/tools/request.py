@@ -254,7 +254,7 @@ def scan_history(messages: Any, is_write: Callable[[str], bool], result_max_byte
                 hist.results.append(
                     {
                         "tool_call_id": call_id,
-                        "tool": name,
+                        "name": name,
                         "arguments": canonical if canonical is not None else (linked[1] if linked else None),
                         "linked": linked is not None,
                         "content": content,

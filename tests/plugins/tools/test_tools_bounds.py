@@ -280,6 +280,8 @@ def test_history_with_deep_or_odd_arguments_is_scanned_not_fatal() -> None:
     hist = scan_history(msgs, lambda name: True, 1000)
     assert hist.results[0]["content"] == "(content nested too deeply to record)"
     assert hist.results[0]["linked"] is True
+    # The audit record reads a result's tool by ``name`` (as Exchange.tool_results documents).
+    assert hist.results[0]["name"] == "note"
 
 
 @pytest.mark.parametrize(

@@ -259,7 +259,7 @@ async def test_tool_results_reach_the_audit_record(billing: openai.AsyncOpenAI, 
     await billing.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
     (ex,) = audit.exchanges
     (res,) = ex.tool_results
-    assert res["tool_call_id"] == "c1" and res["tool"] == "lookup" and res["bytes"] == 20000 and res["truncated"]
+    assert res["tool_call_id"] == "c1" and res["name"] == "lookup" and res["bytes"] == 20000 and res["truncated"]
     assert len(res["content"]) == 16384
 
 

@@ -167,11 +167,11 @@ async def test_tool_results_linked_and_truncated(make_plugin: PluginFactory) -> 
     ex = exchange(body=_conversation("é" * 20))
     await plugin.on_request(ex)
     refund, lookup, orphan = ex.tool_results
-    assert refund["tool_call_id"] == "c2" and refund["tool"] == "refund" and refund["linked"]
+    assert refund["tool_call_id"] == "c2" and refund["name"] == "refund" and refund["linked"]
     assert refund["arguments"] == '{"amount":5,"invoice_id":"inv_1","reason":"fraud"}'
     assert refund["bytes"] == 40 and refund["truncated"] and refund["content"] == "é" * 5
     assert lookup["content"] == "inv_2 foun" and lookup["bytes"] == 11
-    assert orphan["tool_call_id"] == "ghost" and not orphan["linked"] and orphan["tool"] is None
+    assert orphan["tool_call_id"] == "ghost" and not orphan["linked"] and orphan["name"] is None
 
 
 async def test_legacy_function_results_linked(plugin: ToolsPlugin) -> None:
@@ -186,4 +186,4 @@ async def test_legacy_function_results_linked(plugin: ToolsPlugin) -> None:
     )
     await plugin.on_request(ex)
     (res,) = ex.tool_results
-    assert res["tool"] == "lookup" and res["linked"] and res["content"] == "found"
+    assert res["name"] == "lookup" and res["linked"] and res["content"] == "found"

@@ -109,5 +109,5 @@ def test_an_output_for_a_call_never_issued_links_to_no_call() -> None:
     }
     messages = translate(body, Bounds(max_messages=100, max_tools=10)).body["messages"]
     hist = scan_history(messages, lambda name: False, 4096)
-    linked = {r["tool_call_id"]: (r["linked"], r["tool"]) for r in hist.results}
+    linked = {r["tool_call_id"]: (r["linked"], r["name"]) for r in hist.results}
     assert linked == {"c_real": (True, "get_weather"), "c_forged": (False, None)}
