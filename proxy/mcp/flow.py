@@ -448,7 +448,9 @@ def _filter_tools(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Exchan
                 hidden[safe_text(name, 128)] = rule
     info["tools_shown"] = [t["name"] for t in shown]
     info["tools_hidden"] = hidden
-    return {**result, "tools": shown}
+    # Only the filtered tools and the page cursor: any other member (_meta, another array) is unpinned upstream text.
+    cursor = result.get("nextCursor")
+    return {"tools": shown, "nextCursor": cursor} if isinstance(cursor, str) else {"tools": shown}
 
 
 def _show(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Exchange, t: dict[str, Any], shown: list[dict[str, Any]]) -> str | None:

@@ -31,6 +31,9 @@ class Answering(Scripted):
                 return web.json_response(forged)
             if self.mode == "error-status-result" and msg.get("method") == "tools/list":
                 return web.json_response({**forged, "id": msg["id"]}, status=500)
+            if self.mode == "list-extra-members" and msg.get("method") == "tools/list":
+                result = {"tools": [GOVERNED], "nextCursor": "p2", "_meta": {"note": HIDDEN["description"]}, "more": [HIDDEN]}
+                return web.json_response({"jsonrpc": "2.0", "id": msg["id"], "result": result})
         if request.method == "GET" and self.mode == "get-json":
             return web.json_response({"jsonrpc": "2.0", "id": 2, "result": {"tools": [HIDDEN]}})
         return await super().handle(request)
@@ -90,6 +93,17 @@ async def test_the_get_stream_relays_no_json_answer(warden_factory: WardenFactor
     assert rw.warden.audit is not None
     dropped = [r["record"]["mcp"].get("dropped") async for r in rw.warden.audit.iter_records() if r["record"].get("mcp", {}).get("method") == "stream"]
     assert dropped == [{"not a JSON-RPC error": 1}]
+
+
+async def test_a_tool_list_carries_only_the_filtered_tools(warden_factory: WardenFactory, answering: Answering, token: TokenFactory, tmp_path: Path) -> None:
+    """Members of the tools/list result beside ``tools`` (unpinned text, another tool array) are not relayed."""
+    rw = await warden_factory(mcp_config(tmp_path, [{"name": "crm", "url": answering.url}]))
+    answering.mode = "list-extra-members"
+    tok = token()
+    sid = await session_of(rw, tok)
+    status, body, _ = await post(rw, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, tok, sid)
+    assert status == 200 and b"exfiltrate" not in orjson.dumps(body) and b"Ignore previous" not in orjson.dumps(body)
+    assert body["result"] == {"tools": [{"name": "lookup", "inputSchema": body["result"]["tools"][0]["inputSchema"], "description": "Look up."}], "nextCursor": "p2"}
 
 
 @pytest.mark.parametrize("name", ["Refund", "REFUND", "crm/refund", "crm.refund", "refund@1", "refund ", " refund", "ｒｅｆｕｎｄ", "refund\u200b", "r\u0435fund", "delete_everything", "../refund"])
