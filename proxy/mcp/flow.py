@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -105,7 +106,11 @@ async def run(w: Warden, req: Incoming, ex: Exchange) -> Reply:
             if msg.id is not None:
                 info["jsonrpc_id"] = msg.id
             _describe(msg, info)
-            reply = await _post(w, gw, server, req, ex, msg, version, info)
+            try:
+                reply = await _post(w, gw, server, req, ex, msg, version, info)
+            finally:
+                if ex.stream is False:
+                    _release_write(gw, ex)
         else:
             info["method"] = "stream" if method == "GET" else "session/end"
             session = _session(gw, server, req, ex, info)
@@ -367,6 +372,7 @@ async def _sse(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Exchange,
         turn.error, turn.error_kind = type(e).__name__, "connection"
         raise UpstreamError("the MCP server's stream broke off", rule="mcp.upstream") from None
     finally:
+        _release_write(gw, ex)
         info["events"] = events
         if dropped:
             info["dropped"] = dropped
@@ -556,11 +562,16 @@ async def _judge_call(w: Warden, gw: McpGateway, server: McpServerConfig, sessio
     canonical = _arguments_digest(args)
     if offer.effect == "write" and gw.cfg.duplicate_window_s > 0:
         key = (session.upstream_id + "\x00" + str(session.generation) + "\x00" + session.tenant + "\x00" + session.subject, f"{server.name}/{name}", canonical)
-        ex.slots[WRITE_KEY] = key
         earlier = gw.earlier_write(key)
         if earlier is not None:
             return refuse("deny", "tools.duplicate", f"this exact write call already succeeded in this session (request {earlier}); it is not executed twice. Use that result")
+        if gw.reserve_write(key, server.timeout_s):
+            ex.slots[WRITE_KEY] = key
+        else:
+            return refuse("deny", "tools.duplicate", "this exact write call is being executed in this session right now; it is not executed twice. Wait for its result")
     decision = await w.chain.judge_tool_call(ex, call)
+    if decision.kind != "allow":
+        _release_write(gw, ex)
     ex.tool_decisions.append(ToolDecisionRecord(turn=0, call=call, decision=decision))
     deprecation = (decision.details or {}).get("deprecation")
     if decision.kind == "allow":
@@ -584,12 +595,21 @@ def _arguments_digest(args: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(plain, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def _release_write(gw: McpGateway, ex: Exchange) -> None:
+    """The call of ``ex`` is answered (or refused, or failed): an identical call is judged on its own again."""
+    key = ex.slots.get(WRITE_KEY)
+    if key is not None:
+        gw.writes_in_flight.pop(key, None)
+
+
 async def _current_digest(gw: McpGateway, server: McpServerConfig, session: Session, name: str, version: str | None) -> str | None:
     """The digest of ``name`` as the upstream lists it now (this replica had not seen its list: ask, in the caller's session)."""
     cursor: str | None = None
+    # Unique: two calls in one session list side by side, and a server routes each answer by its request's id.
+    nonce = secrets.token_hex(8)
     for page in range(MAX_LIST_PAGES):
         params: dict[str, Any] = {"cursor": cursor} if cursor else {}
-        msg = {"jsonrpc": "2.0", "id": f"warden-list-{page}", "method": "tools/list", "params": params}
+        msg = {"jsonrpc": "2.0", "id": f"warden-list-{nonce}-{page}", "method": "tools/list", "params": params}
         stdio = gw.stdio.get(server.name)
         if stdio is not None:
             answer: Any = await stdio.request("tools/list", params, session.generation)

@@ -190,3 +190,31 @@ async def test_no_secret_in_records_or_answers(gateway: RunningWarden, upstream:
     refusals = [orjson.loads(b)["record"] for b in records if b"mcp.methods" in b or b"approval" in b]
     assert refusals, "every refusal is recorded with its rule"
 
+
+
+async def test_first_calls_side_by_side_in_a_session_do_not_hang(gateway: RunningWarden, upstream: Upstream, token: TokenFactory) -> None:
+    """Before any list, each call lists the tools itself in the caller's session: under one id the server routed one
+    answer and the other call waited for timeout_s."""
+    import asyncio
+
+    tok = token()
+    sid = await session_of(gateway, tok)
+    call = {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "lookup", "arguments": {"order_id": "o-5"}}}
+    answers = await asyncio.wait_for(asyncio.gather(*(post(gateway, {**call, "id": 40 + i}, tok, sid) for i in range(3))), 20)
+    assert [a[0] for a in answers] == [200] * 3 and not any(a[1]["result"].get("isError") for a in answers)
+
+
+async def test_concurrent_identical_writes_execute_once(gateway: RunningWarden, upstream: Upstream, token: TokenFactory) -> None:
+    """The duplicate-mutation guard holds for calls sent side by side, not only one after the other."""
+    import asyncio
+
+    tok = token(groups=["support"])
+    sid = await session_of(gateway, tok)
+    call = {"jsonrpc": "2.0", "id": 20, "method": "tools/call", "params": {"name": "refund", "arguments": {"order_id": "o-5", "amount": 5}}}
+    answers = await asyncio.gather(*(post(gateway, {**call, "id": 20 + i}, tok, sid) for i in range(4)))
+    assert upstream.effects.calls == [("refund", {"order_id": "o-5", "amount": 5})]
+    refusals = [a[1]["result"] for a in answers if a[1]["result"].get("isError")]
+    assert len(refusals) == 3 and all(r["_meta"]["warden/decision"]["rule"] == "tools.duplicate" for r in refusals)
+    # Once the first has ended, a failed or finished call frees its key: a later identical call is refused as a repeat.
+    status, body, _ = await post(gateway, {**call, "id": 30}, tok, sid)
+    assert body["result"]["isError"] and "already succeeded" in body["result"]["content"][0]["text"]
