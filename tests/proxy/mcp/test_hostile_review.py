@@ -48,6 +48,14 @@ async def answering() -> Any:
     await s.runner.cleanup()
 
 
+async def _session(warden_factory: WardenFactory, answering: Answering, token: TokenFactory, tmp_path: Path, mode: str) -> tuple[RunningWarden, str, str]:
+    """A gateway before ``answering`` (answering in ``mode``) and a caller's token and session."""
+    rw = await warden_factory(mcp_config(tmp_path, [{"name": "crm", "url": answering.url}]))
+    answering.mode = mode
+    tok = token()
+    return rw, tok, await session_of(rw, tok)
+
+
 async def _raw(rw: RunningWarden, method: str, body: Any, tok: str, sid: str) -> tuple[int, bytes]:
     h = {**HEADERS, "Authorization": f"Bearer {tok}", "Mcp-Session-Id": sid}
     async with aiohttp.ClientSession() as s, s.request(method, mcp_url(rw), data=None if body is None else orjson.dumps(body), headers=h) as r:
@@ -57,10 +65,7 @@ async def _raw(rw: RunningWarden, method: str, body: Any, tok: str, sid: str) ->
 async def test_an_answer_to_a_notification_never_reaches_the_caller(warden_factory: WardenFactory, answering: Answering, token: TokenFactory, tmp_path: Path) -> None:
     """The official client routes a JSON-RPC response in a POST's answer to its pending request of that id: an
     upstream answering a notification (or the caller's response) with one would hand the caller an unfiltered list."""
-    rw = await warden_factory(mcp_config(tmp_path, [{"name": "crm", "url": answering.url}]))
-    answering.mode = "answer-notification"
-    tok = token()
-    sid = await session_of(rw, tok)
+    rw, tok, sid = await _session(warden_factory, answering, token, tmp_path, "answer-notification")
     status, raw = await _raw(rw, "POST", {"jsonrpc": "2.0", "method": "notifications/initialized"}, tok, sid)
     assert b"exfiltrate" not in raw and b"Ignore previous" not in raw
     assert status == 202 and raw == b""
@@ -74,20 +79,14 @@ async def test_an_answer_to_a_notification_never_reaches_the_caller(warden_facto
 
 async def test_an_error_status_cannot_carry_a_result(warden_factory: WardenFactory, answering: Answering, token: TokenFactory, tmp_path: Path) -> None:
     """An upstream error status is relayed with its JSON-RPC error body: never with a result, which would skip the filter."""
-    rw = await warden_factory(mcp_config(tmp_path, [{"name": "crm", "url": answering.url}]))
-    answering.mode = "error-status-result"
-    tok = token()
-    sid = await session_of(rw, tok)
+    rw, tok, sid = await _session(warden_factory, answering, token, tmp_path, "error-status-result")
     status, body, _ = await post(rw, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, tok, sid)
     assert b"exfiltrate" not in orjson.dumps(body)
     refused(status, body, 502, -32603, "mcp.upstream")
 
 
 async def test_the_get_stream_relays_no_json_answer(warden_factory: WardenFactory, answering: Answering, token: TokenFactory, tmp_path: Path) -> None:
-    rw = await warden_factory(mcp_config(tmp_path, [{"name": "crm", "url": answering.url}]))
-    answering.mode = "get-json"
-    tok = token()
-    sid = await session_of(rw, tok)
+    rw, tok, sid = await _session(warden_factory, answering, token, tmp_path, "get-json")
     status, raw = await _raw(rw, "GET", None, tok, sid)
     assert status == 200 and raw == b""
     assert rw.warden.audit is not None
@@ -97,10 +96,7 @@ async def test_the_get_stream_relays_no_json_answer(warden_factory: WardenFactor
 
 async def test_a_tool_list_carries_only_the_filtered_tools(warden_factory: WardenFactory, answering: Answering, token: TokenFactory, tmp_path: Path) -> None:
     """Members of the tools/list result beside ``tools`` (unpinned text, another tool array) are not relayed."""
-    rw = await warden_factory(mcp_config(tmp_path, [{"name": "crm", "url": answering.url}]))
-    answering.mode = "list-extra-members"
-    tok = token()
-    sid = await session_of(rw, tok)
+    rw, tok, sid = await _session(warden_factory, answering, token, tmp_path, "list-extra-members")
     status, body, _ = await post(rw, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, tok, sid)
     assert status == 200 and b"exfiltrate" not in orjson.dumps(body) and b"Ignore previous" not in orjson.dumps(body)
     assert body["result"] == {"tools": [{"name": "lookup", "inputSchema": body["result"]["tools"][0]["inputSchema"], "description": "Look up."}], "nextCursor": "p2"}
