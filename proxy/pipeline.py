@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from llm_warden.proxy.upstream import UpstreamResponse
 
 log = logging.getLogger("warden.pipeline")
-_SKIP_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
+_SKIP_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key", "mcp-session-id"})
 _CLIENT_GONE = (ConnectionError,)
 
 

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -104,7 +106,11 @@ async def run(w: Warden, req: Incoming, ex: Exchange) -> Reply:
             if msg.id is not None:
                 info["jsonrpc_id"] = msg.id
             _describe(msg, info)
-            reply = await _post(w, gw, server, req, ex, msg, version, info)
+            try:
+                reply = await _post(w, gw, server, req, ex, msg, version, info)
+            finally:
+                if ex.stream is False:
+                    _release_write(gw, ex)
         else:
             info["method"] = "stream" if method == "GET" else "session/end"
             session = _session(gw, server, req, ex, info)
@@ -221,6 +227,12 @@ async def _relay_http(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Ex
     finally:
         turn.duration_s = time.perf_counter() - turn.started
         resp.release()
+    if msg.kind != "request" and resp.status < 300:
+        # A notification or the caller's response (its id is the server's request's) expects no answer: a body (say, a response naming another request's
+        # id, which the caller's client would take for that request's answer) would pass around the filter.
+        if raw:
+            info["dropped"] = {NO_ANSWER_EXPECTED: 1}
+        return JsonReply(202, b"", headers)
     if not raw:
         return JsonReply(resp.status, b"", headers)
     try:
@@ -237,9 +249,27 @@ async def _relay_http(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Ex
             turn.error, turn.error_kind = "not the response to the request", "malformed"
             raise UpstreamError("the MCP server answered with something other than the response to this request", rule="mcp.upstream")
         answer = await _transform(w, gw, server, ex, msg, answer, info)
+    elif resp.status >= 300 and not _error_only(answer, msg.id if msg.kind == "request" else None):
+        turn.error, turn.error_kind = "an error status without a JSON-RPC error", "malformed"
+        raise UpstreamError(f"the MCP server answered {resp.status} with something other than a JSON-RPC error", rule="mcp.upstream")
     ex.response_body = answer
     headers["Content-Type"] = "application/json"
     return JsonReply(resp.status, orjson.dumps(answer), headers)
+
+
+NO_ANSWER_EXPECTED = "an answer to a message that expects none"
+
+
+def _error_only(answer: Any, req_id: str | int | None) -> bool:
+    """Whether an upstream's answer with an error status is an error (of this request, or of none) and nothing else."""
+    return isinstance(answer, dict) and "error" in answer and "result" not in answer and "method" not in answer and answer.get("id") in (req_id, None)
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
 
 
 async def _open(
@@ -318,7 +348,7 @@ async def _sse(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Exchange,
                     parsed = None
                 why = server_message_refusal(parsed)
                 if why is None and isinstance(parsed, dict) and "method" not in parsed:
-                    if msg is None or msg.id is None or answered or parsed.get("id") != msg.id:
+                    if msg is None or msg.kind != "request" or answered or parsed.get("id") != msg.id:
                         why = "response to another request"
                     else:
                         answered = True
@@ -342,6 +372,7 @@ async def _sse(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Exchange,
         turn.error, turn.error_kind = type(e).__name__, "connection"
         raise UpstreamError("the MCP server's stream broke off", rule="mcp.upstream") from None
     finally:
+        _release_write(gw, ex)
         info["events"] = events
         if dropped:
             info["dropped"] = dropped
@@ -367,7 +398,11 @@ async def _get_or_delete(w: Warden, gw: McpGateway, server: McpServerConfig, req
     finally:
         turn.duration_s = time.perf_counter() - turn.started
         resp.release()
-    headers = {"Content-Type": resp.headers.get("Content-Type", "application/json")} if raw else {}
+    if raw and not _error_only(_json_or_none(raw), None):
+        # Only an error passes here: a result or a request outside the stream would escape the filter.
+        (ex.mcp or {})["dropped"] = {"not a JSON-RPC error": 1}
+        raw = b""
+    headers = {"Content-Type": "application/json"} if raw else {}
     allow = resp.headers.get("Allow")
     if allow is not None:
         headers["Allow"] = safe_text(allow, 64)
@@ -419,7 +454,9 @@ def _filter_tools(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Exchan
                 hidden[safe_text(name, 128)] = rule
     info["tools_shown"] = [t["name"] for t in shown]
     info["tools_hidden"] = hidden
-    return {**result, "tools": shown}
+    # Only the filtered tools and the page cursor: any other member (_meta, another array) is unpinned upstream text.
+    cursor = result.get("nextCursor")
+    return {"tools": shown, "nextCursor": cursor} if isinstance(cursor, str) else {"tools": shown}
 
 
 def _show(w: Warden, gw: McpGateway, server: McpServerConfig, ex: Exchange, t: dict[str, Any], shown: list[dict[str, Any]]) -> str | None:
@@ -522,14 +559,19 @@ async def _judge_call(w: Warden, gw: McpGateway, server: McpServerConfig, sessio
         return refuse("deny", pin, why)
     if not isinstance(args, dict):
         return refuse("repair", "mcp.arguments", "arguments must be a JSON object; call the tool again with an object")
-    canonical = hashlib.sha256(orjson.dumps(args, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    canonical = _arguments_digest(args)
     if offer.effect == "write" and gw.cfg.duplicate_window_s > 0:
         key = (session.upstream_id + "\x00" + str(session.generation) + "\x00" + session.tenant + "\x00" + session.subject, f"{server.name}/{name}", canonical)
-        ex.slots[WRITE_KEY] = key
         earlier = gw.earlier_write(key)
         if earlier is not None:
             return refuse("deny", "tools.duplicate", f"this exact write call already succeeded in this session (request {earlier}); it is not executed twice. Use that result")
+        if gw.reserve_write(key, server.timeout_s):
+            ex.slots[WRITE_KEY] = key
+        else:
+            return refuse("deny", "tools.duplicate", "this exact write call is being executed in this session right now; it is not executed twice. Wait for its result")
     decision = await w.chain.judge_tool_call(ex, call)
+    if decision.kind != "allow":
+        _release_write(gw, ex)
     ex.tool_decisions.append(ToolDecisionRecord(turn=0, call=call, decision=decision))
     deprecation = (decision.details or {}).get("deprecation")
     if decision.kind == "allow":
@@ -541,12 +583,33 @@ async def _judge_call(w: Warden, gw: McpGateway, server: McpServerConfig, sessio
     return refuse(decision.kind, decision.rule, decision.reason, decision.approval_id if decision.kind == "hold" else None, deprecation)
 
 
+def _plain_number(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() and abs(value) < 2**63 else value
+
+
+def _arguments_digest(args: dict[str, Any]) -> str:
+    """The duplicate-mutation digest of a call's arguments: sorted keys, and an integral number written as an integer,
+    so ``250``, ``250.0`` and ``2.5e2`` (which the tool's schema and the upstream take alike) are one call."""
+    plain = json.loads(orjson.dumps(args), parse_float=_plain_number)
+    return hashlib.sha256(orjson.dumps(plain, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _release_write(gw: McpGateway, ex: Exchange) -> None:
+    """The call of ``ex`` is answered (or refused, or failed): an identical call is judged on its own again."""
+    key = ex.slots.get(WRITE_KEY)
+    if key is not None:
+        gw.writes_in_flight.pop(key, None)
+
+
 async def _current_digest(gw: McpGateway, server: McpServerConfig, session: Session, name: str, version: str | None) -> str | None:
     """The digest of ``name`` as the upstream lists it now (this replica had not seen its list: ask, in the caller's session)."""
     cursor: str | None = None
+    # Unique: two calls in one session list side by side, and a server routes each answer by its request's id.
+    nonce = secrets.token_hex(8)
     for page in range(MAX_LIST_PAGES):
         params: dict[str, Any] = {"cursor": cursor} if cursor else {}
-        msg = {"jsonrpc": "2.0", "id": f"warden-list-{page}", "method": "tools/list", "params": params}
+        msg = {"jsonrpc": "2.0", "id": f"warden-list-{nonce}-{page}", "method": "tools/list", "params": params}
         stdio = gw.stdio.get(server.name)
         if stdio is not None:
             answer: Any = await stdio.request("tools/list", params, session.generation)

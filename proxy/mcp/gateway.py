@@ -37,6 +37,8 @@ class McpGateway:
         self._client: aiohttp.ClientSession | None = None
         self.recent_writes: OrderedDict[tuple[str, str, str], tuple[str, float]] = OrderedDict()
         """(session, tool, canonical arguments digest) → (request id, when) of write calls that succeeded."""
+        self.writes_in_flight: dict[tuple[str, str, str], float] = {}
+        """Keys of allowed write calls not yet answered → when they were allowed (an identical call meanwhile is refused)."""
         self.reported_changes: set[tuple[str, str, str]] = set()
         self.background: set[asyncio.Task[None]] = set()
         m = w.metrics
@@ -73,6 +75,17 @@ class McpGateway:
             self.recent_writes.pop(key, None)
             return None
         return hit[0]
+
+    def reserve_write(self, key: tuple[str, str, str], max_age_s: float) -> bool:
+        """Mark ``key`` in flight; ``False`` when an identical call already is (a reservation older than ``max_age_s`` lapses)."""
+        now = time.monotonic()
+        since = self.writes_in_flight.get(key)
+        if since is not None and now - since <= max_age_s:
+            return False
+        if len(self.writes_in_flight) >= MAX_RECENT_WRITES:
+            self.writes_in_flight = {k: t for k, t in self.writes_in_flight.items() if now - t <= max_age_s}
+        self.writes_in_flight[key] = now
+        return True
 
     def remember_write(self, key: tuple[str, str, str], request_id: str) -> None:
         if self.cfg.duplicate_window_s <= 0:
